@@ -1,0 +1,249 @@
+//! Message types for every direction on the link.
+//!
+//! - Worker control stream: the worker sends [`WorkerMessage`], the coordinator sends
+//!   [`CoordinatorMessage`].
+//! - Operator streams: one [`OperatorRequest`] per stream, answered by one [`OperatorResponse`].
+//!
+//! The operator-facing records ([`WorkerInfo`], [`FleetSummary`], [`ResourceReport`], ...) are
+//! also the CLI's `--json` schema (see docs/json-schema.md), so field names are part of the
+//! stable interface: add fields only at the end, and only with a protocol version bump.
+//! Times are milliseconds since the Unix epoch (`*_ms`), sizes are bytes (`*_bytes`).
+
+use serde::{Deserialize, Serialize};
+
+/// The cgroup hierarchy a worker found at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupVersion {
+    /// Unified hierarchy only (cgroup2 at /sys/fs/cgroup).
+    V2,
+    /// Legacy controllers (memory at /sys/fs/cgroup/memory), possibly with a cgroup2 mount beside.
+    V1,
+    /// No usable cgroup hierarchy.
+    None,
+}
+
+/// Who made a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuVendor {
+    Nvidia,
+    /// NVIDIA Jetson / Tegra integrated GPU, found from the device tree.
+    NvidiaTegra,
+    Other,
+}
+
+/// One GPU on a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub vendor: GpuVendor,
+    pub model: String,
+    /// Dedicated memory when known (integrated GPUs share system memory: `None`).
+    pub memory_bytes: Option<u64>,
+}
+
+/// Load averages over 1, 5 and 15 minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct LoadAvg {
+    pub one: f32,
+    pub five: f32,
+    pub fifteen: f32,
+}
+
+/// What a worker has, sent once at registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceReport {
+    /// `x86_64`, `aarch64`, ... (as `uname -m` prints it).
+    pub arch: String,
+    /// Operating system name and version, e.g. `Debian GNU/Linux 12 (bookworm)`.
+    pub os: String,
+    pub kernel: String,
+    pub hostname: String,
+    pub cpu_count: u32,
+    pub cpu_model: String,
+    pub load: LoadAvg,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// The filesystem holding the worker's work directory.
+    pub work_dir: String,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub gpus: Vec<Gpu>,
+    pub cgroup: CgroupVersion,
+    /// Whether the worker could create user/pid/mount/net namespaces when it started.
+    pub namespaces: bool,
+    /// Labels from the worker's config plus detected ones (`browser`, `gpu`), sorted, unique.
+    pub labels: Vec<String>,
+}
+
+/// Current usage, sent with every heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Usage {
+    pub load: LoadAvg,
+    /// Whole-machine CPU use since the previous heartbeat, 0-100 per machine (not per core).
+    pub cpu_percent: f32,
+    pub memory_available_bytes: u64,
+    pub disk_free_bytes: u64,
+}
+
+/// Worker → coordinator, on the worker's control stream (after the handshake).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerMessage {
+    /// First message after the handshake. The worker's name comes from its certificate.
+    Register { resources: ResourceReport },
+    /// Liveness and current usage; renews the worker's lease.
+    Heartbeat { seq: u64, usage: Usage },
+    /// The worker is stopping on purpose: mark it `down`, not `lost`.
+    Goodbye { reason: String },
+}
+
+/// Coordinator → worker, on the worker's control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    /// Registration accepted. The worker heartbeats at `heartbeat_interval_ms` (or faster) and
+    /// is declared lost after `lease_ms` without one.
+    Registered {
+        name: String,
+        heartbeat_interval_ms: u64,
+        lease_ms: u64,
+    },
+    /// Acknowledges the heartbeat with this `seq`; lets the worker measure its lease renewal.
+    HeartbeatAck { seq: u64 },
+}
+
+/// A worker's state in the fleet registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Connected and heartbeating; eligible for new work.
+    Ready,
+    /// Connected, finishing what it has, taking nothing new.
+    Draining,
+    /// Missed heartbeats for longer than its lease.
+    Lost,
+    /// Disconnected cleanly (it said goodbye).
+    Down,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 4] = [
+        WorkerState::Ready,
+        WorkerState::Draining,
+        WorkerState::Lost,
+        WorkerState::Down,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+            WorkerState::Lost => "lost",
+            WorkerState::Down => "down",
+        }
+    }
+}
+
+impl core::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl core::str::FromStr for WorkerState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        WorkerState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown worker state {s:?}: expected ready, draining, lost or down")
+            })
+    }
+}
+
+/// Everything the coordinator knows of one worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Identity, from the worker's certificate.
+    pub name: String,
+    pub state: WorkerState,
+    /// Whether a control connection is open right now.
+    pub connected: bool,
+    /// Remote address of the latest connection, `ip:port`.
+    pub address: String,
+    /// The worker's software, e.g. `drover-worker 0.1.0`.
+    pub version: String,
+    pub protocol_version: u16,
+    pub first_seen_ms: u64,
+    /// When the worker last registered.
+    pub registered_ms: u64,
+    pub state_changed_ms: u64,
+    /// When the last heartbeat (or registration) arrived.
+    pub last_heartbeat_ms: u64,
+    /// Age of the last heartbeat when this record was produced.
+    pub last_heartbeat_age_ms: u64,
+    pub resources: ResourceReport,
+    /// Latest usage from a heartbeat (the registration's figures until the first one).
+    pub usage: Usage,
+}
+
+/// Totals over a set of workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Capacity {
+    pub cpus: u64,
+    pub memory_bytes: u64,
+    pub gpus: u64,
+}
+
+/// Worker counts by state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StateCounts {
+    pub ready: u32,
+    pub draining: u32,
+    pub lost: u32,
+    pub down: u32,
+}
+
+/// The answer to `drover status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetSummary {
+    pub coordinator_version: String,
+    pub now_ms: u64,
+    pub workers: StateCounts,
+    /// Capacity of ready and draining workers.
+    pub total: Capacity,
+    /// Of `total`, what is not reserved by running attempts (memory: what workers report
+    /// available).
+    pub free: Capacity,
+}
+
+/// Operator → coordinator: one request per bidirectional stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorRequest {
+    FleetStatus,
+    ListWorkers {
+        state: Option<WorkerState>,
+        label: Option<String>,
+    },
+    ShowWorker {
+        name: String,
+    },
+}
+
+/// What kind of failure an [`OperatorResponse::Error`] is; the CLI maps it to an exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    InvalidRequest,
+    Internal,
+}
+
+/// Coordinator → operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OperatorResponse {
+    FleetStatus(FleetSummary),
+    Workers(Vec<WorkerInfo>),
+    Worker(Box<WorkerInfo>),
+    Error { kind: ErrorKind, message: String },
+}
