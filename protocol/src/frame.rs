@@ -93,6 +93,9 @@ pub struct FrameDecoder {
     buf: Vec<u8>,
     limit: usize,
     failed: Option<DecodeError>,
+    /// A bad header found behind complete frames: returned by `next` once they are taken.
+    /// Nothing from it on is buffered.
+    pending: Option<DecodeError>,
 }
 
 impl Default for FrameDecoder {
@@ -108,6 +111,7 @@ impl FrameDecoder {
             buf: Vec::new(),
             limit,
             failed: None,
+            pending: None,
         }
     }
 
@@ -133,6 +137,10 @@ impl FrameDecoder {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        if self.pending.is_some() {
+            // The stream is already known to be broken after the queued frames.
+            return Ok(());
+        }
         let mut rest = bytes;
         while !rest.is_empty() {
             // Never buffer more than one header plus one in-limit payload ahead of the reader.
@@ -141,9 +149,10 @@ impl FrameDecoder {
                 Some(len) => (FRAME_HEADER_LEN + len).saturating_sub(self.buf.len()),
             };
             if room == 0 {
-                // A complete frame is waiting; keep the remainder for after it is taken.
+                // A complete frame is waiting; keep the remainder for after it is taken, up to
+                // the first bad header in it.
                 self.buf.extend_from_slice(rest);
-                self.check_header()?;
+                self.check_queued_headers();
                 return Ok(());
             }
             let take = room.min(rest.len());
@@ -169,6 +178,31 @@ impl FrameDecoder {
         Ok(())
     }
 
+    /// Check the header of every frame queued behind the first; cut the buffer at the first
+    /// bad one and remember its error for when the reader gets there.
+    fn check_queued_headers(&mut self) {
+        let mut at = 0;
+        while let Some(head) = self.buf.get(at..at + FRAME_HEADER_LEN) {
+            let mut prefix = [0; FRAME_HEADER_LEN];
+            prefix.copy_from_slice(head);
+            let len = u32::from_be_bytes(prefix) as usize;
+            let bad = if len > self.limit {
+                DecodeError::FrameTooLarge {
+                    len,
+                    limit: self.limit,
+                }
+            } else if len == 0 {
+                DecodeError::EmptyFrame
+            } else {
+                at += FRAME_HEADER_LEN + len;
+                continue;
+            };
+            self.buf.truncate(at);
+            self.pending = Some(bad);
+            return;
+        }
+    }
+
     fn fail(&mut self, e: DecodeError) -> DecodeError {
         self.buf = Vec::new();
         self.failed = Some(e.clone());
@@ -179,6 +213,11 @@ impl FrameDecoder {
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, DecodeError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
+        }
+        if self.buf.is_empty() {
+            if let Some(e) = self.pending.take() {
+                return Err(self.fail(e));
+            }
         }
         self.check_header()?;
         let Some(len) = self.announced_len() else {

@@ -247,3 +247,17 @@ pub enum OperatorResponse {
     Worker(Box<WorkerInfo>),
     Error { kind: ErrorKind, message: String },
 }
+
+/// QUIC application close codes. Part of the wire contract.
+pub mod close_code {
+    /// The peer is stopping on purpose (worker shutdown, CLI done).
+    pub const GOODBYE: u32 = 0;
+    /// The handshake was refused; the reason went in [`crate::HelloReply::Refused`] or the log.
+    pub const REFUSED: u32 = 1;
+    /// The peer broke the protocol (malformed or oversized frame, unexpected message).
+    pub const PROTOCOL_ERROR: u32 = 2;
+    /// A newer connection with the same identity replaced this one.
+    pub const REPLACED: u32 = 3;
+    /// The coordinator is shutting down; workers reconnect with backoff.
+    pub const SHUTDOWN: u32 = 4;
+}

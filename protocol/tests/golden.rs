@@ -1,0 +1,541 @@
+//! Golden bytes for every message type and every enum variant on the wire.
+//!
+//! IF ONE OF THESE TESTS FAILS, YOU CHANGED THE WIRE FORMAT. postcard is not self-describing:
+//! field order, field types and variant order *are* the format, so a reordered field or an
+//! enum variant inserted in the middle silently breaks every peer built before the change.
+//! If the change is deliberate: bump `PROTOCOL_VERSION` (and `SUPPORTED_VERSIONS` as needed),
+//! then regenerate the goldens with
+//!
+//! ```text
+//! DROVER_PRINT_GOLDEN=1 cargo test -p drover-protocol --test golden -- --nocapture
+//! ```
+//!
+//! which prints the new literal for every golden that differs instead of failing on it, and
+//! paste them in here in the same commit as the version bump. If the change was not deliberate,
+//! undo it.
+//!
+//! Each golden checks both directions: the fixed sample encodes to exactly the checked-in
+//! bytes, and the checked-in bytes decode (through a `FrameDecoder`) to exactly the sample.
+//! Floats in the samples are exactly representable so equality is exact.
+
+use std::fmt::Debug;
+
+use drover_protocol::{
+    encode_frame, Capacity, CgroupVersion, CoordinatorMessage, ErrorKind, FleetSummary,
+    FrameDecoder, Gpu, GpuVendor, Hello, HelloReply, LoadAvg, OperatorRequest, OperatorResponse,
+    Refusal, ResourceReport, Role, StateCounts, Usage, VersionRange, WorkerInfo, WorkerMessage,
+    WorkerState, MAX_FRAME_LEN, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+};
+use serde::{de::DeserializeOwned, Serialize};
+
+const PRINT_ENV: &str = "DROVER_PRINT_GOLDEN";
+
+/// Check `value` against its golden frame `expected_hex` (whitespace in the literal is ignored).
+fn golden<T>(name: &str, value: &T, expected_hex: &str)
+where
+    T: Serialize + DeserializeOwned + PartialEq + Debug,
+{
+    let encoded = encode_frame(value, MAX_FRAME_LEN).expect("sample encodes");
+    let actual_hex = to_hex(&encoded);
+    let expected_hex: String = expected_hex
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    if actual_hex != expected_hex {
+        if std::env::var_os(PRINT_ENV).is_some() {
+            println!("golden {name}:\n{}", hex_literal(&actual_hex));
+            return;
+        }
+        panic!(
+            "wire format of `{name}` changed: bump PROTOCOL_VERSION and update the golden \
+             deliberately (see the top of tests/golden.rs)\n  expected {expected_hex}\n  \
+             actual   {actual_hex}"
+        );
+    }
+
+    let bytes = from_hex(&expected_hex);
+    let mut decoder = FrameDecoder::default();
+    decoder.push(&bytes).expect("golden frame is accepted");
+    let decoded: T = decoder
+        .next()
+        .expect("golden frame decodes")
+        .expect("golden frame is complete");
+    assert_eq!(
+        &decoded, value,
+        "golden `{name}` decodes to a different value"
+    );
+    assert_eq!(decoder.buffered(), 0, "golden `{name}` has bytes left over");
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(hex: &str) -> Vec<u8> {
+    assert!(hex.len() % 2 == 0, "odd-length hex literal");
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex literal"))
+        .collect()
+}
+
+/// Format hex as a Rust string literal wrapped at 64 hex digits (32 bytes) per line.
+fn hex_literal(hex: &str) -> String {
+    let lines: Vec<&str> = hex
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("ascii"))
+        .collect();
+    format!("\"{}\"", lines.join("\\\n         "))
+}
+
+// ---- samples -------------------------------------------------------------------------------
+
+fn sample_load() -> LoadAvg {
+    LoadAvg {
+        one: 0.5,
+        five: 1.25,
+        fifteen: 2.0,
+    }
+}
+
+fn sample_usage() -> Usage {
+    Usage {
+        load: sample_load(),
+        cpu_percent: 37.5,
+        memory_available_bytes: 6 << 30,
+        disk_free_bytes: 120 << 30,
+    }
+}
+
+/// A resource report with one GPU of every vendor, with and without dedicated memory.
+fn sample_resources() -> ResourceReport {
+    ResourceReport {
+        arch: "x86_64".into(),
+        os: "Debian GNU/Linux 12 (bookworm)".into(),
+        kernel: "6.1.0-18-amd64".into(),
+        hostname: "gpu-box-1".into(),
+        cpu_count: 16,
+        cpu_model: "AMD Ryzen 9 5950X".into(),
+        load: sample_load(),
+        memory_total_bytes: 64 << 30,
+        memory_available_bytes: 48 << 30,
+        work_dir: "/var/lib/drover/work".into(),
+        disk_total_bytes: 1 << 40,
+        disk_free_bytes: 512 << 30,
+        gpus: vec![
+            Gpu {
+                vendor: GpuVendor::Nvidia,
+                model: "NVIDIA GeForce RTX 3090".into(),
+                memory_bytes: Some(24 << 30),
+            },
+            Gpu {
+                vendor: GpuVendor::NvidiaTegra,
+                model: "Orin".into(),
+                memory_bytes: None,
+            },
+            Gpu {
+                vendor: GpuVendor::Other,
+                model: "AMD Radeon".into(),
+                memory_bytes: Some(8 << 30),
+            },
+        ],
+        cgroup: CgroupVersion::V2,
+        namespaces: true,
+        labels: vec!["browser".into(), "gpu".into()],
+    }
+}
+
+/// A small arm64 report without GPUs, for the other cgroup variants.
+fn small_resources(cgroup: CgroupVersion) -> ResourceReport {
+    ResourceReport {
+        arch: "aarch64".into(),
+        os: "Ubuntu 22.04".into(),
+        kernel: "5.15.0".into(),
+        hostname: "pi".into(),
+        cpu_count: 4,
+        cpu_model: "Cortex-A72".into(),
+        load: LoadAvg::default(),
+        memory_total_bytes: 4 << 30,
+        memory_available_bytes: 3 << 30,
+        work_dir: "/srv/drover".into(),
+        disk_total_bytes: 64 << 30,
+        disk_free_bytes: 32 << 30,
+        gpus: vec![],
+        cgroup,
+        namespaces: false,
+        labels: vec![],
+    }
+}
+
+fn sample_worker_info(name: &str, state: WorkerState, resources: ResourceReport) -> WorkerInfo {
+    WorkerInfo {
+        name: name.into(),
+        state,
+        connected: state == WorkerState::Ready || state == WorkerState::Draining,
+        address: "192.0.2.10:40123".into(),
+        version: "drover-worker 0.1.0".into(),
+        protocol_version: PROTOCOL_VERSION,
+        first_seen_ms: 1_700_000_000_000,
+        registered_ms: 1_700_000_100_000,
+        state_changed_ms: 1_700_000_100_500,
+        last_heartbeat_ms: 1_700_000_200_000,
+        last_heartbeat_age_ms: 1_500,
+        resources,
+        usage: sample_usage(),
+    }
+}
+
+fn sample_summary() -> FleetSummary {
+    FleetSummary {
+        coordinator_version: "drover-coordinator 0.1.0".into(),
+        now_ms: 1_700_000_201_500,
+        workers: StateCounts {
+            ready: 3,
+            draining: 1,
+            lost: 2,
+            down: 4,
+        },
+        total: Capacity {
+            cpus: 64,
+            memory_bytes: 256 << 30,
+            gpus: 4,
+        },
+        free: Capacity {
+            cpus: 40,
+            memory_bytes: 180 << 30,
+            gpus: 1,
+        },
+    }
+}
+
+// ---- handshake -----------------------------------------------------------------------------
+
+#[test]
+fn supported_versions_match_goldens() {
+    // The goldens below were taken at this version; a bump must come with new goldens.
+    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(SUPPORTED_VERSIONS, VersionRange { min: 1, max: 1 });
+}
+
+#[test]
+fn hello_every_role() {
+    let hello = |role| Hello {
+        versions: VersionRange { min: 1, max: 3 },
+        role,
+        software: "drover-worker 0.1.0".into(),
+    };
+    golden(
+        "hello_coordinator",
+        &hello(Role::Coordinator),
+        "000000170103001364726f7665722d776f726b657220302e312e30",
+    );
+    golden(
+        "hello_worker",
+        &hello(Role::Worker),
+        "000000170103011364726f7665722d776f726b657220302e312e30",
+    );
+    golden(
+        "hello_operator",
+        &hello(Role::Operator),
+        "000000170103021364726f7665722d776f726b657220302e312e30",
+    );
+}
+
+#[test]
+fn hello_reply_accepted() {
+    let reply = HelloReply::Accepted {
+        version: 1,
+        software: "drover-coordinator 0.1.0".into(),
+        peer_name: "worker-1".into(),
+    };
+    golden(
+        "hello_reply_accepted",
+        &reply,
+        "0000002400011864726f7665722d636f6f7264696e61746f7220302e312e3008\
+            776f726b65722d31",
+    );
+}
+
+#[test]
+fn hello_reply_refused_unsupported_version() {
+    let reply = HelloReply::Refused(Refusal::UnsupportedVersion {
+        coordinator: VersionRange { min: 1, max: 1 },
+        peer: VersionRange { min: 2, max: 300 },
+    });
+    golden(
+        "refused_unsupported_version",
+        &reply,
+        "000000070100010102ac02",
+    );
+}
+
+#[test]
+fn hello_reply_refused_role_mismatch() {
+    let reply = HelloReply::Refused(Refusal::RoleMismatch {
+        certificate: Role::Worker,
+        claimed: Role::Operator,
+    });
+    golden("refused_role_mismatch", &reply, "0000000401010102");
+}
+
+#[test]
+fn hello_reply_refused_role_not_allowed() {
+    let reply = HelloReply::Refused(Refusal::RoleNotAllowed {
+        role: Role::Coordinator,
+    });
+    golden("refused_role_not_allowed", &reply, "00000003010200");
+}
+
+#[test]
+fn hello_reply_refused_bad_identity() {
+    let reply = HelloReply::Refused(Refusal::BadIdentity {
+        reason: "no drover role".into(),
+    });
+    golden(
+        "refused_bad_identity",
+        &reply,
+        "0000001101030e6e6f2064726f76657220726f6c65",
+    );
+}
+
+// ---- worker control stream -----------------------------------------------------------------
+
+#[test]
+fn worker_register_full() {
+    let msg = WorkerMessage::Register {
+        resources: sample_resources(),
+    };
+    golden(
+        "worker_register_full",
+        &msg,
+        "000000d400067838365f36341e44656269616e20474e552f4c696e7578203132\
+            2028626f6f6b776f726d290e362e312e302d31382d616d643634096770752d62\
+            6f782d311011414d442052797a656e20392035393530580000003f0000a03f00\
+            00004080808080800280808080c001142f7661722f6c69622f64726f7665722f\
+            776f726b8080808080208080808080100300174e5649444941204765466f7263\
+            6520525458203330393001808080806001044f72696e00020a414d4420526164\
+            656f6e0180808080200001020762726f7773657203677075",
+    );
+}
+
+#[test]
+fn worker_register_other_cgroups() {
+    let msg = |cgroup| WorkerMessage::Register {
+        resources: small_resources(cgroup),
+    };
+    golden(
+        "worker_register_cgroup_v1",
+        &msg(CgroupVersion::V1),
+        "0000005e0007616172636836340c5562756e74752032322e303406352e31352e\
+            30027069040a436f727465782d41373200000000000000000000000080808080\
+            10808080800c0b2f7372762f64726f7665728080808080028080808080010001\
+            0000",
+    );
+    golden(
+        "worker_register_cgroup_none",
+        &msg(CgroupVersion::None),
+        "0000005e0007616172636836340c5562756e74752032322e303406352e31352e\
+            30027069040a436f727465782d41373200000000000000000000000080808080\
+            10808080800c0b2f7372762f64726f7665728080808080028080808080010002\
+            0000",
+    );
+}
+
+#[test]
+fn worker_heartbeat() {
+    let msg = WorkerMessage::Heartbeat {
+        seq: 300,
+        usage: sample_usage(),
+    };
+    golden(
+        "worker_heartbeat",
+        &msg,
+        "0000001e01ac020000003f0000a03f0000004000001642808080801880808080\
+            e003",
+    );
+}
+
+#[test]
+fn worker_goodbye() {
+    let msg = WorkerMessage::Goodbye {
+        reason: "SIGTERM".into(),
+    };
+    golden("worker_goodbye", &msg, "0000000902075349475445524d");
+}
+
+#[test]
+fn coordinator_registered() {
+    let msg = CoordinatorMessage::Registered {
+        name: "worker-1".into(),
+        heartbeat_interval_ms: 5_000,
+        lease_ms: 15_000,
+    };
+    golden(
+        "coordinator_registered",
+        &msg,
+        "0000000e0008776f726b65722d3188279875",
+    );
+}
+
+#[test]
+fn coordinator_heartbeat_ack() {
+    let msg = CoordinatorMessage::HeartbeatAck { seq: 300 };
+    golden("coordinator_heartbeat_ack", &msg, "0000000301ac02");
+}
+
+// ---- operator streams ----------------------------------------------------------------------
+
+#[test]
+fn operator_request_fleet_status() {
+    golden(
+        "request_fleet_status",
+        &OperatorRequest::FleetStatus,
+        "0000000100",
+    );
+}
+
+#[test]
+fn operator_request_list_workers_unfiltered() {
+    let req = OperatorRequest::ListWorkers {
+        state: None,
+        label: None,
+    };
+    golden("request_list_workers_unfiltered", &req, "00000003010000");
+}
+
+#[test]
+fn operator_request_list_workers_every_state() {
+    let req = |state| OperatorRequest::ListWorkers {
+        state: Some(state),
+        label: Some("gpu".into()),
+    };
+    golden(
+        "request_list_ready",
+        &req(WorkerState::Ready),
+        "000000080101000103677075",
+    );
+    golden(
+        "request_list_draining",
+        &req(WorkerState::Draining),
+        "000000080101010103677075",
+    );
+    golden(
+        "request_list_lost",
+        &req(WorkerState::Lost),
+        "000000080101020103677075",
+    );
+    golden(
+        "request_list_down",
+        &req(WorkerState::Down),
+        "000000080101030103677075",
+    );
+}
+
+#[test]
+fn operator_request_show_worker() {
+    let req = OperatorRequest::ShowWorker {
+        name: "worker-1".into(),
+    };
+    golden("request_show_worker", &req, "0000000a0208776f726b65722d31");
+}
+
+#[test]
+fn operator_response_fleet_status() {
+    golden(
+        "response_fleet_status",
+        &OperatorResponse::FleetStatus(sample_summary()),
+        "00000034001864726f7665722d636f6f7264696e61746f7220302e312e309cf6\
+            a1ffbc310301020440808080808008042880808080d00501",
+    );
+}
+
+#[test]
+fn operator_response_workers() {
+    let resp = OperatorResponse::Workers(vec![
+        sample_worker_info("gpu-box-1", WorkerState::Ready, sample_resources()),
+        sample_worker_info("pi", WorkerState::Lost, small_resources(CgroupVersion::V1)),
+    ]);
+    golden(
+        "response_workers",
+        &resp,
+        "000001f90102096770752d626f782d310001103139322e302e322e31303a3430\
+            3132331364726f7665722d776f726b657220302e312e300180d095ffbc31a0dd\
+            9bffbc3194e19bffbc31c0eaa1ffbc31dc0b067838365f36341e44656269616e\
+            20474e552f4c696e75782031322028626f6f6b776f726d290e362e312e302d31\
+            382d616d643634096770752d626f782d311011414d442052797a656e20392035\
+            393530580000003f0000a03f0000004080808080800280808080c001142f7661\
+            722f6c69622f64726f7665722f776f726b808080808020808080808010030017\
+            4e5649444941204765466f72636520525458203330393001808080806001044f\
+            72696e00020a414d4420526164656f6e0180808080200001020762726f777365\
+            72036770750000003f0000a03f0000004000001642808080801880808080e003\
+            0270690200103139322e302e322e31303a34303132331364726f7665722d776f\
+            726b657220302e312e300180d095ffbc31a0dd9bffbc3194e19bffbc31c0eaa1\
+            ffbc31dc0b07616172636836340c5562756e74752032322e303406352e31352e\
+            30027069040a436f727465782d41373200000000000000000000000080808080\
+            10808080800c0b2f7372762f64726f7665728080808080028080808080010001\
+            00000000003f0000a03f0000004000001642808080801880808080e003",
+    );
+    golden(
+        "response_workers_empty",
+        &OperatorResponse::Workers(vec![]),
+        "000000020100",
+    );
+}
+
+#[test]
+fn operator_response_worker() {
+    let resp = OperatorResponse::Worker(Box::new(sample_worker_info(
+        "gpu-box-1",
+        WorkerState::Draining,
+        sample_resources(),
+    )));
+    golden(
+        "response_worker",
+        &resp,
+        "0000013b02096770752d626f782d310101103139322e302e322e31303a343031\
+            32331364726f7665722d776f726b657220302e312e300180d095ffbc31a0dd9b\
+            ffbc3194e19bffbc31c0eaa1ffbc31dc0b067838365f36341e44656269616e20\
+            474e552f4c696e75782031322028626f6f6b776f726d290e362e312e302d3138\
+            2d616d643634096770752d626f782d311011414d442052797a656e2039203539\
+            3530580000003f0000a03f0000004080808080800280808080c001142f766172\
+            2f6c69622f64726f7665722f776f726b8080808080208080808080100300174e\
+            5649444941204765466f72636520525458203330393001808080806001044f72\
+            696e00020a414d4420526164656f6e0180808080200001020762726f77736572\
+            036770750000003f0000a03f0000004000001642808080801880808080e003",
+    );
+}
+
+#[test]
+fn operator_response_error_every_kind() {
+    let err = |kind, message: &str| OperatorResponse::Error {
+        kind,
+        message: message.into(),
+    };
+    golden(
+        "response_error_not_found",
+        &err(ErrorKind::NotFound, "no worker named \"x\""),
+        "000000160300136e6f20776f726b6572206e616d656420227822",
+    );
+    golden(
+        "response_error_invalid_request",
+        &err(ErrorKind::InvalidRequest, "bad label"),
+        "0000000c030109626164206c6162656c",
+    );
+    golden(
+        "response_error_internal",
+        &err(ErrorKind::Internal, "database is locked"),
+        "000000150302126461746162617365206973206c6f636b6564",
+    );
+}
+
+// ---- QUIC close codes ----------------------------------------------------------------------
+
+#[test]
+fn close_codes_are_stable() {
+    use drover_protocol::close_code::*;
+    assert_eq!(
+        [GOODBYE, REFUSED, PROTOCOL_ERROR, REPLACED, SHUTDOWN],
+        [0, 1, 2, 3, 4]
+    );
+}
