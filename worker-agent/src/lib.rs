@@ -1,1 +1,40 @@
-pub fn x() {}
+//! drover-worker as a library: the lean daemon that reports a host's resources to the
+//! coordinator and (in later issues) runs task attempts in sandboxes.
+//!
+//! - [`config`]: typed `worker.toml`;
+//! - [`resources`]: what the host has and uses;
+//! - [`link`]: the connection to the coordinator (handshake, registration, heartbeats,
+//!   reconnect with capped exponential backoff and jitter);
+//! - [`pki`]: the fleet CA, role-carrying certificates and rustls configs (the worker will
+//!   make its own key and CSR when it enrolls);
+//! - [`wire`], [`logging`], [`notify`]: small runtime pieces.
+//!
+//! The coordinator reuses `pki`, `wire`, `logging` and `notify` from here, so they are written
+//! once and the lean worker binary pulls in nothing it does not need.
+
+pub mod config;
+pub mod link;
+pub mod logging;
+pub mod notify;
+pub mod pki;
+pub mod resources;
+pub mod wire;
+
+/// Cancel `token` on the first SIGTERM or SIGINT.
+pub async fn shutdown_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    token.cancel();
+}
+
+use tokio_util::sync::CancellationToken;

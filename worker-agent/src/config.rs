@@ -1,0 +1,223 @@
+//! The worker's typed configuration (`/etc/drover/worker.toml`): defaults < file < flags.
+//! Unknown keys are errors that name the file and key.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the worker looks for its config when none is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/drover/worker.toml";
+
+/// Worker configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// The coordinator's address, `host:port`. Default `127.0.0.1:7070`.
+    pub coordinator: String,
+    /// The name the coordinator's certificate must carry. Default `drover-coordinator`, which
+    /// every coordinator certificate has, so workers can use any address.
+    pub server_name: String,
+    /// Where task attempts get their workspaces; disk figures are reported for its filesystem.
+    /// Default `/var/lib/drover-worker`.
+    pub work_dir: PathBuf,
+    /// Labels to advertise besides the detected ones (`browser`, `gpu`).
+    pub labels: Vec<String>,
+    /// Heartbeat interval in milliseconds; default (unset): the interval the coordinator asks for.
+    pub heartbeat_interval_ms: Option<u64>,
+    /// First reconnect delay in milliseconds. Default 200.
+    pub reconnect_initial_ms: u64,
+    /// Longest reconnect delay in milliseconds (the backoff doubles up to this). Default 10000.
+    pub reconnect_max_ms: u64,
+    pub tls: TlsPaths,
+}
+
+/// Certificate paths; relative paths resolve against the config file's directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsPaths {
+    /// Default `/etc/drover/tls/ca.crt`.
+    pub ca: PathBuf,
+    /// This worker's certificate (role worker; its name is the worker's identity).
+    /// Default `/etc/drover/tls/worker.crt`.
+    pub cert: PathBuf,
+    /// Default `/etc/drover/tls/worker.key`.
+    pub key: PathBuf,
+}
+
+impl Default for TlsPaths {
+    fn default() -> Self {
+        Self {
+            ca: "/etc/drover/tls/ca.crt".into(),
+            cert: "/etc/drover/tls/worker.crt".into(),
+            key: "/etc/drover/tls/worker.key".into(),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: "127.0.0.1:7070".into(),
+            server_name: drover_protocol::identity::COORDINATOR_SERVER_NAME.into(),
+            work_dir: "/var/lib/drover-worker".into(),
+            labels: Vec::new(),
+            heartbeat_interval_ms: None,
+            reconnect_initial_ms: 200,
+            reconnect_max_ms: 10_000,
+            tls: TlsPaths::default(),
+        }
+    }
+}
+
+/// A config the worker cannot run with (exit code 64 at the edge).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass --config PATH or create it")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl WorkerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut cfg: WorkerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: toml_message(&e),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.tls.ca,
+            &mut cfg.tls.cert,
+            &mut cfg.tls.key,
+            &mut cfg.work_dir,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: path.into(),
+            key,
+            message,
+        };
+        if !cfg.coordinator.contains(':') {
+            return Err(invalid(
+                "coordinator",
+                format!("{:?} has no port; expected host:port", cfg.coordinator),
+            ));
+        }
+        if let Some(hb) = cfg.heartbeat_interval_ms {
+            if hb < 50 {
+                return Err(invalid(
+                    "heartbeat_interval_ms",
+                    format!("{hb} is below the minimum of 50"),
+                ));
+            }
+        }
+        if cfg.reconnect_initial_ms == 0 || cfg.reconnect_max_ms < cfg.reconnect_initial_ms {
+            return Err(invalid(
+                "reconnect_max_ms",
+                format!(
+                    "must be at least reconnect_initial_ms ({}), which must be above 0",
+                    cfg.reconnect_initial_ms
+                ),
+            ));
+        }
+        if let Some(bad) = cfg
+            .labels
+            .iter()
+            .find(|l| !drover_protocol::identity::valid_name(l))
+        {
+            return Err(invalid(
+                "labels",
+                format!(
+                    "{bad:?} is not a valid label: {}",
+                    drover_protocol::identity::NAME_RULE
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    pub fn reconnect_initial(&self) -> Duration {
+        Duration::from_millis(self.reconnect_initial_ms)
+    }
+
+    pub fn reconnect_max(&self) -> Duration {
+        Duration::from_millis(self.reconnect_max_ms)
+    }
+}
+
+/// toml's message with its line and column, on one line.
+pub fn toml_message(e: &toml::de::Error) -> String {
+    let mut msg = e.message().trim().to_owned();
+    if let Some(line) = e.to_string().lines().next() {
+        if let Some(pos) = line.strip_prefix("TOML parse error ") {
+            msg = format!("{msg} ({})", pos.trim());
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<WorkerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("worker.toml");
+        std::fs::write(&p, text).unwrap();
+        WorkerConfig::load(&p)
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load("coordinator = \"a:1\"\nlabel = [\"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("label") && e.contains("worker.toml") && e.contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = load(
+            "coordinator = \"10.0.0.1:7070\"\nlabels = [\"browser\"]\n[tls]\ncert = \"w.crt\"\n",
+        )
+        .unwrap();
+        assert!(c.tls.cert.ends_with("w.crt") && c.tls.cert.is_absolute());
+        assert_eq!(c.tls.ca, PathBuf::from("/etc/drover/tls/ca.crt"));
+        assert_eq!(c.reconnect_max_ms, 10_000);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(load("coordinator = \"nohost\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("`coordinator`"));
+        assert!(load("labels = [\"a b\"]\n")
+            .unwrap_err()
+            .to_string()
+            .contains("`labels`"));
+        assert!(load("reconnect_initial_ms = 500\nreconnect_max_ms = 100\n")
+            .unwrap_err()
+            .to_string()
+            .contains("reconnect"));
+    }
+}

@@ -1,0 +1,352 @@
+//! The worker's link to the coordinator: connect (QUIC + mutual TLS), check the
+//! coordinator's role, the hello handshake, registration, then heartbeats with current usage
+//! until the connection ends — and again, with capped exponential backoff and jitter, until
+//! shutdown. The worker never exits because the coordinator is away.
+
+use crate::config::WorkerConfig;
+use crate::pki::{self, PkiError, TlsFiles};
+use crate::resources::Resources;
+use crate::wire::{self, FramedRecv};
+use drover_protocol::{
+    close_code, CoordinatorMessage, Hello, HelloReply, Refusal, Role, WorkerMessage,
+    SUPPORTED_VERSIONS,
+};
+use rand::Rng;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How long a connection attempt, the handshake and registration may each take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The software string the worker reports.
+pub fn software() -> String {
+    format!("drover-worker {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Errors that stop the worker: local configuration it cannot run with.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] PkiError),
+    #[error("cannot use the QUIC/TLS configuration: {0}")]
+    Quic(String),
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+}
+
+/// Why one connection ended; each is followed by a reconnect after backoff.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("cannot resolve {0:?}")]
+    Resolve(String),
+    #[error("connect failed: {0}")]
+    Connect(String),
+    #[error("the coordinator refused this worker: {0}")]
+    Refused(Refusal),
+    #[error("the server is not a drover coordinator: {0}")]
+    NotCoordinator(String),
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
+
+/// Capped exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling up
+/// to the cap; a successful registration resets it.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    /// The next delay to wait.
+    pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = d / 2;
+        half + Duration::from_nanos(rng.gen_range(0..=half.as_nanos() as u64))
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+/// The link's long-lived parts.
+#[derive(Debug)]
+pub struct Link {
+    config: WorkerConfig,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    name: String,
+}
+
+impl Link {
+    /// Load the TLS material and open the UDP socket. Fails only on local problems.
+    pub fn new(config: WorkerConfig) -> Result<Self, LinkError> {
+        let files = TlsFiles {
+            ca: config.tls.ca.clone(),
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+        };
+        let name = pki::own_identity(&files.cert)?.name;
+        let rustls = pki::client_config(&files, Role::Worker)?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls)
+            .map_err(|e| LinkError::Quic(e.to_string()))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        transport.stream_receive_window((256u32 * 1024).into());
+        transport.receive_window((1024u32 * 1024).into());
+        transport.send_window(1024 * 1024);
+        client_config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
+            .map_err(LinkError::Socket)?;
+        Ok(Self {
+            config,
+            endpoint,
+            client_config,
+            name,
+        })
+    }
+
+    /// The worker's name, from its certificate.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stay connected until `shutdown`; then say goodbye and return.
+    pub async fn run(self, mut resources: Resources, shutdown: CancellationToken) {
+        let mut backoff =
+            Backoff::new(self.config.reconnect_initial(), self.config.reconnect_max());
+        let mut rng = rand::thread_rng();
+        let mut failures = 0u32;
+        let mut notified = false;
+        while !shutdown.is_cancelled() {
+            let started = Instant::now();
+            let end = self.session(&mut resources, &shutdown, &mut notified).await;
+            let Some(end) = end else { break };
+            if started.elapsed() > Duration::from_secs(30) {
+                // It was registered and healthy for a while: start the backoff over.
+                backoff.reset();
+                failures = 0;
+            }
+            failures += 1;
+            let delay = backoff.next_delay(&mut rng);
+            // Say every failure at first, then one in ten, so a long outage does not flood the log.
+            if failures <= 3 || failures % 10 == 0 {
+                let level_error =
+                    matches!(end, SessionEnd::Refused(_) | SessionEnd::NotCoordinator(_));
+                if level_error {
+                    tracing::error!(coordinator = %self.config.coordinator, attempt = failures, retry_in_ms = delay.as_millis() as u64, "{end}");
+                } else {
+                    tracing::warn!(coordinator = %self.config.coordinator, attempt = failures, retry_in_ms = delay.as_millis() as u64, "{end}");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        self.endpoint
+            .close(close_code::GOODBYE.into(), b"worker stopping");
+        let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    /// One connection. `None` means shutdown was requested and handled.
+    async fn session(
+        &self,
+        resources: &mut Resources,
+        shutdown: &CancellationToken,
+        notified: &mut bool,
+    ) -> Option<SessionEnd> {
+        let conn = tokio::select! {
+            c = self.connect() => match c {
+                Ok(c) => c,
+                Err(e) => return Some(e),
+            },
+            _ = shutdown.cancelled() => return None,
+        };
+        match self.serve(&conn, resources, notified, shutdown).await {
+            Ok(()) => None,
+            Err(end) => {
+                conn.close(close_code::PROTOCOL_ERROR.into(), b"reconnecting");
+                Some(end)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<quinn::Connection, SessionEnd> {
+        let addr = self
+            .config
+            .coordinator
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| SessionEnd::Resolve(self.config.coordinator.clone()))?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_config.clone(), addr, &self.config.server_name)
+            .map_err(|e| SessionEnd::Connect(e.to_string()))?;
+        let conn = match timeout(STEP_TIMEOUT, connecting).await {
+            Err(_) => return Err(SessionEnd::Connect("no answer within 10s".into())),
+            Ok(Err(e)) => return Err(SessionEnd::Connect(e.to_string())),
+            Ok(Ok(c)) => c,
+        };
+        if let Err(e) = pki::peer_role_is_coordinator(&wire::peer_certs(&conn)) {
+            conn.close(close_code::REFUSED.into(), b"not a coordinator");
+            return Err(SessionEnd::NotCoordinator(e.to_string()));
+        }
+        Ok(conn)
+    }
+
+    /// Handshake, register, heartbeat; returns how the connection ended.
+    async fn serve(
+        &self,
+        conn: &quinn::Connection,
+        resources: &mut Resources,
+        notified: &mut bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        let lost = |e: &dyn std::fmt::Display| SessionEnd::Lost(e.to_string());
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        let mut recv = FramedRecv::new(recv);
+        let hello = Hello {
+            versions: SUPPORTED_VERSIONS,
+            role: Role::Worker,
+            software: software(),
+        };
+        wire::send(&mut send, &hello).await.map_err(|e| lost(&e))?;
+        let reply = tokio::select! {
+            r = timeout(STEP_TIMEOUT, recv.next::<HelloReply>()) => r,
+            _ = shutdown.cancelled() => return self.goodbye(conn, None).await,
+        };
+        match reply {
+            Err(_) => return Err(SessionEnd::Lost("no handshake reply within 10s".into())),
+            Ok(Err(e)) => return Err(lost(&e)),
+            Ok(Ok(None)) => {
+                return Err(SessionEnd::Lost(
+                    "coordinator closed the handshake stream".into(),
+                ))
+            }
+            Ok(Ok(Some(HelloReply::Refused(r)))) => {
+                conn.close(close_code::GOODBYE.into(), b"refused");
+                return Err(SessionEnd::Refused(r));
+            }
+            Ok(Ok(Some(HelloReply::Accepted { .. }))) => {}
+        }
+        let report = resources.report();
+        wire::send(&mut send, &WorkerMessage::Register { resources: report })
+            .await
+            .map_err(|e| lost(&e))?;
+        let registered = tokio::select! {
+            r = timeout(STEP_TIMEOUT, recv.next::<CoordinatorMessage>()) => r,
+            _ = shutdown.cancelled() => return self.goodbye(conn, Some(&mut send)).await,
+        };
+        let (interval_ms, lease_ms) = match registered {
+            Ok(Ok(Some(CoordinatorMessage::Registered {
+                heartbeat_interval_ms,
+                lease_ms,
+                ..
+            }))) => (heartbeat_interval_ms, lease_ms),
+            Ok(Ok(Some(other))) => {
+                return Err(SessionEnd::Lost(format!(
+                    "expected Registered, got {other:?}"
+                )))
+            }
+            Ok(Ok(None)) => return Err(SessionEnd::Lost("coordinator closed the stream".into())),
+            Ok(Err(e)) => return Err(lost(&e)),
+            Err(_) => return Err(SessionEnd::Lost("no registration reply within 10s".into())),
+        };
+        let every = Duration::from_millis(
+            self.config
+                .heartbeat_interval_ms
+                .unwrap_or(interval_ms)
+                .min(interval_ms)
+                .max(50),
+        );
+        tracing::info!(
+            worker = %self.name, coordinator = %self.config.coordinator,
+            heartbeat_ms = every.as_millis() as u64, lease_ms, "registered"
+        );
+        if !*notified {
+            crate::notify::ready();
+            *notified = true;
+        }
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watchdog = tokio::time::interval(
+            crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
+        );
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return self.goodbye(conn, Some(&mut send)).await,
+                _ = tick.tick() => {
+                    seq += 1;
+                    let hb = WorkerMessage::Heartbeat { seq, usage: resources.usage() };
+                    wire::send(&mut send, &hb).await.map_err(|e| lost(&e))?;
+                }
+                msg = recv.next::<CoordinatorMessage>() => match msg {
+                    Ok(Some(CoordinatorMessage::HeartbeatAck { .. })) => {}
+                    Ok(Some(other)) => tracing::debug!(message = ?other, "ignoring unexpected message"),
+                    Ok(None) => return Err(SessionEnd::Lost("coordinator closed the control stream".into())),
+                    Err(e) => return Err(lost(&e)),
+                },
+                _ = watchdog.tick() => crate::notify::watchdog(),
+            }
+        }
+    }
+
+    /// Leave on purpose: a Goodbye on the control stream (when registered) and the goodbye
+    /// close code, so the coordinator marks this worker `down` rather than `lost`.
+    async fn goodbye(
+        &self,
+        conn: &quinn::Connection,
+        send: Option<&mut quinn::SendStream>,
+    ) -> Result<(), SessionEnd> {
+        if let Some(send) = send {
+            let bye = WorkerMessage::Goodbye {
+                reason: "worker stopping".into(),
+            };
+            if wire::send(send, &bye).await.is_ok() {
+                let _ = send.finish();
+                let _ = timeout(Duration::from_secs(1), send.stopped()).await;
+            }
+        }
+        conn.close(close_code::GOODBYE.into(), b"worker stopping");
+        tracing::info!(worker = %self.name, "said goodbye to the coordinator");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let bounds = [100u64, 200, 400, 800, 1000, 1000];
+        for hi in bounds {
+            let d = b.next_delay(&mut rng).as_millis() as u64;
+            assert!(d >= hi / 2 && d <= hi, "{d} not in [{}, {hi}]", hi / 2);
+        }
+        b.reset();
+        assert!(b.next_delay(&mut rng) <= Duration::from_millis(100));
+    }
+}
