@@ -1,0 +1,147 @@
+//! Dispatch of parsed commands to their handlers.
+
+use super::client::OperatorClient;
+use super::{
+    exit, output, settings, CaCommand, CertCommand, Cli, CliError, Command, TlsCommand,
+    WorkerCommand,
+};
+use crate::config::CoordinatorConfig;
+use crate::pki::{self, CertRequest, Validity};
+use crate::server::Server;
+use drover_protocol::{ErrorKind, OperatorRequest, OperatorResponse};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// Run a parsed command line to completion.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Dev(args) => super::dev::run(args).await,
+        Command::Tls(cmd) => tls(cmd),
+        Command::Status(args) => {
+            let (s, j) = (settings::resolve(&args.conn)?, args.json);
+            match query(&s, OperatorRequest::FleetStatus).await? {
+                OperatorResponse::FleetStatus(summary) => {
+                    print(j.json, &summary, || output::status(&summary))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::Workers(args) => {
+            let s = settings::resolve(&args.conn)?;
+            let req = OperatorRequest::ListWorkers {
+                state: args.state,
+                label: args.label,
+            };
+            match query(&s, req).await? {
+                OperatorResponse::Workers(list) => {
+                    print(args.json.json, &list, || output::workers(&list))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::Worker(WorkerCommand::Show { name, conn, json }) => {
+            let s = settings::resolve(&conn)?;
+            match query(&s, OperatorRequest::ShowWorker { name }).await? {
+                OperatorResponse::Worker(w) => {
+                    let now = w.last_heartbeat_ms + w.last_heartbeat_age_ms;
+                    print(json.json, &w, || output::worker(&w, now))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+    }
+}
+
+async fn serve(args: super::ServeArgs) -> Result<(), CliError> {
+    let config = CoordinatorConfig::load(&args.config_file)
+        .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config).unwrap_or_default());
+        return Ok(());
+    }
+    let server = Server::bind(config).map_err(|e| CliError::new(e.exit_code(), e.to_string()))?;
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(drover_worker::shutdown_on_signal(shutdown.clone()));
+    let result = server
+        .run(shutdown)
+        .await
+        .map_err(|e| CliError::new(e.exit_code(), e.to_string()));
+    signals.abort();
+    result
+}
+
+fn tls(cmd: TlsCommand) -> Result<(), CliError> {
+    match cmd {
+        TlsCommand::Ca(CaCommand::Create { dir, name }) => {
+            let paths = pki::create_ca(&dir, &name)?;
+            println!("created fleet CA\n  certificate  {}\n  key          {} (mode 0600; keep it offline if you can)", paths.cert.display(), paths.key.display());
+            Ok(())
+        }
+        TlsCommand::Cert(CertCommand::Create {
+            role,
+            name,
+            days,
+            ca_dir,
+            out_dir,
+            san,
+            force,
+        }) => {
+            if days == 0 {
+                return Err(CliError::new(exit::USAGE, "--days must be at least 1"));
+            }
+            let out = out_dir.unwrap_or_else(|| ca_dir.clone());
+            let req = CertRequest {
+                role,
+                name,
+                validity: Validity::Days(days),
+                extra_sans: san,
+            };
+            let paths = pki::issue_cert(&ca_dir, &out, &req, force)?;
+            println!(
+                "issued {role} certificate {:?}, valid {days} days\n  certificate  {}\n  key          {} (mode 0600)",
+                req.name,
+                paths.cert.display(),
+                paths.key.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn query(s: &settings::Resolved, req: OperatorRequest) -> Result<OperatorResponse, CliError> {
+    let mut client = OperatorClient::connect(s).await?;
+    let response = client.request(&req).await;
+    client.close().await;
+    match response? {
+        OperatorResponse::Error { kind, message } => Err(CliError::new(
+            match kind {
+                ErrorKind::NotFound | ErrorKind::Internal => exit::FAILURE,
+                ErrorKind::InvalidRequest => exit::USAGE,
+            },
+            message,
+        )),
+        other => Ok(other),
+    }
+}
+
+fn print<T: Serialize>(
+    json: bool,
+    value: &T,
+    human: impl FnOnce() -> String,
+) -> Result<(), CliError> {
+    if json {
+        let text = serde_json::to_string_pretty(value)?;
+        println!("{text}");
+    } else {
+        print!("{}", human());
+    }
+    Ok(())
+}
+
+fn unexpected(r: OperatorResponse) -> CliError {
+    CliError::new(
+        exit::FAILURE,
+        format!("unexpected answer from the coordinator: {r:?}"),
+    )
+}

@@ -1,0 +1,196 @@
+//! The coordinator's typed configuration: defaults < file < flags.
+//!
+//! Unknown keys are an error, so a typo in `/etc/drover/coordinator.toml` is reported with the
+//! file and key instead of silently running with a default.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the coordinator looks for its config when none is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/drover/coordinator.toml";
+
+/// Coordinator configuration (`coordinator.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// UDP address to listen on for QUIC. Default `0.0.0.0:7070`.
+    pub listen: SocketAddr,
+    /// Directory of the embedded database. Default `/var/lib/drover`.
+    pub state_dir: PathBuf,
+    pub tls: TlsConfig,
+    /// How often workers should heartbeat, in milliseconds. Default 500.
+    pub heartbeat_interval_ms: u64,
+    /// A worker that sends no heartbeat for this long is `lost`, in milliseconds. Default 3000.
+    /// Raise it for flaky links; it must be at least twice the heartbeat interval.
+    pub lease_ms: u64,
+}
+
+/// Certificate paths. Relative paths are resolved against the config file's directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The fleet CA certificate. Default `/etc/drover/tls/ca.crt`.
+    pub ca: PathBuf,
+    /// This coordinator's certificate (role coordinator). Default `/etc/drover/tls/coordinator.crt`.
+    pub cert: PathBuf,
+    /// Its private key. Default `/etc/drover/tls/coordinator.key`.
+    pub key: PathBuf,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            ca: "/etc/drover/tls/ca.crt".into(),
+            cert: "/etc/drover/tls/coordinator.crt".into(),
+            key: "/etc/drover/tls/coordinator.key".into(),
+        }
+    }
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7070)),
+            state_dir: "/var/lib/drover".into(),
+            tls: TlsConfig::default(),
+            heartbeat_interval_ms: 500,
+            lease_ms: 3000,
+        }
+    }
+}
+
+/// A config that could not be used. Exit code 64 at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass --config PATH or create it")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config {origin}: key `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl CoordinatorConfig {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut cfg: CoordinatorConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: toml_message(&e),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.tls.ca,
+            &mut cfg.tls.cert,
+            &mut cfg.tls.key,
+            &mut cfg.state_dir,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.validate(&path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Check values that parse but make no sense.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key,
+            message,
+        };
+        if self.heartbeat_interval_ms < 50 {
+            return Err(invalid(
+                "heartbeat_interval_ms",
+                format!("{} is below the minimum of 50", self.heartbeat_interval_ms),
+            ));
+        }
+        if self.lease_ms < 2 * self.heartbeat_interval_ms {
+            return Err(invalid(
+                "lease_ms",
+                format!(
+                    "{} must be at least twice heartbeat_interval_ms ({}), or every worker would flap to lost",
+                    self.lease_ms, self.heartbeat_interval_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+}
+
+/// toml's message names the key and shows the line; keep it on one line for logs.
+pub fn toml_message(e: &toml::de::Error) -> String {
+    let mut msg = e.message().trim().to_owned();
+    if let Some(span) = e.span() {
+        msg = format!("{msg} (at byte {}..{})", span.start, span.end);
+    }
+    let detail = e.to_string();
+    if let Some(line) = detail.lines().next() {
+        // "TOML parse error at line 3, column 1"
+        if line.starts_with("TOML parse error at") {
+            msg = format!(
+                "{msg}; {}",
+                line.trim_start_matches("TOML parse error ").trim()
+            );
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "listen = \"127.0.0.1:1\"\nheartbeat_intervall_ms = 5\n").unwrap();
+        let e = CoordinatorConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("heartbeat_intervall_ms") && e.contains("c.toml") && e.contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "state_dir = \"state\"\n[tls]\nca = \"ca.crt\"\n").unwrap();
+        let c = CoordinatorConfig::load(&p).unwrap();
+        assert_eq!(c.state_dir, dir.path().join("state"));
+        assert_eq!(c.tls.ca, dir.path().join("ca.crt"));
+    }
+
+    #[test]
+    fn lease_must_exceed_two_heartbeats() {
+        let c = CoordinatorConfig {
+            lease_ms: 600,
+            ..Default::default()
+        };
+        let e = c.validate("x").unwrap_err().to_string();
+        assert!(e.contains("lease_ms"), "{e}");
+    }
+}

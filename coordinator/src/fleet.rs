@@ -1,0 +1,443 @@
+//! The fleet registry as a state machine: worker connections, heartbeats and leases in,
+//! [`Action`]s out.
+//!
+//! No I/O and no clock: every input carries `now` (milliseconds, from the runtime's monotonic
+//! clock anchored to wall time), so lease expiry is tested by feeding times, not by sleeping.
+//! Invariants (checked by [`Fleet::sanity_check`] in tests):
+//! - a worker with an open connection is `ready` or `draining` (or `lost` until its next
+//!   heartbeat revives it);
+//! - a worker in `down` has no connection;
+//! - every state change produces exactly one [`Action::Persist`] of the new record.
+
+use drover_protocol::{
+    Capacity, FleetSummary, ResourceReport, StateCounts, Usage, WorkerInfo, WorkerState,
+};
+use std::collections::BTreeMap;
+
+/// Identifies one QUIC connection for the lifetime of the process.
+pub type ConnId = u64;
+
+/// What the registry persists of a worker: everything but the live connection and usage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRecord {
+    pub name: String,
+    pub state: WorkerState,
+    pub address: String,
+    pub version: String,
+    pub protocol_version: u16,
+    pub first_seen_ms: u64,
+    pub registered_ms: u64,
+    pub state_changed_ms: u64,
+    pub last_heartbeat_ms: u64,
+    pub resources: ResourceReport,
+}
+
+/// What the runtime must do after an input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write this record durably.
+    Persist(WorkerRecord),
+    /// Close this connection (a newer one replaced it).
+    Close { conn: ConnId, reason: &'static str },
+}
+
+#[derive(Debug)]
+struct Worker {
+    record: WorkerRecord,
+    usage: Usage,
+    conn: Option<ConnId>,
+    lease_deadline_ms: u64,
+}
+
+/// A registration from a connection that passed the handshake.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub conn: ConnId,
+    pub name: String,
+    pub address: String,
+    pub version: String,
+    pub protocol_version: u16,
+    pub resources: ResourceReport,
+}
+
+/// The registry.
+#[derive(Debug)]
+pub struct Fleet {
+    workers: BTreeMap<String, Worker>,
+    lease_ms: u64,
+}
+
+impl Fleet {
+    /// A registry rebuilt from stored records at `now`. Workers that were connected when the
+    /// previous coordinator stopped get a fresh lease: they are `lost` only if they do not
+    /// reconnect within it.
+    pub fn restore(records: Vec<WorkerRecord>, lease_ms: u64, now: u64) -> Self {
+        let workers = records
+            .into_iter()
+            .map(|record| {
+                let usage = usage_from(&record.resources);
+                let w = Worker {
+                    record,
+                    usage,
+                    conn: None,
+                    lease_deadline_ms: now + lease_ms,
+                };
+                (w.record.name.clone(), w)
+            })
+            .collect();
+        Self { workers, lease_ms }
+    }
+
+    pub fn lease_ms(&self) -> u64 {
+        self.lease_ms
+    }
+
+    /// A worker completed its handshake and registered.
+    pub fn handle_register(&mut self, now: u64, reg: Registration) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let usage = usage_from(&reg.resources);
+        let w = self
+            .workers
+            .entry(reg.name.clone())
+            .or_insert_with(|| Worker {
+                record: WorkerRecord {
+                    name: reg.name.clone(),
+                    state: WorkerState::Down,
+                    address: String::new(),
+                    version: String::new(),
+                    protocol_version: reg.protocol_version,
+                    first_seen_ms: now,
+                    registered_ms: now,
+                    state_changed_ms: now,
+                    last_heartbeat_ms: now,
+                    resources: reg.resources.clone(),
+                },
+                usage,
+                conn: None,
+                lease_deadline_ms: now,
+            });
+        if let Some(old) = w.conn.replace(reg.conn) {
+            if old != reg.conn {
+                actions.push(Action::Close {
+                    conn: old,
+                    reason: "replaced by a newer connection",
+                });
+            }
+        }
+        let r = &mut w.record;
+        let state = if r.state == WorkerState::Draining {
+            WorkerState::Draining
+        } else {
+            WorkerState::Ready
+        };
+        if r.state != state {
+            r.state_changed_ms = now;
+        }
+        r.state = state;
+        r.address = reg.address;
+        r.version = reg.version;
+        r.protocol_version = reg.protocol_version;
+        r.registered_ms = now;
+        r.last_heartbeat_ms = now;
+        r.resources = reg.resources;
+        w.usage = usage;
+        w.lease_deadline_ms = now + self.lease_ms;
+        actions.push(Action::Persist(r.clone()));
+        actions
+    }
+
+    /// A heartbeat arrived on `conn`. Heartbeats from a replaced connection are ignored.
+    pub fn handle_heartbeat(
+        &mut self,
+        now: u64,
+        conn: ConnId,
+        name: &str,
+        usage: Usage,
+    ) -> Vec<Action> {
+        let Some(w) = self.workers.get_mut(name) else {
+            return Vec::new();
+        };
+        if w.conn != Some(conn) {
+            return Vec::new();
+        }
+        w.usage = usage;
+        w.record.last_heartbeat_ms = now;
+        w.lease_deadline_ms = now + self.lease_ms;
+        if w.record.state == WorkerState::Lost {
+            // Stalled past its lease (SIGSTOP, a long partition) but the connection survived.
+            w.record.state = WorkerState::Ready;
+            w.record.state_changed_ms = now;
+            return vec![Action::Persist(w.record.clone())];
+        }
+        Vec::new()
+    }
+
+    /// The connection `conn` ended. A clean goodbye makes the worker `down` at once; anything
+    /// else leaves its lease running, so it turns `lost` unless it reconnects in time.
+    pub fn handle_disconnect(
+        &mut self,
+        now: u64,
+        conn: ConnId,
+        name: &str,
+        clean: bool,
+    ) -> Vec<Action> {
+        let Some(w) = self.workers.get_mut(name) else {
+            return Vec::new();
+        };
+        if w.conn != Some(conn) {
+            return Vec::new();
+        }
+        w.conn = None;
+        if clean && w.record.state != WorkerState::Down {
+            w.record.state = WorkerState::Down;
+            w.record.state_changed_ms = now;
+            return vec![Action::Persist(w.record.clone())];
+        }
+        Vec::new()
+    }
+
+    /// Expire leases. Call at least a few times per lease.
+    pub fn tick(&mut self, now: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for w in self.workers.values_mut() {
+            let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
+            if live && now >= w.lease_deadline_ms {
+                w.record.state = WorkerState::Lost;
+                w.record.state_changed_ms = now;
+                actions.push(Action::Persist(w.record.clone()));
+            }
+        }
+        actions
+    }
+
+    /// The operator's view of one worker.
+    pub fn info(&self, now: u64, name: &str) -> Option<WorkerInfo> {
+        self.workers.get(name).map(|w| to_info(w, now))
+    }
+
+    /// Workers matching the filters, sorted by name.
+    pub fn list(
+        &self,
+        now: u64,
+        state: Option<WorkerState>,
+        label: Option<&str>,
+    ) -> Vec<WorkerInfo> {
+        self.workers
+            .values()
+            .filter(|w| state.is_none_or(|s| w.record.state == s))
+            .filter(|w| label.is_none_or(|l| w.record.resources.labels.iter().any(|x| x == l)))
+            .map(|w| to_info(w, now))
+            .collect()
+    }
+
+    /// Counts by state and capacity totals.
+    pub fn summary(&self, now: u64, coordinator_version: &str) -> FleetSummary {
+        let mut counts = StateCounts::default();
+        let mut total = Capacity::default();
+        let mut free = Capacity::default();
+        for w in self.workers.values() {
+            let r = &w.record.resources;
+            match w.record.state {
+                WorkerState::Ready => counts.ready += 1,
+                WorkerState::Draining => counts.draining += 1,
+                WorkerState::Lost => counts.lost += 1,
+                WorkerState::Down => counts.down += 1,
+            }
+            if matches!(w.record.state, WorkerState::Ready | WorkerState::Draining) {
+                total.cpus += u64::from(r.cpu_count);
+                total.memory_bytes += r.memory_total_bytes;
+                total.gpus += r.gpus.len() as u64;
+            }
+            if w.record.state == WorkerState::Ready {
+                // Nothing reserves capacity yet; task placement subtracts its reservations here.
+                free.cpus += u64::from(r.cpu_count);
+                free.memory_bytes += w.usage.memory_available_bytes;
+                free.gpus += r.gpus.len() as u64;
+            }
+        }
+        FleetSummary {
+            coordinator_version: coordinator_version.to_owned(),
+            now_ms: now,
+            workers: counts,
+            total,
+            free,
+        }
+    }
+
+    /// Check the invariants in the module doc; panics with the broken one.
+    pub fn sanity_check(&self) {
+        for (name, w) in &self.workers {
+            assert_eq!(name, &w.record.name);
+            if w.record.state == WorkerState::Down {
+                assert!(w.conn.is_none(), "{name}: down with an open connection");
+            }
+        }
+    }
+}
+
+fn usage_from(r: &ResourceReport) -> Usage {
+    Usage {
+        load: r.load,
+        cpu_percent: 0.0,
+        memory_available_bytes: r.memory_available_bytes,
+        disk_free_bytes: r.disk_free_bytes,
+    }
+}
+
+fn to_info(w: &Worker, now: u64) -> WorkerInfo {
+    let r = &w.record;
+    WorkerInfo {
+        name: r.name.clone(),
+        state: r.state,
+        connected: w.conn.is_some(),
+        address: r.address.clone(),
+        version: r.version.clone(),
+        protocol_version: r.protocol_version,
+        first_seen_ms: r.first_seen_ms,
+        registered_ms: r.registered_ms,
+        state_changed_ms: r.state_changed_ms,
+        last_heartbeat_ms: r.last_heartbeat_ms,
+        last_heartbeat_age_ms: now.saturating_sub(r.last_heartbeat_ms),
+        resources: r.resources.clone(),
+        usage: w.usage,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use drover_protocol::{CgroupVersion, LoadAvg};
+
+    pub(crate) fn report(cpus: u32, labels: &[&str]) -> ResourceReport {
+        ResourceReport {
+            arch: "aarch64".into(),
+            os: "Debian".into(),
+            kernel: "6.1".into(),
+            hostname: "h".into(),
+            cpu_count: cpus,
+            cpu_model: "Cortex-A76".into(),
+            load: LoadAvg::default(),
+            memory_total_bytes: 8 << 30,
+            memory_available_bytes: 6 << 30,
+            work_dir: "/var/lib/drover-worker".into(),
+            disk_total_bytes: 100 << 30,
+            disk_free_bytes: 50 << 30,
+            gpus: vec![],
+            cgroup: CgroupVersion::V2,
+            namespaces: true,
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn reg(conn: ConnId, name: &str) -> Registration {
+        Registration {
+            conn,
+            name: name.into(),
+            address: "127.0.0.1:5000".into(),
+            version: "drover-worker 0.1.0".into(),
+            protocol_version: 1,
+            resources: report(4, &["browser"]),
+        }
+    }
+
+    fn state(f: &Fleet, name: &str) -> WorkerState {
+        f.info(0, name).unwrap().state
+    }
+
+    #[test]
+    fn register_heartbeat_expire_revive() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        let a = f.handle_register(1000, reg(1, "w1"));
+        assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Ready));
+        assert!(f
+            .handle_heartbeat(2000, 1, "w1", Usage::default())
+            .is_empty());
+        assert!(
+            f.tick(4999).is_empty(),
+            "lease runs from the last heartbeat"
+        );
+        let a = f.tick(5000);
+        assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Lost));
+        f.sanity_check();
+        assert!(f.tick(6000).is_empty(), "lost is reported once");
+        let a = f.handle_heartbeat(7000, 1, "w1", Usage::default());
+        assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Ready));
+    }
+
+    #[test]
+    fn unclean_disconnect_waits_for_lease_clean_goes_down() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        f.handle_register(0, reg(1, "a"));
+        f.handle_register(0, reg(2, "b"));
+        assert!(f.handle_disconnect(100, 1, "a", false).is_empty());
+        assert_eq!(state(&f, "a"), WorkerState::Ready);
+        let a = f.handle_disconnect(100, 2, "b", true);
+        assert_eq!(a.len(), 1);
+        assert_eq!(state(&f, "b"), WorkerState::Down);
+        f.tick(3000);
+        assert_eq!(state(&f, "a"), WorkerState::Lost);
+        assert_eq!(
+            state(&f, "b"),
+            WorkerState::Down,
+            "down workers do not expire"
+        );
+        f.sanity_check();
+    }
+
+    #[test]
+    fn reconnect_keeps_identity_and_replaces_old_connection() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        f.handle_register(0, reg(1, "w"));
+        f.tick(5000);
+        let a = f.handle_register(6000, reg(2, "w"));
+        assert!(a.contains(&Action::Close {
+            conn: 1,
+            reason: "replaced by a newer connection"
+        }));
+        let info = f.info(6000, "w").unwrap();
+        assert_eq!(info.state, WorkerState::Ready);
+        assert_eq!(info.first_seen_ms, 0);
+        // The old connection's late heartbeat and disconnect are ignored.
+        assert!(f
+            .handle_heartbeat(6100, 1, "w", Usage::default())
+            .is_empty());
+        assert!(f.handle_disconnect(6100, 1, "w", true).is_empty());
+        assert_eq!(state(&f, "w"), WorkerState::Ready);
+        f.sanity_check();
+    }
+
+    #[test]
+    fn restore_gives_connected_workers_a_fresh_lease() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        f.handle_register(0, reg(1, "w"));
+        let Action::Persist(rec) = f.handle_register(0, reg(1, "w")).pop().unwrap() else {
+            panic!()
+        };
+        let mut g = Fleet::restore(vec![rec], 3000, 10_000);
+        assert_eq!(state(&g, "w"), WorkerState::Ready);
+        assert!(g.tick(12_999).is_empty());
+        g.handle_register(12_000, reg(7, "w"));
+        assert!(g.tick(13_000).is_empty(), "reconnected in time");
+        assert_eq!(state(&g, "w"), WorkerState::Ready);
+    }
+
+    #[test]
+    fn summary_and_filters() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        f.handle_register(0, reg(1, "a"));
+        let mut r = reg(2, "b");
+        r.resources.labels = vec![];
+        f.handle_register(0, r);
+        f.handle_register(0, reg(3, "c"));
+        f.handle_disconnect(0, 3, "c", true);
+        let s = f.summary(0, "v");
+        assert_eq!((s.workers.ready, s.workers.down), (2, 1));
+        assert_eq!(s.total.cpus, 8);
+        assert_eq!(s.free.memory_bytes, 12 << 30);
+        assert_eq!(
+            f.list(0, Some(WorkerState::Ready), Some("browser")).len(),
+            1
+        );
+        assert_eq!(f.list(0, None, None).len(), 3);
+    }
+}
