@@ -15,6 +15,7 @@ pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod messages;
+pub mod task;
 
 pub use frame::{
     encode_frame, DecodeError, EncodeError, FrameDecoder, FRAME_HEADER_LEN, MAX_FRAME_LEN,

@@ -1,0 +1,138 @@
+//! Tasks on the wire: the spec a submitter writes, the requirements placement matches, the
+//! limits the sandbox enforces, and the events an attempt produces.
+//!
+//! The spec is serde-friendly for TOML/JSON files (docs/task-spec.md) and postcard for the
+//! wire; for the postcard side the usual rule holds: append fields and variants only.
+//! Sizes are bytes, durations milliseconds.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Where a task needs to run. Every field is a lower bound or an exact match; empty means
+/// "anything".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Requirements {
+    /// Exact `uname -m`, e.g. `aarch64`.
+    pub arch: Option<String>,
+    /// Logical CPUs reserved for the attempt.
+    pub cpus: u32,
+    /// Memory reserved for the attempt, bytes.
+    pub memory_bytes: u64,
+    /// GPUs reserved for the attempt.
+    pub gpus: u32,
+    /// Labels the worker must all carry, e.g. `browser`.
+    pub labels: Vec<String>,
+}
+
+/// Limits the sandbox enforces on one attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Memory limit (cgroup), bytes; `None`: the requirement's `memory_bytes` if set, else none.
+    pub memory_bytes: Option<u64>,
+    /// Most processes/threads at once (cgroup pids). Default 512.
+    pub pids: Option<u32>,
+    /// Wall-clock limit, ms; the attempt is killed and classified `timed_out` past it.
+    /// Default one hour.
+    pub wall_time_ms: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { memory_bytes: None, pids: Some(512), wall_time_ms: Some(3_600_000) }
+    }
+}
+
+/// Network access of the sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkPolicy {
+    /// A new network namespace with only loopback.
+    #[default]
+    None,
+    /// The host's network.
+    Host,
+}
+
+/// How strongly an attempt is isolated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// New pid, mount, uts, ipc and network namespaces, private /tmp, cgroup limits.
+    #[default]
+    Sandbox,
+    /// A plain child process with cgroup limits, for trusted work.
+    Process,
+}
+
+/// Retries after a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. Default 3.
+    pub max_attempts: u32,
+    /// Delay before the second attempt, ms; doubles each time. Default 1000.
+    pub backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 3, backoff_ms: 1000 }
+    }
+}
+
+/// What a submitter asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// A short human name; need not be unique.
+    pub name: String,
+    /// argv; the first element is looked up on the sandbox's PATH.
+    pub command: Vec<String>,
+    /// The whole environment of the task besides `DROVER_*`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Files and directories to ship into the workspace (paths relative to the spec file).
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Globs, relative to the workspace, collected when the attempt ends.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    #[serde(default)]
+    pub requirements: Requirements,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub network: NetworkPolicy,
+    #[serde(default)]
+    pub isolation: Isolation,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Higher runs first. Default 0.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// How an attempt's process tree ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitClass {
+    /// The main process exited with this code.
+    Exited(i32),
+    /// The main process was killed by this signal (not by drover).
+    Signaled(i32),
+    /// The cgroup's OOM counter rose: the kernel killed something for memory.
+    OomKilled,
+    /// The wall-time limit passed and drover killed the tree.
+    TimedOut,
+    /// Cancelled by an operator or the coordinator.
+    Cancelled,
+}
+
+impl ExitClass {
+    /// Whether the attempt succeeded.
+    pub fn is_success(self) -> bool {
+        self == ExitClass::Exited(0)
+    }
+}
