@@ -173,8 +173,8 @@ pub enum CaCommand {
 pub enum CertCommand {
     /// Issue a certificate carrying a role, signed by the CA.
     Create {
-        /// What the holder may do.
-        #[arg(long, value_parser = parse_role)]
+        /// What the holder may do: coordinator, worker or operator.
+        #[arg(long, value_parser = parse_role, value_name = "ROLE")]
         role: Role,
         /// The holder's name: a worker's identity in the fleet, an operator's user name.
         #[arg(long)]
