@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// Resolves once a registration is durable (or says why it could not be stored).
-pub type Durable = oneshot::Receiver<Result<(), String>>;
+pub use crate::store::Durable;
 
 #[derive(Debug)]
 pub enum CoreMsg {

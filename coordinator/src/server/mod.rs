@@ -97,9 +97,12 @@ impl Server {
     /// Serve until `shutdown` is cancelled, then drain within a deadline.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServeError> {
         let clock = Clock::start();
-        let (store, store_thread, records) = Store::open(&self.config.state_dir)?;
-        tracing::info!(workers = records.len(), state_dir = %self.config.state_dir.display(), "registry loaded");
-        let fleet = Fleet::restore(records, self.config.lease_ms, clock.now_ms());
+        let (store, store_thread, loaded) = Store::open(&self.config.state_dir)?;
+        tracing::info!(
+            workers = loaded.workers.len(), tasks = loaded.tasks.len(),
+            state_dir = %self.config.state_dir.display(), "state loaded"
+        );
+        let fleet = Fleet::restore(loaded.workers, self.config.lease_ms, clock.now_ms());
         let (core_handle, core_rx) = core::Core::channel();
         let core_task = tokio::spawn(core::Core::new(fleet, store, clock).run(core_rx));
         let ctx = conn::ConnCtx {

@@ -1,15 +1,19 @@
-//! The coordinator's embedded database: one SQLite file (WAL mode) for the fleet registry and,
-//! in later schema versions, task sessions.
+//! The coordinator's embedded database: one SQLite file (WAL mode) for the fleet registry
+//! ([`registry`]) and the task sessions ([`session`]).
 //!
 //! One writer thread owns the connection. Writers send commands over a channel; the thread
 //! takes every command waiting, applies them in one transaction and commits once (group
 //! commit), then answers each. `synchronous=FULL` makes a commit durable (WAL fsync) before any
-//! caller hears "ok". Readers at start-up use the same connection before the thread starts.
+//! caller hears "ok". Readers at start-up use the same connection before the thread starts;
+//! later reads (session slices) use their own read-only connections, which WAL lets run beside
+//! the writer.
 //!
 //! Schema changes go through [`MIGRATIONS`]; `meta.schema_version` records how far a file got.
 
+pub mod registry;
+pub mod session;
+
 use crate::fleet::WorkerRecord;
-use drover_protocol::{ResourceReport, WorkerState};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -34,6 +38,32 @@ const MIGRATIONS: &[&str] = &[
         last_heartbeat_ms INTEGER NOT NULL,
         resources TEXT NOT NULL
     ) STRICT;",
+    // 1 -> 2: task sessions. `events` is append-only: rows are inserted, never updated or
+    // deleted. `pos` is the event's position in its session, from 0 without gaps. Worker
+    // events carry their attempt (epoch, seq) and are unique by it; coordinator events have
+    // seq NULL.
+    "CREATE TABLE tasks (
+        id TEXT PRIMARY KEY NOT NULL,
+        submit_seq INTEGER NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        submitted_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE events (
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        pos INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        seq INTEGER,
+        ts_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        PRIMARY KEY (task_id, pos)
+    ) STRICT, WITHOUT ROWID;
+    CREATE UNIQUE INDEX events_attempt_seq ON events (task_id, epoch, seq) WHERE seq IS NOT NULL;
+    CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'session events are append-only'); END;
+    CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'session events are append-only'); END;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -64,14 +94,23 @@ pub enum StoreError {
     Closed,
 }
 
+/// One write, with whoever waits for it to be durable.
 enum Command {
-    PutWorkers(Vec<WorkerRecord>, oneshot::Sender<Result<(), String>>),
+    PutWorkers(Vec<WorkerRecord>, Reply),
+    PutTask(session::NewTask, Reply),
+    AppendEvents(Vec<session::NewEvent>, Reply),
 }
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// Resolves once a queued write is durable, or says why it is not.
+pub type Durable = oneshot::Receiver<Result<(), String>>;
 
 /// Handle to the writer thread. Dropping every handle stops the thread after it drains.
 #[derive(Debug, Clone)]
 pub struct Store {
     tx: mpsc::Sender<Command>,
+    path: PathBuf,
 }
 
 /// The writer thread; join it on shutdown so the last batch is committed.
@@ -84,10 +123,17 @@ impl StoreThread {
     }
 }
 
+/// What a coordinator needs from the database at start-up.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub workers: Vec<WorkerRecord>,
+    pub tasks: Vec<session::StoredTask>,
+}
+
 impl Store {
     /// Open (creating and migrating) the database in `dir`; returns the handle, the writer
-    /// thread and the stored registry.
-    pub fn open(dir: &Path) -> Result<(Store, StoreThread, Vec<WorkerRecord>), StoreError> {
+    /// thread and the registry and sessions to rebuild state from.
+    pub fn open(dir: &Path) -> Result<(Store, StoreThread, Loaded), StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.into(),
             source,
@@ -102,30 +148,59 @@ impl Store {
             .map_err(sq)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sq)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(sq)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sq)?;
         migrate(&mut conn, &path)?;
-        let workers = load_workers(&conn, &path)?;
+        let loaded = Loaded {
+            workers: registry::load_workers(&conn, &path)?,
+            tasks: session::load_tasks(&conn, &path)?,
+        };
         let (tx, rx) = mpsc::channel();
+        let thread_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("drover-store".into())
-            .spawn(move || writer(conn, rx, path))
+            .spawn(move || writer(conn, rx, thread_path))
             .map_err(|source| StoreError::CreateDir {
                 path: dir.into(),
                 source,
             })?;
-        Ok((Store { tx }, StoreThread(thread), workers))
+        Ok((Store { tx, path }, StoreThread(thread), loaded))
     }
 
-    /// Queue records for the next group commit; the receiver resolves once they are durable.
-    pub fn put_workers(&self, records: Vec<WorkerRecord>) -> oneshot::Receiver<Result<(), String>> {
+    fn submit(&self, make: impl FnOnce(Reply) -> Command) -> Durable {
         let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(Command::PutWorkers(_, tx))) =
-            self.tx.send(Command::PutWorkers(records, tx))
-        {
-            let _ = tx.send(Err(StoreError::Closed.to_string()));
+        if let Err(mpsc::SendError(cmd)) = self.tx.send(make(tx)) {
+            let reply = match cmd {
+                Command::PutWorkers(_, r)
+                | Command::PutTask(_, r)
+                | Command::AppendEvents(_, r) => r,
+            };
+            let _ = reply.send(Err(StoreError::Closed.to_string()));
         }
         rx
+    }
+
+    /// Queue registry records for the next group commit.
+    pub fn put_workers(&self, records: Vec<WorkerRecord>) -> Durable {
+        self.submit(|r| Command::PutWorkers(records, r))
+    }
+
+    /// Queue a new task for the next group commit.
+    pub fn put_task(&self, task: session::NewTask) -> Durable {
+        self.submit(|r| Command::PutTask(task, r))
+    }
+
+    /// Queue session events for the next group commit. The caller (the task state machine)
+    /// assigns positions and has already refused stale or out-of-order events; a duplicate
+    /// (task, epoch, seq) that still reaches here is skipped, never written twice.
+    pub fn append_events(&self, events: Vec<session::NewEvent>) -> Durable {
+        self.submit(|r| Command::AppendEvents(events, r))
+    }
+
+    /// A read-only connection for session reads beside the writer.
+    pub fn reader(&self) -> Result<session::Reader, StoreError> {
+        session::Reader::open(&self.path)
     }
 }
 
@@ -168,63 +243,6 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn load_workers(conn: &Connection, path: &Path) -> Result<Vec<WorkerRecord>, StoreError> {
-    let sq = |source| StoreError::Sqlite {
-        path: path.into(),
-        source,
-    };
-    let mut stmt = conn
-        .prepare(
-            "SELECT name, state, address, version, protocol_version, first_seen_ms, registered_ms,
-                    state_changed_ms, last_heartbeat_ms, resources FROM workers ORDER BY name",
-        )
-        .map_err(sq)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                [
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, i64>(6)?,
-                    r.get::<_, i64>(7)?,
-                    r.get::<_, i64>(8)?,
-                ],
-                r.get::<_, String>(9)?,
-            ))
-        })
-        .map_err(sq)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (name, state, address, version, proto, times, resources) = row.map_err(sq)?;
-        let corrupt = |reason: String| StoreError::Corrupt {
-            path: path.into(),
-            name: name.clone(),
-            reason,
-        };
-        let state: WorkerState = state.parse().map_err(corrupt)?;
-        let resources: ResourceReport =
-            serde_json::from_str(&resources).map_err(|e| corrupt(e.to_string()))?;
-        let t = times.map(|t| t.max(0) as u64);
-        out.push(WorkerRecord {
-            name: name.clone(),
-            state,
-            address,
-            version,
-            protocol_version: u16::try_from(proto).unwrap_or(0),
-            first_seen_ms: t[0],
-            registered_ms: t[1],
-            state_changed_ms: t[2],
-            last_heartbeat_ms: t[3],
-            resources,
-        });
-    }
-    Ok(out)
-}
-
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -233,40 +251,25 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
             tracing::error!(db = %path.display(), error = %e, "database commit failed");
             format!("database {}: {e}", path.display())
         });
-        for Command::PutWorkers(_, reply) in batch {
+        for cmd in batch {
+            let reply = match cmd {
+                Command::PutWorkers(_, r)
+                | Command::PutTask(_, r)
+                | Command::AppendEvents(_, r) => r,
+            };
             let _ = reply.send(result.clone());
         }
     }
 }
 
+/// Apply a whole batch in one transaction: one fsync for every write waiting.
 fn commit_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    {
-        let mut put = tx.prepare_cached(
-            "INSERT INTO workers (name, state, address, version, protocol_version, first_seen_ms,
-                 registered_ms, state_changed_ms, last_heartbeat_ms, resources)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT(name) DO UPDATE SET state = excluded.state, address = excluded.address,
-                 version = excluded.version, protocol_version = excluded.protocol_version,
-                 registered_ms = excluded.registered_ms, state_changed_ms = excluded.state_changed_ms,
-                 last_heartbeat_ms = excluded.last_heartbeat_ms, resources = excluded.resources",
-        )?;
-        for Command::PutWorkers(records, _) in batch {
-            for r in records {
-                let resources = serde_json::to_string(&r.resources).unwrap_or_else(|_| "{}".into());
-                put.execute(params![
-                    r.name,
-                    r.state.as_str(),
-                    r.address,
-                    r.version,
-                    r.protocol_version,
-                    r.first_seen_ms as i64,
-                    r.registered_ms as i64,
-                    r.state_changed_ms as i64,
-                    r.last_heartbeat_ms as i64,
-                    resources
-                ])?;
-            }
+    for cmd in batch {
+        match cmd {
+            Command::PutWorkers(records, _) => registry::put_workers(&tx, records)?,
+            Command::PutTask(task, _) => session::put_task(&tx, task)?,
+            Command::AppendEvents(events, _) => session::append_events(&tx, events)?,
         }
     }
     tx.commit()
@@ -276,6 +279,7 @@ fn commit_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<()
 mod tests {
     use super::*;
     use crate::fleet::tests::report;
+    use drover_protocol::WorkerState;
 
     fn record(name: &str, state: WorkerState) -> WorkerRecord {
         WorkerRecord {
@@ -296,7 +300,7 @@ mod tests {
     async fn records_survive_reopen_and_upsert() {
         let dir = tempfile::tempdir().unwrap();
         let (store, thread, initial) = Store::open(dir.path()).unwrap();
-        assert!(initial.is_empty());
+        assert!(initial.workers.is_empty());
         let a = store.put_workers(vec![
             record("a", WorkerState::Ready),
             record("b", WorkerState::Ready),
@@ -308,7 +312,7 @@ mod tests {
         thread.join();
         let (_s, _t, loaded) = Store::open(dir.path()).unwrap();
         assert_eq!(
-            loaded,
+            loaded.workers,
             vec![
                 record("a", WorkerState::Lost),
                 record("b", WorkerState::Ready)
