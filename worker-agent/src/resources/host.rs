@@ -72,15 +72,15 @@ pub(crate) fn cgroup_version_from(
 }
 
 #[derive(Debug)]
-struct Mount<'a> {
-    mount_point: &'a str,
-    fs_type: &'a str,
-    super_options: &'a str,
+pub(crate) struct Mount<'a> {
+    pub(crate) mount_point: &'a str,
+    pub(crate) fs_type: &'a str,
+    pub(crate) super_options: &'a str,
 }
 
 /// `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue`
 /// (see proc(5)): optional fields end at the lone `-`.
-fn parse_mountinfo_line(line: &str) -> Option<Mount<'_>> {
+pub(crate) fn parse_mountinfo_line(line: &str) -> Option<Mount<'_>> {
     let (left, right) = line.split_once(" - ")?;
     let mount_point = left.split(' ').nth(4)?;
     let mut right = right.split(' ');

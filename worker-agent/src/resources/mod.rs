@@ -12,7 +12,7 @@
 //! namespaces, programs on `PATH`).
 
 mod gpu;
-mod host;
+pub(crate) mod host;
 mod system;
 
 use std::path::{Path, PathBuf};

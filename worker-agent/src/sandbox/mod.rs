@@ -1,0 +1,470 @@
+//! The worker's sandbox: runs one task attempt isolated and limited, and tells how it ended.
+//!
+//! [`Sandbox::detect`] runs once at start-up: it finds a cgroup hierarchy the worker can create
+//! children in (v2, or the v1 fallback of hybrid hosts — see the `cgroup` module) and whether
+//! namespaces can be created. [`Sandbox::spawn`] then starts an attempt and returns an
+//! [`Attempt`], whose [`Attempt::wait`] enforces the wall-time limit, honours cancellation and
+//! classifies the end.
+//!
+//! Per attempt, with `isolation = sandbox`:
+//! - new pid, mount, uts, ipc and cgroup namespaces, and a network namespace with only `lo` for
+//!   `network = none`; a user namespace only when the worker is not root (root needs none to
+//!   create the others, and a one-to-one map of root would add nothing);
+//! - a fresh /proc for the new pid namespace, a read-only /sys (so /sys/class/net shows the
+//!   sandbox's interfaces), a private tmpfs on /tmp (a workspace under /tmp is bound back in),
+//!   hostname `drover-<task>`;
+//! - the task runs as pid 2 under a small init (pid 1) that reaps orphans: see the `child`
+//!   module for why, and for how the helpers are built without re-executing the worker;
+//! - the task's capabilities are cut to Docker's default set (no CAP_SYS_ADMIN, CAP_SYS_PTRACE,
+//!   CAP_NET_ADMIN, ...), so a root task cannot undo its mounts or read the init's memory;
+//! - with `isolation = process` the task is a plain child in its own process group.
+//!
+//! Both: the attempt's own cgroup (memory limit without swap, pids limit), `no_new_privs`,
+//! stdin from /dev/null, stdout and stderr piped to the worker, an events pipe as fd 3, the
+//! environment of [`plan`]'s policy, cwd = the workspace.
+//!
+//! Invariants:
+//! - every process of an attempt is in its cgroup from before its first instruction of task
+//!   code, so killing the cgroup kills the whole tree (daemonized grandchildren included);
+//! - when [`Attempt::wait`] returns, nothing of the attempt runs any more — whether the main
+//!   process exited, or it was cancelled or timed out — and its cgroup is gone (or, if the
+//!   kernel could not empty it, kept on a leftover list that every later spawn retries);
+//! - OOM is read from the cgroup's counter, never guessed from a SIGKILL.
+
+mod attempt;
+pub(crate) mod cgroup;
+mod child;
+mod error;
+pub mod plan;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use drover_protocol::task::{Isolation, Limits, NetworkPolicy};
+use drover_protocol::CgroupVersion;
+use nix::fcntl::OFlag;
+use nix::libc;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tracing::{debug, warn};
+
+pub use attempt::{Attempt, AttemptOutcome};
+pub use error::{CgroupError, SandboxError, SpawnError};
+
+use cgroup::{attempt_name, AttemptCgroup, CgroupLimits, Hierarchy};
+use child::{ChildPlan, Record, SandboxSetup, SysMount};
+
+/// Helper processes an attempt with `isolation = sandbox` keeps in its cgroup besides the task
+/// (the outer helper and the init); added to the pids limit so the task gets what it asked for.
+pub const SANDBOX_HELPER_PIDS: u32 = 2;
+
+/// What to run for one attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptSpec<'a> {
+    /// The task's id (also in `DROVER_TASK_ID`, the hostname and the cgroup's name).
+    pub task_id: &'a str,
+    /// The attempt's number (`DROVER_ATTEMPT`).
+    pub attempt: u32,
+    /// The command; `argv[0]` is searched on the task's `PATH` as execvp(3) would.
+    pub argv: &'a [String],
+    /// The declared environment; see [`plan`] for what the task sees in all.
+    pub env: &'a BTreeMap<String, String>,
+    /// An existing directory (the caller makes and fills it); the task's cwd.
+    pub workspace: &'a Path,
+    /// Limits, already resolved by the caller (e.g. a memory limit defaulted from the
+    /// requirements). `memory_bytes`/`pids`/`wall_time_ms` of `None` mean no limit.
+    pub limits: &'a Limits,
+    /// `none`: a network namespace with only `lo` (sandbox isolation only).
+    pub network: NetworkPolicy,
+    /// `sandbox`: namespaces as described above; `process`: a plain child, for trusted work.
+    pub isolation: Isolation,
+}
+
+/// The worker's sandbox facility; cheap to clone (one shared state).
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    hierarchy: Hierarchy,
+    namespaces: bool,
+    user_namespace: bool,
+    next_seq: AtomicU64,
+    /// Cgroups that could not be removed yet (retried on each spawn).
+    leftovers: Mutex<Vec<AttemptCgroup>>,
+}
+
+impl Sandbox {
+    /// Probes the host once (a few milliseconds: creates and removes a probe cgroup, forks a
+    /// namespace probe) and removes attempt cgroups that dead workers left behind.
+    ///
+    /// `root_hint`: a cgroup path such as `/drover` to create attempt cgroups under instead of
+    /// the detected place (see the `cgroup` module); v2 takes it under /sys/fs/cgroup, v1 under
+    /// each controller's mount. Fails, naming what is missing, when no cgroup hierarchy is usable;
+    /// missing namespace support is not an error (see [`Sandbox::namespaces`]).
+    pub fn detect(root_hint: Option<&Path>) -> Result<Sandbox, SandboxError> {
+        let hierarchy = Hierarchy::detect(root_hint)?;
+        let namespaces = crate::resources::host::can_create_namespaces();
+        let user_namespace = !nix::unistd::geteuid().is_root();
+        let sandbox = Sandbox::with_parts(hierarchy, namespaces, user_namespace);
+        for stale in sandbox.inner.hierarchy.stale() {
+            warn!(
+                cgroup = ?stale.dirs(),
+                "removing an attempt cgroup left by a worker that is gone"
+            );
+            stale.kill_now();
+            sandbox.inner.keep_or_remove(stale);
+        }
+        if !namespaces {
+            warn!("namespaces are unavailable: only isolation `process` can run here");
+        }
+        Ok(sandbox)
+    }
+
+    pub(crate) fn with_parts(
+        hierarchy: Hierarchy,
+        namespaces: bool,
+        user_namespace: bool,
+    ) -> Sandbox {
+        Sandbox {
+            inner: Arc::new(Inner {
+                hierarchy,
+                namespaces,
+                user_namespace,
+                next_seq: AtomicU64::new(1),
+                leftovers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The cgroup version in use (for the resource report).
+    pub fn cgroup_version(&self) -> CgroupVersion {
+        self.inner.hierarchy.version()
+    }
+
+    /// Whether `isolation = sandbox` is possible here.
+    pub fn namespaces(&self) -> bool {
+        self.inner.namespaces
+    }
+
+    /// Whether a pids limit is enforced (v1 hosts may lack the pids hierarchy).
+    pub fn pids_limit_available(&self) -> bool {
+        self.inner.hierarchy.has_pids()
+    }
+
+    /// Where attempt cgroups are created (one directory per v1 controller).
+    pub fn cgroup_bases(&self) -> Vec<PathBuf> {
+        self.inner
+            .hierarchy
+            .bases()
+            .into_iter()
+            .map(Path::to_path_buf)
+            .collect()
+    }
+
+    /// Starts an attempt. Returns once the task has exec'd (or with the step that failed, after
+    /// cleaning up). The caller must read the attempt's stdout, stderr and events, or the task
+    /// blocks when a pipe is full (that is the back-pressure).
+    pub async fn spawn(&self, spec: AttemptSpec<'_>) -> Result<Attempt, SpawnError> {
+        self.inner.retry_leftovers();
+        let sandboxed = spec.isolation == Isolation::Sandbox;
+        if sandboxed && !self.inner.namespaces {
+            return Err(SpawnError::NamespacesUnavailable);
+        }
+        let workspace = workspace(spec.workspace)?;
+        let env = plan::environment(&spec, &workspace)?;
+        let argv = plan::argv(spec.argv)?;
+        let envp = plan::envp(&env)?;
+        let path_var = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map_or(plan::DEFAULT_PATH, |(_, v)| v.as_str());
+        let candidates = plan::candidates(&spec.argv[0], path_var);
+
+        let pids_limit = spec.limits.pids.map(|p| {
+            if sandboxed {
+                p.saturating_add(SANDBOX_HELPER_PIDS)
+            } else {
+                p
+            }
+        });
+        let pids_limit_enforced = pids_limit.is_none() || self.inner.hierarchy.has_pids();
+        if !pids_limit_enforced {
+            warn!(
+                task = spec.task_id,
+                "no pids controller: this attempt's pids limit is not enforced"
+            );
+        }
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let name = attempt_name(seq, spec.task_id, spec.attempt);
+        let cgroup = self.inner.hierarchy.create(
+            &name,
+            CgroupLimits {
+                memory_bytes: spec.limits.memory_bytes,
+                pids: pids_limit,
+            },
+        )?;
+        let procs = cgroup.procs_files();
+        let mut guard = attempt::CgroupGuard::new(cgroup, self.inner.clone());
+
+        let (setup_r, setup_w) = pipe_pair("setup")?;
+        let (events_r, events_w) = pipe_pair("events")?;
+        let status = if sandboxed {
+            Some(pipe_pair("status")?)
+        } else {
+            None
+        };
+        let c = |p: &Path| {
+            plan::c_path(p).map_err(|_| SpawnError::Workspace {
+                path: p.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"),
+            })
+        };
+        let child_plan = ChildPlan {
+            cgroup_procs: procs.iter().map(|p| c(p)).collect::<Result<_, _>>()?,
+            workspace: c(&workspace)?,
+            candidates: candidates.iter().map(|p| c(p)).collect::<Result<_, _>>()?,
+            argv,
+            envp,
+            setup_fd: setup_w.as_raw_fd(),
+            events_fd: events_w.as_raw_fd(),
+            status_fd: status.as_ref().map(|(_, w)| w.as_raw_fd()),
+            sandbox: sandboxed
+                .then(|| self.sandbox_setup(&spec, &workspace))
+                .transpose()?,
+        };
+
+        let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+        cmd.args(&spec.argv[1..])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: `child::run` runs in the forked child and only makes async-signal-safe calls
+        // on data prepared here (see the `child` module); it never returns.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || child::run(&child_plan));
+        }
+        let mut process = cmd.spawn().map_err(SpawnError::Fork)?;
+        // Only the helpers may hold the write ends now, so EOF means they are done with them.
+        drop((setup_w, events_w));
+        let status_r = status.map(|(r, w)| {
+            drop(w);
+            r
+        });
+
+        let mut setup =
+            pipe::Receiver::from_owned_fd(setup_r).map_err(|source| SpawnError::Pipe {
+                what: "setup",
+                source,
+            })?;
+        let mut report = Vec::new();
+        if let Err(source) = setup.read_to_end(&mut report).await {
+            warn!(%source, "cannot read the setup pipe; assuming the attempt started");
+        }
+        let failure = child::parse_records(&report)
+            .into_iter()
+            .find_map(|r| match r {
+                Record::Error { step, index, errno } => Some((step, index, errno)),
+                _ => None,
+            });
+        if let Some((step, index, errno)) = failure {
+            // The helpers exit right after an error record; reap them and drop the cgroup.
+            let _ = process.wait().await;
+            guard.finish().await;
+            return Err(match step {
+                Some(child::Step::Exec) => SpawnError::Exec {
+                    program: spec.argv[0].clone(),
+                    errno,
+                    searched: candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                },
+                Some(step) => SpawnError::Setup {
+                    step: step.describe(index, &procs, &workspace),
+                    errno,
+                },
+                None => SpawnError::Setup {
+                    step: "an unknown setup step".to_owned(),
+                    errno,
+                },
+            });
+        }
+        let events =
+            pipe::Receiver::from_owned_fd(events_r).map_err(|source| SpawnError::Pipe {
+                what: "events",
+                source,
+            })?;
+        debug!(
+            task = spec.task_id,
+            attempt = spec.attempt,
+            cgroup = %name,
+            sandboxed,
+            "attempt started"
+        );
+        Ok(Attempt::new(
+            process,
+            events,
+            status_r,
+            guard,
+            spec.limits,
+            pids_limit_enforced,
+        ))
+    }
+
+    fn sandbox_setup(
+        &self,
+        spec: &AttemptSpec<'_>,
+        workspace: &Path,
+    ) -> Result<SandboxSetup, SpawnError> {
+        let mut flags = libc::CLONE_NEWNS
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWCGROUP;
+        if spec.network == NetworkPolicy::None {
+            flags |= libc::CLONE_NEWNET;
+        }
+        let id_maps = self.inner.user_namespace.then(|| {
+            flags |= libc::CLONE_NEWUSER;
+            let uid = nix::unistd::geteuid().as_raw();
+            let gid = nix::unistd::getegid().as_raw();
+            (
+                format!("0 {uid} 1\n").into_bytes(),
+                format!("0 {gid} 1\n").into_bytes(),
+            )
+        });
+        let tmp_mkdirs = plan::tmp_mkdirs(workspace)
+            .iter()
+            .map(|p| plan::c_path(p))
+            .collect::<Result<_, _>>()
+            .map_err(|_| SpawnError::Workspace {
+                path: workspace.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"),
+            })?;
+        Ok(SandboxSetup {
+            unshare_flags: flags,
+            // sysfs may only be mounted by the owner of the network namespace, and inside a
+            // user namespace the host's /sys cannot be bound without its locked sub-mounts.
+            sys: match (spec.network, self.inner.user_namespace) {
+                (NetworkPolicy::None, _) => SysMount::Fresh,
+                (NetworkPolicy::Host, false) => SysMount::Rebind,
+                (NetworkPolicy::Host, true) => SysMount::Keep,
+            },
+            id_maps,
+            hostname: plan::hostname(spec.task_id),
+            tmp_mkdirs,
+        })
+    }
+
+    /// Forces (or stops) the use of a user namespace, to test that path as root.
+    #[cfg(test)]
+    pub(crate) fn set_user_namespace(&mut self, on: bool) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.user_namespace = on;
+        }
+    }
+}
+
+impl fmt::Display for Sandbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let version = match self.cgroup_version() {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+            CgroupVersion::None => "none",
+        };
+        write!(f, "cgroup {version} under ")?;
+        for (i, base) in self.inner.hierarchy.bases().iter().enumerate() {
+            write!(f, "{}{}", if i > 0 { ", " } else { "" }, base.display())?;
+        }
+        write!(
+            f,
+            "; pids limit {}; namespaces {}{}",
+            if self.pids_limit_available() {
+                "enforced"
+            } else {
+                "NOT enforced"
+            },
+            if self.inner.namespaces {
+                "available"
+            } else {
+                "UNAVAILABLE"
+            },
+            if self.inner.user_namespace {
+                " (with a user namespace)"
+            } else {
+                ""
+            },
+        )
+    }
+}
+
+impl Inner {
+    fn retry_leftovers(&self) {
+        let pending = std::mem::take(&mut *self.leftovers());
+        for cgroup in pending {
+            cgroup.kill_now();
+            self.keep_or_remove(cgroup);
+        }
+    }
+
+    fn keep_or_remove(&self, cgroup: AttemptCgroup) {
+        if !cgroup.is_empty() {
+            self.leftovers().push(cgroup);
+            return;
+        }
+        if let Err(err) = cgroup.remove() {
+            debug!(%err, "attempt cgroup not removable yet; will retry");
+            self.leftovers().push(cgroup);
+        }
+    }
+
+    fn leftovers(&self) -> std::sync::MutexGuard<'_, Vec<AttemptCgroup>> {
+        self.leftovers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn workspace(path: &Path) -> Result<PathBuf, SpawnError> {
+    let canonical = path
+        .canonicalize()
+        .map_err(|source| SpawnError::Workspace {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if !canonical.is_dir() {
+        return Err(SpawnError::Workspace {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    Ok(canonical)
+}
+
+/// A close-on-exec pipe whose ends are clear of the stdio numbers (a daemon started with fd 0
+/// closed would otherwise get a pipe end there, which std then overwrites in the child).
+fn pipe_pair(what: &'static str) -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let err = |source: std::io::Error| SpawnError::Pipe { what, source };
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| err(e.into()))?;
+    let above_stdio = |fd: OwnedFd| -> Result<OwnedFd, SpawnError> {
+        if fd.as_raw_fd() > 2 {
+            Ok(fd)
+        } else {
+            // std's try_clone duplicates with F_DUPFD_CLOEXEC at 3 or above.
+            fd.try_clone().map_err(err)
+        }
+    };
+    Ok((above_stdio(r)?, above_stdio(w)?))
+}

@@ -1,0 +1,791 @@
+//! End-to-end tests of the sandbox on this host: real cgroups, namespaces and processes.
+//!
+//! They need root; as another user each prints a loud SKIPPED line and passes. Nothing here
+//! asserts on timing: waits are bounded polls, and every task has a generous wall-time limit so
+//! a broken sandbox fails a test instead of hanging it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use drover_protocol::task::{ExitClass, Isolation, Limits, NetworkPolicy};
+use nix::errno::Errno;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use super::cgroup::{v1, v2, Hierarchy};
+use super::*;
+
+const MIB: u64 = 1024 * 1024;
+const BOTH: [Isolation; 2] = [Isolation::Sandbox, Isolation::Process];
+
+fn skip() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    eprintln!("\n*** SKIPPED: needs root (namespaces, cgroups) ***\n");
+    true
+}
+
+/// One detected sandbox for the whole test binary.
+fn sandbox() -> Sandbox {
+    static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+    SANDBOX
+        .get_or_init(|| {
+            let sandbox = Sandbox::detect(None).expect("detect a sandbox");
+            eprintln!("sandbox: {sandbox}");
+            sandbox
+        })
+        .clone()
+}
+
+/// A task to run, owning what an [`AttemptSpec`] borrows.
+struct Job {
+    task: String,
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    limits: Limits,
+    network: NetworkPolicy,
+    isolation: Isolation,
+}
+
+impl Job {
+    fn sh(script: &str, isolation: Isolation) -> Job {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        Job {
+            task: format!("test-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: BTreeMap::new(),
+            limits: Limits {
+                memory_bytes: None,
+                pids: Some(512),
+                wall_time_ms: Some(120_000),
+            },
+            network: NetworkPolicy::None,
+            isolation,
+        }
+    }
+
+    fn spec<'a>(&'a self, workspace: &'a Path) -> AttemptSpec<'a> {
+        AttemptSpec {
+            task_id: &self.task,
+            attempt: 1,
+            argv: &self.argv,
+            env: &self.env,
+            workspace,
+            limits: &self.limits,
+            network: self.network,
+            isolation: self.isolation,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Output {
+    outcome: AttemptOutcome,
+    stdout: String,
+    stderr: String,
+    events: String,
+}
+
+async fn read_all(reader: Option<impl AsyncRead + Unpin>) -> String {
+    let mut text = String::new();
+    if let Some(mut r) = reader {
+        r.read_to_string(&mut text).await.expect("read a pipe");
+    }
+    text
+}
+
+async fn run_with(
+    sandbox: &Sandbox,
+    job: &Job,
+    workspace: &Path,
+    cancel: CancellationToken,
+) -> Output {
+    let mut attempt = sandbox.spawn(job.spec(workspace)).await.expect("spawn");
+    let (stdout, stderr, events) = (
+        attempt.stdout.take(),
+        attempt.stderr.take(),
+        attempt.events.take(),
+    );
+    let (outcome, stdout, stderr, events) = bounded(async {
+        tokio::join!(
+            attempt.wait(cancel),
+            read_all(stdout),
+            read_all(stderr),
+            read_all(events)
+        )
+    })
+    .await;
+    Output {
+        outcome,
+        stdout,
+        stderr,
+        events,
+    }
+}
+
+async fn run(job: &Job) -> Output {
+    let ws = tempfile::tempdir().expect("workspace");
+    run_with(&sandbox(), job, ws.path(), CancellationToken::new()).await
+}
+
+/// Fails the test instead of hanging it.
+async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(180), fut)
+        .await
+        .expect("the test did not finish within its bound")
+}
+
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().collect()
+}
+
+/// Gone: `kill(pid, 0)` fails with ESRCH (not even a zombie is left).
+fn gone(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH)
+}
+
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    super::cgroup::poll_until(Duration::from_secs(10), &mut cond).await
+}
+
+#[tokio::test]
+async fn sandbox_exit_codes_are_classified() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        for code in [0, 3] {
+            let out = run(&Job::sh(&format!("exit {code}"), isolation)).await;
+            assert_eq!(
+                out.outcome.class,
+                ExitClass::Exited(code),
+                "{isolation:?} {out:?}"
+            );
+            assert_eq!(out.outcome.oom_kills, 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn sandbox_kill_from_inside_is_signaled() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        let out = run(&Job::sh("kill -TERM $$; sleep 100", isolation)).await;
+        assert_eq!(
+            out.outcome.class,
+            ExitClass::Signaled(15),
+            "{isolation:?} {out:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sandbox_environment_is_exactly_declared_plus_drover() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        let ws = tempfile::tempdir().expect("workspace");
+        let canonical = ws.path().canonicalize().expect("canonical");
+        let mut job = Job::sh("", isolation);
+        job.argv = vec!["env".into()];
+        job.env = BTreeMap::from([
+            ("FOO".into(), "bar baz".into()),
+            ("PATH".into(), "/usr/bin:/bin".into()),
+        ]);
+        let out = run_with(&sandbox(), &job, ws.path(), CancellationToken::new()).await;
+        assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+        let mut got = lines(&out.stdout);
+        got.sort();
+        let workspace = format!("DROVER_WORKSPACE={}", canonical.display());
+        let task = format!("DROVER_TASK_ID={}", job.task);
+        assert_eq!(
+            got,
+            [
+                "DROVER_ATTEMPT=1",
+                "DROVER_EVENTS_FD=3",
+                task.as_str(),
+                workspace.as_str(),
+                "FOO=bar baz",
+                "PATH=/usr/bin:/bin"
+            ],
+            "{isolation:?}"
+        );
+
+        // Without a declared PATH the default one is added, and nothing else.
+        job.env.clear();
+        let out = run_with(&sandbox(), &job, ws.path(), CancellationToken::new()).await;
+        let path = format!("PATH={}", plan::DEFAULT_PATH);
+        assert!(lines(&out.stdout).contains(&path.as_str()), "{out:?}");
+        assert_eq!(lines(&out.stdout).len(), 5, "{out:?}");
+    }
+}
+
+#[tokio::test]
+async fn sandbox_process_basics_cwd_stdin_no_new_privs() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        let ws = tempfile::tempdir().expect("workspace");
+        let canonical = ws.path().canonicalize().expect("canonical");
+        let script = "pwd; readlink /proc/self/fd/0; cat; grep NoNewPrivs /proc/self/status; \
+                      echo hi >&2; touch made-here";
+        let job = Job::sh(script, isolation);
+        let out = run_with(&sandbox(), &job, ws.path(), CancellationToken::new()).await;
+        assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+        let got = lines(&out.stdout);
+        assert_eq!(got[0], canonical.display().to_string(), "{isolation:?}");
+        assert_eq!(got[1], "/dev/null", "{isolation:?}");
+        assert_eq!(
+            got[2].split_whitespace().collect::<Vec<_>>(),
+            ["NoNewPrivs:", "1"]
+        );
+        assert_eq!(out.stderr, "hi\n");
+        assert!(
+            ws.path().join("made-here").exists(),
+            "{isolation:?}: workspace not shared"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sandbox_proc_shows_only_the_sandbox() {
+    if skip() {
+        return;
+    }
+    // Globbing is a shell builtin: no extra process shows up.
+    let script = "for p in /proc/[0-9]*; do echo ${p#/proc/}; done; echo self=$$";
+    let out = run(&Job::sh(script, Isolation::Sandbox)).await;
+    assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+    assert_eq!(lines(&out.stdout), ["1", "2", "self=2"], "{out:?}");
+}
+
+#[tokio::test]
+async fn sandbox_hostname_differs_from_the_host() {
+    if skip() {
+        return;
+    }
+    let job = Job::sh("cat /proc/sys/kernel/hostname", Isolation::Sandbox);
+    let out = run(&job).await;
+    let host = nix::unistd::gethostname().expect("hostname");
+    let inside = out.stdout.trim();
+    assert_eq!(inside, format!("drover-{}", job.task));
+    assert_ne!(Some(inside), host.to_str());
+}
+
+#[tokio::test]
+async fn sandbox_network_none_has_only_loopback() {
+    if skip() {
+        return;
+    }
+    let out = run(&Job::sh("ls /sys/class/net", Isolation::Sandbox)).await;
+    assert_eq!(lines(&out.stdout), ["lo"], "{out:?}");
+}
+
+#[tokio::test]
+async fn sandbox_network_host_sees_host_interfaces() {
+    if skip() {
+        return;
+    }
+    let mut host: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .expect("host interfaces")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    host.sort();
+    let mut job = Job::sh("ls /sys/class/net", Isolation::Sandbox);
+    job.network = NetworkPolicy::Host;
+    let out = run(&job).await;
+    assert_eq!(lines(&out.stdout), host, "{out:?}");
+    assert!(
+        host.len() > 1,
+        "this host has only loopback: the test proves little"
+    );
+}
+
+#[tokio::test]
+async fn sandbox_tmp_is_private() {
+    if skip() {
+        return;
+    }
+    let name = format!("drover-private-tmp-{}", std::process::id());
+    for workspace in [std::env::temp_dir(), PathBuf::from("/var/tmp")] {
+        let ws = tempfile::tempdir_in(&workspace).expect("workspace");
+        let script = format!("echo x > /tmp/{name} && ls -A /tmp | grep -c . && pwd");
+        let out = run_with(
+            &sandbox(),
+            &Job::sh(&script, Isolation::Sandbox),
+            ws.path(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+        assert!(
+            !Path::new("/tmp").join(&name).exists(),
+            "the task wrote into the host's /tmp"
+        );
+        // The new /tmp holds the file and, when the workspace is under /tmp, its path.
+        let expected = if ws.path().starts_with("/tmp") {
+            "2"
+        } else {
+            "1"
+        };
+        assert_eq!(lines(&out.stdout)[0], expected, "{out:?}");
+    }
+}
+
+#[tokio::test]
+async fn sandbox_events_fd_reaches_the_worker() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        let script =
+            r#"echo '{"type":"progress","payload":{"done":1}}' >&$DROVER_EVENTS_FD; echo out"#;
+        let out = run(&Job::sh(script, isolation)).await;
+        assert_eq!(
+            out.events,
+            "{\"type\":\"progress\",\"payload\":{\"done\":1}}\n"
+        );
+        assert_eq!(out.stdout, "out\n");
+    }
+}
+
+#[tokio::test]
+async fn sandbox_memory_hog_is_oom_killed() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        let mut job = Job::sh(
+            r#"x=$(head -c 300000000 /dev/zero | tr "\0" a); echo survived"#,
+            isolation,
+        );
+        job.limits.memory_bytes = Some(64 * MIB);
+        let out = run(&job).await;
+        assert_eq!(
+            out.outcome.class,
+            ExitClass::OomKilled,
+            "{isolation:?} {out:?}"
+        );
+        assert!(out.outcome.oom_kills >= 1);
+        assert_eq!(out.outcome.memory_limit_bytes, Some(64 * MIB));
+        if let Some(peak) = out.outcome.peak_memory_bytes {
+            assert!(peak > 32 * MIB && peak <= 64 * MIB, "peak {peak}");
+        }
+        assert!(!out.stdout.contains("survived"));
+    }
+}
+
+#[tokio::test]
+async fn sandbox_pids_limit_stops_a_fork_bomb() {
+    if skip() {
+        return;
+    }
+    if !sandbox().pids_limit_available() {
+        eprintln!("*** SKIPPED: no pids controller on this host ***");
+        return;
+    }
+    // dash gives up at the first failed fork, so the bomb runs in a shell of its own; its
+    // sleeps stay (reparented to the init) and the outer shell counts them without forking.
+    let script = "sh -c 'for i in $(seq 50); do sleep 1000 & done'; set -- /proc/[0-9]*; echo $#";
+    let mut job = Job::sh(script, Isolation::Sandbox);
+    job.limits.pids = Some(20);
+    let out = run(&job).await;
+    assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+    assert!(out.outcome.pids_limit_enforced);
+    let visible: u32 = out.stdout.trim().parse().expect("a count");
+    // The init, the shell and as many sleeps as the limit allowed.
+    assert!((3..=21).contains(&visible), "{visible} processes: {out:?}");
+    assert!(out.stderr.to_lowercase().contains("fork"), "{out:?}");
+}
+
+#[tokio::test]
+async fn sandbox_wall_time_limit_times_out() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        let mut job = Job::sh("sleep 1000", isolation);
+        job.limits.wall_time_ms = Some(200);
+        let out = run(&job).await;
+        assert_eq!(out.outcome.class, ExitClass::TimedOut, "{isolation:?}");
+    }
+}
+
+#[tokio::test]
+async fn sandbox_cancel_is_cancelled() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        let ws = tempfile::tempdir().expect("workspace");
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let job = Job::sh("sleep 1000", isolation);
+        let out = run_with(&sandbox(), &job, ws.path(), cancel).await;
+        assert_eq!(out.outcome.class, ExitClass::Cancelled, "{isolation:?}");
+    }
+}
+
+/// How a daemonizing task is ended.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Cancel,
+    MainExits,
+}
+
+/// A task whose grandchild escapes its process group and session (setsid + double fork) and
+/// is reparented away from it; the grandchild must still be gone when `wait` returns.
+async fn daemon_is_gone(sandbox: &Sandbox, isolation: Isolation, ending: Ending) {
+    let marker = 900_000 + std::process::id() % 10_000 * 10 + ending as u32 * 2 + isolation as u32;
+    let script = format!(
+        "setsid sh -c 'sleep {marker} & echo $! > daemon.pid'; echo ready >&3; \
+         while [ ! -e go ]; do sleep 0.05; done; exit 0"
+    );
+    let ws = tempfile::tempdir().expect("workspace");
+    let job = Job::sh(&script, isolation);
+    let mut attempt = sandbox.spawn(job.spec(ws.path())).await.expect("spawn");
+    let events = attempt.events.take().expect("events");
+    let mut events = BufReader::new(events).lines();
+    let ready = bounded(events.next_line()).await.expect("read events");
+    assert_eq!(ready.as_deref(), Some("ready"));
+    // Find the daemon among the cgroup's processes by its unique argument.
+    let mut daemon = None;
+    let found = eventually(|| {
+        daemon = attempt.cgroup_pids().into_iter().find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c == format!("sleep\0{marker}\0").as_bytes())
+        });
+        daemon.is_some()
+    })
+    .await;
+    assert!(found, "the daemonized grandchild never showed up");
+    let daemon = daemon.expect("found");
+    if matches!(isolation, Isolation::Process) {
+        let written = std::fs::read_to_string(ws.path().join("daemon.pid")).expect("daemon.pid");
+        assert_eq!(written.trim(), daemon.to_string());
+    }
+    let cancel = CancellationToken::new();
+    match ending {
+        Ending::Cancel => cancel.cancel(),
+        Ending::MainExits => std::fs::write(ws.path().join("go"), b"").expect("go"),
+    }
+    let dirs: Vec<PathBuf> = attempt.cgroup_dirs();
+    let outcome = bounded(attempt.wait(cancel)).await;
+    let expected = match ending {
+        Ending::Cancel => ExitClass::Cancelled,
+        Ending::MainExits => ExitClass::Exited(0),
+    };
+    assert_eq!(outcome.class, expected, "{isolation:?} {ending:?}");
+    // With process isolation the dead daemon is reparented to the host's pid 1, which may take
+    // a while to reap it (here: about 2 s); `gone` waits for that too.
+    assert!(
+        eventually(|| gone(daemon)).await,
+        "{isolation:?} {ending:?}: daemon {daemon} survived the attempt"
+    );
+    for dir in dirs {
+        assert!(!dir.exists(), "cgroup {} not removed", dir.display());
+    }
+}
+
+#[tokio::test]
+async fn sandbox_daemonized_grandchild_dies_with_the_attempt() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        for ending in [Ending::Cancel, Ending::MainExits] {
+            daemon_is_gone(&sandbox(), isolation, ending).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sandbox_v1_without_freezer_still_kills_the_tree() {
+    if skip() {
+        return;
+    }
+    let detected = sandbox();
+    let Hierarchy::V1(bases) = &detected.inner.hierarchy else {
+        eprintln!("*** SKIPPED: not a cgroup v1 host ***");
+        return;
+    };
+    let bases = v1::Bases {
+        freezer: None,
+        ..bases.clone()
+    };
+    let sandbox = Sandbox::with_parts(Hierarchy::V1(bases), detected.namespaces(), false);
+    for isolation in BOTH {
+        daemon_is_gone(&sandbox, isolation, Ending::Cancel).await;
+    }
+}
+
+/// The v2 kill path (cgroup.kill, populated, rmdir) on the cgroup2 mount of a hybrid host,
+/// which has no memory controller: limits are off, the tree handling is real.
+#[tokio::test]
+async fn sandbox_v2_kill_path_on_the_unified_mount() {
+    if skip() {
+        return;
+    }
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/");
+    let parent = unified.join(rel.trim_start_matches('/'));
+    if !parent.join("cgroup.procs").exists() || rel != "/" {
+        eprintln!(
+            "*** SKIPPED: no cgroup2 mount at {} to test on ***",
+            unified.display()
+        );
+        return;
+    }
+    /// Removes the test's base cgroup even when the test fails.
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            if let Err(err) = std::fs::remove_dir(&self.0) {
+                eprintln!("cannot remove {}: {err}", self.0.display());
+            }
+        }
+    }
+    let dir = parent.join(format!("drover-test-v2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("base");
+    let _remove = RemoveOnDrop(dir.clone());
+    let base = v2::Base {
+        dir: dir.clone(),
+        memory: false,
+        pids: false,
+    };
+    let sandbox = Sandbox::with_parts(Hierarchy::V2(base), sandbox().namespaces(), false);
+    for isolation in BOTH {
+        for ending in [Ending::Cancel, Ending::MainExits] {
+            daemon_is_gone(&sandbox, isolation, ending).await;
+        }
+        let mut job = Job::sh("exit 5", isolation);
+        job.limits.pids = None;
+        let ws = tempfile::tempdir().expect("workspace");
+        let out = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
+        assert_eq!(out.outcome.class, ExitClass::Exited(5));
+    }
+}
+
+#[tokio::test]
+async fn sandbox_with_a_user_namespace() {
+    if skip() {
+        return;
+    }
+    // The path a non-root worker takes, forced as root (root maps to itself).
+    let mut sandbox = Sandbox::detect(None).expect("detect");
+    sandbox.set_user_namespace(true);
+    for network in [NetworkPolicy::None, NetworkPolicy::Host] {
+        let script = "cat /proc/self/uid_map; for p in /proc/[0-9]*; do echo ${p#/proc/}; done; \
+                      echo x > /tmp/f && cat /tmp/f; exit 4";
+        let mut job = Job::sh(script, Isolation::Sandbox);
+        job.network = network;
+        let ws = tempfile::tempdir().expect("workspace");
+        let out = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
+        assert_eq!(
+            out.outcome.class,
+            ExitClass::Exited(4),
+            "{network:?} {out:?}"
+        );
+        let got = lines(&out.stdout);
+        assert_eq!(
+            got[0].split_whitespace().collect::<Vec<_>>(),
+            ["0", "0", "1"]
+        );
+        assert_eq!(&got[1..], ["1", "2", "x"], "{out:?}");
+    }
+}
+
+#[tokio::test]
+async fn sandbox_unknown_command_fails_to_spawn_and_cleans_up() {
+    if skip() {
+        return;
+    }
+    for isolation in BOTH {
+        let mut job = Job::sh("", isolation);
+        job.argv = vec!["drover-no-such-command".into()];
+        let ws = tempfile::tempdir().expect("workspace");
+        let err = sandbox()
+            .spawn(job.spec(ws.path()))
+            .await
+            .expect_err("spawned a missing command");
+        match &err {
+            SpawnError::Exec {
+                errno, searched, ..
+            } => {
+                assert_eq!(*errno, Errno::ENOENT);
+                assert!(
+                    searched.contains("/usr/bin/drover-no-such-command"),
+                    "{err}"
+                );
+            }
+            other => panic!("{isolation:?}: unexpected {other}"),
+        }
+        for base in sandbox().cgroup_bases() {
+            let left = std::fs::read_dir(&base)
+                .expect("base")
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().contains(&job.task));
+            assert!(!left, "{isolation:?}: cgroup left in {}", base.display());
+        }
+    }
+    // Other refusals happen before anything runs.
+    let mut job = Job::sh("", Isolation::Process);
+    job.env.insert("DROVER_TASK_ID".into(), "x".into());
+    let ws = tempfile::tempdir().expect("workspace");
+    assert!(matches!(
+        sandbox().spawn(job.spec(ws.path())).await,
+        Err(SpawnError::BadEnv { .. })
+    ));
+    let job = Job::sh("true", Isolation::Process);
+    assert!(matches!(
+        sandbox()
+            .spawn(job.spec(Path::new("/nonexistent/ws")))
+            .await,
+        Err(SpawnError::Workspace { .. })
+    ));
+}
+
+#[tokio::test]
+async fn sandbox_dropped_attempt_kills_its_tree() {
+    if skip() {
+        return;
+    }
+    let ws = tempfile::tempdir().expect("workspace");
+    let job = Job::sh("echo ready >&3; sleep 1000", Isolation::Sandbox);
+    let mut attempt = sandbox().spawn(job.spec(ws.path())).await.expect("spawn");
+    let mut events = BufReader::new(attempt.events.take().expect("events")).lines();
+    assert_eq!(
+        bounded(events.next_line())
+            .await
+            .expect("events")
+            .as_deref(),
+        Some("ready")
+    );
+    let pids = attempt.cgroup_pids();
+    assert!(!pids.is_empty());
+    drop(attempt);
+    for pid in pids {
+        assert!(
+            eventually(|| gone(pid)).await,
+            "pid {pid} survived a dropped attempt"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sandbox_task_cannot_undo_its_sandbox() {
+    if skip() {
+        return;
+    }
+    let script = "grep -E '^Cap(Inh|Bnd|Amb)' /proc/self/status; \
+                  cat /proc/1/environ >/dev/null 2>&1 && echo READ-INIT-ENV; \
+                  mkdir m && mount -t tmpfs x m 2>/dev/null && echo MOUNTED; \
+                  mount -o remount,rw /sys 2>/dev/null && echo REMOUNTED; \
+                  echo done";
+    let out = run(&Job::sh(script, Isolation::Sandbox)).await;
+    assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+    let got: Vec<Vec<&str>> = lines(&out.stdout)
+        .iter()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            vec!["CapInh:", "0000000000000000"],
+            vec!["CapBnd:", "00000000a80425fb"],
+            vec!["CapAmb:", "0000000000000000"],
+            vec!["done"],
+        ],
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sandbox_many_attempts_at_once_on_a_multithreaded_runtime() {
+    if skip() {
+        return;
+    }
+    // Concurrent forks from several threads must not leak one attempt's pipes into another
+    // (an attempt's output would then not end until an unrelated one did).
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        set.spawn(async move {
+            let job = Job::sh("echo $DROVER_TASK_ID; sleep 0.1", BOTH[i % 2]);
+            let out = run(&job).await;
+            (job.task, out)
+        });
+    }
+    while let Some(joined) = bounded(set.join_next()).await {
+        let (task, out) = joined.expect("join");
+        assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+        assert_eq!(out.stdout.trim(), task);
+    }
+}
+
+/// Not a test of anything: prints spawn latency (spawn() returning = the task has exec'd) and
+/// the whole round trip for a no-op task. `cargo test -p drover-worker-agent sandbox_latency
+/// -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn sandbox_latency() {
+    if skip() {
+        return;
+    }
+    let ws = tempfile::tempdir_in("/var/tmp").expect("workspace");
+    let runs = [
+        (Isolation::Sandbox, NetworkPolicy::None),
+        (Isolation::Sandbox, NetworkPolicy::Host),
+        (Isolation::Process, NetworkPolicy::Host),
+    ];
+    for (isolation, network) in runs {
+        let mut job = Job::sh("", isolation);
+        job.network = network;
+        job.argv = vec!["/bin/true".into()];
+        let (mut spawn, mut total) = (Vec::new(), Vec::new());
+        for _ in 0..200 {
+            let start = std::time::Instant::now();
+            let mut attempt = sandbox().spawn(job.spec(ws.path())).await.expect("spawn");
+            spawn.push(start.elapsed());
+            attempt.wait(CancellationToken::new()).await;
+            total.push(start.elapsed());
+        }
+        spawn.sort();
+        total.sort();
+        eprintln!(
+            "{isolation:?} network {network:?}: \
+             spawn p50 {:?} p99 {:?}; spawn+wait p50 {:?} p99 {:?}",
+            spawn[100], spawn[198], total[100], total[198]
+        );
+    }
+}
+
+#[tokio::test]
+async fn sandbox_detect_removes_cgroups_of_dead_workers() {
+    if skip() {
+        return;
+    }
+    // pid_max is at most 2^22, so this worker is certainly gone.
+    let name = "drover-99999999-1-stale-a1";
+    let bases = sandbox().cgroup_bases();
+    for base in &bases {
+        std::fs::create_dir(base.join(name)).expect("a stale cgroup");
+    }
+    let _detected = Sandbox::detect(None).expect("detect");
+    for base in &bases {
+        assert!(!base.join(name).exists(), "{} not cleaned", base.display());
+    }
+}
