@@ -1,0 +1,610 @@
+//! Task lifecycle as a state machine over sessions: submissions, placements, worker events,
+//! lost workers and cancels in; session events to append and messages to send out.
+//!
+//! Task state is *derived from the session*: every decision is recorded as a coordinator
+//! event (`submitted`, `assigned`, `attempt_ended`, `retry_scheduled`, `cancel_requested`,
+//! `completed`) and [`Tasks::restore`] rebuilds the same state by replaying them. No I/O and
+//! no clock: every input carries `now`.
+//!
+//! Invariants (checked by [`Tasks::sanity_check`]):
+//! - positions of a session are assigned here, from 0, without gaps;
+//! - a worker event is accepted only for the task's current epoch, from the worker that
+//!   attempt was assigned to, at the next expected seq; a lower seq is a duplicate (acked
+//!   again, not stored); anything else is fenced;
+//! - `completed` is appended at most once per task, and only from `running` or `queued`;
+//! - an attempt's epoch is in the session (durable) before its assignment is sent.
+
+use super::placement::{pick_next, QueuedTask, WorkerView};
+use crate::store::session::{NewEvent, NewTask, StoredTask};
+use drover_protocol::task::{ExitClass, SessionEvent, TaskInfo, TaskSpec, TaskState};
+use drover_protocol::{Assignment, AttemptEvent, Capacity};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+
+/// What the runtime must do after an input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskAction {
+    /// Record a new task (before its `submitted` event).
+    PutTask(NewTask),
+    /// Append these events, in order.
+    Append(Vec<NewEvent>),
+    /// Send this assignment to `worker` once the preceding appends are durable.
+    Assign {
+        worker: String,
+        assignment: Box<Assignment>,
+    },
+    /// Tell `worker` to stop this attempt.
+    Cancel {
+        worker: String,
+        task_id: String,
+        epoch: u64,
+    },
+}
+
+/// The answer to a worker event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventVerdict {
+    /// New: append these events (the worker's, maybe followed by coordinator decisions), then
+    /// acknowledge `seq` once they are durable.
+    Accept { seq: u64, actions: Vec<TaskAction> },
+    /// Already stored: acknowledge again, write nothing.
+    Duplicate { seq: u64 },
+    /// Not the current attempt (or out of order): refuse, and the worker stops the attempt.
+    Fenced { reason: String },
+}
+
+#[derive(Debug, Clone)]
+struct Task {
+    id: String,
+    spec: TaskSpec,
+    submit_seq: u64,
+    submitted_ms: u64,
+    state: TaskState,
+    epoch: u64,
+    attempts: u32,
+    worker: Option<String>,
+    next_pos: u64,
+    /// Next expected worker seq in the current epoch.
+    next_seq: u64,
+    exit: Option<ExitClass>,
+    reason: Option<String>,
+    finished_ms: Option<u64>,
+    /// A queued retry waits until then.
+    not_before_ms: u64,
+    cancel_requested: bool,
+    checkpoint: Option<String>,
+}
+
+/// Every task the coordinator knows.
+#[derive(Debug, Default)]
+pub struct Tasks {
+    tasks: HashMap<String, Task>,
+    /// Ids in submission order.
+    order: Vec<String>,
+    next_submit_seq: u64,
+}
+
+fn event(task: &mut Task, now: u64, seq: Option<u64>, kind: &str, payload: String) -> NewEvent {
+    let e = NewEvent {
+        task_id: task.id.clone(),
+        pos: task.next_pos,
+        epoch: task.epoch,
+        seq,
+        ts_ms: now,
+        kind: kind.to_owned(),
+        payload,
+    };
+    task.next_pos += 1;
+    e
+}
+
+/// `{"exited":3}` → "exited with code 3", for reasons shown to operators.
+pub fn describe_exit(class: ExitClass) -> String {
+    match class {
+        ExitClass::Exited(c) => format!("exited with code {c}"),
+        ExitClass::Signaled(s) => format!("killed by signal {s}"),
+        ExitClass::OomKilled => "killed for memory (OOM)".into(),
+        ExitClass::TimedOut => "timed out (wall-time limit)".into(),
+        ExitClass::Cancelled => "cancelled".into(),
+    }
+}
+
+impl Tasks {
+    /// Rebuild from stored sessions by replaying their coordinator events.
+    pub fn restore(stored: Vec<StoredTask>) -> Self {
+        let mut tasks = Tasks::default();
+        for st in stored {
+            let spec: TaskSpec = match serde_json::from_str(&st.task.spec_json) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(task = %st.task.id, error = %e, "stored spec does not parse; task skipped");
+                    continue;
+                }
+            };
+            let mut t = Task {
+                id: st.task.id.clone(),
+                spec,
+                submit_seq: st.task.submit_seq,
+                submitted_ms: st.task.submitted_ms,
+                state: TaskState::Queued,
+                epoch: 0,
+                attempts: 0,
+                worker: None,
+                next_pos: 0,
+                next_seq: 0,
+                exit: None,
+                reason: None,
+                finished_ms: None,
+                not_before_ms: 0,
+                cancel_requested: false,
+                checkpoint: None,
+            };
+            for e in &st.events {
+                replay(&mut t, e);
+            }
+            tasks.next_submit_seq = tasks.next_submit_seq.max(t.submit_seq);
+            tasks.order.push(t.id.clone());
+            tasks.tasks.insert(t.id.clone(), t);
+        }
+        tasks
+    }
+
+    /// Accept a (validated) spec. Returns the new id and what to persist.
+    pub fn submit(&mut self, now: u64, spec: TaskSpec) -> (String, Vec<TaskAction>) {
+        self.next_submit_seq += 1;
+        let id = format!("t{}", self.next_submit_seq);
+        let spec_json = serde_json::to_string(&spec).unwrap_or_else(|_| "{}".into());
+        let mut t = Task {
+            id: id.clone(),
+            spec,
+            submit_seq: self.next_submit_seq,
+            submitted_ms: now,
+            state: TaskState::Queued,
+            epoch: 0,
+            attempts: 0,
+            worker: None,
+            next_pos: 0,
+            next_seq: 0,
+            exit: None,
+            reason: None,
+            finished_ms: None,
+            not_before_ms: 0,
+            cancel_requested: false,
+            checkpoint: None,
+        };
+        let put = NewTask {
+            id: id.clone(),
+            submit_seq: t.submit_seq,
+            name: t.spec.name.clone(),
+            spec_json,
+            submitted_ms: now,
+        };
+        let payload = json!({ "name": t.spec.name }).to_string();
+        let submitted = event(&mut t, now, None, "submitted", payload);
+        self.order.push(id.clone());
+        self.tasks.insert(id.clone(), t);
+        (
+            id,
+            vec![
+                TaskAction::PutTask(put),
+                TaskAction::Append(vec![submitted]),
+            ],
+        )
+    }
+
+    /// What running attempts reserve on each worker.
+    pub fn reserved(&self) -> HashMap<String, Capacity> {
+        let mut out: HashMap<String, Capacity> = HashMap::new();
+        for t in self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Running)
+        {
+            if let Some(w) = &t.worker {
+                let d = super::placement::demand(&t.spec.requirements);
+                let c = out.entry(w.clone()).or_default();
+                c.cpus += d.cpus;
+                c.memory_bytes += d.memory_bytes;
+                c.gpus += d.gpus;
+            }
+        }
+        out
+    }
+
+    /// Place every queued task that fits; each placement is a new epoch.
+    pub fn schedule(&mut self, now: u64, workers: &[WorkerView]) -> Vec<TaskAction> {
+        let queue: Vec<QueuedTask<String>> = self
+            .order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| t.state == TaskState::Queued && t.not_before_ms <= now)
+            .map(|t| QueuedTask {
+                id: t.id.clone(),
+                priority: t.spec.priority,
+                submitted_ms: t.submitted_ms,
+                requirements: t.spec.requirements.clone(),
+            })
+            .collect();
+        if queue.is_empty() {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        for (id, worker) in pick_next(&queue, workers) {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            t.epoch += 1;
+            t.attempts += 1;
+            t.next_seq = 0;
+            t.state = TaskState::Running;
+            t.worker = Some(worker.clone());
+            t.reason = None;
+            let assigned = event(
+                t,
+                now,
+                None,
+                "assigned",
+                json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker }).to_string(),
+            );
+            actions.push(TaskAction::Append(vec![assigned]));
+            actions.push(TaskAction::Assign {
+                worker,
+                assignment: Box::new(Assignment {
+                    task_id: t.id.clone(),
+                    epoch: t.epoch,
+                    attempt: t.attempts,
+                    spec: t.spec.clone(),
+                    checkpoint: t.checkpoint.clone(),
+                }),
+            });
+        }
+        actions
+    }
+
+    /// An event from `worker` for (task, epoch).
+    pub fn handle_event(
+        &mut self,
+        now: u64,
+        worker: &str,
+        task_id: &str,
+        epoch: u64,
+        ev: AttemptEvent,
+    ) -> EventVerdict {
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return EventVerdict::Fenced {
+                reason: format!("no task {task_id}"),
+            };
+        };
+        if epoch != t.epoch || t.worker.as_deref() != Some(worker) || t.state != TaskState::Running
+        {
+            return EventVerdict::Fenced {
+                reason: format!(
+                    "attempt {task_id}/{epoch} on {worker} is not current (current epoch {} on {}, {})",
+                    t.epoch,
+                    t.worker.as_deref().unwrap_or("-"),
+                    t.state
+                ),
+            };
+        }
+        if ev.seq < t.next_seq {
+            return EventVerdict::Duplicate { seq: ev.seq };
+        }
+        if ev.seq > t.next_seq {
+            return EventVerdict::Fenced {
+                reason: format!(
+                    "event seq {} skips ahead of {} for {task_id}/{epoch}",
+                    ev.seq, t.next_seq
+                ),
+            };
+        }
+        t.next_seq += 1;
+        let seq = ev.seq;
+        let mut events = vec![NewEvent {
+            task_id: t.id.clone(),
+            pos: t.next_pos,
+            epoch,
+            seq: Some(seq),
+            ts_ms: ev.ts_ms,
+            kind: ev.kind.clone(),
+            payload: ev.payload.clone(),
+        }];
+        t.next_pos += 1;
+        if ev.kind == "checkpoint" {
+            t.checkpoint = Some(ev.payload.clone());
+        }
+        if ev.kind == "exited" {
+            let class = serde_json::from_str::<serde_json::Value>(&ev.payload)
+                .ok()
+                .and_then(|v| serde_json::from_value::<ExitClass>(v.get("class")?.clone()).ok())
+                .unwrap_or(ExitClass::Exited(-1));
+            t.exit = Some(class);
+            events.extend(attempt_over(
+                t,
+                now,
+                class_outcome(class, t.cancel_requested),
+            ));
+        }
+        EventVerdict::Accept {
+            seq,
+            actions: vec![TaskAction::Append(events)],
+        }
+    }
+
+    /// `worker` is lost (lease expired), or came back without these attempts: their attempts
+    /// are over. `running` lists what the worker still runs (`None`: it is gone).
+    pub fn handle_worker_attempts(
+        &mut self,
+        now: u64,
+        worker: &str,
+        running: Option<&[(String, u64)]>,
+    ) -> Vec<TaskAction> {
+        let mut actions = Vec::new();
+        for id in &self.order {
+            let Some(t) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            if t.state != TaskState::Running || t.worker.as_deref() != Some(worker) {
+                continue;
+            }
+            if running.is_some_and(|r| r.iter().any(|(tid, e)| tid == &t.id && *e == t.epoch)) {
+                continue;
+            }
+            let why = if running.is_some() {
+                "worker_restarted"
+            } else {
+                "worker_lost"
+            };
+            let mut events = vec![event(
+                t,
+                now,
+                None,
+                "attempt_ended",
+                json!({ "epoch": t.epoch, "worker": worker, "reason": why }).to_string(),
+            )];
+            let outcome = if t.cancel_requested {
+                Outcome::Cancelled
+            } else {
+                Outcome::Retry(why.to_owned())
+            };
+            events.extend(attempt_over(t, now, outcome));
+            actions.push(TaskAction::Append(events));
+        }
+        actions
+    }
+
+    /// Cancel a task: at once if queued; a running one is told to stop and ends `cancelled`
+    /// when its worker reports the exit (or is lost).
+    pub fn cancel(&mut self, now: u64, id: &str) -> Option<(bool, Vec<TaskAction>)> {
+        let t = self.tasks.get_mut(id)?;
+        if t.state.is_final() {
+            return Some((true, Vec::new()));
+        }
+        if t.cancel_requested {
+            return Some((false, Vec::new()));
+        }
+        t.cancel_requested = true;
+        let mut events = vec![event(t, now, None, "cancel_requested", "{}".into())];
+        let mut actions = Vec::new();
+        match t.state {
+            TaskState::Queued => events.extend(attempt_over(t, now, Outcome::Cancelled)),
+            _ => {
+                if let Some(w) = &t.worker {
+                    actions.push(TaskAction::Cancel {
+                        worker: w.clone(),
+                        task_id: t.id.clone(),
+                        epoch: t.epoch,
+                    });
+                }
+            }
+        }
+        actions.insert(0, TaskAction::Append(events));
+        Some((false, actions))
+    }
+
+    /// The operator's view; `events` is the session length.
+    pub fn info(&self, id: &str) -> Option<TaskInfo> {
+        self.tasks.get(id).map(to_info)
+    }
+
+    /// Tasks in submission order, optionally in one state.
+    pub fn list(&self, state: Option<TaskState>) -> Vec<TaskInfo> {
+        self.order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| state.is_none_or(|s| t.state == s))
+            .map(to_info)
+            .collect()
+    }
+
+    /// Set the operator-facing wait reason of queued tasks (from placement).
+    pub fn set_wait_reasons(&mut self, workers: &[WorkerView]) {
+        for t in self
+            .tasks
+            .values_mut()
+            .filter(|t| t.state == TaskState::Queued)
+        {
+            t.reason =
+                Some(super::wait::WaitReason::new(&t.spec.requirements, workers).to_string());
+        }
+    }
+
+    /// Counts by state.
+    pub fn counts(&self) -> BTreeMap<TaskState, u32> {
+        let mut m = BTreeMap::new();
+        for t in self.tasks.values() {
+            *m.entry(t.state).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Check the invariants in the module doc; panics with the broken one.
+    pub fn sanity_check(&self) {
+        for t in self.tasks.values() {
+            if t.state == TaskState::Running {
+                assert!(
+                    t.worker.is_some() && t.epoch > 0,
+                    "{}: running without an attempt",
+                    t.id
+                );
+            }
+            assert!(
+                t.attempts as u64 == t.epoch,
+                "{}: attempts and epochs diverge",
+                t.id
+            );
+        }
+    }
+}
+
+/// How an attempt's end affects its task.
+enum Outcome {
+    Succeeded,
+    Cancelled,
+    Retry(String),
+}
+
+fn class_outcome(class: ExitClass, cancel_requested: bool) -> Outcome {
+    match class {
+        _ if cancel_requested => Outcome::Cancelled,
+        ExitClass::Exited(0) => Outcome::Succeeded,
+        ExitClass::Cancelled => Outcome::Cancelled,
+        other => Outcome::Retry(describe_exit(other)),
+    }
+}
+
+/// Record the end of the current attempt: completion, or a retry under the task's policy.
+fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
+    let (state, reason) = match outcome {
+        Outcome::Succeeded => (TaskState::Succeeded, None),
+        Outcome::Cancelled => (
+            TaskState::Cancelled,
+            Some("cancelled by an operator".to_owned()),
+        ),
+        Outcome::Retry(why) if t.attempts < t.spec.retry.max_attempts => {
+            let backoff = t
+                .spec
+                .retry
+                .backoff_ms
+                .saturating_mul(1 << (t.attempts.saturating_sub(1)).min(16));
+            t.state = TaskState::Queued;
+            t.not_before_ms = now + backoff;
+            t.reason = Some(format!("retrying after attempt {} {why}", t.attempts));
+            let payload = json!({
+                "after_attempt": t.attempts, "reason": why, "not_before_ms": t.not_before_ms
+            });
+            return vec![event(t, now, None, "retry_scheduled", payload.to_string())];
+        }
+        Outcome::Retry(why) => (
+            TaskState::Failed,
+            Some(format!(
+                "attempt {} of {} {why}",
+                t.attempts, t.spec.retry.max_attempts
+            )),
+        ),
+    };
+    t.state = state;
+    t.reason = reason.clone();
+    t.finished_ms = Some(now);
+    vec![event(
+        t,
+        now,
+        None,
+        "completed",
+        json!({ "state": state, "reason": reason }).to_string(),
+    )]
+}
+
+/// Apply one stored event to a task being rebuilt.
+fn replay(t: &mut Task, e: &NewEvent) {
+    t.next_pos = e.pos + 1;
+    let payload: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+    if e.seq.is_some() {
+        if e.epoch == t.epoch {
+            t.next_seq = e.seq.unwrap_or(0) + 1;
+        }
+        match e.kind.as_str() {
+            "checkpoint" => t.checkpoint = Some(e.payload.clone()),
+            "exited" => {
+                t.exit = payload
+                    .get("class")
+                    .and_then(|c| serde_json::from_value(c.clone()).ok())
+            }
+            _ => {}
+        }
+        return;
+    }
+    match e.kind.as_str() {
+        "assigned" => {
+            t.epoch = e.epoch;
+            t.attempts = payload
+                .get("attempt")
+                .and_then(|a| a.as_u64())
+                .unwrap_or(e.epoch) as u32;
+            t.worker = payload
+                .get("worker")
+                .and_then(|w| w.as_str())
+                .map(str::to_owned);
+            t.state = TaskState::Running;
+            t.next_seq = 0;
+            t.reason = None;
+        }
+        "retry_scheduled" => {
+            t.state = TaskState::Queued;
+            t.not_before_ms = payload
+                .get("not_before_ms")
+                .and_then(|n| n.as_u64())
+                .unwrap_or(0);
+            t.reason = payload
+                .get("reason")
+                .and_then(|r| r.as_str())
+                .map(|r| format!("retrying after {r}"));
+        }
+        "cancel_requested" => t.cancel_requested = true,
+        "completed" => {
+            t.state = payload
+                .get("state")
+                .and_then(|s| serde_json::from_value(s.clone()).ok())
+                .unwrap_or(TaskState::Failed);
+            t.reason = payload
+                .get("reason")
+                .and_then(|r| r.as_str())
+                .map(str::to_owned);
+            t.finished_ms = Some(e.ts_ms);
+        }
+        _ => {}
+    }
+}
+
+fn to_info(t: &Task) -> TaskInfo {
+    TaskInfo {
+        id: t.id.clone(),
+        name: t.spec.name.clone(),
+        state: t.state,
+        attempts: t.attempts,
+        epoch: t.epoch,
+        worker: t.worker.clone(),
+        submitted_ms: t.submitted_ms,
+        finished_ms: t.finished_ms,
+        exit: t.exit,
+        reason: t.reason.clone(),
+        events: t.next_pos,
+        spec: t.spec.clone(),
+    }
+}
+
+/// A stored event as the operator sees it.
+pub fn to_session_event(e: NewEvent) -> SessionEvent {
+    SessionEvent {
+        task_id: e.task_id,
+        pos: e.pos,
+        epoch: e.epoch,
+        seq: e.seq,
+        ts_ms: e.ts_ms,
+        kind: e.kind,
+        payload: e.payload,
+    }
+}
+
+#[cfg(test)]
+#[path = "lifecycle_tests.rs"]
+mod tests;

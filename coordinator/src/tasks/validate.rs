@@ -1,0 +1,233 @@
+//! The rules a [`TaskSpec`] must follow, whatever produced it: a spec file, or a client over
+//! the wire — so the coordinator re-checks what it receives with the same [`validate_spec`].
+//!
+//! No I/O: inputs are only checked for shape here; [`resolve_inputs`](super::inputs) finds and
+//! sizes them. Field names in errors are those of the spec file (docs/task-spec.md), and each
+//! message says what to write instead.
+
+use super::units::format_size;
+use drover_protocol::identity::{valid_name, NAME_RULE};
+use drover_protocol::task::TaskSpec;
+
+/// Most bytes a spec may take on the wire (postcard), leaving room in the 1 MiB frame for the
+/// message around it: 256 KiB. Only huge `env` values or argument lists come near it.
+pub const MAX_SPEC_BYTES: usize = 256 << 10;
+
+/// Longest task name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// Smallest memory figure accepted for `requirements.memory` and `limits.memory`: 1 MiB.
+/// Anything less is almost surely a unit forgotten (`memory = 512` is 512 bytes).
+pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
+
+/// Environment variable prefix reserved for the variables drover sets itself.
+pub const RESERVED_ENV_PREFIX: &str = "DROVER_";
+
+/// One field with a value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidField {
+    /// Dotted path as in the spec file: `requirements.memory`, `env.FOO`, `inputs[2]`.
+    pub field: String,
+    /// What is wrong and what to write instead.
+    pub message: String,
+}
+
+pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> InvalidField {
+    InvalidField {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Check a spec's values, whatever produced it: a spec file, or a client over the wire.
+/// Stops at the first problem. Field names are those of the spec file (docs/task-spec.md).
+pub fn validate_spec(spec: &TaskSpec) -> Result<(), InvalidField> {
+    let name = spec.name.trim();
+    if name.is_empty() {
+        return Err(invalid("name", "must not be empty"));
+    }
+    if spec.name.chars().count() > MAX_NAME_CHARS {
+        return Err(invalid(
+            "name",
+            format!("is longer than {MAX_NAME_CHARS} characters; keep names short and put detail in env or inputs"),
+        ));
+    }
+    if spec.name.chars().any(char::is_control) {
+        return Err(invalid(
+            "name",
+            "must not contain control characters such as newlines",
+        ));
+    }
+
+    if spec.command.is_empty() {
+        return Err(invalid(
+            "command",
+            "must name a program: give the program and its arguments as a list, e.g. \
+             command = [\"echo\", \"hello\"]",
+        ));
+    }
+    if spec.command[0].trim().is_empty() {
+        return Err(invalid("command[0]", "the program name must not be empty"));
+    }
+    for (i, arg) in spec.command.iter().enumerate() {
+        if arg.contains('\0') {
+            return Err(invalid(
+                format!("command[{i}]"),
+                "must not contain NUL bytes",
+            ));
+        }
+    }
+
+    for (key, value) in &spec.env {
+        let field = format!("env.{key}");
+        if !is_shell_identifier(key) {
+            return Err(invalid(
+                field,
+                "is not a valid variable name: use letters, digits and '_', not starting with a digit",
+            ));
+        }
+        if key.starts_with(RESERVED_ENV_PREFIX) {
+            return Err(invalid(
+                field,
+                format!("names starting with {RESERVED_ENV_PREFIX} are reserved for the variables drover sets; rename it"),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(invalid(field, "the value must not contain NUL bytes"));
+        }
+    }
+
+    for (i, entry) in spec.inputs.iter().enumerate() {
+        if entry.trim().is_empty() {
+            return Err(invalid(format!("inputs[{i}]"), "must not be empty"));
+        }
+        if entry.contains('\0') {
+            return Err(invalid(
+                format!("inputs[{i}]"),
+                "must not contain NUL bytes",
+            ));
+        }
+    }
+
+    for (i, glob) in spec.outputs.iter().enumerate() {
+        let field = format!("outputs[{i}]");
+        if glob.trim().is_empty() {
+            return Err(invalid(field, "must not be empty"));
+        }
+        if glob.starts_with('/') {
+            return Err(invalid(
+                field,
+                format!("{glob:?} is absolute; outputs are globs relative to the workspace, e.g. \"out/*.json\""),
+            ));
+        }
+        if glob.split('/').any(|part| part == "..") {
+            return Err(invalid(
+                field,
+                format!("{glob:?} leaves the workspace with \"..\"; outputs are collected from inside the workspace only"),
+            ));
+        }
+        if glob.contains('\0') {
+            return Err(invalid(field, "must not contain NUL bytes"));
+        }
+    }
+
+    let req = &spec.requirements;
+    if let Some(arch) = &req.arch {
+        let hint = match arch.as_str() {
+            "arm64" => Some("aarch64"),
+            "amd64" | "x64" => Some("x86_64"),
+            _ => None,
+        };
+        if let Some(linux) = hint {
+            return Err(invalid(
+                "requirements.arch",
+                format!("{arch:?} is not what Linux calls it; use \"{linux}\" (workers report `uname -m`)"),
+            ));
+        }
+        if !valid_name(arch) {
+            return Err(invalid(
+                "requirements.arch",
+                format!("{arch:?} is not an architecture name; use `uname -m` spelling, e.g. \"x86_64\" or \"aarch64\""),
+            ));
+        }
+    }
+    check_memory("requirements.memory", req.memory_bytes)?;
+    for (i, label) in req.labels.iter().enumerate() {
+        if !valid_name(label) {
+            return Err(invalid(
+                format!("requirements.labels[{i}]"),
+                format!("{label:?} is not a valid label: labels are {NAME_RULE}"),
+            ));
+        }
+    }
+
+    let limits = &spec.limits;
+    if let Some(limit) = limits.memory_bytes {
+        check_memory("limits.memory", limit)?;
+        if limit == 0 {
+            return Err(invalid(
+                "limits.memory",
+                "must be more than 0; leave it out for no limit",
+            ));
+        }
+        if req.memory_bytes > 0 && limit < req.memory_bytes {
+            return Err(invalid(
+                "limits.memory",
+                format!(
+                    "{} is less than requirements.memory ({}); the limit must be at least what the task reserves",
+                    format_size(limit),
+                    format_size(req.memory_bytes)
+                ),
+            ));
+        }
+    }
+    if limits.pids == Some(0) {
+        return Err(invalid(
+            "limits.pids",
+            "must be at least 1 (the task's own process)",
+        ));
+    }
+    if limits.wall_time_ms == Some(0) {
+        return Err(invalid(
+            "limits.wall_time",
+            "must be more than 0; use e.g. \"30m\" or \"2h\"",
+        ));
+    }
+    if spec.retry.max_attempts == 0 {
+        return Err(invalid(
+            "retry.max_attempts",
+            "must be at least 1 (the first attempt counts); use 1 for no retries",
+        ));
+    }
+
+    match drover_protocol::encode_frame(spec, MAX_SPEC_BYTES) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(invalid(
+            "(spec)",
+            format!(
+                "{e}; the spec may take at most {}: move large env values or arguments into an input file",
+                format_size(MAX_SPEC_BYTES as u64)
+            ),
+        )),
+    }
+}
+
+fn check_memory(field: &str, bytes: u64) -> Result<(), InvalidField> {
+    if bytes > 0 && bytes < MIN_MEMORY_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "{bytes} bytes is too little to run anything; a plain number is bytes, so write \
+                 the unit, e.g. \"{bytes}MiB\""
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_shell_identifier(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
