@@ -13,6 +13,7 @@ pub mod config;
 pub mod fleet;
 pub mod server;
 pub mod store;
+pub mod tasks;
 
 // Lean runtime pieces shared with the worker (logging, sd_notify, framed streams) live in the
 // worker's library so the worker binary stays small and nothing is written twice.

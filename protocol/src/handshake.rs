@@ -8,11 +8,12 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
-/// Every protocol version this build can speak.
+/// Every protocol version this build can speak. v1 (the fleet link without tasks) was never
+/// released, so v2 is the floor.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
-    min: 1,
+    min: 2,
     max: PROTOCOL_VERSION,
 };
 

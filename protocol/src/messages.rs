@@ -95,6 +95,42 @@ pub enum WorkerMessage {
     Heartbeat { seq: u64, usage: Usage },
     /// The worker is stopping on purpose: mark it `down`, not `lost`.
     Goodbye { reason: String },
+    /// Sent right after registration: the attempts (task id, epoch) this worker is running.
+    /// Attempts the coordinator had assigned to it that are not listed are over.
+    Attempts { running: Vec<(String, u64)> },
+}
+
+/// Worker → coordinator on an attempt stream: one bidirectional stream per running attempt,
+/// opened by the worker, so a chatty task never stalls another or the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptUp {
+    /// First frame: which attempt this stream carries.
+    Open { task_id: String, epoch: u64 },
+    /// One event of the attempt, in `seq` order from 0. After a reconnect the worker resends
+    /// every event not yet acknowledged; the coordinator stores each (task, epoch, seq) once.
+    Event(AttemptEvent),
+}
+
+/// One event produced on a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptEvent {
+    pub seq: u64,
+    pub ts_ms: u64,
+    /// `started`, `stdout`, `stderr`, `exited`, or a task-written type (`tool_called`,
+    /// `file_written`, `checkpoint`, `progress`, `custom`), or `error` for a malformed line.
+    pub kind: String,
+    /// Type-specific JSON text.
+    pub payload: String,
+}
+
+/// Coordinator → worker on an attempt stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptDown {
+    /// Every event with a seq up to and including this one is durable.
+    Ack { seq: u64 },
+    /// This attempt is no longer current (a newer epoch exists, or it was never assigned to
+    /// this worker): stop it, and send nothing more for it.
+    Fenced { reason: String },
 }
 
 /// Coordinator → worker, on the worker's control stream.
@@ -109,6 +145,23 @@ pub enum CoordinatorMessage {
     },
     /// Acknowledges the heartbeat with this `seq`; lets the worker measure its lease renewal.
     HeartbeatAck { seq: u64 },
+    /// Run an attempt. The epoch is durable on the coordinator before this is sent.
+    Assign(Box<Assignment>),
+    /// Stop this attempt (cancelled, or fenced by a newer epoch).
+    Cancel { task_id: String, epoch: u64 },
+}
+
+/// One attempt to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task_id: String,
+    /// Fences this attempt: events of an older epoch are refused.
+    pub epoch: u64,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub spec: crate::task::TaskSpec,
+    /// Payload of the last checkpoint event of earlier attempts, if any.
+    pub checkpoint: Option<String>,
 }
 
 /// A worker's state in the fleet registry.
@@ -228,6 +281,25 @@ pub enum OperatorRequest {
     ShowWorker {
         name: String,
     },
+    Submit {
+        spec: crate::task::TaskSpec,
+    },
+    ListTasks {
+        state: Option<crate::task::TaskState>,
+    },
+    ShowTask {
+        id: String,
+    },
+    /// Events `from..to` of a session (end exclusive; `None`: to the end), at most `limit`.
+    Events {
+        id: String,
+        from: u64,
+        to: Option<u64>,
+        limit: u32,
+    },
+    Cancel {
+        id: String,
+    },
 }
 
 /// What kind of failure an [`OperatorResponse::Error`] is; the CLI maps it to an exit code.
@@ -245,7 +317,25 @@ pub enum OperatorResponse {
     FleetStatus(FleetSummary),
     Workers(Vec<WorkerInfo>),
     Worker(Box<WorkerInfo>),
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+    Submitted {
+        id: String,
+    },
+    Tasks(Vec<crate::task::TaskInfo>),
+    Task(Box<crate::task::TaskInfo>),
+    /// A slice of a session; `len` is the session's length when answered.
+    Events {
+        events: Vec<crate::task::SessionEvent>,
+        len: u64,
+    },
+    /// The task was asked to stop (or had already ended: `already_final`).
+    CancelRequested {
+        id: String,
+        already_final: bool,
+    },
 }
 
 /// QUIC application close codes. Part of the wire contract.

@@ -40,7 +40,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { memory_bytes: None, pids: Some(512), wall_time_ms: Some(3_600_000) }
+        Self {
+            memory_bytes: None,
+            pids: Some(512),
+            wall_time_ms: Some(3_600_000),
+        }
     }
 }
 
@@ -78,7 +82,10 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 3, backoff_ms: 1000 }
+        Self {
+            max_attempts: 3,
+            backoff_ms: 1000,
+        }
     }
 }
 
@@ -135,4 +142,98 @@ impl ExitClass {
     pub fn is_success(self) -> bool {
         self == ExitClass::Exited(0)
     }
+}
+
+/// Where a task is in its life. Derived from its session; `succeeded`, `failed` and
+/// `cancelled` are final and recorded once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for a worker that fits (or for a retry's backoff).
+    Queued,
+    /// An attempt is assigned and running.
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 5] = [
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+impl core::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl core::str::FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskState::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
+            format!("unknown task state {s:?}: expected queued, running, succeeded, failed or cancelled")
+        })
+    }
+}
+
+/// The operator's view of a task (`drover task show --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub id: String,
+    pub name: String,
+    pub state: TaskState,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// The current (or last) attempt's epoch; 0 before the first.
+    pub epoch: u64,
+    /// The worker of the current (or last) attempt.
+    pub worker: Option<String>,
+    pub submitted_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// How the last attempt ended.
+    pub exit: Option<ExitClass>,
+    /// Why it waits (queued), or why it failed.
+    pub reason: Option<String>,
+    /// Events in its session.
+    pub events: u64,
+    pub spec: TaskSpec,
+}
+
+/// One stored event of a session (`drover events --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEvent {
+    pub task_id: String,
+    /// Position in the session, from 0 without gaps.
+    pub pos: u64,
+    pub epoch: u64,
+    /// The worker's sequence number within the epoch; `None` for coordinator events.
+    pub seq: Option<u64>,
+    pub ts_ms: u64,
+    pub kind: String,
+    /// Type-specific JSON text.
+    pub payload: String,
 }

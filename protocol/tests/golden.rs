@@ -20,11 +20,16 @@
 
 use std::fmt::Debug;
 
+use drover_protocol::task::{
+    ExitClass, Isolation, Limits, NetworkPolicy, Requirements, RetryPolicy, SessionEvent, TaskInfo,
+    TaskSpec, TaskState,
+};
 use drover_protocol::{
-    encode_frame, Capacity, CgroupVersion, CoordinatorMessage, ErrorKind, FleetSummary,
-    FrameDecoder, Gpu, GpuVendor, Hello, HelloReply, LoadAvg, OperatorRequest, OperatorResponse,
-    Refusal, ResourceReport, Role, StateCounts, Usage, VersionRange, WorkerInfo, WorkerMessage,
-    WorkerState, MAX_FRAME_LEN, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    encode_frame, Assignment, AttemptDown, AttemptEvent, AttemptUp, Capacity, CgroupVersion,
+    CoordinatorMessage, ErrorKind, FleetSummary, FrameDecoder, Gpu, GpuVendor, Hello, HelloReply,
+    LoadAvg, OperatorRequest, OperatorResponse, Refusal, ResourceReport, Role, StateCounts, Usage,
+    VersionRange, WorkerInfo, WorkerMessage, WorkerState, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -214,8 +219,8 @@ fn sample_summary() -> FleetSummary {
 #[test]
 fn supported_versions_match_goldens() {
     // The goldens below were taken at this version; a bump must come with new goldens.
-    assert_eq!(PROTOCOL_VERSION, 1);
-    assert_eq!(SUPPORTED_VERSIONS, VersionRange { min: 1, max: 1 });
+    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(SUPPORTED_VERSIONS, VersionRange { min: 2, max: 2 });
 }
 
 #[test]
@@ -459,22 +464,7 @@ fn operator_response_workers() {
     golden(
         "response_workers",
         &resp,
-        "000001f90102096770752d626f782d310001103139322e302e322e31303a3430\
-            3132331364726f7665722d776f726b657220302e312e300180d095ffbc31a0dd\
-            9bffbc3194e19bffbc31c0eaa1ffbc31dc0b067838365f36341e44656269616e\
-            20474e552f4c696e75782031322028626f6f6b776f726d290e362e312e302d31\
-            382d616d643634096770752d626f782d311011414d442052797a656e20392035\
-            393530580000003f0000a03f0000004080808080800280808080c001142f7661\
-            722f6c69622f64726f7665722f776f726b808080808020808080808010030017\
-            4e5649444941204765466f72636520525458203330393001808080806001044f\
-            72696e00020a414d4420526164656f6e0180808080200001020762726f777365\
-            72036770750000003f0000a03f0000004000001642808080801880808080e003\
-            0270690200103139322e302e322e31303a34303132331364726f7665722d776f\
-            726b657220302e312e300180d095ffbc31a0dd9bffbc3194e19bffbc31c0eaa1\
-            ffbc31dc0b07616172636836340c5562756e74752032322e303406352e31352e\
-            30027069040a436f727465782d41373200000000000000000000000080808080\
-            10808080800c0b2f7372762f64726f7665728080808080028080808080010001\
-            00000000003f0000a03f0000004000001642808080801880808080e003",
+        "000001f90102096770752d626f782d310001103139322e302e322e31303a34303132331364726f7665722d776f726b657220302e312e300280d095ffbc31a0dd9bffbc3194e19bffbc31c0eaa1ffbc31dc0b067838365f36341e44656269616e20474e552f4c696e75782031322028626f6f6b776f726d290e362e312e302d31382d616d643634096770752d626f782d311011414d442052797a656e20392035393530580000003f0000a03f0000004080808080800280808080c001142f7661722f6c69622f64726f7665722f776f726b8080808080208080808080100300174e5649444941204765466f72636520525458203330393001808080806001044f72696e00020a414d4420526164656f6e0180808080200001020762726f77736572036770750000003f0000a03f0000004000001642808080801880808080e0030270690200103139322e302e322e31303a34303132331364726f7665722d776f726b657220302e312e300280d095ffbc31a0dd9bffbc3194e19bffbc31c0eaa1ffbc31dc0b07616172636836340c5562756e74752032322e303406352e31352e30027069040a436f727465782d4137320000000000000000000000008080808010808080800c0b2f7372762f64726f766572808080808002808080808001000100000000003f0000a03f0000004000001642808080801880808080e003",
     );
     golden(
         "response_workers_empty",
@@ -493,16 +483,7 @@ fn operator_response_worker() {
     golden(
         "response_worker",
         &resp,
-        "0000013b02096770752d626f782d310101103139322e302e322e31303a343031\
-            32331364726f7665722d776f726b657220302e312e300180d095ffbc31a0dd9b\
-            ffbc3194e19bffbc31c0eaa1ffbc31dc0b067838365f36341e44656269616e20\
-            474e552f4c696e75782031322028626f6f6b776f726d290e362e312e302d3138\
-            2d616d643634096770752d626f782d311011414d442052797a656e2039203539\
-            3530580000003f0000a03f0000004080808080800280808080c001142f766172\
-            2f6c69622f64726f7665722f776f726b8080808080208080808080100300174e\
-            5649444941204765466f72636520525458203330393001808080806001044f72\
-            696e00020a414d4420526164656f6e0180808080200001020762726f77736572\
-            036770750000003f0000a03f0000004000001642808080801880808080e003",
+        "0000013b02096770752d626f782d310101103139322e302e322e31303a34303132331364726f7665722d776f726b657220302e312e300280d095ffbc31a0dd9bffbc3194e19bffbc31c0eaa1ffbc31dc0b067838365f36341e44656269616e20474e552f4c696e75782031322028626f6f6b776f726d290e362e312e302d31382d616d643634096770752d626f782d311011414d442052797a656e20392035393530580000003f0000a03f0000004080808080800280808080c001142f7661722f6c69622f64726f7665722f776f726b8080808080208080808080100300174e5649444941204765466f72636520525458203330393001808080806001044f72696e00020a414d4420526164656f6e0180808080200001020762726f77736572036770750000003f0000a03f0000004000001642808080801880808080e003",
     );
 }
 
@@ -539,3 +520,224 @@ fn close_codes_are_stable() {
         [0, 1, 2, 3, 4]
     );
 }
+
+// ---- tasks (protocol v2) -------------------------------------------------------------------
+
+fn sample_spec() -> TaskSpec {
+    let mut env = std::collections::BTreeMap::new();
+    env.insert("GREETING".to_owned(), "drover".to_owned());
+    TaskSpec {
+        name: "hello".into(),
+        command: vec!["sh".into(), "-c".into(), "echo hi".into()],
+        env,
+        inputs: vec!["data".into()],
+        outputs: vec!["out/*.json".into()],
+        requirements: Requirements {
+            arch: Some("aarch64".into()),
+            cpus: 2,
+            memory_bytes: 1 << 30,
+            gpus: 1,
+            labels: vec!["browser".into()],
+        },
+        limits: Limits {
+            memory_bytes: Some(2 << 30),
+            pids: Some(64),
+            wall_time_ms: Some(60_000),
+        },
+        network: NetworkPolicy::Host,
+        isolation: Isolation::Process,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            backoff_ms: 500,
+        },
+        priority: -2,
+    }
+}
+
+fn sample_task_info(state: TaskState, exit: Option<ExitClass>) -> TaskInfo {
+    TaskInfo {
+        id: "t7".into(),
+        name: "hello".into(),
+        state,
+        attempts: 2,
+        epoch: 2,
+        worker: Some("pi-7".into()),
+        submitted_ms: 1_700_000_000_000,
+        finished_ms: Some(1_700_000_001_000),
+        exit,
+        reason: Some("attempt 2 of 3 exited with code 3".into()),
+        events: 11,
+        spec: sample_spec(),
+    }
+}
+
+#[test]
+fn worker_attempts() {
+    let msg = WorkerMessage::Attempts {
+        running: vec![("t7".into(), 2)],
+    };
+    golden("worker_attempts", &msg, "00000006030102743702");
+}
+
+#[test]
+fn coordinator_assign() {
+    let msg = CoordinatorMessage::Assign(Box::new(Assignment {
+        task_id: "t7".into(),
+        epoch: 2,
+        attempt: 2,
+        spec: sample_spec(),
+        checkpoint: Some("{\"step\":3}".into()),
+    }));
+    golden(
+        "coordinator_assign",
+        &msg,
+        "000000750202743702020568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303010a7b2273746570223a337d",
+    );
+}
+
+#[test]
+fn coordinator_cancel() {
+    let msg = CoordinatorMessage::Cancel {
+        task_id: "t7".into(),
+        epoch: 2,
+    };
+    golden("coordinator_cancel", &msg, "000000050302743702");
+}
+
+#[test]
+fn attempt_stream_up_and_down() {
+    golden(
+        "attempt_open",
+        &AttemptUp::Open {
+            task_id: "t7".into(),
+            epoch: 2,
+        },
+        "000000050002743702",
+    );
+    let ev = AttemptEvent {
+        seq: 4,
+        ts_ms: 1_700_000_000_500,
+        kind: "stdout".into(),
+        payload: "{\"data\":\"hi\\n\"}".into(),
+    };
+    golden(
+        "attempt_event",
+        &AttemptUp::Event(ev),
+        "0000001f0104f4d395ffbc31067374646f75740f7b2264617461223a2268695c6e227d",
+    );
+    golden("attempt_ack", &AttemptDown::Ack { seq: 4 }, "000000020004");
+    golden(
+        "attempt_fenced",
+        &AttemptDown::Fenced {
+            reason: "stale epoch".into(),
+        },
+        "0000000d010b7374616c652065706f6368",
+    );
+}
+
+#[test]
+fn operator_task_requests() {
+    golden(
+        "request_submit",
+        &OperatorRequest::Submit {
+            spec: sample_spec(),
+        },
+        "00000064030568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
+    );
+    for (i, state) in TaskState::ALL.into_iter().enumerate() {
+        let name = format!("request_list_tasks_{i}");
+        golden(
+            &name,
+            &OperatorRequest::ListTasks { state: Some(state) },
+            GOLDEN_LIST_TASKS[i],
+        );
+    }
+    golden(
+        "request_list_tasks_all",
+        &OperatorRequest::ListTasks { state: None },
+        "000000020400",
+    );
+    golden(
+        "request_show_task",
+        &OperatorRequest::ShowTask { id: "t7".into() },
+        "0000000405027437",
+    );
+    let events = OperatorRequest::Events {
+        id: "t7".into(),
+        from: 3,
+        to: Some(9),
+        limit: 1000,
+    };
+    golden("request_events", &events, "0000000906027437030109e807");
+    golden(
+        "request_cancel",
+        &OperatorRequest::Cancel { id: "t7".into() },
+        "0000000407027437",
+    );
+}
+
+const GOLDEN_LIST_TASKS: [&str; 5] = [
+    "00000003040100",
+    "00000003040101",
+    "00000003040102",
+    "00000003040103",
+    "00000003040104",
+];
+
+#[test]
+fn operator_task_responses() {
+    golden(
+        "response_submitted",
+        &OperatorResponse::Submitted { id: "t7".into() },
+        "0000000404027437",
+    );
+    let exits = [
+        ExitClass::Exited(3),
+        ExitClass::Signaled(15),
+        ExitClass::OomKilled,
+        ExitClass::TimedOut,
+        ExitClass::Cancelled,
+    ];
+    for (i, exit) in exits.into_iter().enumerate() {
+        let name = format!("response_task_exit_{i}");
+        let resp =
+            OperatorResponse::Task(Box::new(sample_task_info(TaskState::Failed, Some(exit))));
+        golden(&name, &resp, GOLDEN_TASK_EXITS[i]);
+    }
+    let resp = OperatorResponse::Tasks(vec![sample_task_info(TaskState::Queued, None)]);
+    golden(
+        "response_tasks",
+        &resp,
+        "000000a905010274370568656c6c6f000202010470692d3780d095ffbc3101e8d795ffbc31000121617474656d70742032206f66203320657869746564207769746820636f646520330b0568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
+    );
+    let ev = SessionEvent {
+        task_id: "t7".into(),
+        pos: 5,
+        epoch: 2,
+        seq: Some(1),
+        ts_ms: 1_700_000_000_600,
+        kind: "exited".into(),
+        payload: "{\"class\":{\"exited\":3}}".into(),
+    };
+    golden(
+        "response_events",
+        &OperatorResponse::Events {
+            events: vec![ev],
+            len: 11,
+        },
+        "0000002e070102743705020101d8d495ffbc3106657869746564167b22636c617373223a7b22657869746564223a337d7d0b",
+    );
+    let resp = OperatorResponse::CancelRequested {
+        id: "t7".into(),
+        already_final: true,
+    };
+    golden("response_cancel_requested", &resp, "000000050802743701");
+}
+
+const GOLDEN_TASK_EXITS: [&str; 5] = [
+    "000000aa060274370568656c6c6f030202010470692d3780d095ffbc3101e8d795ffbc310100060121617474656d70742032206f66203320657869746564207769746820636f646520330b0568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
+    "000000aa060274370568656c6c6f030202010470692d3780d095ffbc3101e8d795ffbc3101011e0121617474656d70742032206f66203320657869746564207769746820636f646520330b0568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
+    "000000a9060274370568656c6c6f030202010470692d3780d095ffbc3101e8d795ffbc3101020121617474656d70742032206f66203320657869746564207769746820636f646520330b0568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
+    "000000a9060274370568656c6c6f030202010470692d3780d095ffbc3101e8d795ffbc3101030121617474656d70742032206f66203320657869746564207769746820636f646520330b0568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
+    "000000a9060274370568656c6c6f030202010470692d3780d095ffbc3101e8d795ffbc3101040121617474656d70742032206f66203320657869746564207769746820636f646520330b0568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
+];

@@ -1,8 +1,10 @@
 //! drover-worker as a library: the lean daemon that reports a host's resources to the
-//! coordinator and (in later issues) runs task attempts in sandboxes.
+//! coordinator and runs task attempts in sandboxes.
 //!
 //! - [`config`]: typed `worker.toml`;
 //! - [`resources`]: what the host has and uses;
+//! - [`sandbox`]: namespaces and cgroup limits for one attempt;
+//! - [`executor`]: runs assigned attempts in the [`sandbox`] and streams their events;
 //! - [`link`]: the connection to the coordinator (handshake, registration, heartbeats,
 //!   reconnect with capped exponential backoff and jitter);
 //! - [`pki`]: the fleet CA, role-carrying certificates and rustls configs (the worker will
@@ -13,11 +15,13 @@
 //! once and the lean worker binary pulls in nothing it does not need.
 
 pub mod config;
+pub mod executor;
 pub mod link;
 pub mod logging;
 pub mod notify;
 pub mod pki;
 pub mod resources;
+pub mod sandbox;
 pub mod wire;
 
 /// Cancel `token` on the first SIGTERM or SIGINT.

@@ -4,6 +4,7 @@
 //! shutdown. The worker never exits because the coordinator is away.
 
 use crate::config::WorkerConfig;
+use crate::executor::{self, ExecContext};
 use crate::pki::{self, PkiError, TlsFiles};
 use crate::resources::Resources;
 use crate::wire::{self, FramedRecv};
@@ -87,6 +88,7 @@ impl Backoff {
 #[derive(Debug)]
 pub struct Link {
     config: WorkerConfig,
+    exec: ExecContext,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     name: String,
@@ -114,8 +116,20 @@ impl Link {
         client_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(LinkError::Socket)?;
+        let sandbox = crate::sandbox::Sandbox::detect(None).map_err(|e| e.to_string());
+        match &sandbox {
+            Ok(s) => tracing::info!(sandbox = %s, "sandbox ready"),
+            Err(e) => {
+                tracing::warn!(error = %e, "no usable sandbox: this worker will refuse tasks")
+            }
+        }
+        let exec = ExecContext {
+            sandbox,
+            work_dir: config.work_dir.clone(),
+        };
         Ok(Self {
             config,
+            exec,
             endpoint,
             client_config,
             name,
@@ -285,12 +299,30 @@ impl Link {
             crate::notify::ready();
             *notified = true;
         }
+        // Attempts die with the connection that started them (see `executor`), so none runs now.
+        wire::send(
+            &mut send,
+            &WorkerMessage::Attempts {
+                running: Vec::new(),
+            },
+        )
+        .await
+        .map_err(|e| lost(&e))?;
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut cancels: std::collections::HashMap<(String, u64), CancellationToken> =
+            Default::default();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watchdog = tokio::time::interval(
             crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
         );
         let mut seq = 0u64;
+        // The lease is renewed only by heartbeats the coordinator acknowledges; when none has
+        // been acknowledged for a whole lease, the coordinator is gone (or has declared us
+        // lost): drop the connection and reconnect rather than wait for the idle timeout.
+        let lease = Duration::from_millis(lease_ms);
+        let mut last_ack = Instant::now();
+        let mut lease_check = tokio::time::interval(lease / 4);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return self.goodbye(conn, Some(&mut send)).await,
@@ -299,13 +331,42 @@ impl Link {
                     let hb = WorkerMessage::Heartbeat { seq, usage: resources.usage() };
                     wire::send(&mut send, &hb).await.map_err(|e| lost(&e))?;
                 }
+                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
+                    if let Ok(key) = done {
+                        cancels.remove(&key);
+                    }
+                }
                 msg = recv.next::<CoordinatorMessage>() => match msg {
-                    Ok(Some(CoordinatorMessage::HeartbeatAck { .. })) => {}
+                    Ok(Some(CoordinatorMessage::HeartbeatAck { .. })) => last_ack = Instant::now(),
+                    Ok(Some(CoordinatorMessage::Assign(a))) => {
+                        let key = (a.task_id.clone(), a.epoch);
+                        tracing::info!(task = %a.task_id, epoch = a.epoch, attempt = a.attempt, name = %a.spec.name, "attempt assigned");
+                        let token = CancellationToken::new();
+                        cancels.insert(key.clone(), token.clone());
+                        let run = executor::run_attempt(self.exec.clone(), conn.clone(), *a, token);
+                        attempts.spawn(async move {
+                            run.await;
+                            key
+                        });
+                    }
+                    Ok(Some(CoordinatorMessage::Cancel { task_id, epoch })) => {
+                        tracing::info!(task = %task_id, epoch, "attempt cancelled by the coordinator");
+                        if let Some(t) = cancels.get(&(task_id, epoch)) {
+                            t.cancel();
+                        }
+                    }
                     Ok(Some(other)) => tracing::debug!(message = ?other, "ignoring unexpected message"),
                     Ok(None) => return Err(SessionEnd::Lost("coordinator closed the control stream".into())),
                     Err(e) => return Err(lost(&e)),
                 },
                 _ = watchdog.tick() => crate::notify::watchdog(),
+                _ = lease_check.tick() => {
+                    if last_ack.elapsed() >= lease {
+                        return Err(SessionEnd::Lost(format!(
+                            "no heartbeat acknowledged for {} ms (the lease); reconnecting", lease_ms
+                        )));
+                    }
+                }
             }
         }
     }

@@ -34,10 +34,27 @@ struct Args {
     /// Print the resource report this host would send, as JSON, and exit.
     #[arg(long)]
     print_resources: bool,
+    /// Write the drover-worker(1) man page into DIR and exit (used by packaging).
+    #[arg(long, hide = true, value_name = "DIR")]
+    manpage_dir: Option<PathBuf>,
 }
 
 fn main() {
     let args = Args::parse();
+    if let Some(dir) = &args.manpage_dir {
+        let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command());
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| man.generate_to(dir))
+            .map(|_| ());
+        if let Err(e) = written {
+            eprintln!(
+                "drover-worker: cannot write the man page into {}: {e}",
+                dir.display()
+            );
+            std::process::exit(1);
+        }
+        return;
+    }
     drover_worker::logging::init("drover-worker", "info");
     let config = match WorkerConfig::load(&args.config) {
         Ok(c) => c,
@@ -80,9 +97,21 @@ fn main() {
     let code = runtime.block_on(async move {
         let link = match Link::new(config.clone()) {
             Ok(l) => l,
+            Err(drover_worker::link::LinkError::Tls(e)) => {
+                let files = drover_worker::pki::TlsFiles {
+                    ca: config.tls.ca.clone(),
+                    cert: config.tls.cert.clone(),
+                    key: config.tls.key.clone(),
+                };
+                match e.config_key(&files) {
+                    Some(key) => eprintln!("drover-worker: {}: key `{key}`: {e}", args.config.display()),
+                    None => eprintln!("drover-worker: {}: TLS setup failed: {e}", args.config.display()),
+                }
+                return 64;
+            }
             Err(e) => {
                 eprintln!("drover-worker: {e}");
-                return if matches!(e, drover_worker::link::LinkError::Tls(_)) { 64 } else { 1 };
+                return 1;
             }
         };
         tracing::info!(

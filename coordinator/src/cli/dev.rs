@@ -263,30 +263,34 @@ async fn wait_for_stop(procs: &mut [Proc]) -> Result<(), CliError> {
     }
 }
 
-/// SIGTERM everything (workers first, so they say goodbye to a live coordinator), then
-/// SIGKILL whatever is left at the deadline.
+/// Stop the workers first, so their goodbyes reach a live coordinator and they are recorded
+/// `down`, then the coordinator. Each gets SIGTERM, then SIGKILL at the deadline.
 async fn stop_all(procs: &mut [Proc]) {
+    let (coordinator, workers): (Vec<&mut Proc>, Vec<&mut Proc>) =
+        procs.iter_mut().partition(|p| p.label == "coordinator");
+    stop_group(workers).await;
+    stop_group(coordinator).await;
+}
+
+async fn stop_group(mut group: Vec<&mut Proc>) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    for p in procs.iter_mut().rev() {
+    for p in group.iter_mut() {
         if let Some(pid) = p.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
-        if p.label == "coordinator" {
-            continue;
-        }
     }
-    for p in procs.iter_mut().rev() {
-        match tokio::time::timeout(STOP_DEADLINE, p.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!(
-                    "drover dev: {} did not stop within {}s; killing it",
-                    p.label,
-                    STOP_DEADLINE.as_secs()
-                );
-                let _ = p.child.kill().await;
-            }
+    for p in group.iter_mut() {
+        if tokio::time::timeout(STOP_DEADLINE, p.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "drover dev: {} did not stop within {}s; killing it",
+                p.label,
+                STOP_DEADLINE.as_secs()
+            );
+            let _ = p.child.kill().await;
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod dev;
 pub mod output;
 pub mod run;
 pub mod settings;
+pub mod tasks;
 
 use clap::{Args, Parser, Subcommand};
 use drover_protocol::{Role, WorkerState};
@@ -86,8 +87,48 @@ pub enum Command {
     /// Fleet PKI: the CA and certificates for coordinators, workers and operators.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Submit a task spec; prints the task id (with --follow, streams its events).
+    Submit {
+        #[command(flatten)]
+        args: tasks::SubmitArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List tasks.
+    Tasks {
+        /// Only tasks in this state: queued, running, succeeded, failed or cancelled.
+        #[arg(long, value_name = "STATE", value_parser = parse_task_state)]
+        state: Option<drover_protocol::task::TaskState>,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// One task.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Read a task's session by position (events N..M), or follow it live.
+    Events {
+        #[command(flatten)]
+        args: tasks::EventsArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Cancel a task: a queued one at once, a running one is killed (its whole process tree).
+    Cancel {
+        /// Task id.
+        id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Start a local fleet (a coordinator and N workers) for trying drover out.
     Dev(dev::DevArgs),
+    /// Write man pages for drover and each of its subcommands into DIR (used by packaging).
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write drover.1, drover-serve.1, ... into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +172,23 @@ pub struct WorkersArgs {
 
 fn parse_state(s: &str) -> Result<WorkerState, String> {
     s.parse()
+}
+
+fn parse_task_state(s: &str) -> Result<drover_protocol::task::TaskState, String> {
+    s.parse()
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// State, attempts, worker, why it waits or why it failed.
+    Show {
+        /// Task id.
+        id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::config::CoordinatorConfig;
 use crate::pki::{self, CertRequest, Validity};
-use crate::server::Server;
+use crate::server::{ServeError, Server};
 use drover_protocol::{ErrorKind, OperatorRequest, OperatorResponse};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,38 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Dev(args) => super::dev::run(args).await,
+        Command::Submit { args, conn } => {
+            super::tasks::submit(&settings::resolve(&conn)?, args).await
+        }
+        Command::Events { args, conn } => {
+            super::tasks::events(&settings::resolve(&conn)?, args).await
+        }
+        Command::Cancel { id, conn } => super::tasks::cancel(&settings::resolve(&conn)?, id).await,
+        Command::Tasks { state, conn, json } => {
+            let s = settings::resolve(&conn)?;
+            match query(&s, OperatorRequest::ListTasks { state }).await? {
+                OperatorResponse::Tasks(list) => {
+                    let now = crate::clock::wall_ms();
+                    print(json.json, &list, || super::tasks::tasks_table(&list, now))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::Task(super::TaskCommand::Show { id, conn, json }) => {
+            let s = settings::resolve(&conn)?;
+            match query(&s, OperatorRequest::ShowTask { id }).await? {
+                OperatorResponse::Task(t) => print(json.json, &t, || super::tasks::task_detail(&t)),
+                other => Err(unexpected(other)),
+            }
+        }
         Command::Tls(cmd) => tls(cmd),
+        Command::Manpages { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            // One page per visible (sub)command: drover.1, drover-serve.1, drover-tls-ca-create.1 ...
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &dir)?;
+            Ok(())
+        }
         Command::Status(args) => {
             let (s, j) = (settings::resolve(&args.conn)?, args.json);
             match query(&s, OperatorRequest::FleetStatus).await? {
@@ -60,7 +91,22 @@ async fn serve(args: super::ServeArgs) -> Result<(), CliError> {
         print!("{}", toml::to_string_pretty(&config).unwrap_or_default());
         return Ok(());
     }
-    let server = Server::bind(config).map_err(|e| CliError::new(e.exit_code(), e.to_string()))?;
+    let files = crate::pki::TlsFiles {
+        ca: config.tls.ca.clone(),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+    };
+    let file = args.config_file.display();
+    let server = Server::bind(config).map_err(|e| {
+        let message = match &e {
+            ServeError::Tls(tls) => match tls.config_key(&files) {
+                Some(key) => format!("{file}: key `{key}`: {tls}"),
+                None => format!("{file}: {e}"),
+            },
+            _ => e.to_string(),
+        };
+        CliError::new(e.exit_code(), message)
+    })?;
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(drover_worker::shutdown_on_signal(shutdown.clone()));
     let result = server
@@ -114,15 +160,18 @@ async fn query(s: &settings::Resolved, req: OperatorRequest) -> Result<OperatorR
     let response = client.request(&req).await;
     client.close().await;
     match response? {
-        OperatorResponse::Error { kind, message } => Err(CliError::new(
-            match kind {
-                ErrorKind::NotFound | ErrorKind::Internal => exit::FAILURE,
-                ErrorKind::InvalidRequest => exit::USAGE,
-            },
-            message,
-        )),
+        OperatorResponse::Error { kind, message } => Err(error_response(kind, message)),
         other => Ok(other),
     }
+}
+
+/// The exit code an error answer maps to.
+pub(super) fn error_response(kind: ErrorKind, message: String) -> CliError {
+    let code = match kind {
+        ErrorKind::NotFound | ErrorKind::Internal => exit::FAILURE,
+        ErrorKind::InvalidRequest => exit::USAGE,
+    };
+    CliError::new(code, message)
 }
 
 fn print<T: Serialize>(
@@ -139,7 +188,7 @@ fn print<T: Serialize>(
     Ok(())
 }
 
-fn unexpected(r: OperatorResponse) -> CliError {
+pub(super) fn unexpected(r: OperatorResponse) -> CliError {
     CliError::new(
         exit::FAILURE,
         format!("unexpected answer from the coordinator: {r:?}"),

@@ -5,17 +5,21 @@
 //! A peer that breaks the protocol (malformed or oversized frame, wrong first message) has its
 //! connection closed with [`close_code::PROTOCOL_ERROR`]; nothing else is affected.
 
-use super::core::{software, CoreHandle, CoreMsg};
+use super::core::{software, AttemptReply, CoreHandle, CoreMsg, Durable, Outbound};
 use crate::fleet::{ConnId, Registration};
+use crate::store::Store;
+use crate::tasks::lifecycle::to_session_event;
 use crate::wire::{self, FramedRecv, WireError};
 use drover_protocol::identity::PeerIdentity;
 use drover_protocol::{
-    close_code, negotiate, CoordinatorMessage, Hello, HelloReply, OperatorRequest, Refusal, Role,
-    WorkerMessage, SUPPORTED_VERSIONS,
+    close_code, negotiate, AttemptDown, AttemptUp, CoordinatorMessage, ErrorKind, Hello,
+    HelloReply, OperatorRequest, OperatorResponse, Refusal, Role, WorkerMessage,
+    SUPPORTED_VERSIONS,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 /// How long a connected peer has to open its stream and say hello, and a worker to register.
@@ -25,6 +29,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct ConnCtx {
     pub core: CoreHandle,
+    pub store: Store,
     pub heartbeat_interval_ms: u64,
     pub lease_ms: u64,
 }
@@ -156,6 +161,19 @@ struct Session {
     ctx: ConnCtx,
 }
 
+/// Outbound messages a worker connection may have queued before it lags too far behind.
+const OUTBOUND_QUEUE: usize = 1024;
+
+/// Wait for a write to be durable; `Err` names why it is not.
+async fn durable(after: Option<Durable>) -> Result<(), String> {
+    match after {
+        None => Ok(()),
+        Some(rx) => rx
+            .await
+            .unwrap_or_else(|_| Err("database writer stopped".into())),
+    }
+}
+
 impl Session {
     async fn worker(self, mut send: quinn::SendStream, mut recv: FramedRecv) {
         let resources = match timeout(HANDSHAKE_TIMEOUT, recv.next::<WorkerMessage>()).await {
@@ -182,24 +200,20 @@ impl Session {
             protocol_version: self.version,
             resources,
         };
-        let (reply, durable) = oneshot::channel();
-        if !self
-            .ctx
-            .core
-            .send(CoreMsg::Register {
-                reg,
-                conn: self.conn.clone(),
-                reply,
-            })
-            .await
-        {
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let (reply, stored) = oneshot::channel();
+        let register = CoreMsg::Register {
+            reg,
+            conn: self.conn.clone(),
+            outbound,
+            reply,
+        };
+        if !self.ctx.core.send(register).await {
             return;
         }
         // Acknowledge only once the registry change is on disk.
-        let stored = match durable.await {
-            Ok(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err("database writer stopped".into())),
+        let stored = match stored.await {
+            Ok(rx) => durable(Some(rx)).await,
             Err(_) => Err("coordinator shutting down".into()),
         };
         let clean = match stored {
@@ -209,20 +223,24 @@ impl Session {
                     .close(close_code::SHUTDOWN.into(), b"registry unavailable");
                 false
             }
-            Ok(()) => self.worker_loop(&mut send, &mut recv).await,
+            Ok(()) => self.worker_loop(&mut send, &mut recv, outbound_rx).await,
         };
-        self.ctx
-            .core
-            .send(CoreMsg::Disconnect {
-                conn: self.id,
-                name: self.name.clone(),
-                clean,
-            })
-            .await;
+        let disconnect = CoreMsg::Disconnect {
+            conn: self.id,
+            name: self.name.clone(),
+            clean,
+        };
+        self.ctx.core.send(disconnect).await;
     }
 
-    /// Heartbeats until the connection ends; returns whether it ended cleanly.
-    async fn worker_loop(&self, send: &mut quinn::SendStream, recv: &mut FramedRecv) -> bool {
+    /// Heartbeats, outbound messages and attempt streams until the connection ends; returns
+    /// whether it ended cleanly.
+    async fn worker_loop(
+        &self,
+        send: &mut quinn::SendStream,
+        recv: &mut FramedRecv,
+        mut outbound: mpsc::Receiver<Outbound>,
+    ) -> bool {
         let registered = CoordinatorMessage::Registered {
             name: self.name.clone(),
             heartbeat_interval_ms: self.ctx.heartbeat_interval_ms,
@@ -232,40 +250,58 @@ impl Session {
             return false;
         }
         tracing::info!(remote = %self.remote, worker = %self.name, software = %self.software, "worker registered");
+        // Attempt streams are owned here: they end with the connection.
+        let mut streams = JoinSet::new();
         loop {
-            match recv.next::<WorkerMessage>().await {
-                Ok(Some(WorkerMessage::Heartbeat { seq, usage })) => {
-                    let hb = CoreMsg::Heartbeat {
-                        conn: self.id,
-                        name: self.name.clone(),
-                        usage,
-                    };
-                    if !self.ctx.core.send(hb).await {
+            tokio::select! {
+                msg = recv.next::<WorkerMessage>() => match msg {
+                    Ok(Some(WorkerMessage::Heartbeat { seq, usage })) => {
+                        let hb = CoreMsg::Heartbeat { conn: self.id, name: self.name.clone(), usage };
+                        if !self.ctx.core.send(hb).await {
+                            return false;
+                        }
+                        if wire::send(send, &CoordinatorMessage::HeartbeatAck { seq }).await.is_err() {
+                            return self.closed_cleanly();
+                        }
+                    }
+                    Ok(Some(WorkerMessage::Attempts { running })) => {
+                        let msg = CoreMsg::Attempts { conn: self.id, name: self.name.clone(), running };
+                        if !self.ctx.core.send(msg).await {
+                            return false;
+                        }
+                    }
+                    Ok(Some(WorkerMessage::Goodbye { reason })) => {
+                        tracing::info!(worker = %self.name, %reason, "worker said goodbye");
+                        self.conn.close(close_code::GOODBYE.into(), b"goodbye");
+                        return true;
+                    }
+                    Ok(Some(WorkerMessage::Register { .. })) => {
+                        tracing::warn!(worker = %self.name, "closing connection: second Register on one connection");
+                        self.conn.close(close_code::PROTOCOL_ERROR.into(), b"duplicate register");
                         return false;
                     }
-                    if wire::send(send, &CoordinatorMessage::HeartbeatAck { seq })
-                        .await
-                        .is_err()
-                    {
+                    Ok(None) => return self.closed_cleanly(),
+                    Err(e) => {
+                        protocol_error(&self.conn, self.remote, &self.name, &e);
+                        return !e.is_protocol_violation() && self.closed_cleanly();
+                    }
+                },
+                Some(out) = outbound.recv() => {
+                    if let Err(e) = durable(out.after).await {
+                        tracing::error!(worker = %self.name, error = %e, "not sending a message whose write failed");
+                        continue;
+                    }
+                    if wire::send(send, &out.msg).await.is_err() {
                         return self.closed_cleanly();
                     }
                 }
-                Ok(Some(WorkerMessage::Goodbye { reason })) => {
-                    tracing::info!(worker = %self.name, %reason, "worker said goodbye");
-                    self.conn.close(close_code::GOODBYE.into(), b"goodbye");
-                    return true;
-                }
-                Ok(Some(WorkerMessage::Register { .. })) => {
-                    tracing::warn!(worker = %self.name, "closing connection: second Register on one connection");
-                    self.conn
-                        .close(close_code::PROTOCOL_ERROR.into(), b"duplicate register");
-                    return false;
-                }
-                Ok(None) => return self.closed_cleanly(),
-                Err(e) => {
-                    protocol_error(&self.conn, self.remote, &self.name, &e);
-                    return !e.is_protocol_violation() && self.closed_cleanly();
-                }
+                stream = self.conn.accept_bi() => match stream {
+                    Ok((s, r)) => {
+                        streams.spawn(attempt_stream(self.conn.clone(), self.name.clone(), self.ctx.core.clone(), s, FramedRecv::new(r)));
+                    }
+                    Err(_) => return self.closed_cleanly(),
+                },
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
             }
         }
     }
@@ -286,14 +322,138 @@ impl Session {
                 Err(e) => return protocol_error(&self.conn, self.remote, &self.name, &e),
             };
             tracing::debug!(operator = %self.name, request = ?req, "operator request");
-            let (reply, answer) = oneshot::channel();
-            if !self.ctx.core.send(CoreMsg::Operator { req, reply }).await {
-                return;
-            }
-            let Ok(answer) = answer.await else { return };
+            let answer = match req {
+                OperatorRequest::Events {
+                    id,
+                    from,
+                    to,
+                    limit,
+                } => read_events(&self.ctx.store, id, from, to, limit).await,
+                req => {
+                    let (reply, answer) = oneshot::channel();
+                    if !self.ctx.core.send(CoreMsg::Operator { req, reply }).await {
+                        return;
+                    }
+                    let Ok((answer, after)) = answer.await else {
+                        return;
+                    };
+                    match durable(after).await {
+                        Ok(()) => answer,
+                        Err(e) => OperatorResponse::Error {
+                            kind: ErrorKind::Internal,
+                            message: e,
+                        },
+                    }
+                }
+            };
             if wire::send(&mut send, &answer).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Most events one `Events` request returns.
+pub const MAX_EVENTS_PER_READ: u32 = 1000;
+
+/// A session slice, read beside the writer on a blocking thread.
+async fn read_events(
+    store: &Store,
+    id: String,
+    from: u64,
+    to: Option<u64>,
+    limit: u32,
+) -> OperatorResponse {
+    let store = store.clone();
+    let limit = limit.clamp(1, MAX_EVENTS_PER_READ);
+    let read = tokio::task::spawn_blocking(move || -> Result<OperatorResponse, String> {
+        let reader = store.reader().map_err(|e| e.to_string())?;
+        let len = reader.len(&id).map_err(|e| e.to_string())?;
+        if len == 0 {
+            return Ok(OperatorResponse::Error {
+                kind: ErrorKind::NotFound,
+                message: format!("no task {id:?}; `drover tasks` lists them"),
+            });
+        }
+        let events = reader
+            .slice(&id, from, to, limit)
+            .map_err(|e| e.to_string())?;
+        Ok(OperatorResponse::Events {
+            events: events.into_iter().map(to_session_event).collect(),
+            len,
+        })
+    })
+    .await;
+    match read {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => OperatorResponse::Error {
+            kind: ErrorKind::Internal,
+            message: e,
+        },
+        Err(e) => OperatorResponse::Error {
+            kind: ErrorKind::Internal,
+            message: e.to_string(),
+        },
+    }
+}
+
+/// One attempt stream: `Open`, then events, each acknowledged once durable (duplicates at
+/// once); a stale attempt is told it is fenced and the stream ends.
+async fn attempt_stream(
+    conn: quinn::Connection,
+    worker: String,
+    core: CoreHandle,
+    mut send: quinn::SendStream,
+    mut recv: FramedRecv,
+) {
+    let (task_id, epoch) = match timeout(HANDSHAKE_TIMEOUT, recv.next::<AttemptUp>()).await {
+        Ok(Ok(Some(AttemptUp::Open { task_id, epoch }))) => (task_id, epoch),
+        Ok(Ok(None)) => return,
+        _ => {
+            tracing::warn!(%worker, "closing connection: attempt stream did not start with Open");
+            conn.close(
+                close_code::PROTOCOL_ERROR.into(),
+                b"attempt stream without open",
+            );
+            return;
+        }
+    };
+    loop {
+        let event = match recv.next::<AttemptUp>().await {
+            Ok(Some(AttemptUp::Event(e))) => e,
+            Ok(Some(AttemptUp::Open { .. })) | Err(_) => {
+                tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
+                conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
+                return;
+            }
+            Ok(None) => return,
+        };
+        let (reply, answer) = oneshot::channel();
+        let msg = CoreMsg::AttemptEvent {
+            name: worker.clone(),
+            task_id: task_id.clone(),
+            epoch,
+            event,
+            reply,
+        };
+        if !core.send(msg).await {
+            return;
+        }
+        let down = match answer.await {
+            Ok(AttemptReply::Ack { seq, after }) => match durable(after).await {
+                Ok(()) => AttemptDown::Ack { seq },
+                // Not durable: no ack. The worker resends after reconnecting.
+                Err(e) => {
+                    return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging")
+                }
+            },
+            Ok(AttemptReply::Fenced(reason)) => AttemptDown::Fenced { reason },
+            Err(_) => return,
+        };
+        let fenced = matches!(down, AttemptDown::Fenced { .. });
+        if wire::send(&mut send, &down).await.is_err() || fenced {
+            let _ = send.finish();
+            return;
         }
     }
 }
@@ -319,7 +479,7 @@ mod tests {
         };
         assert_eq!(
             check_hello(&worker, &hello(Role::Worker, SUPPORTED_VERSIONS)),
-            Ok(1)
+            Ok(drover_protocol::PROTOCOL_VERSION)
         );
         assert_eq!(
             check_hello(&worker, &hello(Role::Operator, SUPPORTED_VERSIONS)),

@@ -30,6 +30,11 @@ pub enum ServeError {
     Quic(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot keep the stateless-reset key {path}: {source}")]
+    ResetKey {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}; is another coordinator running, or pick another `listen` address")]
     Bind {
         addr: SocketAddr,
@@ -45,6 +50,43 @@ impl ServeError {
             _ => 1,
         }
     }
+}
+
+/// File in the state directory holding the QUIC stateless-reset key.
+const RESET_KEY_FILE: &str = "quic-reset.key";
+
+/// The HMAC key for QUIC stateless resets, kept across restarts: a restarted coordinator can
+/// then reset its predecessor's connections at their next packet, so workers reconnect at
+/// once instead of waiting for an idle timeout.
+fn reset_key(state_dir: &std::path::Path) -> Result<ring::hmac::Key, ServeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join(RESET_KEY_FILE);
+    let err = |source| ServeError::ResetKey {
+        path: path.clone(),
+        source,
+    };
+    let secret = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => bytes,
+        Ok(_) | Err(_) => {
+            std::fs::create_dir_all(state_dir).map_err(err)?;
+            let bytes: [u8; 32] = rand::random();
+            let tmp = state_dir.join(format!(".{RESET_KEY_FILE}.tmp"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(err)?;
+            f.write_all(&bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(err)?;
+            std::fs::rename(&tmp, &path).map_err(err)?;
+            bytes.to_vec()
+        }
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
 }
 
 /// QUIC transport settings sized for many mostly idle worker connections.
@@ -81,12 +123,19 @@ impl Server {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         let idle = (config.lease() * 4).max(Duration::from_secs(10));
         server_config.transport_config(Arc::new(transport_config(idle)));
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            ServeError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let reset_key = reset_key(&config.state_dir)?;
+        let bind = |source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::new(Arc::new(reset_key)),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind)?;
         Ok(Self { endpoint, config })
     }
 
@@ -104,9 +153,12 @@ impl Server {
         );
         let fleet = Fleet::restore(loaded.workers, self.config.lease_ms, clock.now_ms());
         let (core_handle, core_rx) = core::Core::channel();
-        let core_task = tokio::spawn(core::Core::new(fleet, store, clock).run(core_rx));
+        let tasks = crate::tasks::lifecycle::Tasks::restore(loaded.tasks);
+        let core_task =
+            tokio::spawn(core::Core::new(fleet, tasks, store.clone(), clock).run(core_rx));
         let ctx = conn::ConnCtx {
             core: core_handle,
+            store,
             heartbeat_interval_ms: self.config.heartbeat_interval_ms,
             lease_ms: self.config.lease_ms,
         };

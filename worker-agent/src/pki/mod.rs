@@ -167,7 +167,7 @@ pub enum PkiError {
         #[source]
         source: IdentityError,
     },
-    #[error("{}: certificate has role {found}, but this program needs a {expected} certificate; point it at the {expected} certificate or issue one with role {expected}", path.display())]
+    #[error("{}: certificate has role {found}, but this program needs a certificate with role {expected}; point it at one or issue one with `drover tls cert create --role {expected}`", path.display())]
     WrongRole {
         path: PathBuf,
         expected: Role,
@@ -213,4 +213,43 @@ pub enum PkiError {
     PeerIdentity(#[source] IdentityError),
     #[error("the peer {name:?} has role {role}, not coordinator; check the coordinator address")]
     PeerNotCoordinator { name: String, role: Role },
+}
+
+impl PkiError {
+    /// The file this error is mainly about, if any, so callers can name the config key that
+    /// pointed at it.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        use PkiError::*;
+        match self {
+            Io { path, .. }
+            | CaExists { path }
+            | FileExists { path }
+            | Pem { path, .. }
+            | BadKey { path, .. } => Some(path),
+            BadCertificate { path, .. }
+            | NotACa { path }
+            | Identity { path, .. }
+            | WrongRole { path, .. } => Some(path),
+            Expired { path, .. } => Some(path),
+            KeyMismatch { key, .. } => Some(key),
+            NotIssuedByCa { cert, .. }
+            | OutsideCaLifetime { cert, .. }
+            | CertRejected { cert, .. } => Some(cert),
+            Verifier { ca, .. } => Some(ca),
+            _ => None,
+        }
+    }
+
+    /// Which of the `[tls]` config keys (`tls.ca`, `tls.cert`, `tls.key`) led to this error.
+    pub fn config_key(&self, files: &TlsFiles) -> Option<&'static str> {
+        let p = self.path()?;
+        [
+            (&files.ca, "tls.ca"),
+            (&files.cert, "tls.cert"),
+            (&files.key, "tls.key"),
+        ]
+        .into_iter()
+        .find(|(f, _)| f.as_path() == p)
+        .map(|(_, k)| k)
+    }
 }
