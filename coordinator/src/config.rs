@@ -3,6 +3,7 @@
 //! Unknown keys are an error, so a typo in `/etc/drover/coordinator.toml` is reported with the
 //! file and key instead of silently running with a default.
 
+pub use drover_worker::config::{resolve_relative, toml_message};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -90,17 +91,15 @@ impl CoordinatorConfig {
             path: path.into(),
             message: toml_message(&e),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut cfg.tls.ca,
-            &mut cfg.tls.cert,
-            &mut cfg.tls.key,
-            &mut cfg.state_dir,
-        ] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        resolve_relative(
+            path,
+            [
+                &mut cfg.tls.ca,
+                &mut cfg.tls.cert,
+                &mut cfg.tls.key,
+                &mut cfg.state_dir,
+            ],
+        );
         cfg.validate(&path.display().to_string())?;
         Ok(cfg)
     }
@@ -137,25 +136,6 @@ impl CoordinatorConfig {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
     }
-}
-
-/// toml's message names the key and shows the line; keep it on one line for logs.
-pub fn toml_message(e: &toml::de::Error) -> String {
-    let mut msg = e.message().trim().to_owned();
-    if let Some(span) = e.span() {
-        msg = format!("{msg} (at byte {}..{})", span.start, span.end);
-    }
-    let detail = e.to_string();
-    if let Some(line) = detail.lines().next() {
-        // "TOML parse error at line 3, column 1"
-        if line.starts_with("TOML parse error at") {
-            msg = format!(
-                "{msg}; {}",
-                line.trim_start_matches("TOML parse error ").trim()
-            );
-        }
-    }
-    msg
 }
 
 #[cfg(test)]

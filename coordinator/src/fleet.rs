@@ -33,6 +33,7 @@ pub struct WorkerRecord {
 }
 
 /// What the runtime must do after an input.
+#[allow(clippy::large_enum_variant)] // Short-lived, moved once.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Write this record durably.

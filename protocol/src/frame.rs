@@ -104,6 +104,7 @@ impl Default for FrameDecoder {
     }
 }
 
+#[allow(clippy::should_implement_trait)] // `next::<T>()` is generic over the message type.
 impl FrameDecoder {
     /// A decoder that refuses payloads over `limit` bytes.
     pub fn new(limit: usize) -> Self {

@@ -87,6 +87,7 @@ pub struct Usage {
 }
 
 /// Worker → coordinator, on the worker's control stream (after the handshake).
+#[allow(clippy::large_enum_variant)] // Register is sent once per connection; boxing buys nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerMessage {
     /// First message after the handshake. The worker's name comes from its certificate.

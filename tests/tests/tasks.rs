@@ -13,7 +13,7 @@ use drover_tests::{TestFleet, DEADLINE};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 fn root_or_skip(test: &str) -> bool {
@@ -30,7 +30,7 @@ fn write_spec(fleet: &TestFleet, name: &str, toml: &str) -> PathBuf {
     path
 }
 
-fn submit(fleet: &TestFleet, spec: &PathBuf) -> String {
+fn submit(fleet: &TestFleet, spec: &Path) -> String {
     let out = fleet.cli(&["submit", spec.to_str().expect("utf-8 path")]);
     assert!(
         out.status.success(),

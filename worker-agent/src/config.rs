@@ -97,17 +97,15 @@ impl WorkerConfig {
             path: path.into(),
             message: toml_message(&e),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut cfg.tls.ca,
-            &mut cfg.tls.cert,
-            &mut cfg.tls.key,
-            &mut cfg.work_dir,
-        ] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        resolve_relative(
+            path,
+            [
+                &mut cfg.tls.ca,
+                &mut cfg.tls.cert,
+                &mut cfg.tls.key,
+                &mut cfg.work_dir,
+            ],
+        );
         let invalid = |key, message: String| ConfigError::Invalid {
             path: path.into(),
             key,
@@ -158,6 +156,16 @@ impl WorkerConfig {
 
     pub fn reconnect_max(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_ms)
+    }
+}
+
+/// Make relative paths in a config file relative to the file's directory, as operators expect.
+pub fn resolve_relative<'a>(file: &Path, paths: impl IntoIterator<Item = &'a mut PathBuf>) {
+    let base = file.parent().unwrap_or(Path::new("."));
+    for p in paths {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
     }
 }
 

@@ -62,15 +62,12 @@ pub fn load_file(path: &Path) -> Result<CliConfig, CliError> {
             ),
         )
     })?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key]
-        .into_iter()
-        .flatten()
-    {
-        if p.is_relative() {
-            *p = base.join(&*p);
-        }
-    }
+    crate::config::resolve_relative(
+        path,
+        [&mut cfg.ca, &mut cfg.cert, &mut cfg.key]
+            .into_iter()
+            .flatten(),
+    );
     Ok(cfg)
 }
 

@@ -8,7 +8,6 @@
 use super::core::{software, AttemptReply, CoreHandle, CoreMsg, Durable, Outbound};
 use crate::fleet::{ConnId, Registration};
 use crate::store::Store;
-use crate::tasks::lifecycle::to_session_event;
 use crate::wire::{self, FramedRecv, WireError};
 use drover_protocol::identity::PeerIdentity;
 use drover_protocol::{
@@ -378,10 +377,7 @@ async fn read_events(
         let events = reader
             .slice(&id, from, to, limit)
             .map_err(|e| e.to_string())?;
-        Ok(OperatorResponse::Events {
-            events: events.into_iter().map(to_session_event).collect(),
-            len,
-        })
+        Ok(OperatorResponse::Events { events, len })
     })
     .await;
     match read {

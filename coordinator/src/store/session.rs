@@ -24,22 +24,9 @@ pub struct NewTask {
     pub submitted_ms: u64,
 }
 
-/// One event to append to a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewEvent {
-    pub task_id: String,
-    /// Position in the session.
-    pub pos: u64,
-    /// Attempt epoch the event belongs to (0 before the first attempt).
-    pub epoch: u64,
-    /// The worker's sequence number within the epoch; `None` for coordinator events.
-    pub seq: Option<u64>,
-    pub ts_ms: u64,
-    /// Event type, e.g. `stdout`, `checkpoint`, `exited`.
-    pub kind: String,
-    /// Type-specific JSON.
-    pub payload: String,
-}
+/// One event of a session, as appended and as stored: the protocol's record, so what the
+/// operator reads is exactly what is on disk.
+pub use drover_protocol::task::SessionEvent as NewEvent;
 
 /// An event as stored.
 pub type StoredEvent = NewEvent;

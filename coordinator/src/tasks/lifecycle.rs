@@ -16,7 +16,7 @@
 
 use super::placement::{pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
-use drover_protocol::task::{ExitClass, SessionEvent, TaskInfo, TaskSpec, TaskState};
+use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
 use drover_protocol::{Assignment, AttemptEvent, Capacity};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -75,6 +75,29 @@ struct Task {
     checkpoint: Option<String>,
 }
 
+impl Task {
+    fn new(id: String, spec: TaskSpec, submit_seq: u64, submitted_ms: u64) -> Self {
+        Task {
+            id,
+            spec,
+            submit_seq,
+            submitted_ms,
+            state: TaskState::Queued,
+            epoch: 0,
+            attempts: 0,
+            worker: None,
+            next_pos: 0,
+            next_seq: 0,
+            exit: None,
+            reason: None,
+            finished_ms: None,
+            not_before_ms: 0,
+            cancel_requested: false,
+            checkpoint: None,
+        }
+    }
+}
+
 /// Every task the coordinator knows.
 #[derive(Debug, Default)]
 pub struct Tasks {
@@ -121,24 +144,12 @@ impl Tasks {
                     continue;
                 }
             };
-            let mut t = Task {
-                id: st.task.id.clone(),
+            let mut t = Task::new(
+                st.task.id.clone(),
                 spec,
-                submit_seq: st.task.submit_seq,
-                submitted_ms: st.task.submitted_ms,
-                state: TaskState::Queued,
-                epoch: 0,
-                attempts: 0,
-                worker: None,
-                next_pos: 0,
-                next_seq: 0,
-                exit: None,
-                reason: None,
-                finished_ms: None,
-                not_before_ms: 0,
-                cancel_requested: false,
-                checkpoint: None,
-            };
+                st.task.submit_seq,
+                st.task.submitted_ms,
+            );
             for e in &st.events {
                 replay(&mut t, e);
             }
@@ -154,24 +165,7 @@ impl Tasks {
         self.next_submit_seq += 1;
         let id = format!("t{}", self.next_submit_seq);
         let spec_json = serde_json::to_string(&spec).unwrap_or_else(|_| "{}".into());
-        let mut t = Task {
-            id: id.clone(),
-            spec,
-            submit_seq: self.next_submit_seq,
-            submitted_ms: now,
-            state: TaskState::Queued,
-            epoch: 0,
-            attempts: 0,
-            worker: None,
-            next_pos: 0,
-            next_seq: 0,
-            exit: None,
-            reason: None,
-            finished_ms: None,
-            not_before_ms: 0,
-            cancel_requested: false,
-            checkpoint: None,
-        };
+        let mut t = Task::new(id.clone(), spec, self.next_submit_seq, now);
         let put = NewTask {
             id: id.clone(),
             submit_seq: t.submit_seq,
@@ -589,19 +583,6 @@ fn to_info(t: &Task) -> TaskInfo {
         reason: t.reason.clone(),
         events: t.next_pos,
         spec: t.spec.clone(),
-    }
-}
-
-/// A stored event as the operator sees it.
-pub fn to_session_event(e: NewEvent) -> SessionEvent {
-    SessionEvent {
-        task_id: e.task_id,
-        pos: e.pos,
-        epoch: e.epoch,
-        seq: e.seq,
-        ts_ms: e.ts_ms,
-        kind: e.kind,
-        payload: e.payload,
     }
 }
 
