@@ -425,6 +425,10 @@ fn print_banner(dir: &Path, addr: &str, drover: &Path, procs: &[Proc], names: &[
     println!("  {cmd} workers");
     println!("  {cmd} worker show {}", names[0]);
     println!("  {cmd} workers --json");
+    if Path::new("examples/hello.toml").exists() {
+        println!("  {cmd} submit examples/hello.toml --follow");
+        println!("  {cmd} tasks");
+    }
     println!();
     println!("Press Ctrl-C to stop the fleet.");
 }
