@@ -142,7 +142,28 @@ impl Link {
     }
 
     /// Stay connected until `shutdown`; then say goodbye and return.
-    pub async fn run(self, mut resources: Resources, shutdown: CancellationToken) {
+    pub async fn run(self, resources: Resources, shutdown: CancellationToken) {
+        // Keep systemd's watchdog fed whatever the link is doing: a worker waiting for an
+        // absent coordinator is healthy, not hung.
+        let watchdog = async {
+            match crate::notify::watchdog_interval() {
+                Some(every) => {
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        crate::notify::watchdog();
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = self.run_link(resources, shutdown) => {}
+            _ = watchdog => {}
+        }
+    }
+
+    async fn run_link(&self, mut resources: Resources, shutdown: CancellationToken) {
         let mut backoff =
             Backoff::new(self.config.reconnect_initial(), self.config.reconnect_max());
         let mut rng = rand::thread_rng();
@@ -313,9 +334,6 @@ impl Link {
             Default::default();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watchdog = tokio::time::interval(
-            crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
-        );
         let mut seq = 0u64;
         // The lease is renewed only by heartbeats the coordinator acknowledges; when none has
         // been acknowledged for a whole lease, the coordinator is gone (or has declared us
@@ -359,7 +377,6 @@ impl Link {
                     Ok(None) => return Err(SessionEnd::Lost("coordinator closed the control stream".into())),
                     Err(e) => return Err(lost(&e)),
                 },
-                _ = watchdog.tick() => crate::notify::watchdog(),
                 _ = lease_check.tick() => {
                     if last_ack.elapsed() >= lease {
                         return Err(SessionEnd::Lost(format!(

@@ -15,7 +15,25 @@ pub fn init(identifier: &str, default: &str) {
         if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
             let journal = journal.with_syslog_identifier(identifier.into());
             if log::set_boxed_logger(Box::new(journal)).is_ok() {
-                log::set_max_level(log::LevelFilter::Trace);
+                // Libraries that log through `log` directly (rustls, quinn) bypass the tracing
+                // filter: gate them at the filter's most verbose level, so the default "info"
+                // keeps their debug chatter out of the journal. (Our own events reach the
+                // journal through LogBridge, after the tracing filter.)
+                log::set_max_level(match filter.max_level_hint() {
+                    Some(l) if l >= tracing_subscriber::filter::LevelFilter::TRACE => {
+                        log::LevelFilter::Trace
+                    }
+                    Some(l) if l >= tracing_subscriber::filter::LevelFilter::DEBUG => {
+                        log::LevelFilter::Debug
+                    }
+                    Some(l) if l >= tracing_subscriber::filter::LevelFilter::INFO => {
+                        log::LevelFilter::Info
+                    }
+                    Some(l) if l >= tracing_subscriber::filter::LevelFilter::WARN => {
+                        log::LevelFilter::Warn
+                    }
+                    _ => log::LevelFilter::Error,
+                });
                 // tracing events (with their fields) become `log` records, which the journal
                 // logger writes as structured journal fields.
                 let _ = tracing_subscriber::registry()

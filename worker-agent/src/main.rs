@@ -8,7 +8,7 @@ use drover_worker::resources::Resources;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
-/// drover-worker: report this host's resources to a drover coordinator and run its tasks.
+/// Report this host's resources to a drover coordinator and run its tasks.
 ///
 /// Connects over QUIC with mutual TLS (a worker certificate from the fleet CA), registers,
 /// heartbeats, and reconnects with capped exponential backoff whenever the coordinator is
