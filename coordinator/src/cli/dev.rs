@@ -401,7 +401,7 @@ fn print_banner(dir: &Path, addr: &str, drover: &Path, procs: &[Proc], names: &[
     } else {
         drover.display().to_string()
     };
-    println!(
+    outln!(
         "drover dev: local fleet running (state in {})",
         dir.display()
     );
@@ -416,19 +416,19 @@ fn print_banner(dir: &Path, addr: &str, drover: &Path, procs: &[Proc], names: &[
         } else {
             format!("worker {}", p.label)
         };
-        println!("  {what:<32} pid {pid:<8} log {}", p.log.display());
+        outln!("  {what:<32} pid {pid:<8} log {}", p.log.display());
     }
-    println!();
-    println!("Try, in another shell:");
-    println!("  export DROVER_CONFIG={}/cli.toml", dir.display());
-    println!("  {cmd} status");
-    println!("  {cmd} workers");
-    println!("  {cmd} worker show {}", names[0]);
-    println!("  {cmd} workers --json");
+    outln!();
+    outln!("Try, in another shell:");
+    outln!("  export DROVER_CONFIG={}/cli.toml", dir.display());
+    outln!("  {cmd} status");
+    outln!("  {cmd} workers");
+    outln!("  {cmd} worker show {}", names[0]);
+    outln!("  {cmd} workers --json");
     if Path::new("examples/hello.toml").exists() {
-        println!("  {cmd} submit examples/hello.toml --follow");
-        println!("  {cmd} tasks");
+        outln!("  {cmd} submit examples/hello.toml --follow");
+        outln!("  {cmd} tasks");
     }
-    println!();
-    println!("Press Ctrl-C to stop the fleet.");
+    outln!();
+    outln!("Press Ctrl-C to stop the fleet.");
 }

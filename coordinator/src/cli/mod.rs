@@ -5,6 +5,38 @@
 //! 64 bad configuration; 69 coordinator unreachable; 77 refused by the coordinator
 //! (certificate, role or protocol version).
 
+/// `println!` that ends the command quietly (status 0) when stdout is a closed pipe, as Unix
+/// tools do (`drover workers --json | head -1`), instead of panicking on EPIPE.
+macro_rules! outln {
+    () => { $crate::cli::write_stdout(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!($($arg)*), true) };
+}
+/// `print!` with the same closed-pipe behaviour as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!($($arg)*), false) };
+}
+
+/// Write to stdout; on a closed pipe, exit 0 at once.
+pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                stdout.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| stdout.flush());
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
 pub mod client;
 pub mod dev;
 pub mod output;

@@ -88,7 +88,7 @@ async fn serve(args: super::ServeArgs) -> Result<(), CliError> {
     let config = CoordinatorConfig::load(&args.config_file)
         .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
     if args.print_config {
-        print!("{}", toml::to_string_pretty(&config).unwrap_or_default());
+        out!("{}", toml::to_string_pretty(&config).unwrap_or_default());
         return Ok(());
     }
     let files = crate::pki::TlsFiles {
@@ -121,7 +121,7 @@ fn tls(cmd: TlsCommand) -> Result<(), CliError> {
     match cmd {
         TlsCommand::Ca(CaCommand::Create { dir, name }) => {
             let paths = pki::create_ca(&dir, &name)?;
-            println!("created fleet CA\n  certificate  {}\n  key          {} (mode 0600; keep it offline if you can)", paths.cert.display(), paths.key.display());
+            outln!("created fleet CA\n  certificate  {}\n  key          {} (mode 0600; keep it offline if you can)", paths.cert.display(), paths.key.display());
             Ok(())
         }
         TlsCommand::Cert(CertCommand::Create {
@@ -144,7 +144,7 @@ fn tls(cmd: TlsCommand) -> Result<(), CliError> {
                 extra_sans: san,
             };
             let paths = pki::issue_cert(&ca_dir, &out, &req, force)?;
-            println!(
+            outln!(
                 "issued {role} certificate {:?}, valid {days} days\n  certificate  {}\n  key          {} (mode 0600)",
                 req.name,
                 paths.cert.display(),
@@ -181,9 +181,9 @@ fn print<T: Serialize>(
 ) -> Result<(), CliError> {
     if json {
         let text = serde_json::to_string_pretty(value)?;
-        println!("{text}");
+        outln!("{text}");
     } else {
-        print!("{}", human());
+        out!("{}", human());
     }
     Ok(())
 }

@@ -80,9 +80,9 @@ pub async fn submit(s: &Resolved, args: SubmitArgs) -> Result<(), CliError> {
         other => return Err(super::run::unexpected(other)),
     };
     if args.json {
-        println!("{}", serde_json::json!({ "id": id }));
+        outln!("{}", serde_json::json!({ "id": id }));
     } else {
-        println!("{id}");
+        outln!("{id}");
     }
     let result = match args.follow {
         true => follow(&mut client, &id, 0, None, args.json).await,
@@ -144,7 +144,7 @@ fn print_event(e: &SessionEvent, json: bool) {
             "task_id": e.task_id, "pos": e.pos, "epoch": e.epoch, "seq": e.seq,
             "ts_ms": e.ts_ms, "kind": e.kind, "payload": payload,
         });
-        println!("{line}");
+        outln!("{line}");
         return;
     }
     let time = timestamp(e.ts_ms);
@@ -160,12 +160,14 @@ fn print_event(e: &SessionEvent, json: bool) {
     };
     let mut lines = body.lines();
     let first = lines.next().unwrap_or("");
-    println!(
+    outln!(
         "{:>5}  {clock}  a{:<3} {:<16} {first}",
-        e.pos, e.epoch, e.kind
+        e.pos,
+        e.epoch,
+        e.kind
     );
     for more in lines {
-        println!("{:>5}  {:8}  {:4} {:<16} {more}", "", "", "", "");
+        outln!("{:>5}  {:8}  {:4} {:<16} {more}", "", "", "", "");
     }
 }
 
@@ -214,11 +216,11 @@ pub async fn cancel(s: &Resolved, id: String) -> Result<(), CliError> {
             already_final: true,
             ..
         } => {
-            println!("{id} had already ended; nothing to cancel");
+            outln!("{id} had already ended; nothing to cancel");
             Ok(())
         }
         OperatorResponse::CancelRequested { .. } => {
-            println!("{id}: cancel requested");
+            outln!("{id}: cancel requested");
             Ok(())
         }
         other => Err(super::run::unexpected(other)),
