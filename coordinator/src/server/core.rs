@@ -324,6 +324,9 @@ impl Core {
     }
 
     fn schedule(&mut self, now: u64) {
+        if !self.tasks.has_placeable(now) {
+            return;
+        }
         let views = self.worker_views(now);
         let actions = self.tasks.schedule(now, &views);
         self.apply_tasks(actions);

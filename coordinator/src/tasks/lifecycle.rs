@@ -205,6 +205,14 @@ impl Tasks {
         out
     }
 
+    /// Whether any queued task may be placed at `now` (so callers can skip building worker
+    /// views, which costs O(fleet) and must not run on every heartbeat or disconnect).
+    pub fn has_placeable(&self, now: u64) -> bool {
+        self.tasks
+            .values()
+            .any(|t| t.state == TaskState::Queued && t.not_before_ms <= now)
+    }
+
     /// Place every queued task that fits; each placement is a new epoch.
     pub fn schedule(&mut self, now: u64, workers: &[WorkerView]) -> Vec<TaskAction> {
         let queue: Vec<QueuedTask<String>> = self
