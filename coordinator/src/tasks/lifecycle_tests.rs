@@ -1,7 +1,7 @@
 use super::*;
 use crate::store::session::StoredTask;
 use drover_protocol::task::{Requirements, RetryPolicy};
-use drover_protocol::{CgroupVersion, LoadAvg, ResourceReport, Usage, WorkerInfo, WorkerState};
+use drover_protocol::{Usage, WorkerInfo, WorkerState};
 
 fn spec(max_attempts: u32) -> TaskSpec {
     TaskSpec {
@@ -38,24 +38,7 @@ fn worker(name: &str) -> WorkerView {
         state_changed_ms: 0,
         last_heartbeat_ms: 0,
         last_heartbeat_age_ms: 0,
-        resources: ResourceReport {
-            arch: "x86_64".into(),
-            os: String::new(),
-            kernel: String::new(),
-            hostname: String::new(),
-            cpu_count: 2,
-            cpu_model: String::new(),
-            load: LoadAvg::default(),
-            memory_total_bytes: 1 << 30,
-            memory_available_bytes: 1 << 30,
-            work_dir: String::new(),
-            disk_total_bytes: 0,
-            disk_free_bytes: 0,
-            gpus: vec![],
-            cgroup: CgroupVersion::V2,
-            namespaces: true,
-            labels: vec![],
-        },
+        resources: crate::fleet::tests::report(2, &[]),
         usage: Usage::default(),
     };
     WorkerView::from(&info)
