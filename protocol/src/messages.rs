@@ -110,6 +110,21 @@ pub enum AttemptUp {
     /// One event of the attempt, in `seq` order from 0. After a reconnect the worker resends
     /// every event not yet acknowledged; the coordinator stores each (task, epoch, seq) once.
     Event(AttemptEvent),
+    /// First frame of an *inputs* stream (one per attempt whose spec has inputs): send this
+    /// attempt's inputs archive. Answered by [`AttemptDown::Inputs`] and its chunks, or by
+    /// [`AttemptDown::Fenced`] / [`AttemptDown::Refused`].
+    FetchInputs { task_id: String, epoch: u64 },
+    /// First frame of an *outputs* stream: the attempt's outputs archive (a tar stream of
+    /// `archive_bytes` bytes) follows in [`AttemptUp::Chunk`] frames. Answered by
+    /// [`AttemptDown::OutputsStored`] once durable, or [`AttemptDown::Fenced`] (stale epoch) /
+    /// [`AttemptDown::Refused`].
+    PutOutputs {
+        task_id: String,
+        epoch: u64,
+        archive_bytes: u64,
+    },
+    /// Part of an archive, at most [`crate::task::ARCHIVE_CHUNK_BYTES`] bytes.
+    Chunk { data: Vec<u8> },
 }
 
 /// One event produced on a worker.
@@ -132,6 +147,21 @@ pub enum AttemptDown {
     /// This attempt is no longer current (a newer epoch exists, or it was never assigned to
     /// this worker): stop it, and send nothing more for it.
     Fenced { reason: String },
+    /// The inputs archive of the attempt follows in [`AttemptDown::Chunk`] frames:
+    /// `archive_bytes` bytes whose SHA-256 is `sha256` (lowercase hex).
+    Inputs { archive_bytes: u64, sha256: String },
+    /// Part of an archive, at most [`crate::task::ARCHIVE_CHUNK_BYTES`] bytes.
+    Chunk { data: Vec<u8> },
+    /// The outputs archive is durable on the coordinator: `files` regular files holding
+    /// `bytes` bytes, stored as the archive with this SHA-256.
+    OutputsStored {
+        files: u64,
+        bytes: u64,
+        sha256: String,
+    },
+    /// The transfer was refused for a reason other than fencing (over a limit, not a valid
+    /// archive, no inputs stored, the store failed); the reason is for the operator.
+    Refused { reason: String },
 }
 
 /// Coordinator → worker, on the worker's control stream.
@@ -301,6 +331,28 @@ pub enum OperatorRequest {
     Cancel {
         id: String,
     },
+    /// Submit a spec with its inputs: a tar archive of `archive_bytes` bytes follows in
+    /// [`OperatorRequest::Chunk`] frames on the same stream; the answer
+    /// ([`OperatorResponse::Submitted`] or an error) comes after the last one.
+    SubmitWithInputs {
+        spec: crate::task::TaskSpec,
+        archive_bytes: u64,
+    },
+    /// Part of an archive sent after [`OperatorRequest::SubmitWithInputs`].
+    Chunk {
+        data: Vec<u8>,
+    },
+    /// The outputs each attempt of a task stored (answered by [`OperatorResponse::Outputs`]).
+    ListOutputs {
+        id: String,
+    },
+    /// One attempt's outputs archive (`None`: the last attempt that stored outputs). Answered
+    /// by [`OperatorResponse::OutputsArchive`] followed by [`OperatorResponse::Chunk`] frames
+    /// holding its `archive_bytes` bytes, or by an error.
+    FetchOutputs {
+        id: String,
+        attempt: Option<u32>,
+    },
 }
 
 /// What kind of failure an [`OperatorResponse::Error`] is; the CLI maps it to an exit code.
@@ -336,6 +388,14 @@ pub enum OperatorResponse {
     CancelRequested {
         id: String,
         already_final: bool,
+    },
+    /// Stored outputs of a task, one record per attempt that stored any, oldest first.
+    Outputs(Vec<crate::task::OutputsInfo>),
+    /// The outputs archive described here follows in [`OperatorResponse::Chunk`] frames.
+    OutputsArchive(crate::task::OutputsInfo),
+    /// Part of an archive.
+    Chunk {
+        data: Vec<u8>,
     },
 }
 

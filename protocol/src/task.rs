@@ -8,6 +8,28 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// Most bytes of file content a task's inputs may hold in all: 64 MiB. Larger data belongs
+/// elsewhere (fetched by the task with `network = "host"`, or kept on the worker).
+pub const MAX_INPUT_BYTES: u64 = 64 << 20;
+
+/// Most bytes an inputs archive may have on the wire: the content limit plus room for tar
+/// headers (512 bytes per entry, padding to 512-byte blocks).
+pub const MAX_INPUT_ARCHIVE_BYTES: u64 = MAX_INPUT_BYTES + (8 << 20);
+
+/// Most bytes of file content one attempt's outputs may hold: 256 MiB. Files past it are not
+/// stored, and the session says so (`outputs_over_limit`).
+pub const MAX_OUTPUT_BYTES: u64 = 256 << 20;
+
+/// Most files one attempt's outputs may hold.
+pub const MAX_OUTPUT_FILES: u64 = 10_000;
+
+/// Most bytes an outputs archive may have on the wire: the content limit plus tar headers
+/// for [`MAX_OUTPUT_FILES`] files (each at most 3 KiB of headers and padding with a long name).
+pub const MAX_OUTPUT_ARCHIVE_BYTES: u64 = MAX_OUTPUT_BYTES + MAX_OUTPUT_FILES * 3 * 1024 + 1024;
+
+/// Largest archive chunk in one frame (well under the 1 MiB frame limit).
+pub const ARCHIVE_CHUNK_BYTES: usize = 256 * 1024;
+
 /// Where a task needs to run. Every field is a lower bound or an exact match; empty means
 /// "anything".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,4 +258,22 @@ pub struct SessionEvent {
     pub kind: String,
     /// Type-specific JSON text.
     pub payload: String,
+}
+
+/// The outputs one attempt stored (`drover outputs --json`, `drover task show --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputsInfo {
+    pub task_id: String,
+    /// The attempt's number (1 for the first); equal to its epoch.
+    pub attempt: u32,
+    pub epoch: u64,
+    /// Regular files in the archive.
+    pub files: u64,
+    /// Bytes of those files.
+    pub bytes: u64,
+    /// Size of the stored tar archive.
+    pub archive_bytes: u64,
+    /// SHA-256 of the archive, lowercase hex.
+    pub sha256: String,
+    pub stored_ms: u64,
 }

@@ -21,7 +21,7 @@
 use std::fmt::Debug;
 
 use drover_protocol::task::{
-    ExitClass, Isolation, Limits, NetworkPolicy, Requirements, RetryPolicy, SessionEvent, TaskInfo,
+    ExitClass, Isolation, Limits, NetworkPolicy, OutputsInfo, Requirements, RetryPolicy, SessionEvent, TaskInfo,
     TaskSpec, TaskState,
 };
 use drover_protocol::{
@@ -741,3 +741,122 @@ const GOLDEN_TASK_EXITS: [&str; 5] = [
     "000000a9060274370568656c6c6f030202010470692d3780d095ffbc3101e8d795ffbc3101030121617474656d70742032206f66203320657869746564207769746820636f646520330b0568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
     "000000a9060274370568656c6c6f030202010470692d3780d095ffbc3101e8d795ffbc3101040121617474656d70742032206f66203320657869746564207769746820636f646520330b0568656c6c6f03027368022d63076563686f20686901084752454554494e470664726f766572010464617461010a6f75742f2a2e6a736f6e01076161726368363402808080800401010762726f77736572018080808008014001e0d403010103f40303",
 ];
+
+#[test]
+fn archive_transfers() {
+    golden(
+        "attempt_fetch_inputs",
+        &AttemptUp::FetchInputs {
+            task_id: "t7".into(),
+            epoch: 2,
+        },
+        "000000050202743702",
+    );
+    golden(
+        "attempt_put_outputs",
+        &AttemptUp::PutOutputs {
+            task_id: "t7".into(),
+            epoch: 2,
+            archive_bytes: 10240,
+        },
+        "0000000703027437028050",
+    );
+    golden(
+        "attempt_up_chunk",
+        &AttemptUp::Chunk {
+            data: vec![1, 2, 255],
+        },
+        "0000000504030102ff",
+    );
+    golden(
+        "attempt_inputs",
+        &AttemptDown::Inputs {
+            archive_bytes: 10240,
+            sha256: "ab".repeat(32),
+        },
+        "0000004402805040616261626162616261626162616261626162616261626162\
+         6162616261626162616261626162616261626162616261626162616261626162\
+         6162616261626162",
+    );
+    golden(
+        "attempt_down_chunk",
+        &AttemptDown::Chunk { data: vec![0, 7] },
+        "0000000403020007",
+    );
+    golden(
+        "attempt_outputs_stored",
+        &AttemptDown::OutputsStored {
+            files: 3,
+            bytes: 300,
+            sha256: "cd".repeat(32),
+        },
+        "000000450403ac02406364636463646364636463646364636463646364636463\
+         6463646364636463646364636463646364636463646364636463646364636463\
+         646364636463646364",
+    );
+    golden(
+        "attempt_refused",
+        &AttemptDown::Refused {
+            reason: "too big".into(),
+        },
+        "000000090507746f6f20626967",
+    );
+    golden(
+        "request_submit_with_inputs",
+        &OperatorRequest::SubmitWithInputs {
+            spec: sample_spec(),
+            archive_bytes: 2048,
+        },
+        "00000066080568656c6c6f03027368022d63076563686f206869010847524545\
+         54494e470664726f766572010464617461010a6f75742f2a2e6a736f6e010761\
+         61726368363402808080800401010762726f77736572018080808008014001e0\
+         d403010103f403038010",
+    );
+    golden(
+        "request_chunk",
+        &OperatorRequest::Chunk { data: vec![9] },
+        "00000003090109",
+    );
+    golden(
+        "request_list_outputs",
+        &OperatorRequest::ListOutputs { id: "t7".into() },
+        "000000040a027437",
+    );
+    golden(
+        "request_fetch_outputs",
+        &OperatorRequest::FetchOutputs {
+            id: "t7".into(),
+            attempt: Some(2),
+        },
+        "000000060b0274370102",
+    );
+    let info = OutputsInfo {
+        task_id: "t7".into(),
+        attempt: 2,
+        epoch: 2,
+        files: 3,
+        bytes: 300,
+        archive_bytes: 4096,
+        sha256: "ef".repeat(32),
+        stored_ms: 1_700_000_000_700,
+    };
+    golden(
+        "response_outputs",
+        &OperatorResponse::Outputs(vec![info.clone()]),
+        "000000530901027437020203ac02802040656665666566656665666566656665\
+         6665666566656665666566656665666566656665666566656665666566656665\
+         6665666566656665666566656665666566bcd595ffbc31",
+    );
+    golden(
+        "response_outputs_archive",
+        &OperatorResponse::OutputsArchive(info),
+        "000000520a027437020203ac0280204065666566656665666566656665666566\
+         6566656665666566656665666566656665666566656665666566656665666566\
+         65666566656665666566656665666566bcd595ffbc31",
+    );
+    golden(
+        "response_chunk",
+        &OperatorResponse::Chunk { data: vec![5, 6] },
+        "000000040b020506",
+    );
+}

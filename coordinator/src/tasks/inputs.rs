@@ -10,9 +10,9 @@ use super::validate::{invalid, InvalidField};
 use drover_protocol::task::TaskSpec;
 use std::path::{Path, PathBuf};
 
-/// Most bytes a task's inputs may hold in all: 64 MiB. Larger data belongs elsewhere (fetched
-/// by the task with `network = "host"`, or on the worker).
-pub const MAX_INPUT_BYTES: u64 = 64 << 20;
+/// Most bytes a task's inputs may hold in all: 64 MiB (defined beside the wire types, as the
+/// coordinator and the worker check it too).
+pub use drover_protocol::task::MAX_INPUT_BYTES;
 
 /// One `inputs` entry, found and sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
