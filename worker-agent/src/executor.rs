@@ -132,6 +132,7 @@ async fn stream_events(
                         }
                     }
                     Ok(Some(AttemptDown::Fenced { reason })) => return Err(format!("fenced: {reason}")),
+                    Ok(Some(other)) => return Err(format!("unexpected message on the attempt stream: {other:?}")),
                     Ok(None) => return Err("coordinator closed the attempt stream".into()),
                     Err(e) => return Err(e.to_string()),
                 },

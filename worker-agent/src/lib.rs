@@ -1,6 +1,7 @@
 //! drover-worker as a library: the lean daemon that reports a host's resources to the
 //! coordinator and runs task attempts in sandboxes.
 //!
+//! - [`archive`]: tar archives of task inputs and outputs, unpacked as hostile input;
 //! - [`config`]: typed `worker.toml`;
 //! - [`resources`]: what the host has and uses;
 //! - [`sandbox`]: namespaces and cgroup limits for one attempt;
@@ -14,6 +15,7 @@
 //! The coordinator reuses `pki`, `wire`, `logging` and `notify` from here, so they are written
 //! once and the lean worker binary pulls in nothing it does not need.
 
+pub mod archive;
 pub mod config;
 pub mod executor;
 pub mod link;
