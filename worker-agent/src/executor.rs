@@ -7,6 +7,10 @@
 //! rest. A task that floods output blocks on its own write; nothing is dropped and memory stays
 //! bounded on both sides.
 //!
+//! Inputs and outputs (see [`crate::workspace`]): inputs are unpacked into the workspace
+//! before the process starts; outputs are stored after it ends and before `exited` is sent,
+//! so a task seen `completed` already has its outputs stored.
+//!
 //! An attempt lives as long as the connection that started it: when the link drops, the
 //! attempt task is aborted and its process tree killed (the sandbox guarantees it); the
 //! coordinator learns this at re-registration (`WorkerMessage::Attempts`) and reschedules.
@@ -15,6 +19,7 @@
 
 use crate::sandbox::{AttemptSpec, Sandbox};
 use crate::wire::{self, FramedRecv};
+use crate::workspace;
 use drover_protocol::task::{ExitClass, Limits};
 use drover_protocol::{Assignment, AttemptDown, AttemptEvent, AttemptUp};
 use serde_json::json;
@@ -86,7 +91,7 @@ pub async fn run_attempt(
         return;
     }
     let (tx, rx) = mpsc::channel(64);
-    let process = run_process(&ctx, &a, tx, cancel.clone());
+    let process = run_process(&ctx, &conn, &a, tx, cancel.clone());
     let stream = stream_events(&mut send, &mut recv, rx, cancel.clone());
     let ((), streamed) = tokio::join!(process, stream);
     match streamed {
@@ -146,7 +151,13 @@ async fn stream_events(
     result
 }
 
-async fn run_process(ctx: &ExecContext, a: &Assignment, tx: Emit, cancel: CancellationToken) {
+async fn run_process(
+    ctx: &ExecContext,
+    conn: &quinn::Connection,
+    a: &Assignment,
+    tx: Emit,
+    cancel: CancellationToken,
+) {
     let workspace = ctx
         .work_dir
         .join("tasks")
@@ -179,6 +190,10 @@ async fn run_process(ctx: &ExecContext, a: &Assignment, tx: Emit, cancel: Cancel
             .await;
         return;
     }
+    if let Err(why) = workspace::prepare_inputs(conn, &ctx.work_dir, a, &workspace, &tx).await {
+        let _ = tx.send(("exited".into(), fail(why))).await;
+        return;
+    }
     let limits = resolved_limits(a);
     let spec = AttemptSpec {
         task_id: &a.task_id,
@@ -207,6 +222,7 @@ async fn run_process(ctx: &ExecContext, a: &Assignment, tx: Emit, cancel: Cancel
     let events = pump_lines(attempt.events.take(), tx.clone());
     let wait = attempt.wait(cancel);
     let (outcome, (), (), ()) = tokio::join!(wait, out, err, events);
+    workspace::finish_outputs(conn, &ctx.work_dir, a, &workspace, &tx).await;
     let exited = json!({
         "class": outcome.class,
         "peak_memory_bytes": outcome.peak_memory_bytes,

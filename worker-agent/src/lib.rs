@@ -10,6 +10,8 @@
 //!   reconnect with capped exponential backoff and jitter);
 //! - [`pki`]: the fleet CA, role-carrying certificates and rustls configs (the worker will
 //!   make its own key and CSR when it enrolls);
+//! - [`workspace`]: an attempt's inputs in and outputs out; [`transfer`]: files as chunks
+//!   over framed streams;
 //! - [`wire`], [`logging`], [`notify`]: small runtime pieces.
 //!
 //! The coordinator reuses `pki`, `wire`, `logging` and `notify` from here, so they are written
@@ -24,7 +26,9 @@ pub mod notify;
 pub mod pki;
 pub mod resources;
 pub mod sandbox;
+pub mod transfer;
 pub mod wire;
+pub mod workspace;
 
 /// Cancel `token` on the first SIGTERM or SIGINT.
 pub async fn shutdown_on_signal(token: CancellationToken) {
