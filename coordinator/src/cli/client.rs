@@ -1,13 +1,19 @@
 //! The operator's connection to the coordinator: QUIC + mutual TLS with an operator
-//! certificate, the hello handshake, then request/response on one stream.
+//! certificate, the hello handshake, then request/response on one stream. This is the Rust
+//! API the CLI sits on (and a harness can embed): [`OperatorClient::request`] for any
+//! request, and typed calls for the ones that move archives — [`OperatorClient::submit`]
+//! (with an inputs archive), [`OperatorClient::list_outputs`], [`OperatorClient::fetch_outputs`].
+//! Archives travel in chunks of at most 256 KiB, never in one frame.
 
 use super::settings::Resolved;
 use super::{exit, CliError};
 use crate::pki::{self, TlsFiles};
 use crate::wire::{self, FramedRecv};
+use drover_protocol::task::{OutputsInfo, TaskSpec};
 use drover_protocol::{
     close_code, Hello, HelloReply, OperatorRequest, OperatorResponse, Role, SUPPORTED_VERSIONS,
 };
+use drover_worker::transfer::{recv_chunks, send_chunks};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,6 +132,107 @@ impl OperatorClient {
             Ok(None) => Err(lost("it closed the stream".into())),
             Err(e) => Err(lost(e.to_string())),
         }
+    }
+
+    /// Like [`OperatorClient::request`], with an error answer turned into the [`CliError`]
+    /// (and exit code) it stands for.
+    pub async fn ask(&mut self, req: &OperatorRequest) -> Result<OperatorResponse, CliError> {
+        match self.request(req).await? {
+            OperatorResponse::Error { kind, message } => {
+                Err(super::run::error_response(kind, message))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Submit a spec and return the new task's id. `inputs` is the packed inputs archive and
+    /// its length, required when the spec lists inputs: the coordinator stores it durably
+    /// before it answers.
+    pub async fn submit(
+        &mut self,
+        spec: TaskSpec,
+        inputs: Option<(&mut tokio::fs::File, u64)>,
+    ) -> Result<String, CliError> {
+        let answer = match inputs {
+            None => self.ask(&OperatorRequest::Submit { spec }).await?,
+            Some((file, archive_bytes)) => {
+                let lost = |e: String| {
+                    CliError::new(exit::UNAVAILABLE, format!("lost the coordinator: {e}"))
+                };
+                let header = OperatorRequest::SubmitWithInputs {
+                    spec,
+                    archive_bytes,
+                };
+                wire::send(&mut self.send, &header)
+                    .await
+                    .map_err(|e| lost(e.to_string()))?;
+                send_chunks(&mut self.send, file, archive_bytes, |data| {
+                    OperatorRequest::Chunk { data }
+                })
+                .await
+                .map_err(|e| lost(e.to_string()))?;
+                match self.recv.next::<OperatorResponse>().await {
+                    Ok(Some(OperatorResponse::Error { kind, message })) => {
+                        return Err(super::run::error_response(kind, message))
+                    }
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Err(lost("it closed the stream".into())),
+                    Err(e) => return Err(lost(e.to_string())),
+                }
+            }
+        };
+        match answer {
+            OperatorResponse::Submitted { id } => Ok(id),
+            other => Err(super::run::unexpected(other)),
+        }
+    }
+
+    /// The outputs each attempt of task `id` stored, oldest first.
+    pub async fn list_outputs(&mut self, id: &str) -> Result<Vec<OutputsInfo>, CliError> {
+        let req = OperatorRequest::ListOutputs { id: id.to_owned() };
+        match self.ask(&req).await? {
+            OperatorResponse::Outputs(list) => Ok(list),
+            other => Err(super::run::unexpected(other)),
+        }
+    }
+
+    /// Write the outputs archive of attempt `attempt` of task `id` (`None`: the last attempt
+    /// that stored any) into `out`; checks its SHA-256 and returns its record.
+    pub async fn fetch_outputs<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        id: &str,
+        attempt: Option<u32>,
+        out: &mut W,
+    ) -> Result<OutputsInfo, CliError> {
+        let req = OperatorRequest::FetchOutputs {
+            id: id.to_owned(),
+            attempt,
+        };
+        let info = match self.ask(&req).await? {
+            OperatorResponse::OutputsArchive(info) => info,
+            other => return Err(super::run::unexpected(other)),
+        };
+        let sha = recv_chunks(&mut self.recv, out, info.archive_bytes, |m| match m {
+            OperatorResponse::Chunk { data } => Ok(data),
+            other => Err(other),
+        })
+        .await
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!("lost the coordinator while fetching outputs: {e}"),
+            )
+        })?;
+        if sha != info.sha256 {
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!(
+                    "the outputs archive of {id} arrived damaged (SHA-256 {sha}, expected {})",
+                    info.sha256
+                ),
+            ));
+        }
+        Ok(info)
     }
 
     /// Close politely and wait for the close to be sent.

@@ -153,6 +153,17 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Write the files an attempt of a task stored (its `outputs`) into a directory.
+    ///
+    /// Without --attempt, the last attempt that stored outputs. Files land under their paths
+    /// in the workspace; existing files are not overwritten unless --force. Exits 1 when the
+    /// task does not exist, declares no outputs or has stored none yet.
+    Outputs {
+        #[command(flatten)]
+        args: tasks::OutputsArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Start a local fleet (a coordinator and N workers) for trying drover out.
     Dev(dev::DevArgs),
     /// Write man pages for drover and each of its subcommands into DIR (used by packaging).
@@ -212,7 +223,7 @@ fn parse_task_state(s: &str) -> Result<drover_protocol::task::TaskState, String>
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
-    /// State, attempts, worker, why it waits or why it failed.
+    /// State, attempts, worker, why it waits or why it failed, and stored outputs.
     Show {
         /// Task id.
         id: String,

@@ -35,11 +35,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Task(super::TaskCommand::Show { id, conn, json }) => {
-            let s = settings::resolve(&conn)?;
-            match query(&s, OperatorRequest::ShowTask { id }).await? {
-                OperatorResponse::Task(t) => print(json.json, &t, || super::tasks::task_detail(&t)),
-                other => Err(unexpected(other)),
-            }
+            super::tasks::show(&settings::resolve(&conn)?, id, json.json).await
+        }
+        Command::Outputs { args, conn } => {
+            super::tasks::outputs(&settings::resolve(&conn)?, args).await
         }
         Command::Tls(cmd) => tls(cmd),
         Command::Manpages { dir } => {

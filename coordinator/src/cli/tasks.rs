@@ -1,4 +1,9 @@
-//! Task commands: `submit`, `tasks`, `task show`, `events` and `cancel`.
+//! Task commands: `submit`, `tasks`, `task show`, `events`, `cancel` and `outputs`.
+//!
+//! `submit` packs a spec's inputs into a tar archive (in an unlinked temporary file, never
+//! whole in memory) and sends it with the spec; `outputs` fetches an attempt's outputs archive
+//! the same way and unpacks it into the destination as hostile input (see
+//! `drover_worker::archive`), refusing to overwrite files unless `--force`.
 //!
 //! `--follow` polls the session by position (events `next..`) every [`FOLLOW_POLL`], so a
 //! follower that reconnects misses nothing and sees nothing twice.
@@ -8,11 +13,16 @@ use super::output::{age, table, timestamp};
 use super::settings::Resolved;
 use super::{exit, CliError};
 use crate::tasks::lifecycle::describe_exit;
-use crate::tasks::load_spec;
+use crate::tasks::units::format_size;
+use crate::tasks::{load_spec, pack_inputs, InputFile};
 use clap::Args;
-use drover_protocol::task::{SessionEvent, TaskInfo, TaskState};
+use drover_protocol::task::{
+    OutputsInfo, SessionEvent, TaskInfo, TaskState, MAX_INPUT_ARCHIVE_BYTES, MAX_OUTPUT_BYTES,
+};
 use drover_protocol::{OperatorRequest, OperatorResponse};
-use std::path::PathBuf;
+use drover_worker::archive::{self, EntryKind, UnpackOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How often `--follow` asks for new events.
@@ -59,25 +69,103 @@ async fn ask(
     }
 }
 
-pub async fn submit(s: &Resolved, args: SubmitArgs) -> Result<(), CliError> {
-    let loaded = load_spec(&args.spec).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
-    if !loaded.inputs.is_empty() {
+#[derive(Debug, Args)]
+pub struct OutputsArgs {
+    /// Task id.
+    pub id: String,
+    /// Directory to write the files into, under their paths in the workspace (created if
+    /// missing).
+    #[arg(long, value_name = "DIR")]
+    pub dest: PathBuf,
+    /// Which attempt's outputs, 1 for the first [default: the last attempt that stored any].
+    #[arg(long, value_name = "N")]
+    pub attempt: Option<u32>,
+    /// Replace files that already exist in DIR (otherwise nothing is written and the command
+    /// fails, naming them).
+    #[arg(long)]
+    pub force: bool,
+    /// Print what was written as JSON (schema in docs/json-schema.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A file created for this process and already unlinked, so it is gone however we exit.
+fn anonymous_file(what: &str) -> Result<std::fs::File, CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::env::temp_dir().join(format!(
+        "drover-{what}-{}-{:016x}.tar",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("cannot create a temporary file {}: {e}", path.display()),
+            )
+        })?;
+    let _ = std::fs::remove_file(&path);
+    Ok(file)
+}
+
+/// Pack `inputs` into an anonymous file; returns it (at offset 0) and its length.
+fn pack_to_file(spec: &Path, inputs: &[InputFile]) -> Result<(std::fs::File, u64), CliError> {
+    let failed = |e: String| {
+        CliError::new(
+            exit::FAILURE,
+            format!("{}: cannot pack the inputs: {e}", spec.display()),
+        )
+    };
+    let file = anonymous_file("inputs")?;
+    let (writer, skipped) =
+        pack_inputs(inputs, std::io::BufWriter::new(file)).map_err(|e| failed(e.to_string()))?;
+    for s in skipped {
+        eprintln!(
+            "drover: note: not shipping {}: {}",
+            s.path.display(),
+            s.reason
+        );
+    }
+    let mut file = writer
+        .into_inner()
+        .map_err(|e| failed(e.error().to_string()))?;
+    let len = file
+        .seek(SeekFrom::End(0))
+        .and_then(|len| file.seek(SeekFrom::Start(0)).map(|_| len))
+        .map_err(|e| failed(e.to_string()))?;
+    if len > MAX_INPUT_ARCHIVE_BYTES {
         return Err(CliError::new(
             exit::USAGE,
             format!(
-                "{}: `inputs` are not shipped yet by this version of drover; remove them, or put the files \
-                 where the task can reach them",
-                args.spec.display()
+                "{}: inputs: the packed archive is {} (tar headers for many small files), over \
+                 the {} limit; ship fewer files, e.g. one archive of them",
+                spec.display(),
+                format_size(len),
+                format_size(MAX_INPUT_ARCHIVE_BYTES)
             ),
         ));
     }
-    if !loaded.spec.outputs.is_empty() {
-        eprintln!("drover: note: `outputs` are not collected yet by this version; the task runs without them");
-    }
+    Ok((file, len))
+}
+
+pub async fn submit(s: &Resolved, args: SubmitArgs) -> Result<(), CliError> {
+    let loaded = load_spec(&args.spec).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let packed = match loaded.inputs.is_empty() {
+        true => None,
+        false => Some(pack_to_file(&args.spec, &loaded.inputs)?),
+    };
     let mut client = OperatorClient::connect(s).await?;
-    let id = match ask(&mut client, OperatorRequest::Submit { spec: loaded.spec }).await? {
-        OperatorResponse::Submitted { id } => id,
-        other => return Err(super::run::unexpected(other)),
+    let id = match packed {
+        None => client.submit(loaded.spec, None).await?,
+        Some((file, len)) => {
+            let mut file = tokio::fs::File::from_std(file);
+            client.submit(loaded.spec, Some((&mut file, len))).await?
+        }
     };
     if args.json {
         outln!("{}", serde_json::json!({ "id": id }));
@@ -225,6 +313,165 @@ pub async fn cancel(s: &Resolved, id: String) -> Result<(), CliError> {
         }
         other => Err(super::run::unexpected(other)),
     }
+}
+
+/// `drover task show`: the task and, when its spec declares outputs, what each attempt stored.
+pub async fn show(s: &Resolved, id: String, json: bool) -> Result<(), CliError> {
+    let mut client = OperatorClient::connect(s).await?;
+    let result = async {
+        let t = match client.ask(&OperatorRequest::ShowTask { id: id.clone() }).await? {
+            OperatorResponse::Task(t) => t,
+            other => return Err(super::run::unexpected(other)),
+        };
+        let outputs = match t.spec.outputs.is_empty() {
+            true => Vec::new(),
+            false => client.list_outputs(&id).await?,
+        };
+        Ok((t, outputs))
+    }
+    .await;
+    client.close().await;
+    let (t, outputs) = result?;
+    if json {
+        let mut value = serde_json::to_value(&*t)?;
+        value["outputs"] = serde_json::to_value(&outputs)?;
+        outln!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        out!("{}", task_detail(&t));
+        out!("{}", outputs_detail(&t, &outputs));
+    }
+    Ok(())
+}
+
+/// The `Outputs:` lines of `task show`.
+pub fn outputs_detail(t: &TaskInfo, outputs: &[OutputsInfo]) -> String {
+    if t.spec.outputs.is_empty() {
+        return String::new();
+    }
+    let mut text = format!("{:<11}{}\n", "Outputs:", t.spec.outputs.join(" "));
+    if outputs.is_empty() {
+        text += &format!("{:<11}none stored yet\n", "");
+    }
+    for o in outputs {
+        text += &format!(
+            "{:<11}attempt {}: {} files, {} (drover outputs {} --attempt {} --dest DIR)\n",
+            "",
+            o.attempt,
+            o.files,
+            format_size(o.bytes),
+            t.id,
+            o.attempt
+        );
+    }
+    text
+}
+
+/// `drover outputs`: fetch an attempt's outputs archive and unpack it into `--dest`.
+pub async fn outputs(s: &Resolved, args: OutputsArgs) -> Result<(), CliError> {
+    let file = anonymous_file("outputs")?;
+    let mut async_file = tokio::fs::File::from_std(file);
+    let mut client = OperatorClient::connect(s).await?;
+    let fetched = client
+        .fetch_outputs(&args.id, args.attempt, &mut async_file)
+        .await;
+    client.close().await;
+    let info = fetched?;
+    let mut file = async_file.into_std().await;
+    let rewind = |file: &mut std::fs::File| {
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read back the archive: {e}")))
+    };
+    rewind(&mut file)?;
+    let entries_limit = drover_protocol::task::MAX_OUTPUT_FILES * 4;
+    let listed = archive::list(std::io::BufReader::new(&file), MAX_OUTPUT_BYTES, entries_limit)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("the outputs archive of {}: {e}", args.id)))?;
+    let dest = &args.dest;
+    if !args.force {
+        let existing: Vec<String> = listed
+            .entries
+            .iter()
+            .filter(|e| e.kind != EntryKind::Dir)
+            .filter(|e| std::fs::symlink_metadata(dest.join(&e.path)).is_ok())
+            .map(|e| e.path.display().to_string())
+            .collect();
+        if !existing.is_empty() {
+            let shown: Vec<_> = existing.iter().take(10).cloned().collect();
+            let more = existing.len().saturating_sub(10);
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!(
+                    "{} of the outputs already exist in {}: {}{}; nothing was written. Pass \
+                     --force to overwrite them, or choose another --dest",
+                    existing.len(),
+                    dest.display(),
+                    shown.join(", "),
+                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                ),
+            ));
+        }
+    }
+    std::fs::create_dir_all(dest).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot create {}: {e}", dest.display()),
+        )
+    })?;
+    rewind(&mut file)?;
+    let opts = UnpackOptions {
+        overwrite: args.force,
+        max_bytes: MAX_OUTPUT_BYTES,
+        max_entries: entries_limit,
+    };
+    let written = archive::unpack(std::io::BufReader::new(&file), dest, opts).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("writing the outputs of {} into {}: {e}", args.id, dest.display()),
+        )
+    })?;
+    let files: Vec<&archive::Entry> = written
+        .entries
+        .iter()
+        .filter(|e| e.kind != EntryKind::Dir)
+        .collect();
+    if args.json {
+        let list: Vec<_> = files
+            .iter()
+            .map(|e| serde_json::json!({ "path": e.path, "bytes": e.bytes }))
+            .collect();
+        let out = serde_json::json!({
+            "task_id": info.task_id,
+            "attempt": info.attempt,
+            "epoch": info.epoch,
+            "dest": dest,
+            "files": list,
+            "bytes": written.bytes,
+            "archive_bytes": info.archive_bytes,
+            "sha256": info.sha256,
+        });
+        outln!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if files.is_empty() {
+        outln!(
+            "attempt {} of {} stored no files (its outputs globs matched nothing); nothing written to {}",
+            info.attempt,
+            info.task_id,
+            dest.display()
+        );
+        return Ok(());
+    }
+    outln!(
+        "wrote {} files ({}) from attempt {} of {} into {}:",
+        files.len(),
+        format_size(written.bytes),
+        info.attempt,
+        info.task_id,
+        dest.display()
+    );
+    for e in files {
+        outln!("  {}  {}", dest.join(&e.path).display(), format_size(e.bytes));
+    }
+    Ok(())
 }
 
 pub fn tasks_table(list: &[TaskInfo], now_ms: u64) -> String {

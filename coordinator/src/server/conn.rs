@@ -6,6 +6,7 @@
 //! connection closed with [`close_code::PROTOCOL_ERROR`]; nothing else is affected.
 
 use super::core::{software, AttemptReply, CoreHandle, CoreMsg, Durable, Outbound};
+use super::transfer;
 use crate::fleet::{ConnId, Registration};
 use crate::store::Store;
 use crate::wire::{self, FramedRecv, WireError};
@@ -296,7 +297,7 @@ impl Session {
                 }
                 stream = self.conn.accept_bi() => match stream {
                     Ok((s, r)) => {
-                        streams.spawn(attempt_stream(self.conn.clone(), self.name.clone(), self.ctx.core.clone(), s, FramedRecv::new(r)));
+                        streams.spawn(attempt_stream(self.conn.clone(), self.name.clone(), self.ctx.clone(), s, FramedRecv::new(r)));
                     }
                     Err(_) => return self.closed_cleanly(),
                 },
@@ -328,6 +329,37 @@ impl Session {
                     to,
                     limit,
                 } => read_events(&self.ctx.store, id, from, to, limit).await,
+                OperatorRequest::SubmitWithInputs {
+                    spec,
+                    archive_bytes,
+                } => {
+                    let (answer, in_step) =
+                        transfer::submit_with_inputs(&self.ctx, &mut recv, spec, archive_bytes)
+                            .await;
+                    if wire::send(&mut send, &answer).await.is_err() || !in_step {
+                        let _ = send.finish();
+                        return;
+                    }
+                    continue;
+                }
+                OperatorRequest::ListOutputs { id } => {
+                    transfer::list_outputs(&self.ctx, id).await
+                }
+                OperatorRequest::FetchOutputs { id, attempt } => {
+                    if transfer::send_outputs(&self.ctx, &mut send, id, attempt)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                OperatorRequest::Chunk { .. } => {
+                    tracing::warn!(operator = %self.name, "closing connection: archive chunk outside a transfer");
+                    self.conn
+                        .close(close_code::PROTOCOL_ERROR.into(), b"chunk outside a transfer");
+                    return;
+                }
                 req => {
                     let (reply, answer) = oneshot::channel();
                     if !self.ctx.core.send(CoreMsg::Operator { req, reply }).await {
@@ -394,16 +426,38 @@ async fn read_events(
 }
 
 /// One attempt stream: `Open`, then events, each acknowledged once durable (duplicates at
-/// once); a stale attempt is told it is fenced and the stream ends.
+/// once); a stale attempt is told it is fenced and the stream ends. A stream whose first frame
+/// asks for inputs or carries outputs is an archive transfer instead (see [`transfer`]).
 async fn attempt_stream(
     conn: quinn::Connection,
     worker: String,
-    core: CoreHandle,
+    ctx: ConnCtx,
     mut send: quinn::SendStream,
     mut recv: FramedRecv,
 ) {
+    let core = ctx.core.clone();
     let (task_id, epoch) = match timeout(HANDSHAKE_TIMEOUT, recv.next::<AttemptUp>()).await {
         Ok(Ok(Some(AttemptUp::Open { task_id, epoch }))) => (task_id, epoch),
+        // Archive transfers have streams of their own.
+        Ok(Ok(Some(AttemptUp::FetchInputs { task_id, epoch }))) => {
+            return transfer::serve_inputs(&ctx, &worker, task_id, epoch, send).await
+        }
+        Ok(Ok(Some(AttemptUp::PutOutputs {
+            task_id,
+            epoch,
+            archive_bytes,
+        }))) => {
+            return transfer::receive_outputs(
+                &ctx,
+                &worker,
+                task_id,
+                epoch,
+                archive_bytes,
+                send,
+                recv,
+            )
+            .await
+        }
         Ok(Ok(None)) => return,
         _ => {
             tracing::warn!(%worker, "closing connection: attempt stream did not start with Open");
@@ -417,7 +471,7 @@ async fn attempt_stream(
     loop {
         let event = match recv.next::<AttemptUp>().await {
             Ok(Some(AttemptUp::Event(e))) => e,
-            Ok(Some(AttemptUp::Open { .. })) | Err(_) => {
+            Ok(Some(_)) | Err(_) => {
                 tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
                 conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
                 return;

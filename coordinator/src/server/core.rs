@@ -10,9 +10,11 @@
 
 use crate::clock::Clock;
 use crate::fleet::{Action, ConnId, Fleet, Registration};
+use crate::store::blobs::{BlobRef, InputsRow, OutputsRow};
 use crate::store::Store;
 use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks};
 use crate::tasks::{validate_spec, WorkerView};
+use drover_protocol::task::{TaskSpec, TaskState};
 use drover_protocol::{
     close_code, AttemptEvent, CoordinatorMessage, ErrorKind, OperatorRequest, OperatorResponse,
     Usage, WorkerState,
@@ -74,6 +76,26 @@ pub enum CoreMsg {
     Operator {
         req: OperatorRequest,
         reply: oneshot::Sender<(OperatorResponse, Option<Durable>)>,
+    },
+    /// A submit whose inputs archive is already durable in the blob store.
+    SubmitWithInputs {
+        spec: drover_protocol::task::TaskSpec,
+        blob: BlobRef,
+        reply: oneshot::Sender<(OperatorResponse, Option<Durable>)>,
+    },
+    /// Is (task, epoch) the current attempt, on this worker? `Ok(attempt number)` or why not.
+    CheckAttempt {
+        name: String,
+        task_id: String,
+        epoch: u64,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
+    /// Record an attempt's (already durable) outputs archive, if it is still current: the
+    /// check and the queued write happen in one step, so a newer epoch cannot slip between.
+    PutOutputs {
+        name: String,
+        row: OutputsRow,
+        reply: oneshot::Sender<Result<Durable, String>>,
     },
 }
 
@@ -229,7 +251,100 @@ impl Core {
                 let answer = self.answer(now, req);
                 let _ = reply.send(answer);
             }
+            CoreMsg::SubmitWithInputs { spec, blob, reply } => {
+                let answer = self.submit(now, spec, Some(blob));
+                let _ = reply.send(answer);
+            }
+            CoreMsg::CheckAttempt {
+                name,
+                task_id,
+                epoch,
+                reply,
+            } => {
+                let _ = reply.send(self.current_attempt(&name, &task_id, epoch));
+            }
+            CoreMsg::PutOutputs { name, row, reply } => {
+                let answer = self
+                    .current_attempt(&name, &row.task_id, row.epoch)
+                    .map(|_| self.store.put_outputs(row));
+                let _ = reply.send(answer);
+            }
         }
+    }
+
+    /// `Ok(attempt number)` when (task, epoch) is the running attempt on `worker`; otherwise
+    /// the reason, as for a fenced event.
+    fn current_attempt(&self, worker: &str, task_id: &str, epoch: u64) -> Result<u32, String> {
+        match self.tasks.info(task_id) {
+            None => Err(format!("no task {task_id}")),
+            Some(t)
+                if t.epoch == epoch
+                    && t.worker.as_deref() == Some(worker)
+                    && t.state == TaskState::Running =>
+            {
+                Ok(t.attempts)
+            }
+            Some(t) => Err(format!(
+                "attempt {task_id}/{epoch} on {worker} is not current (current epoch {} on {}, {})",
+                t.epoch,
+                t.worker.as_deref().unwrap_or("-"),
+                t.state
+            )),
+        }
+    }
+
+    /// Accept a spec; with `inputs`, its archive's row is written in the task's transaction.
+    fn submit(
+        &mut self,
+        now: u64,
+        spec: TaskSpec,
+        inputs: Option<BlobRef>,
+    ) -> (OperatorResponse, Option<Durable>) {
+        let error = |message: String| {
+            (
+                OperatorResponse::Error {
+                    kind: ErrorKind::InvalidRequest,
+                    message,
+                },
+                None,
+            )
+        };
+        if let Err(e) = validate_spec(&spec) {
+            return error(format!("invalid task spec: {e}"));
+        }
+        match (&inputs, spec.inputs.is_empty()) {
+            (None, false) => return error(
+                "the spec lists inputs but no inputs archive came with it; `drover submit` packs \
+                 and sends them (clients send SubmitWithInputs)"
+                    .into(),
+            ),
+            (Some(_), true) => return error(
+                "an inputs archive came with a spec that lists no inputs; send a plain Submit".into(),
+            ),
+            _ => {}
+        }
+        let (id, mut actions) = self.tasks.submit(now, spec);
+        if let Some(blob) = inputs {
+            // The task row and its inputs row go in one transaction; later writes are FIFO
+            // behind it, so the durable answer below covers both.
+            if let Some(i) = actions
+                .iter()
+                .position(|a| matches!(a, TaskAction::PutTask(_)))
+            {
+                if let TaskAction::PutTask(t) = actions.remove(i) {
+                    let row = InputsRow {
+                        task_id: id.clone(),
+                        sha256: blob.sha256,
+                        archive_bytes: blob.bytes,
+                    };
+                    let _ = self.store.put_task_with_inputs(t, row);
+                }
+            }
+        }
+        tracing::info!(task = %id, "task submitted");
+        let durable = self.apply_tasks(actions);
+        self.schedule(now);
+        (OperatorResponse::Submitted { id }, durable)
     }
 
     /// Carry out fleet actions; returns the durability receiver of the writes, if any.
@@ -361,16 +476,7 @@ impl Core {
                     format!("no worker named {name:?}; `drover workers` lists them"),
                 ),
             },
-            OperatorRequest::Submit { spec } => {
-                if let Err(e) = validate_spec(&spec) {
-                    return error(ErrorKind::InvalidRequest, format!("invalid task spec: {e}"));
-                }
-                let (id, actions) = self.tasks.submit(now, spec);
-                tracing::info!(task = %id, "task submitted");
-                let durable = self.apply_tasks(actions);
-                self.schedule(now);
-                (OperatorResponse::Submitted { id }, durable)
-            }
+            OperatorRequest::Submit { spec } => self.submit(now, spec, None),
             OperatorRequest::ListTasks { state } => {
                 self.tasks.set_wait_reasons(&self.worker_views(now));
                 (OperatorResponse::Tasks(self.tasks.list(state)), None)
@@ -392,13 +498,19 @@ impl Core {
                 }
                 None => error(ErrorKind::NotFound, no_task(&id)),
             },
-            OperatorRequest::Events { id, .. } => {
+            OperatorRequest::Events { id, .. }
+            | OperatorRequest::ListOutputs { id }
+            | OperatorRequest::FetchOutputs { id, .. } => {
                 // Served by the connection task from a read-only database connection.
                 error(
                     ErrorKind::Internal,
-                    format!("events for {id} are read by the connection, not the core"),
+                    format!("events and outputs of {id} are read by the connection, not the core"),
                 )
             }
+            OperatorRequest::SubmitWithInputs { .. } | OperatorRequest::Chunk { .. } => error(
+                ErrorKind::Internal,
+                "archive transfers are handled by the connection, not the core".into(),
+            ),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod core;
+pub mod transfer;
 
 use crate::clock::Clock;
 use crate::config::CoordinatorConfig;

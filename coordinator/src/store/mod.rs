@@ -9,7 +9,11 @@
 //! the writer.
 //!
 //! Schema changes go through [`MIGRATIONS`]; `meta.schema_version` records how far a file got.
+//!
+//! Task file archives (inputs, outputs) live beside the database as content-addressed files,
+//! with their rows here: see [`blobs`].
 
+pub mod blobs;
 pub mod registry;
 pub mod session;
 
@@ -64,6 +68,24 @@ const MIGRATIONS: &[&str] = &[
         BEGIN SELECT RAISE(ABORT, 'session events are append-only'); END;
     CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
         BEGIN SELECT RAISE(ABORT, 'session events are append-only'); END;",
+    // 2 -> 3: task file archives (files under blobs/sha256/, named by SHA-256). One inputs
+    // archive per task, written with the task; one outputs archive per attempt.
+    "CREATE TABLE task_inputs (
+        task_id TEXT PRIMARY KEY NOT NULL REFERENCES tasks(id),
+        sha256 TEXT NOT NULL,
+        archive_bytes INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE attempt_outputs (
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        epoch INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        files INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        archive_bytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        stored_ms INTEGER NOT NULL,
+        PRIMARY KEY (task_id, epoch)
+    ) STRICT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +114,8 @@ pub enum StoreError {
     },
     #[error("the database writer has stopped")]
     Closed,
+    #[error(transparent)]
+    Blobs(#[from] blobs::BlobError),
 }
 
 /// One write, with whoever waits for it to be durable.
@@ -99,6 +123,21 @@ enum Command {
     PutWorkers(Vec<WorkerRecord>, Reply),
     PutTask(session::NewTask, Reply),
     AppendEvents(Vec<session::NewEvent>, Reply),
+    /// A task and its inputs archive's row, in one transaction.
+    PutTaskWithInputs(session::NewTask, blobs::InputsRow, Reply),
+    PutOutputs(blobs::OutputsRow, Reply),
+}
+
+impl Command {
+    fn into_reply(self) -> Reply {
+        match self {
+            Command::PutWorkers(_, r)
+            | Command::PutTask(_, r)
+            | Command::AppendEvents(_, r)
+            | Command::PutTaskWithInputs(_, _, r)
+            | Command::PutOutputs(_, r) => r,
+        }
+    }
 }
 
 type Reply = oneshot::Sender<Result<(), String>>;
@@ -111,6 +150,7 @@ pub type Durable = oneshot::Receiver<Result<(), String>>;
 pub struct Store {
     tx: mpsc::Sender<Command>,
     path: PathBuf,
+    blobs: blobs::BlobStore,
 }
 
 /// The writer thread; join it on shutdown so the last batch is committed.
@@ -152,6 +192,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sq)?;
         migrate(&mut conn, &path)?;
+        let blob_store = blobs::BlobStore::open(dir)?;
         let loaded = Loaded {
             workers: registry::load_workers(&conn, &path)?,
             tasks: session::load_tasks(&conn, &path)?,
@@ -165,18 +206,18 @@ impl Store {
                 path: dir.into(),
                 source,
             })?;
-        Ok((Store { tx, path }, StoreThread(thread), loaded))
+        let store = Store {
+            tx,
+            path,
+            blobs: blob_store,
+        };
+        Ok((store, StoreThread(thread), loaded))
     }
 
     fn submit(&self, make: impl FnOnce(Reply) -> Command) -> Durable {
         let (tx, rx) = oneshot::channel();
         if let Err(mpsc::SendError(cmd)) = self.tx.send(make(tx)) {
-            let reply = match cmd {
-                Command::PutWorkers(_, r)
-                | Command::PutTask(_, r)
-                | Command::AppendEvents(_, r) => r,
-            };
-            let _ = reply.send(Err(StoreError::Closed.to_string()));
+            let _ = cmd.into_reply().send(Err(StoreError::Closed.to_string()));
         }
         rx
     }
@@ -196,6 +237,26 @@ impl Store {
     /// (task, epoch, seq) that still reaches here is skipped, never written twice.
     pub fn append_events(&self, events: Vec<session::NewEvent>) -> Durable {
         self.submit(|r| Command::AppendEvents(events, r))
+    }
+
+    /// Queue a new task with the row of its (already durable) inputs archive.
+    pub fn put_task_with_inputs(&self, task: session::NewTask, inputs: blobs::InputsRow) -> Durable {
+        self.submit(|r| Command::PutTaskWithInputs(task, inputs, r))
+    }
+
+    /// Queue the row of an attempt's (already durable) outputs archive.
+    pub fn put_outputs(&self, row: blobs::OutputsRow) -> Durable {
+        self.submit(|r| Command::PutOutputs(row, r))
+    }
+
+    /// The archive files beside the database.
+    pub fn blobs(&self) -> &blobs::BlobStore {
+        &self.blobs
+    }
+
+    /// A read-only connection for archive rows beside the writer.
+    pub fn blob_index(&self) -> Result<blobs::BlobIndex, StoreError> {
+        blobs::BlobIndex::open(&self.path)
     }
 
     /// A read-only connection for session reads beside the writer.
@@ -252,12 +313,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
             format!("database {}: {e}", path.display())
         });
         for cmd in batch {
-            let reply = match cmd {
-                Command::PutWorkers(_, r)
-                | Command::PutTask(_, r)
-                | Command::AppendEvents(_, r) => r,
-            };
-            let _ = reply.send(result.clone());
+            let _ = cmd.into_reply().send(result.clone());
         }
     }
 }
@@ -270,6 +326,11 @@ fn commit_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<()
             Command::PutWorkers(records, _) => registry::put_workers(&tx, records)?,
             Command::PutTask(task, _) => session::put_task(&tx, task)?,
             Command::AppendEvents(events, _) => session::append_events(&tx, events)?,
+            Command::PutTaskWithInputs(task, inputs, _) => {
+                session::put_task(&tx, task)?;
+                blobs::put_inputs(&tx, inputs)?;
+            }
+            Command::PutOutputs(row, _) => blobs::put_outputs(&tx, row)?,
         }
     }
     tx.commit()

@@ -3,9 +3,14 @@
 //!
 //! Each entry lands in the attempt's workspace under its last path component
 //! (`data/words.txt` → `words.txt`), so two entries with the same last component are refused.
-//! Packing and shipping happen elsewhere; [`InputFile`] says what to ship and where it lands.
+//! [`pack_inputs`] packs them into the tar archive `drover submit` sends with the spec; the
+//! coordinator stores it and each attempt's worker unpacks a fresh copy into its workspace.
+//! Inside a shipped directory, symlinks are packed as symlinks when they point inside it and
+//! left out otherwise (the caller is told which).
 
 use super::units::format_size;
+use drover_worker::archive::{pack_tree, ArchiveError, Packer, Skipped};
+use std::io::Write;
 use super::validate::{invalid, InvalidField};
 use drover_protocol::task::TaskSpec;
 use std::path::{Path, PathBuf};
@@ -107,6 +112,26 @@ pub fn resolve_inputs(spec: &TaskSpec, base_dir: &Path) -> Result<Vec<InputFile>
         });
     }
     Ok(inputs)
+}
+
+/// Pack the resolved inputs into a tar archive written to `out`, each under its workspace
+/// name. Returns the writer and the symlinks left out because they point outside what is
+/// shipped. Fails past [`MAX_INPUT_BYTES`] (files may have grown since they were sized).
+pub fn pack_inputs<W: Write>(
+    inputs: &[InputFile],
+    out: W,
+) -> Result<(W, Vec<Skipped>), ArchiveError> {
+    let mut packer = Packer::new(out, MAX_INPUT_BYTES);
+    let mut skipped = Vec::new();
+    for input in inputs {
+        let name = Path::new(&input.workspace_name);
+        if input.is_dir {
+            skipped.extend(pack_tree(&mut packer, &input.path, name)?);
+        } else {
+            packer.add_file(&input.path, name)?;
+        }
+    }
+    Ok((packer.finish()?, skipped))
 }
 
 fn too_large(field: &str, entry: &str, bytes: u64, total: u64) -> InvalidField {

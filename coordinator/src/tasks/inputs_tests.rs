@@ -126,3 +126,33 @@ fn inputs_may_not_collide_in_the_workspace() {
     let text = load_spec(&path).unwrap_err().to_string();
     assert!(text.contains("listed twice (also inputs[0])"), "{text}");
 }
+
+#[test]
+fn inputs_pack_under_their_workspace_names_and_unpack_identically() {
+    let (dir, path) = spec_dir(
+        "command = [\"true\"]\ninputs = [\"data/a.txt\", \"assets\"]\n",
+        &[("data/a.txt", 0), ("assets/x", 3), ("assets/sub/y", 5)],
+    );
+    fs::write(dir.path().join("data/a.txt"), b"alpha").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("assets/leak")).unwrap();
+    std::os::unix::fs::symlink("sub/y", dir.path().join("assets/alias")).unwrap();
+    let loaded = load_spec(&path).unwrap();
+    let (archive, skipped) = pack_inputs(&loaded.inputs, Vec::new()).unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].path.ends_with("assets/leak"), "{skipped:?}");
+    let ws = tempfile::tempdir().unwrap();
+    let opts = drover_worker::archive::UnpackOptions {
+        overwrite: false,
+        max_bytes: MAX_INPUT_BYTES,
+        max_entries: 100,
+    };
+    let summary = drover_worker::archive::unpack(&archive[..], ws.path(), opts).unwrap();
+    assert_eq!((summary.files, summary.bytes), (3, 13));
+    assert_eq!(fs::read(ws.path().join("a.txt")).unwrap(), b"alpha");
+    assert_eq!(fs::read(ws.path().join("assets/sub/y")).unwrap(), [0u8; 5]);
+    assert_eq!(
+        fs::read_link(ws.path().join("assets/alias")).unwrap(),
+        Path::new("sub/y")
+    );
+    assert!(!ws.path().join("assets/leak").exists());
+}

@@ -16,7 +16,7 @@ pub mod units;
 pub mod validate;
 pub mod wait;
 
-pub use inputs::{resolve_inputs, InputFile, MAX_INPUT_BYTES};
+pub use inputs::{pack_inputs, resolve_inputs, InputFile, MAX_INPUT_BYTES};
 pub use placement::{demand, pick_next, place, Placement, QueuedTask, WorkerView};
 pub use spec::{load_spec, parse_spec, LoadedSpec, SpecError, SpecFormat};
 pub use validate::{validate_spec, InvalidField};
