@@ -105,7 +105,7 @@ fn inputs_ship_fresh_per_attempt_and_outputs_come_back_byte_identical() {
     if !root_or_skip("inputs_ship_fresh_per_attempt_and_outputs_come_back_byte_identical") {
         return;
     }
-    let fleet = TestFleet::started(1);
+    let mut fleet = TestFleet::started(1);
     let job = fleet.dir().join("job");
     let img = binary(700 * 1024 + 13);
     write(&job.join("data/words.txt"), WORDS.as_bytes());
@@ -238,6 +238,14 @@ fn inputs_ship_fresh_per_attempt_and_outputs_come_back_byte_identical() {
         stderr.contains("attempt 7") && stderr.contains("attempts with outputs: 1, 2"),
         "{stderr}"
     );
+
+    // Stored outputs survive a coordinator crash.
+    fleet.stop_coordinator(nix::sys::signal::Signal::SIGKILL);
+    fleet.start_coordinator_and_wait();
+    let again = fleet.dir().join("after-restart");
+    let out = fleet.cli(&["outputs", &id, "--dest", again.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert_eq!(std::fs::read(again.join("out/img.bin")).expect("img"), img);
 }
 
 #[test]

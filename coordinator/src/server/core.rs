@@ -14,7 +14,7 @@ use crate::store::blobs::{BlobRef, InputsRow, OutputsRow};
 use crate::store::Store;
 use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks};
 use crate::tasks::{validate_spec, WorkerView};
-use drover_protocol::task::{TaskSpec, TaskState};
+use drover_protocol::task::{TaskInfo, TaskSpec, TaskState};
 use drover_protocol::{
     close_code, AttemptEvent, CoordinatorMessage, ErrorKind, OperatorRequest, OperatorResponse,
     Usage, WorkerState,
@@ -97,6 +97,32 @@ pub enum CoreMsg {
         row: OutputsRow,
         reply: oneshot::Sender<Result<Durable, String>>,
     },
+}
+
+/// The fencing rule for archive transfers, the same as for events: `Ok(attempt number)` only
+/// when (task, epoch) is the task's running attempt and `worker` runs it.
+pub fn attempt_is_current(
+    task: Option<&TaskInfo>,
+    task_id: &str,
+    worker: &str,
+    epoch: u64,
+) -> Result<u32, String> {
+    match task {
+        None => Err(format!("no task {task_id}")),
+        Some(t)
+            if t.epoch == epoch
+                && t.worker.as_deref() == Some(worker)
+                && t.state == TaskState::Running =>
+        {
+            Ok(t.attempts)
+        }
+        Some(t) => Err(format!(
+            "attempt {task_id}/{epoch} on {worker} is not current (current epoch {} on {}, {})",
+            t.epoch,
+            t.worker.as_deref().unwrap_or("-"),
+            t.state
+        )),
+    }
 }
 
 /// Cheap, cloneable sender to the core task.
@@ -275,22 +301,7 @@ impl Core {
     /// `Ok(attempt number)` when (task, epoch) is the running attempt on `worker`; otherwise
     /// the reason, as for a fenced event.
     fn current_attempt(&self, worker: &str, task_id: &str, epoch: u64) -> Result<u32, String> {
-        match self.tasks.info(task_id) {
-            None => Err(format!("no task {task_id}")),
-            Some(t)
-                if t.epoch == epoch
-                    && t.worker.as_deref() == Some(worker)
-                    && t.state == TaskState::Running =>
-            {
-                Ok(t.attempts)
-            }
-            Some(t) => Err(format!(
-                "attempt {task_id}/{epoch} on {worker} is not current (current epoch {} on {}, {})",
-                t.epoch,
-                t.worker.as_deref().unwrap_or("-"),
-                t.state
-            )),
-        }
+        attempt_is_current(self.tasks.info(task_id).as_ref(), task_id, worker, epoch)
     }
 
     /// Accept a spec; with `inputs`, its archive's row is written in the task's transaction.
@@ -512,5 +523,44 @@ impl Core {
                 "archive transfers are handled by the connection, not the core".into(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: TaskState, epoch: u64, worker: &str) -> TaskInfo {
+        let spec: TaskSpec =
+            serde_json::from_value(serde_json::json!({ "name": "t", "command": ["true"] }))
+                .unwrap_or_else(|e| panic!("{e}"));
+        TaskInfo {
+            id: "t1".into(),
+            name: "t".into(),
+            state,
+            attempts: epoch as u32,
+            epoch,
+            worker: Some(worker.into()),
+            submitted_ms: 0,
+            finished_ms: None,
+            exit: None,
+            reason: None,
+            events: 3,
+            spec,
+        }
+    }
+
+    #[test]
+    fn transfers_are_fenced_like_events() {
+        let running = task(TaskState::Running, 2, "w1");
+        assert_eq!(attempt_is_current(Some(&running), "t1", "w1", 2), Ok(2));
+        let stale = attempt_is_current(Some(&running), "t1", "w1", 1).unwrap_err();
+        assert!(stale.contains("not current (current epoch 2 on w1"), "{stale}");
+        assert!(attempt_is_current(Some(&running), "t1", "w2", 2).is_err());
+        let done = task(TaskState::Succeeded, 2, "w1");
+        assert!(attempt_is_current(Some(&done), "t1", "w1", 2).is_err());
+        assert!(attempt_is_current(None, "t9", "w1", 1)
+            .unwrap_err()
+            .contains("no task t9"));
     }
 }

@@ -246,7 +246,11 @@ async fn receive_blob<M: serde::de::DeserializeOwned>(
     match (failed, writer) {
         (Some(e), _) => Err(e),
         (None, Err(e)) => Err(e.to_string()),
-        (None, Ok(w)) => Ok(w),
+        (None, Ok(mut w)) => {
+            // The caller reads the file back to check it.
+            w.flush().await.map_err(|e| e.to_string())?;
+            Ok(w)
+        }
     }
 }
 

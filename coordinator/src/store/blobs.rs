@@ -139,6 +139,15 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// Hand every write to the OS (tokio's file buffers them): needed before the temporary
+    /// file is read back through another handle.
+    pub async fn flush(&mut self) -> Result<(), BlobError> {
+        if let Some(f) = self.file.as_mut() {
+            f.flush().await.map_err(io(&self.tmp))?;
+        }
+        Ok(())
+    }
+
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
         self.bytes
@@ -148,7 +157,8 @@ impl BlobWriter {
         self.bytes == 0
     }
 
-    /// The temporary file, for reading it back before committing (e.g. to check it).
+    /// The temporary file, for reading it back before committing (e.g. to check it; call
+    /// [`BlobWriter::flush`] first).
     pub fn tmp_path(&self) -> &Path {
         &self.tmp
     }
