@@ -21,8 +21,8 @@
 use std::fmt::Debug;
 
 use drover_protocol::task::{
-    ExitClass, Isolation, Limits, NetworkPolicy, OutputsInfo, Requirements, RetryPolicy, SessionEvent, TaskInfo,
-    TaskSpec, TaskState,
+    ExitClass, Isolation, Limits, NetworkPolicy, OutputsInfo, Requirements, RetryPolicy,
+    SessionEvent, TaskInfo, TaskSpec, TaskState,
 };
 use drover_protocol::{
     encode_frame, Assignment, AttemptDown, AttemptEvent, AttemptUp, Capacity, CgroupVersion,

@@ -272,6 +272,10 @@ fn operator_request() -> impl Strategy<Value = OperatorRequest> {
         (prop::option::of(worker_state()), prop::option::of(text()))
             .prop_map(|(state, label)| OperatorRequest::ListWorkers { state, label }),
         text().prop_map(|name| OperatorRequest::ShowWorker { name }),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(|data| OperatorRequest::Chunk { data }),
+        text().prop_map(|id| OperatorRequest::ListOutputs { id }),
+        (text(), prop::option::of(any::<u32>()))
+            .prop_map(|(id, attempt)| OperatorRequest::FetchOutputs { id, attempt }),
     ]
 }
 
@@ -286,6 +290,7 @@ fn operator_response() -> impl Strategy<Value = OperatorResponse> {
         prop::collection::vec(worker_info(), 0..3).prop_map(OperatorResponse::Workers),
         worker_info().prop_map(|info| OperatorResponse::Worker(Box::new(info))),
         (kind, text()).prop_map(|(kind, message)| OperatorResponse::Error { kind, message }),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(|data| OperatorResponse::Chunk { data }),
     ]
 }
 

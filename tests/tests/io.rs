@@ -227,7 +227,11 @@ fn inputs_ship_fresh_per_attempt_and_outputs_come_back_byte_identical() {
 
     // `task show` lists them; an attempt that stored nothing is a clear error.
     let shown: Value = fleet.cli_json(&["task", "show", &id, "--json"]);
-    assert_eq!(shown["outputs"].as_array().map(Vec::len), Some(2), "{shown}");
+    assert_eq!(
+        shown["outputs"].as_array().map(Vec::len),
+        Some(2),
+        "{shown}"
+    );
     assert_eq!(shown["outputs"][1]["files"], 4);
     let human = text(&fleet.cli(&["task", "show", &id])).0;
     assert!(human.contains("attempt 2: 4 files"), "{human}");
@@ -296,10 +300,7 @@ fn outputs_that_match_nothing_still_complete_and_say_so() {
     assert_eq!(p["files"], 0);
     assert_eq!(p["unmatched"][0], "results/*.json");
     assert!(
-        p["note"]
-            .as_str()
-            .unwrap_or("")
-            .contains("no file matched"),
+        p["note"].as_str().unwrap_or("").contains("no file matched"),
         "{p}"
     );
     let dest = fleet.dir().join("none");
@@ -313,9 +314,18 @@ fn outputs_that_match_nothing_still_complete_and_say_so() {
     std::fs::write(&plain, "name = \"plain\"\ncommand = [\"true\"]\n").expect("spec");
     let plain_id = submit(&fleet, &plain);
     wait_final(&fleet, &plain_id);
-    let out = fleet.cli(&["outputs", &plain_id, "--dest", dest.to_str().expect("utf-8")]);
+    let out = fleet.cli(&[
+        "outputs",
+        &plain_id,
+        "--dest",
+        dest.to_str().expect("utf-8"),
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).1.contains("declares no outputs"), "{}", text(&out).1);
+    assert!(
+        text(&out).1.contains("declares no outputs"),
+        "{}",
+        text(&out).1
+    );
     let out = fleet.cli(&["outputs", "t999", "--dest", dest.to_str().expect("utf-8")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("no task"), "{}", text(&out).1);

@@ -344,11 +344,7 @@ pub fn list<R: Read>(r: R, max_bytes: u64, max_entries: u64) -> Result<Summary, 
 
 /// Unpack `r` into the existing directory `dest` (see the module doc for what is refused).
 /// Stops at the first refused entry; entries before it stay written.
-pub fn unpack<R: Read>(
-    r: R,
-    dest: &Path,
-    opts: UnpackOptions,
-) -> Result<Summary, ArchiveError> {
+pub fn unpack<R: Read>(r: R, dest: &Path, opts: UnpackOptions) -> Result<Summary, ArchiveError> {
     let meta = fs::symlink_metadata(dest).map_err(io_err(dest))?;
     if !meta.is_dir() {
         return Err(ArchiveError::Io {

@@ -121,11 +121,18 @@ fn limits_are_enforced_when_packing_and_unpacking() {
     let err = packer
         .add_file(&src.path().join("f"), Path::new("f"))
         .unwrap_err();
-    assert!(matches!(err, ArchiveError::TooLarge { limit: 999, .. }), "{err}");
+    assert!(
+        matches!(err, ArchiveError::TooLarge { limit: 999, .. }),
+        "{err}"
+    );
 
     let mut packer = Packer::new(Vec::new(), 1 << 20);
-    packer.add_file(&src.path().join("f"), Path::new("f")).unwrap();
-    packer.add_file(&src.path().join("f"), Path::new("g")).unwrap();
+    packer
+        .add_file(&src.path().join("f"), Path::new("f"))
+        .unwrap();
+    packer
+        .add_file(&src.path().join("f"), Path::new("g"))
+        .unwrap();
     let archive = packer.finish().unwrap();
     let dest = tempfile::tempdir().unwrap();
     let opts = UnpackOptions {
@@ -135,7 +142,10 @@ fn limits_are_enforced_when_packing_and_unpacking() {
     let err = unpack(&archive[..], dest.path(), opts).unwrap_err();
     assert!(matches!(err, ArchiveError::TooLarge { .. }), "{err}");
     let err = list(&archive[..], 1 << 20, 1).unwrap_err();
-    assert!(matches!(err, ArchiveError::TooManyEntries { limit: 1 }), "{err}");
+    assert!(
+        matches!(err, ArchiveError::TooManyEntries { limit: 1 }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -247,8 +257,14 @@ fn special_files_and_garbage_are_refused() {
 #[test]
 fn symlink_containment_is_lexical_from_the_link() {
     assert!(symlink_stays_inside(Path::new("a/b"), Path::new("../c")));
-    assert!(symlink_stays_inside(Path::new("a/b"), Path::new("./c/../d")));
-    assert!(!symlink_stays_inside(Path::new("a/b"), Path::new("../../c")));
+    assert!(symlink_stays_inside(
+        Path::new("a/b"),
+        Path::new("./c/../d")
+    ));
+    assert!(!symlink_stays_inside(
+        Path::new("a/b"),
+        Path::new("../../c")
+    ));
     assert!(!symlink_stays_inside(Path::new("b"), Path::new("..")));
     assert!(!symlink_stays_inside(Path::new("b"), Path::new("/etc")));
     assert!(!symlink_stays_inside(Path::new("b"), Path::new("")));

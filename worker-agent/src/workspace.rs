@@ -70,7 +70,9 @@ impl TempArchive {
     fn new(work_dir: &Path, task_id: &str, epoch: u64, what: &str) -> Result<Self, WorkspaceError> {
         let dir = work_dir.join("transfers");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(TempArchive(dir.join(format!("{task_id}-{epoch}-{what}.tar"))))
+        Ok(TempArchive(
+            dir.join(format!("{task_id}-{epoch}-{what}.tar")),
+        ))
     }
 }
 
@@ -151,7 +153,11 @@ pub async fn receive_inputs(
             max_bytes: MAX_INPUT_BYTES,
             max_entries: MAX_INPUT_ENTRIES,
         };
-        Ok(archive::unpack(std::io::BufReader::new(file), &workspace, opts)?)
+        Ok(archive::unpack(
+            std::io::BufReader::new(file),
+            &workspace,
+            opts,
+        )?)
     })
     .await
     .map_err(|e| WorkspaceError::Unexpected(e.to_string()))??;
@@ -331,12 +337,10 @@ fn pack(files: &[OutputFile], path: &Path) -> Result<u64, WorkspaceError> {
         packer.add_file(&f.source, &f.path)?;
     }
     let w = packer.finish()?;
-    let file = w
-        .into_inner()
-        .map_err(|e| WorkspaceError::Io {
-            path: path.to_path_buf(),
-            source: e.into_error(),
-        })?;
+    let file = w.into_inner().map_err(|e| WorkspaceError::Io {
+        path: path.to_path_buf(),
+        source: e.into_error(),
+    })?;
     Ok(file.metadata().map_err(io_err(path))?.len())
 }
 
@@ -505,13 +509,18 @@ pub async fn prepare_inputs(
     }
     match receive_inputs(conn, work_dir, &a.task_id, a.epoch, workspace).await {
         Ok(r) => {
-            let payload = json!({ "files": r.files, "bytes": r.bytes, "archive_bytes": r.archive_bytes });
-            let _ = tx.send(("inputs_unpacked".into(), payload.to_string())).await;
+            let payload =
+                json!({ "files": r.files, "bytes": r.bytes, "archive_bytes": r.archive_bytes });
+            let _ = tx
+                .send(("inputs_unpacked".into(), payload.to_string()))
+                .await;
             Ok(())
         }
         Err(e) => {
             tracing::warn!(task = %a.task_id, epoch = a.epoch, error = %e, "inputs not unpacked");
-            Err(format!("could not put the task's inputs in its workspace: {e}"))
+            Err(format!(
+                "could not put the task's inputs in its workspace: {e}"
+            ))
         }
     }
 }
@@ -528,7 +537,16 @@ pub async fn finish_outputs(
     if a.spec.outputs.is_empty() {
         return;
     }
-    for event in store_outputs(conn, work_dir, &a.task_id, a.epoch, workspace, &a.spec.outputs).await {
+    for event in store_outputs(
+        conn,
+        work_dir,
+        &a.task_id,
+        a.epoch,
+        workspace,
+        &a.spec.outputs,
+    )
+    .await
+    {
         let _ = tx.send(event).await;
     }
 }
@@ -627,7 +645,11 @@ mod tests {
                 .unwrap();
         }
         let c = collect_outputs(ws.path(), &globs(&["*"])).unwrap();
-        let kept: Vec<_> = c.files.iter().map(|f| f.path.display().to_string()).collect();
+        let kept: Vec<_> = c
+            .files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect();
         assert_eq!(kept, ["a", "c"]);
         assert_eq!(c.skipped.len(), 1);
         assert!(c.skipped[0].1.contains("256 MiB outputs limit"));

@@ -319,7 +319,10 @@ pub async fn cancel(s: &Resolved, id: String) -> Result<(), CliError> {
 pub async fn show(s: &Resolved, id: String, json: bool) -> Result<(), CliError> {
     let mut client = OperatorClient::connect(s).await?;
     let result = async {
-        let t = match client.ask(&OperatorRequest::ShowTask { id: id.clone() }).await? {
+        let t = match client
+            .ask(&OperatorRequest::ShowTask { id: id.clone() })
+            .await?
+        {
             OperatorResponse::Task(t) => t,
             other => return Err(super::run::unexpected(other)),
         };
@@ -383,8 +386,17 @@ pub async fn outputs(s: &Resolved, args: OutputsArgs) -> Result<(), CliError> {
     };
     rewind(&mut file)?;
     let entries_limit = drover_protocol::task::MAX_OUTPUT_FILES * 4;
-    let listed = archive::list(std::io::BufReader::new(&file), MAX_OUTPUT_BYTES, entries_limit)
-        .map_err(|e| CliError::new(exit::FAILURE, format!("the outputs archive of {}: {e}", args.id)))?;
+    let listed = archive::list(
+        std::io::BufReader::new(&file),
+        MAX_OUTPUT_BYTES,
+        entries_limit,
+    )
+    .map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("the outputs archive of {}: {e}", args.id),
+        )
+    })?;
     let dest = &args.dest;
     if !args.force {
         let existing: Vec<String> = listed
@@ -405,7 +417,11 @@ pub async fn outputs(s: &Resolved, args: OutputsArgs) -> Result<(), CliError> {
                     existing.len(),
                     dest.display(),
                     shown.join(", "),
-                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
                 ),
             ));
         }
@@ -425,7 +441,11 @@ pub async fn outputs(s: &Resolved, args: OutputsArgs) -> Result<(), CliError> {
     let written = archive::unpack(std::io::BufReader::new(&file), dest, opts).map_err(|e| {
         CliError::new(
             exit::FAILURE,
-            format!("writing the outputs of {} into {}: {e}", args.id, dest.display()),
+            format!(
+                "writing the outputs of {} into {}: {e}",
+                args.id,
+                dest.display()
+            ),
         )
     })?;
     let files: Vec<&archive::Entry> = written
@@ -469,7 +489,11 @@ pub async fn outputs(s: &Resolved, args: OutputsArgs) -> Result<(), CliError> {
         dest.display()
     );
     for e in files {
-        outln!("  {}  {}", dest.join(&e.path).display(), format_size(e.bytes));
+        outln!(
+            "  {}  {}",
+            dest.join(&e.path).display(),
+            format_size(e.bytes)
+        );
     }
     Ok(())
 }

@@ -342,9 +342,7 @@ impl Session {
                     }
                     continue;
                 }
-                OperatorRequest::ListOutputs { id } => {
-                    transfer::list_outputs(&self.ctx, id).await
-                }
+                OperatorRequest::ListOutputs { id } => transfer::list_outputs(&self.ctx, id).await,
                 OperatorRequest::FetchOutputs { id, attempt } => {
                     if transfer::send_outputs(&self.ctx, &mut send, id, attempt)
                         .await
@@ -356,8 +354,10 @@ impl Session {
                 }
                 OperatorRequest::Chunk { .. } => {
                     tracing::warn!(operator = %self.name, "closing connection: archive chunk outside a transfer");
-                    self.conn
-                        .close(close_code::PROTOCOL_ERROR.into(), b"chunk outside a transfer");
+                    self.conn.close(
+                        close_code::PROTOCOL_ERROR.into(),
+                        b"chunk outside a transfer",
+                    );
                     return;
                 }
                 req => {

@@ -329,9 +329,12 @@ impl Core {
                  and sends them (clients send SubmitWithInputs)"
                     .into(),
             ),
-            (Some(_), true) => return error(
-                "an inputs archive came with a spec that lists no inputs; send a plain Submit".into(),
-            ),
+            (Some(_), true) => {
+                return error(
+                    "an inputs archive came with a spec that lists no inputs; send a plain Submit"
+                        .into(),
+                )
+            }
             _ => {}
         }
         let (id, mut actions) = self.tasks.submit(now, spec);
@@ -348,7 +351,9 @@ impl Core {
                         sha256: blob.sha256,
                         archive_bytes: blob.bytes,
                     };
-                    let _ = self.store.put_task_with_inputs(t, row);
+                    // Its own answer is not needed: the `submitted` event queued next cannot be
+                    // stored without the task row (foreign key), so its answer covers both.
+                    drop(self.store.put_task_with_inputs(t, row));
                 }
             }
         }
@@ -555,7 +560,10 @@ mod tests {
         let running = task(TaskState::Running, 2, "w1");
         assert_eq!(attempt_is_current(Some(&running), "t1", "w1", 2), Ok(2));
         let stale = attempt_is_current(Some(&running), "t1", "w1", 1).unwrap_err();
-        assert!(stale.contains("not current (current epoch 2 on w1"), "{stale}");
+        assert!(
+            stale.contains("not current (current epoch 2 on w1"),
+            "{stale}"
+        );
         assert!(attempt_is_current(Some(&running), "t1", "w2", 2).is_err());
         let done = task(TaskState::Succeeded, 2, "w1");
         assert!(attempt_is_current(Some(&done), "t1", "w1", 2).is_err());

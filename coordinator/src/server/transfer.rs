@@ -25,7 +25,12 @@ use drover_worker::transfer::send_chunks;
 use drover_worker::workspace::MAX_INPUT_ENTRIES;
 use tokio::sync::oneshot;
 
-async fn check_attempt(ctx: &ConnCtx, worker: &str, task_id: &str, epoch: u64) -> Result<u32, String> {
+async fn check_attempt(
+    ctx: &ConnCtx,
+    worker: &str,
+    task_id: &str,
+    epoch: u64,
+) -> Result<u32, String> {
     let (reply, answer) = oneshot::channel();
     let msg = CoreMsg::CheckAttempt {
         name: worker.to_owned(),
@@ -87,7 +92,8 @@ pub async fn serve_inputs(
         Ok(f) => f,
         Err(e) => {
             tracing::error!(task = %task_id, path = %path.display(), error = %e, "inputs archive missing");
-            let reason = format!("the inputs archive of {task_id} is missing on the coordinator ({e})");
+            let reason =
+                format!("the inputs archive of {task_id} is missing on the coordinator ({e})");
             return reply_down(&mut send, AttemptDown::Refused { reason }).await;
         }
     };
@@ -138,12 +144,16 @@ pub async fn receive_outputs(
         ));
         return reply_down(&mut send, r).await;
     }
-    let blob = match receive_blob(ctx, &mut recv, archive_bytes, MAX_OUTPUT_ARCHIVE_BYTES, |m| {
-        match m {
+    let blob = match receive_blob(
+        ctx,
+        &mut recv,
+        archive_bytes,
+        MAX_OUTPUT_ARCHIVE_BYTES,
+        |m| match m {
             AttemptUp::Chunk { data } => Ok(data),
             other => Err(format!("{other:?}")),
-        }
-    })
+        },
+    )
     .await
     {
         Ok(w) => w,
@@ -165,7 +175,11 @@ pub async fn receive_outputs(
     let summary = match checked {
         Ok(s) => s,
         Err(e) => {
-            return reply_down(&mut send, refuse(format!("not a valid outputs archive: {e}"))).await
+            return reply_down(
+                &mut send,
+                refuse(format!("not a valid outputs archive: {e}")),
+            )
+            .await
         }
     };
     let stored = match blob.commit().await {
@@ -273,10 +287,16 @@ pub async fn submit_with_inputs(
         );
         return (op_error(ErrorKind::InvalidRequest, message), false);
     }
-    let blob = match receive_blob(ctx, recv, archive_bytes, MAX_INPUT_ARCHIVE_BYTES, |m| match m {
-        OperatorRequest::Chunk { data } => Ok(data),
-        other => Err(format!("{other:?}")),
-    })
+    let blob = match receive_blob(
+        ctx,
+        recv,
+        archive_bytes,
+        MAX_INPUT_ARCHIVE_BYTES,
+        |m| match m {
+            OperatorRequest::Chunk { data } => Ok(data),
+            other => Err(format!("{other:?}")),
+        },
+    )
     .await
     {
         Ok(b) => b,
@@ -288,8 +308,12 @@ pub async fn submit_with_inputs(
     let tmp = blob.tmp_path().to_path_buf();
     let checked = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&tmp).map_err(|e| e.to_string())?;
-        archive::list(std::io::BufReader::new(file), MAX_INPUT_BYTES, MAX_INPUT_ENTRIES)
-            .map_err(|e| e.to_string())
+        archive::list(
+            std::io::BufReader::new(file),
+            MAX_INPUT_BYTES,
+            MAX_INPUT_ENTRIES,
+        )
+        .map_err(|e| e.to_string())
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
@@ -410,9 +434,11 @@ pub async fn send_outputs(
     wire::send(send, &OperatorResponse::OutputsArchive(row))
         .await
         .map_err(drop)?;
-    send_chunks(send, &mut file, len, |data| OperatorResponse::Chunk { data })
-        .await
-        .map_err(|e| tracing::warn!(task = %id, error = %e, "outputs not sent"))
+    send_chunks(send, &mut file, len, |data| OperatorResponse::Chunk {
+        data,
+    })
+    .await
+    .map_err(|e| tracing::warn!(task = %id, error = %e, "outputs not sent"))
 }
 
 async fn missing_outputs(
@@ -425,7 +451,9 @@ async fn missing_outputs(
         return no_task(id);
     };
     let message = if t.spec.outputs.is_empty() {
-        format!("task {id} declares no outputs (its spec has no `outputs` globs), so none are stored")
+        format!(
+            "task {id} declares no outputs (its spec has no `outputs` globs), so none are stored"
+        )
     } else if let Some(n) = attempt {
         let have: Vec<String> = rows.iter().map(|r| r.attempt.to_string()).collect();
         if have.is_empty() {

@@ -318,7 +318,10 @@ mod tests {
             blob.sha256,
             "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
         );
-        assert_eq!(std::fs::read(blobs.path(&blob.sha256)).unwrap(), b"hello world");
+        assert_eq!(
+            std::fs::read(blobs.path(&blob.sha256)).unwrap(),
+            b"hello world"
+        );
         assert!(!tmp.exists());
 
         // Over the limit: refused, and nothing left behind.

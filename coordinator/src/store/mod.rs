@@ -240,7 +240,11 @@ impl Store {
     }
 
     /// Queue a new task with the row of its (already durable) inputs archive.
-    pub fn put_task_with_inputs(&self, task: session::NewTask, inputs: blobs::InputsRow) -> Durable {
+    pub fn put_task_with_inputs(
+        &self,
+        task: session::NewTask,
+        inputs: blobs::InputsRow,
+    ) -> Durable {
         self.submit(|r| Command::PutTaskWithInputs(task, inputs, r))
     }
 

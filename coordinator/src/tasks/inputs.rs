@@ -9,10 +9,10 @@
 //! left out otherwise (the caller is told which).
 
 use super::units::format_size;
-use drover_worker::archive::{pack_tree, ArchiveError, Packer, Skipped};
-use std::io::Write;
 use super::validate::{invalid, InvalidField};
 use drover_protocol::task::TaskSpec;
+use drover_worker::archive::{pack_tree, ArchiveError, Packer, Skipped};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Most bytes a task's inputs may hold in all: 64 MiB (defined beside the wire types, as the
