@@ -45,15 +45,17 @@ pub enum EncodeError {
 
 /// Encode `msg` as one frame (length prefix + postcard payload), refusing payloads over `limit`.
 pub fn encode_frame<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, EncodeError> {
-    let mut out = vec![0u8; FRAME_HEADER_LEN];
-    let mut out = postcard::to_extend(msg, core::mem::take(&mut out))
-        .map_err(|e| EncodeError::Serialize(e.to_string()))?;
-    let len = out.len() - FRAME_HEADER_LEN;
+    // `to_allocvec` copies byte strings with one `extend_from_slice`; `to_extend` goes byte by
+    // byte, which made a 256 KiB archive chunk cost ~10 ms to encode in a debug build.
+    let body = postcard::to_allocvec(msg).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    let len = body.len();
     if len > limit {
         return Err(EncodeError::FrameTooLarge { len, limit });
     }
     let prefix = u32::try_from(len).map_err(|_| EncodeError::FrameTooLarge { len, limit })?;
-    out[..FRAME_HEADER_LEN].copy_from_slice(&prefix.to_be_bytes());
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + len);
+    out.extend_from_slice(&prefix.to_be_bytes());
+    out.extend_from_slice(&body);
     Ok(out)
 }
 

@@ -124,7 +124,10 @@ pub enum AttemptUp {
         archive_bytes: u64,
     },
     /// Part of an archive, at most [`crate::task::ARCHIVE_CHUNK_BYTES`] bytes.
-    Chunk { data: Vec<u8> },
+    Chunk {
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
 }
 
 /// One event produced on a worker.
@@ -151,7 +154,10 @@ pub enum AttemptDown {
     /// `archive_bytes` bytes whose SHA-256 is `sha256` (lowercase hex).
     Inputs { archive_bytes: u64, sha256: String },
     /// Part of an archive, at most [`crate::task::ARCHIVE_CHUNK_BYTES`] bytes.
-    Chunk { data: Vec<u8> },
+    Chunk {
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
     /// The outputs archive is durable on the coordinator: `files` regular files holding
     /// `bytes` bytes, stored as the archive with this SHA-256.
     OutputsStored {
@@ -340,6 +346,7 @@ pub enum OperatorRequest {
     },
     /// Part of an archive sent after [`OperatorRequest::SubmitWithInputs`].
     Chunk {
+        #[serde(with = "crate::bytes")]
         data: Vec<u8>,
     },
     /// The outputs each attempt of a task stored (answered by [`OperatorResponse::Outputs`]).
@@ -395,6 +402,7 @@ pub enum OperatorResponse {
     OutputsArchive(crate::task::OutputsInfo),
     /// Part of an archive.
     Chunk {
+        #[serde(with = "crate::bytes")]
         data: Vec<u8>,
     },
 }
