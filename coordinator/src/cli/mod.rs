@@ -119,7 +119,8 @@ pub enum Command {
     /// Fleet PKI: the CA and certificates for coordinators, workers and operators.
     #[command(subcommand)]
     Tls(TlsCommand),
-    /// Submit a task spec; prints the task id (with --follow, streams its events).
+    /// Submit a task spec, with its inputs packed and sent along; prints the task id (with
+    /// --follow, streams its events).
     Submit {
         #[command(flatten)]
         args: tasks::SubmitArgs,
