@@ -330,3 +330,83 @@ fn outputs_that_match_nothing_still_complete_and_say_so() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("no task"), "{}", text(&out).1);
 }
+
+/// One 512-byte tar header for a regular file, written by hand with no checks at all, the way
+/// a hostile client would.
+fn raw_tar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+#[test]
+fn a_hostile_inputs_archive_is_refused_by_the_coordinator_and_nothing_is_queued() {
+    let mut fleet = TestFleet::new(0);
+    fleet.start_coordinator_and_wait();
+    let mut archive = Vec::new();
+    raw_tar_entry(&mut archive, "ok.txt", b"fine");
+    raw_tar_entry(&mut archive, "../../escape.txt", b"evil");
+    archive.extend_from_slice(&[0u8; 1024]);
+    let path = fleet.dir().join("hostile.tar");
+    std::fs::write(&path, &archive).expect("write archive");
+    let spec: drover_protocol::task::TaskSpec = serde_json::from_value(serde_json::json!({
+        "name": "hostile", "command": ["true"], "inputs": ["ok.txt"]
+    }))
+    .expect("spec");
+    let paths = fleet.cert_paths("operator");
+    let settings = drover::cli::settings::Resolved {
+        coordinator: fleet.addr(),
+        server_name: drover_protocol::identity::COORDINATOR_SERVER_NAME.into(),
+        ca: fleet.ca_cert(),
+        cert: paths.cert,
+        key: paths.key,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (with_archive, without) = rt.block_on(async {
+        let mut client = drover::cli::client::OperatorClient::connect(&settings)
+            .await
+            .expect("connect");
+        let mut file = tokio::fs::File::open(&path).await.expect("open");
+        let len = archive.len() as u64;
+        let with_archive = client.submit(spec.clone(), Some((&mut file, len))).await;
+        // The same spec without its archive is refused too: inputs are never silently missing.
+        let without = client.submit(spec, None).await;
+        client.close().await;
+        (with_archive, without)
+    });
+    let err = with_archive.expect_err("a hostile archive is refused");
+    assert_eq!(err.code, 2, "{}", err.message);
+    assert!(
+        err.message.contains("\"..\"") && err.message.contains("nothing was queued"),
+        "{}",
+        err.message
+    );
+    let err = without.expect_err("inputs without an archive are refused");
+    assert!(
+        err.message.contains("no inputs archive came with it"),
+        "{}",
+        err.message
+    );
+    let tasks: Vec<TaskInfo> = fleet.cli_json(&["tasks", "--json"]);
+    assert!(tasks.is_empty(), "nothing queued: {tasks:?}");
+    let stored = std::fs::read_dir(fleet.dir().join("state/blobs/sha256"))
+        .expect("blob dir")
+        .count();
+    assert_eq!(stored, 0, "nothing stored");
+}
