@@ -129,6 +129,7 @@ fn every_field_converts_and_json_matches_toml() {
             retry: RetryPolicy {
                 max_attempts: 5,
                 backoff_ms: 2000,
+                ..RetryPolicy::default()
             },
             priority: 10,
         }
