@@ -9,13 +9,13 @@
 //! resolves. The core itself never waits for the disk.
 
 use crate::clock::Clock;
-use crate::fleet::{Action, ConnId, Fleet, Registration};
+use crate::fleet::{Action, ConnId, DrainChange, Fleet, Registration};
 use crate::store::Store;
 use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks};
 use crate::tasks::{validate_spec, WorkerView};
 use drover_protocol::{
-    close_code, AttemptEvent, CoordinatorMessage, ErrorKind, OperatorRequest, OperatorResponse,
-    Usage, WorkerState,
+    close_code, Attention, AttemptEvent, CoordinatorMessage, DrainReport, ErrorKind,
+    OperatorRequest, OperatorResponse, Usage, WorkerNote, WorkerState,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -237,6 +237,7 @@ impl Core {
         let now = self.clock.now_ms();
         let mut records = Vec::new();
         let mut gone = Vec::new();
+        let mut drained = Vec::new();
         for action in actions {
             match action {
                 Action::Persist(r) => {
@@ -252,11 +253,17 @@ impl Core {
                             .close(close_code::REPLACED.into(), reason.as_bytes());
                     }
                 }
+                Action::DrainDeadline { name } => drained.push(name),
             }
         }
         let durable = (!records.is_empty()).then(|| self.store.put_workers(records));
         for name in gone {
             let actions = self.tasks.handle_worker_attempts(now, &name, None);
+            self.apply_tasks(actions);
+        }
+        for name in drained {
+            let actions = self.tasks.handle_drain_deadline(now, &name);
+            tracing::info!(worker = %name, rescheduled = actions.len() / 2, "drain deadline passed");
             self.apply_tasks(actions);
         }
         durable
@@ -332,6 +339,18 @@ impl Core {
         self.apply_tasks(actions);
     }
 
+    fn drain_report(&self, now: u64, name: String, change: DrainChange) -> OperatorResponse {
+        OperatorResponse::Drain(DrainReport {
+            running: self.tasks.running_on(&name),
+            name,
+            previous: change.previous,
+            state: change.state,
+            drain: change.drain,
+            changed: change.changed,
+            now_ms: now,
+        })
+    }
+
     fn answer(&mut self, now: u64, req: OperatorRequest) -> (OperatorResponse, Option<Durable>) {
         let error = |kind, message: String| (OperatorResponse::Error { kind, message }, None);
         let no_task = |id: &str| format!("no task {id:?}; `drover tasks` lists them");
@@ -392,6 +411,56 @@ impl Core {
                 }
                 None => error(ErrorKind::NotFound, no_task(&id)),
             },
+            OperatorRequest::Drain {
+                name,
+                deadline_in_ms,
+            } => match self.fleet.handle_drain(now, &name, deadline_in_ms) {
+                Ok((change, actions)) => {
+                    tracing::info!(worker = %name, ?deadline_in_ms, "drain requested");
+                    let durable = self.apply(actions);
+                    // A deadline of 0 acts now, not at the next tick.
+                    let due = self.fleet.tick(now);
+                    self.apply(due);
+                    self.schedule(now);
+                    (self.drain_report(now, name, change), durable)
+                }
+                Err(e) => error(ErrorKind::NotFound, e.to_string()),
+            },
+            OperatorRequest::Undrain { name } => match self.fleet.handle_undrain(now, &name) {
+                Ok((change, actions)) => {
+                    tracing::info!(worker = %name, "undrain requested");
+                    let durable = self.apply(actions);
+                    self.schedule(now);
+                    (self.drain_report(now, name, change), durable)
+                }
+                Err(e) => error(ErrorKind::NotFound, e.to_string()),
+            },
+            OperatorRequest::Attention => {
+                let workers = self
+                    .fleet
+                    .list(now, None, None)
+                    .into_iter()
+                    .filter(|w| {
+                        matches!(w.state, WorkerState::Lost | WorkerState::Draining)
+                            || self.fleet.drain(&w.name).is_some()
+                    })
+                    .map(|w| WorkerNote {
+                        drain: self.fleet.drain(&w.name),
+                        running: self.tasks.running_on(&w.name),
+                        name: w.name,
+                        state: w.state,
+                        state_changed_ms: w.state_changed_ms,
+                        last_heartbeat_ms: w.last_heartbeat_ms,
+                        connected: w.connected,
+                    })
+                    .collect();
+                let attention = Attention {
+                    now_ms: now,
+                    workers,
+                    retrying: self.tasks.retrying(),
+                };
+                (OperatorResponse::Attention(attention), None)
+            }
             OperatorRequest::Events { id, .. } => {
                 // Served by the connection task from a read-only database connection.
                 error(

@@ -13,11 +13,18 @@
 //!   again, not stored); anything else is fenced;
 //! - `completed` is appended at most once per task, and only from `running` or `queued`;
 //! - an attempt's epoch is in the session (durable) before its assignment is sent.
+//!
+//! Issue 5 additions, each derived from the session like the rest: the last checkpoint's
+//! position goes with every new attempt and a `resumed` event records which one it started
+//! from; an OOM follows `retry.on_oom` ([`super::oom`]) and a grown memory figure is kept in
+//! `retry_scheduled`; attempts rescheduled off a drained worker (`attempt_ended {drained}`)
+//! do not count against `max_attempts` (`retry_scheduled {counted: false}`).
 
+use super::oom::{self, OomDecision, OomReport};
 use super::placement::{pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
 use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
-use drover_protocol::{Assignment, AttemptEvent, Capacity};
+use drover_protocol::{Assignment, AttemptEvent, Capacity, RetryingTask};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 
@@ -73,6 +80,14 @@ struct Task {
     not_before_ms: u64,
     cancel_requested: bool,
     checkpoint: Option<String>,
+    /// (pos, epoch, seq) of the last checkpoint event.
+    checkpoint_at: Option<(u64, u64, u64)>,
+    /// Attempts that do not count against `max_attempts` (rescheduled off a drained worker).
+    uncounted: u32,
+    /// Memory limit and reservation grown after OOMs (`None`: as the spec says).
+    memory_bytes: Option<u64>,
+    /// Why the last attempt ended, while a retry waits.
+    retry_why: Option<String>,
 }
 
 impl Task {
@@ -94,7 +109,25 @@ impl Task {
             not_before_ms: 0,
             cancel_requested: false,
             checkpoint: None,
+            checkpoint_at: None,
+            uncounted: 0,
+            memory_bytes: None,
+            retry_why: None,
         }
+    }
+
+    /// What one attempt reserves: the spec's requirements with any grown memory.
+    fn requirements(&self) -> drover_protocol::task::Requirements {
+        let mut r = self.spec.requirements.clone();
+        if let Some(m) = self.memory_bytes {
+            r.memory_bytes = m;
+        }
+        r
+    }
+
+    /// Attempts that count against `max_attempts`.
+    fn counted(&self) -> u32 {
+        self.attempts.saturating_sub(self.uncounted)
     }
 }
 
@@ -195,7 +228,7 @@ impl Tasks {
             .filter(|t| t.state == TaskState::Running)
         {
             if let Some(w) = &t.worker {
-                let d = super::placement::demand(&t.spec.requirements);
+                let d = super::placement::demand(&t.requirements());
                 let c = out.entry(w.clone()).or_default();
                 c.cpus += d.cpus;
                 c.memory_bytes += d.memory_bytes;
@@ -224,7 +257,7 @@ impl Tasks {
                 id: t.id.clone(),
                 priority: t.spec.priority,
                 submitted_ms: t.submitted_ms,
-                requirements: t.spec.requirements.clone(),
+                requirements: t.requirements(),
             })
             .collect();
         if queue.is_empty() {
@@ -241,13 +274,12 @@ impl Tasks {
             t.state = TaskState::Running;
             t.worker = Some(worker.clone());
             t.reason = None;
-            let assigned = event(
-                t,
-                now,
-                None,
-                "assigned",
-                json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker }).to_string(),
-            );
+            t.retry_why = None;
+            let mut payload = json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker });
+            if let Some(m) = t.memory_bytes {
+                payload["memory_bytes"] = json!(m);
+            }
+            let assigned = event(t, now, None, "assigned", payload.to_string());
             actions.push(TaskAction::Append(vec![assigned]));
             actions.push(TaskAction::Assign {
                 worker,
@@ -255,7 +287,7 @@ impl Tasks {
                     task_id: t.id.clone(),
                     epoch: t.epoch,
                     attempt: t.attempts,
-                    spec: t.spec.clone(),
+                    spec: oom::with_memory(&t.spec, t.memory_bytes),
                     checkpoint: t.checkpoint.clone(),
                 }),
             });
@@ -313,18 +345,32 @@ impl Tasks {
         t.next_pos += 1;
         if ev.kind == "checkpoint" {
             t.checkpoint = Some(ev.payload.clone());
+            t.checkpoint_at = Some((t.next_pos - 1, epoch, seq));
+        }
+        if ev.kind == "started" {
+            events.extend(resumed(t, now, &ev.payload));
         }
         if ev.kind == "exited" {
-            let class = serde_json::from_str::<serde_json::Value>(&ev.payload)
-                .ok()
-                .and_then(|v| serde_json::from_value::<ExitClass>(v.get("class")?.clone()).ok())
+            let payload = serde_json::from_str::<serde_json::Value>(&ev.payload).unwrap_or_default();
+            let class = payload
+                .get("class")
+                .and_then(|c| serde_json::from_value::<ExitClass>(c.clone()).ok())
                 .unwrap_or(ExitClass::Exited(-1));
             t.exit = Some(class);
-            events.extend(attempt_over(
-                t,
-                now,
-                class_outcome(class, t.cancel_requested),
-            ));
+            let outcome = match class_outcome(class, t.cancel_requested) {
+                Outcome::Retry(..) if class == ExitClass::OomKilled => {
+                    let report = OomReport::from_exited(&payload);
+                    match oom::decide(&t.spec.retry, &t.spec, t.memory_bytes, report) {
+                        OomDecision::Fail(why) => Outcome::Fail(why),
+                        OomDecision::Retry { memory_bytes, why } => {
+                            Outcome::Retry(why, memory_bytes)
+                        }
+                    }
+                }
+                Outcome::Retry(why, _) => Outcome::Retry(why, t.memory_bytes),
+                other => other,
+            };
+            events.extend(attempt_over(t, now, outcome));
         }
         EventVerdict::Accept {
             seq,
@@ -366,12 +412,75 @@ impl Tasks {
             let outcome = if t.cancel_requested {
                 Outcome::Cancelled
             } else {
-                Outcome::Retry(why.to_owned())
+                Outcome::Retry(why.to_owned(), t.memory_bytes)
             };
             events.extend(attempt_over(t, now, outcome));
             actions.push(TaskAction::Append(events));
         }
         actions
+    }
+
+    /// The drain deadline of `worker` passed: end each attempt still running there
+    /// (`attempt_ended {drained}`), tell the worker to stop it, and queue the task again at once
+    /// without counting the attempt against `max_attempts`.
+    pub fn handle_drain_deadline(&mut self, now: u64, worker: &str) -> Vec<TaskAction> {
+        let mut actions = Vec::new();
+        for id in &self.order {
+            let Some(t) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            if t.state != TaskState::Running || t.worker.as_deref() != Some(worker) {
+                continue;
+            }
+            let epoch = t.epoch;
+            let mut events = vec![event(
+                t,
+                now,
+                None,
+                "attempt_ended",
+                json!({ "epoch": epoch, "worker": worker, "reason": "drained" }).to_string(),
+            )];
+            let outcome = if t.cancel_requested {
+                Outcome::Cancelled
+            } else {
+                Outcome::Drained(format!("was stopped: its worker {worker} was drained"))
+            };
+            events.extend(attempt_over(t, now, outcome));
+            actions.push(TaskAction::Append(events));
+            actions.push(TaskAction::Cancel {
+                worker: worker.to_owned(),
+                task_id: t.id.clone(),
+                epoch,
+            });
+        }
+        actions
+    }
+
+    /// Ids of tasks with an attempt running on `worker`, in submission order.
+    pub fn running_on(&self, worker: &str) -> Vec<String> {
+        self.order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| t.state == TaskState::Running && t.worker.as_deref() == Some(worker))
+            .map(|t| t.id.clone())
+            .collect()
+    }
+
+    /// Queued tasks whose last attempt ended without success, in submission order.
+    pub fn retrying(&self) -> Vec<RetryingTask> {
+        self.order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| t.state == TaskState::Queued && t.attempts > 0)
+            .map(|t| RetryingTask {
+                id: t.id.clone(),
+                name: t.spec.name.clone(),
+                attempts: t.attempts,
+                max_attempts: t.spec.retry.max_attempts.saturating_add(t.uncounted),
+                reason: t.retry_why.clone().unwrap_or_default(),
+                not_before_ms: t.not_before_ms,
+            })
+            .collect()
     }
 
     /// Cancel a task: at once if queued; a running one is told to stop and ends `cancelled`
@@ -425,8 +534,11 @@ impl Tasks {
             .values_mut()
             .filter(|t| t.state == TaskState::Queued)
         {
-            t.reason =
-                Some(super::wait::WaitReason::new(&t.spec.requirements, workers).to_string());
+            let wait = super::wait::WaitReason::new(&t.requirements(), workers).to_string();
+            t.reason = Some(match &t.retry_why {
+                Some(why) => format!("{why}; {wait}"),
+                None => wait,
+            });
         }
     }
 
@@ -462,7 +574,12 @@ impl Tasks {
 enum Outcome {
     Succeeded,
     Cancelled,
-    Retry(String),
+    /// Retry if attempts are left, with this memory (`None`: as the spec says).
+    Retry(String, Option<u64>),
+    /// Fail now, whatever attempts are left (`retry.on_oom = "fail"`, the memory ceiling).
+    Fail(String),
+    /// Retry at once, not counted against `max_attempts`.
+    Drained(String),
 }
 
 fn class_outcome(class: ExitClass, cancel_requested: bool) -> Outcome {
@@ -470,8 +587,23 @@ fn class_outcome(class: ExitClass, cancel_requested: bool) -> Outcome {
         _ if cancel_requested => Outcome::Cancelled,
         ExitClass::Exited(0) => Outcome::Succeeded,
         ExitClass::Cancelled => Outcome::Cancelled,
-        other => Outcome::Retry(describe_exit(other)),
+        other => Outcome::Retry(describe_exit(other), None),
     }
+}
+
+/// After a new attempt's `started`: a `resumed` event naming the checkpoint it was given, if
+/// the worker says it got one.
+fn resumed(t: &mut Task, now: u64, started: &str) -> Option<NewEvent> {
+    let (pos, epoch, seq) = t.checkpoint_at?;
+    let payload: serde_json::Value = serde_json::from_str(started).ok()?;
+    if epoch >= t.epoch || payload.get("resumed_from_checkpoint")?.as_bool() != Some(true) {
+        return None;
+    }
+    let body = json!({
+        "attempt": t.attempts,
+        "checkpoint": { "pos": pos, "epoch": epoch, "seq": seq },
+    });
+    Some(event(t, now, None, "resumed", body.to_string()))
 }
 
 /// Record the end of the current attempt: completion, or a retry under the task's policy.
@@ -482,26 +614,30 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
             TaskState::Cancelled,
             Some("cancelled by an operator".to_owned()),
         ),
-        Outcome::Retry(why) if t.attempts < t.spec.retry.max_attempts => {
+        Outcome::Drained(why) => {
+            t.uncounted += 1;
+            return schedule_retry(t, now, why, 0, false);
+        }
+        Outcome::Retry(why, memory) if t.counted() < t.spec.retry.max_attempts => {
             let backoff = t
                 .spec
                 .retry
                 .backoff_ms
-                .saturating_mul(1 << (t.attempts.saturating_sub(1)).min(16));
-            t.state = TaskState::Queued;
-            t.not_before_ms = now + backoff;
-            t.reason = Some(format!("retrying after attempt {} {why}", t.attempts));
-            let payload = json!({
-                "after_attempt": t.attempts, "reason": why, "not_before_ms": t.not_before_ms
-            });
-            return vec![event(t, now, None, "retry_scheduled", payload.to_string())];
+                .saturating_mul(1 << (t.counted().saturating_sub(1)).min(16));
+            t.memory_bytes = memory;
+            return schedule_retry(t, now, why, backoff, true);
         }
-        Outcome::Retry(why) => (
+        Outcome::Retry(why, _) => (
             TaskState::Failed,
             Some(format!(
                 "attempt {} of {} {why}",
-                t.attempts, t.spec.retry.max_attempts
+                t.counted(),
+                t.spec.retry.max_attempts
             )),
+        ),
+        Outcome::Fail(why) => (
+            TaskState::Failed,
+            Some(format!("attempt {} {why}", t.attempts)),
         ),
     };
     t.state = state;
@@ -516,6 +652,31 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
     )]
 }
 
+/// Queue the task again after `backoff_ms`, recording why (and the memory it will get).
+fn schedule_retry(
+    t: &mut Task,
+    now: u64,
+    why: String,
+    backoff_ms: u64,
+    counted: bool,
+) -> Vec<NewEvent> {
+    t.state = TaskState::Queued;
+    t.not_before_ms = now + backoff_ms;
+    let reason = format!("retrying after attempt {} {why}", t.attempts);
+    t.reason = Some(reason.clone());
+    t.retry_why = Some(reason);
+    let mut payload = json!({
+        "after_attempt": t.attempts, "reason": why, "not_before_ms": t.not_before_ms
+    });
+    if let Some(m) = t.memory_bytes {
+        payload["memory_bytes"] = json!(m);
+    }
+    if !counted {
+        payload["counted"] = json!(false);
+    }
+    vec![event(t, now, None, "retry_scheduled", payload.to_string())]
+}
+
 /// Apply one stored event to a task being rebuilt.
 fn replay(t: &mut Task, e: &NewEvent) {
     t.next_pos = e.pos + 1;
@@ -525,7 +686,10 @@ fn replay(t: &mut Task, e: &NewEvent) {
             t.next_seq = e.seq.unwrap_or(0) + 1;
         }
         match e.kind.as_str() {
-            "checkpoint" => t.checkpoint = Some(e.payload.clone()),
+            "checkpoint" => {
+                t.checkpoint = Some(e.payload.clone());
+                t.checkpoint_at = Some((e.pos, e.epoch, e.seq.unwrap_or(0)));
+            }
             "exited" => {
                 t.exit = payload
                     .get("class")
@@ -549,6 +713,7 @@ fn replay(t: &mut Task, e: &NewEvent) {
             t.state = TaskState::Running;
             t.next_seq = 0;
             t.reason = None;
+            t.retry_why = None;
         }
         "retry_scheduled" => {
             t.state = TaskState::Queued;
@@ -556,10 +721,19 @@ fn replay(t: &mut Task, e: &NewEvent) {
                 .get("not_before_ms")
                 .and_then(|n| n.as_u64())
                 .unwrap_or(0);
+            let after = payload.get("after_attempt").and_then(|a| a.as_u64());
             t.reason = payload
                 .get("reason")
                 .and_then(|r| r.as_str())
-                .map(|r| format!("retrying after {r}"));
+                .map(|r| match after {
+                    Some(a) => format!("retrying after attempt {a} {r}"),
+                    None => format!("retrying after {r}"),
+                });
+            t.retry_why = t.reason.clone();
+            t.memory_bytes = payload.get("memory_bytes").and_then(|m| m.as_u64());
+            if payload.get("counted").and_then(|c| c.as_bool()) == Some(false) {
+                t.uncounted += 1;
+            }
         }
         "cancel_requested" => t.cancel_requested = true,
         "completed" => {
@@ -597,3 +771,7 @@ fn to_info(t: &Task) -> TaskInfo {
 #[cfg(test)]
 #[path = "lifecycle_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "lifecycle_ops_tests.rs"]
+mod ops_tests;
