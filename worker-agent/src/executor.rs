@@ -31,6 +31,9 @@ pub const CHUNK_BYTES: usize = 16 * 1024;
 pub const MAX_EVENT_LINE: usize = 256 * 1024;
 /// Events sent but not yet acknowledged before the streamer waits for acks.
 pub const MAX_UNACKED: usize = 256;
+/// Name of the file in the workspace that holds the checkpoint an attempt resumes from
+/// (`DROVER_CHECKPOINT_FILE`): the checkpoint event's JSON object exactly as the task wrote it.
+pub const CHECKPOINT_FILE: &str = ".drover-checkpoint.json";
 /// Event types a task may write to `DROVER_EVENTS_FD`.
 pub const TASK_EVENT_TYPES: [&str; 5] = [
     "tool_called",
@@ -178,6 +181,14 @@ async fn run_process(ctx: &ExecContext, a: &Assignment, tx: Emit, cancel: Cancel
             .await;
         return;
     }
+    let checkpoint_file = workspace.join(CHECKPOINT_FILE);
+    if let Some(checkpoint) = &a.checkpoint {
+        if let Err(e) = std::fs::write(&checkpoint_file, checkpoint) {
+            let why = format!("cannot write the checkpoint to {}: {e}", checkpoint_file.display());
+            let _ = tx.send(("exited".into(), fail(why))).await;
+            return;
+        }
+    }
     let limits = resolved_limits(a);
     let spec = AttemptSpec {
         task_id: &a.task_id,
@@ -188,6 +199,7 @@ async fn run_process(ctx: &ExecContext, a: &Assignment, tx: Emit, cancel: Cancel
         limits: &limits,
         network: a.spec.network,
         isolation: a.spec.isolation,
+        checkpoint_file: a.checkpoint.is_some().then_some(checkpoint_file.as_path()),
     };
     let mut attempt = match sandbox.spawn(spec).await {
         Ok(at) => at,
