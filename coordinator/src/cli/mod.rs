@@ -39,6 +39,7 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
 
 pub mod client;
 pub mod dev;
+pub mod ops;
 pub mod output;
 pub mod run;
 pub mod settings;
@@ -109,7 +110,8 @@ pub struct ConnArgs {
 pub enum Command {
     /// Run the coordinator daemon (what drover.service starts).
     Serve(ServeArgs),
-    /// Fleet summary: workers by state, total and free cores, memory and GPUs.
+    /// Fleet summary: workers by state, total and free cores, memory and GPUs; lost and
+    /// draining workers; retrying tasks with their reason and attempts.
     Status(StatusArgs),
     /// List workers.
     Workers(WorkersArgs),
@@ -153,6 +155,11 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Stop placing new work on a worker; let its running attempts finish (until --deadline,
+    /// after which they are rescheduled elsewhere). Kept across restarts until undrained.
+    Drain(ops::DrainArgs),
+    /// Make a drained worker take new work again.
+    Undrain(ops::UndrainArgs),
     /// Start a local fleet (a coordinator and N workers) for trying drover out.
     Dev(dev::DevArgs),
     /// Write man pages for drover and each of its subcommands into DIR (used by packaging).

@@ -37,7 +37,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Task(super::TaskCommand::Show { id, conn, json }) => {
             let s = settings::resolve(&conn)?;
             match query(&s, OperatorRequest::ShowTask { id }).await? {
-                OperatorResponse::Task(t) => print(json.json, &t, || super::tasks::task_detail(&t)),
+                OperatorResponse::Task(t) => {
+                    // The worker's state tells whether the attempt is in trouble (lost, draining).
+                    let worker = match (&t.worker, json.json) {
+                        (Some(name), false) => {
+                            match query(&s, OperatorRequest::ShowWorker { name: name.clone() }).await {
+                                Ok(OperatorResponse::Worker(w)) => Some(w.state),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    };
+                    print(json.json, &t, || super::tasks::task_detail(&t, worker))
+                }
                 other => Err(unexpected(other)),
             }
         }
@@ -50,13 +62,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Status(args) => {
-            let (s, j) = (settings::resolve(&args.conn)?, args.json);
-            match query(&s, OperatorRequest::FleetStatus).await? {
-                OperatorResponse::FleetStatus(summary) => {
-                    print(j.json, &summary, || output::status(&summary))
-                }
-                other => Err(unexpected(other)),
-            }
+            super::ops::status(&settings::resolve(&args.conn)?, args.json.json).await
+        }
+        Command::Drain(args) => super::ops::drain(&settings::resolve(&args.conn)?, args).await,
+        Command::Undrain(args) => {
+            super::ops::undrain(&settings::resolve(&args.conn)?, args).await
         }
         Command::Workers(args) => {
             let s = settings::resolve(&args.conn)?;
