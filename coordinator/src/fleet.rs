@@ -16,8 +16,7 @@
 //! when the deadline passes, and the runtime reschedules what still runs there.
 
 use drover_protocol::{
-    Capacity, DrainInfo, FleetSummary, ResourceReport, StateCounts, Usage, WorkerInfo,
-    WorkerState,
+    Capacity, DrainInfo, FleetSummary, ResourceReport, StateCounts, Usage, WorkerInfo, WorkerState,
 };
 use std::collections::BTreeMap;
 
@@ -395,7 +394,11 @@ impl Fleet {
                 assert!(w.conn.is_none(), "{name}: down with an open connection");
             }
             if w.record.drain.is_some() {
-                assert_ne!(w.record.state, WorkerState::Ready, "{name}: ready while drained");
+                assert_ne!(
+                    w.record.state,
+                    WorkerState::Ready,
+                    "{name}: ready while drained"
+                );
             }
         }
     }
@@ -610,7 +613,11 @@ pub(crate) mod tests {
         );
         f.handle_heartbeat(7000, 1, "w", Usage::default());
         assert!(f.tick(7000).is_empty(), "the deadline fires once");
-        assert_eq!(state(&f, "w"), WorkerState::Draining, "still draining after it");
+        assert_eq!(
+            state(&f, "w"),
+            WorkerState::Draining,
+            "still draining after it"
+        );
 
         let (change, a) = f.handle_undrain(8000, "w").expect("known worker");
         assert_eq!(
@@ -619,7 +626,10 @@ pub(crate) mod tests {
         );
         assert_eq!(persisted(&a).drain, None);
         let (change, a) = f.handle_undrain(8000, "w").expect("known worker");
-        assert!(!change.changed && a.is_empty(), "undrain twice changes nothing");
+        assert!(
+            !change.changed && a.is_empty(),
+            "undrain twice changes nothing"
+        );
         assert_eq!(
             f.handle_drain(0, "nope", None).unwrap_err(),
             UnknownWorker("nope".into())
@@ -650,7 +660,12 @@ pub(crate) mod tests {
         g.handle_register(10_500, reg(9, "w"));
         assert_eq!(state(&g, "w"), WorkerState::Draining);
         assert!(g.drain("w").is_some());
-        assert!(g.tick(1_000_000).iter().all(|a| !matches!(a, Action::DrainDeadline { .. })), "no deadline, nothing fires");
+        assert!(
+            g.tick(1_000_000)
+                .iter()
+                .all(|a| !matches!(a, Action::DrainDeadline { .. })),
+            "no deadline, nothing fires"
+        );
         g.sanity_check();
     }
 

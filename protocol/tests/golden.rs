@@ -25,11 +25,11 @@ use drover_protocol::task::{
     SessionEvent, TaskInfo, TaskSpec, TaskState,
 };
 use drover_protocol::{
-    encode_frame, Assignment, Attention, DrainInfo, DrainReport, RetryingTask, WorkerNote, AttemptDown, AttemptEvent, AttemptUp, Capacity, CgroupVersion,
-    CoordinatorMessage, ErrorKind, FleetSummary, FrameDecoder, Gpu, GpuVendor, Hello, HelloReply,
-    LoadAvg, OperatorRequest, OperatorResponse, Refusal, ResourceReport, Role, StateCounts, Usage,
-    VersionRange, WorkerInfo, WorkerMessage, WorkerState, MAX_FRAME_LEN, PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
+    encode_frame, Assignment, AttemptDown, AttemptEvent, AttemptUp, Attention, Capacity,
+    CgroupVersion, CoordinatorMessage, DrainInfo, DrainReport, ErrorKind, FleetSummary,
+    FrameDecoder, Gpu, GpuVendor, Hello, HelloReply, LoadAvg, OperatorRequest, OperatorResponse,
+    Refusal, ResourceReport, RetryingTask, Role, StateCounts, Usage, VersionRange, WorkerInfo,
+    WorkerMessage, WorkerNote, WorkerState, MAX_FRAME_LEN, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -790,7 +790,11 @@ fn operator_drain_and_attention() {
         },
         "00000006090470692d37",
     );
-    golden("request_attention", &OperatorRequest::Attention, "000000010a");
+    golden(
+        "request_attention",
+        &OperatorRequest::Attention,
+        "000000010a",
+    );
     let drain = DrainInfo {
         since_ms: 1_700_000_000_000,
         deadline_ms: Some(1_700_000_600_000),
@@ -804,8 +808,12 @@ fn operator_drain_and_attention() {
         running: vec!["t7".into()],
         now_ms: 1_700_000_000_000,
     };
-    golden("response_drain", &OperatorResponse::Drain(report), "00000021090470692d3700010180d095ffbc3101c09fbaffbc31010102743780\
-         d095ffbc31");
+    golden(
+        "response_drain",
+        &OperatorResponse::Drain(report),
+        "00000021090470692d3700010180d095ffbc3101c09fbaffbc31010102743780\
+         d095ffbc31",
+    );
     let attention = Attention {
         now_ms: 1_700_000_000_500,
         workers: vec![WorkerNote {
@@ -826,10 +834,14 @@ fn operator_drain_and_attention() {
             not_before_ms: 1_700_000_001_000,
         }],
     };
-    golden("response_attention", &OperatorResponse::Attention(attention), "000000700af4d395ffbc31010470692d370180d095ffbc3190d395ffbc310101\
+    golden(
+        "response_attention",
+        &OperatorResponse::Attention(attention),
+        "000000700af4d395ffbc31010470692d370180d095ffbc3190d395ffbc310101\
          80d095ffbc3101c09fbaffbc3101027437010274380568656c6c6f0103307265\
          747279696e6720616674657220617474656d70742031206b696c6c656420666f\
-         72206d656d6f727920284f4f4d29e8d795ffbc31");
+         72206d656d6f727920284f4f4d29e8d795ffbc31",
+    );
 }
 
 const GOLDEN_TASK_EXITS: [&str; 5] = [

@@ -130,7 +130,11 @@ fn check_session(events: &[Value]) {
         1,
         "exactly one completion: {k:?}"
     );
-    assert_eq!(k.last().map(String::as_str), Some("completed"), "completion is last");
+    assert_eq!(
+        k.last().map(String::as_str),
+        Some("completed"),
+        "completion is last"
+    );
 }
 
 /// Is any process on the host running with `marker` in its command line?
@@ -266,7 +270,10 @@ memory_ceiling = "256MiB"
     assert!(human.contains("RETRYING") && human.contains(&id), "{human}");
     let show = fleet.cli(&["task", "show", &id]);
     let show = String::from_utf8_lossy(&show.stdout);
-    assert!(show.contains("queued (retrying)") && show.contains("OOM"), "{show}");
+    assert!(
+        show.contains("queued (retrying)") && show.contains("OOM"),
+        "{show}"
+    );
 
     let t = wait_state(&fleet, &id, TaskState::Succeeded, Duration::from_secs(40));
     assert_eq!(t.attempts, 2, "{t:?}");
@@ -278,8 +285,14 @@ memory_ceiling = "256MiB"
     if let Some(peak) = exits[0]["payload"]["peak_memory_bytes"].as_u64() {
         assert!(peak > 20 * MIB && peak <= 40 * MIB, "peak {peak}");
     }
-    assert_eq!(of_kind(&all, "retry_scheduled")[0]["payload"]["memory_bytes"], 80 * MIB);
-    assert_eq!(of_kind(&all, "assigned")[1]["payload"]["memory_bytes"], 80 * MIB);
+    assert_eq!(
+        of_kind(&all, "retry_scheduled")[0]["payload"]["memory_bytes"],
+        80 * MIB
+    );
+    assert_eq!(
+        of_kind(&all, "assigned")[1]["payload"]["memory_bytes"],
+        80 * MIB
+    );
     assert_eq!(exits[1]["payload"]["class"]["exited"], 0);
     assert_eq!(exits[1]["payload"]["memory_limit_bytes"], 80 * MIB);
     assert_eq!(stdout_of(&all, 2).trim(), "fits");
@@ -321,7 +334,10 @@ fn drain_moves_a_long_task_at_its_deadline_undrain_reverses_and_it_survives_a_re
 
     // Drain without a deadline: no new work there, the running attempt carries on.
     let r = drain(&fleet, &[&busy]);
-    assert_eq!((r.previous, r.state, r.changed), (WorkerState::Ready, WorkerState::Draining, true));
+    assert_eq!(
+        (r.previous, r.state, r.changed),
+        (WorkerState::Ready, WorkerState::Draining, true)
+    );
     assert_eq!(r.running, vec![id.clone()]);
     assert_eq!(r.drain.and_then(|d| d.deadline_ms), None);
     let s = status_json(&fleet).expect("status");
@@ -336,26 +352,50 @@ fn drain_moves_a_long_task_at_its_deadline_undrain_reverses_and_it_survives_a_re
         &write_spec(&fleet, "quick", "name = \"quick\"\ncommand = [\"true\"]\n"),
     );
     let q = wait_state(&fleet, &quick, TaskState::Succeeded, DEADLINE);
-    assert_eq!(q.worker.as_deref(), Some(other.as_str()), "nothing new on a draining worker");
+    assert_eq!(
+        q.worker.as_deref(),
+        Some(other.as_str()),
+        "nothing new on a draining worker"
+    );
     assert_eq!(task(&fleet, &id).map(|t| t.state), Ok(TaskState::Running));
 
     // A short deadline: the attempt is stopped there and runs again on the other worker.
     let r = drain(&fleet, &[&busy, "--deadline", "1s"]);
-    assert_eq!((r.previous, r.state), (WorkerState::Draining, WorkerState::Draining));
+    assert_eq!(
+        (r.previous, r.state),
+        (WorkerState::Draining, WorkerState::Draining)
+    );
     assert!(r.drain.and_then(|d| d.deadline_ms).is_some());
     let t = wait_state(&fleet, &id, TaskState::Succeeded, DEADLINE);
-    assert_eq!((t.attempts, t.worker.as_deref()), (2, Some(other.as_str())), "{t:?}");
+    assert_eq!(
+        (t.attempts, t.worker.as_deref()),
+        (2, Some(other.as_str())),
+        "{t:?}"
+    );
     let all = events(&fleet, &id);
     check_session(&all);
-    assert_eq!(of_kind(&all, "attempt_ended")[0]["payload"]["reason"], "drained");
-    assert_eq!(of_kind(&all, "retry_scheduled")[0]["payload"]["counted"], false);
+    assert_eq!(
+        of_kind(&all, "attempt_ended")[0]["payload"]["reason"],
+        "drained"
+    );
+    assert_eq!(
+        of_kind(&all, "retry_scheduled")[0]["payload"]["counted"],
+        false
+    );
     assert_eq!(stdout_of(&all, 2).trim(), "done on attempt 2");
-    fleet.wait_for(DEADLINE, "the drained attempt's processes to be killed", || {
-        (!process_with(&format!("sleep {marker}")))
-            .then_some(())
-            .ok_or("still running")
-    });
-    assert_eq!(fleet.worker(&busy).map(|w| w.state), Ok(WorkerState::Draining));
+    fleet.wait_for(
+        DEADLINE,
+        "the drained attempt's processes to be killed",
+        || {
+            (!process_with(&format!("sleep {marker}")))
+                .then_some(())
+                .ok_or("still running")
+        },
+    );
+    assert_eq!(
+        fleet.worker(&busy).map(|w| w.state),
+        Ok(WorkerState::Draining)
+    );
 
     // The drain is in the registry: a coordinator restart and the worker's reconnect keep it.
     fleet.stop_coordinator(Signal::SIGKILL);
@@ -363,11 +403,17 @@ fn drain_moves_a_long_task_at_its_deadline_undrain_reverses_and_it_survives_a_re
     fleet.wait_workers("both workers to reconnect", |list| {
         list.iter().all(|w| w.connected)
     });
-    assert_eq!(fleet.worker(&busy).map(|w| w.state), Ok(WorkerState::Draining));
+    assert_eq!(
+        fleet.worker(&busy).map(|w| w.state),
+        Ok(WorkerState::Draining)
+    );
 
     // Undrain: ready again; twice is a no-op that says so.
     let r: DrainReport = fleet.cli_json(&["undrain", &busy, "--json"]);
-    assert_eq!((r.previous, r.state, r.changed), (WorkerState::Draining, WorkerState::Ready, true));
+    assert_eq!(
+        (r.previous, r.state, r.changed),
+        (WorkerState::Draining, WorkerState::Ready, true)
+    );
     assert_eq!(r.drain, None);
     let out = fleet.cli(&["undrain", &busy]);
     assert!(out.status.success());
@@ -401,7 +447,9 @@ fn status_shows_lost_workers() {
     let human = fleet.cli(&["status"]);
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(
-        human.lines().any(|l| l.starts_with("w2") && l.contains("lost") && l.contains("no heartbeat for")),
+        human
+            .lines()
+            .any(|l| l.starts_with("w2") && l.contains("lost") && l.contains("no heartbeat for")),
         "{human}"
     );
 }

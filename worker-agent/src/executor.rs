@@ -184,7 +184,10 @@ async fn run_process(ctx: &ExecContext, a: &Assignment, tx: Emit, cancel: Cancel
     let checkpoint_file = workspace.join(CHECKPOINT_FILE);
     if let Some(checkpoint) = &a.checkpoint {
         if let Err(e) = std::fs::write(&checkpoint_file, checkpoint) {
-            let why = format!("cannot write the checkpoint to {}: {e}", checkpoint_file.display());
+            let why = format!(
+                "cannot write the checkpoint to {}: {e}",
+                checkpoint_file.display()
+            );
             let _ = tx.send(("exited".into(), fail(why))).await;
             return;
         }

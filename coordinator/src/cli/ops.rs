@@ -75,7 +75,12 @@ pub async fn drain(s: &Resolved, args: DrainArgs) -> Result<(), CliError> {
 }
 
 pub async fn undrain(s: &Resolved, args: UndrainArgs) -> Result<(), CliError> {
-    report(s, OperatorRequest::Undrain { name: args.name }, args.json.json).await
+    report(
+        s,
+        OperatorRequest::Undrain { name: args.name },
+        args.json.json,
+    )
+    .await
 }
 
 async fn report(s: &Resolved, req: OperatorRequest, json: bool) -> Result<(), CliError> {
@@ -89,7 +94,10 @@ async fn report(s: &Resolved, req: OperatorRequest, json: bool) -> Result<(), Cl
             Ok(())
         }
         Some(other) => Err(super::run::unexpected(other)),
-        None => Err(CliError::new(exit::FAILURE, "the coordinator did not answer")),
+        None => Err(CliError::new(
+            exit::FAILURE,
+            "the coordinator did not answer",
+        )),
     }
 }
 
@@ -105,7 +113,11 @@ pub struct StatusJson<'a> {
 }
 
 pub async fn status(s: &Resolved, json: bool) -> Result<(), CliError> {
-    let answers = ask(s, vec![OperatorRequest::FleetStatus, OperatorRequest::Attention]).await?;
+    let answers = ask(
+        s,
+        vec![OperatorRequest::FleetStatus, OperatorRequest::Attention],
+    )
+    .await?;
     let mut answers = answers.into_iter();
     let (Some(OperatorResponse::FleetStatus(summary)), Some(OperatorResponse::Attention(att))) =
         (answers.next(), answers.next())

@@ -3,7 +3,9 @@
 //! prints the protocol records as they are (docs/json-schema.md).
 
 use crate::tasks::units::format_duration;
-use drover_protocol::{Attention, CgroupVersion, DrainReport, FleetSummary, WorkerInfo, WorkerState};
+use drover_protocol::{
+    Attention, CgroupVersion, DrainReport, FleetSummary, WorkerInfo, WorkerState,
+};
 use std::fmt::Write as _;
 
 /// Widest line any table prints.
@@ -317,7 +319,10 @@ pub fn drain_report(r: &DrainReport) -> String {
         (true, _) if r.previous == WorkerState::Draining => {
             format!("{n}: still draining, with the new deadline.")
         }
-        (true, _) => format!("{n}: draining (was {}); no new work goes there.", r.previous),
+        (true, _) => format!(
+            "{n}: draining (was {}); no new work goes there.",
+            r.previous
+        ),
     };
     let _ = writeln!(out, "{head}");
     let _ = match (running.is_empty(), d.deadline_ms) {
@@ -466,7 +471,10 @@ mod tests {
         };
         let text = drain_report(&r);
         assert!(text.starts_with("w1: draining (was ready)"), "{text}");
-        assert!(text.contains("1 attempt (t3) may finish") && text.contains("(in 10m)"), "{text}");
+        assert!(
+            text.contains("1 attempt (t3) may finish") && text.contains("(in 10m)"),
+            "{text}"
+        );
         r.running.clear();
         assert!(drain_report(&r).contains("it is drained"));
         r.state = WorkerState::Lost;
@@ -516,8 +524,14 @@ mod tests {
         };
         let text = attention(&a);
         assert!(text.contains("no heartbeat for 1m"), "{text}");
-        assert!(text.contains("1 attempt (t1) running; deadline in 1m"), "{text}");
-        assert!(text.contains("t9") && text.contains("2/3") && text.contains("in 4s"), "{text}");
+        assert!(
+            text.contains("1 attempt (t1) running; deadline in 1m"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t9") && text.contains("2/3") && text.contains("in 4s"),
+            "{text}"
+        );
         assert!(text.lines().all(|l| l.chars().count() <= MAX_WIDTH));
         assert_eq!(
             attention(&Attention {

@@ -41,7 +41,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     // The worker's state tells whether the attempt is in trouble (lost, draining).
                     let worker = match (&t.worker, json.json) {
                         (Some(name), false) => {
-                            match query(&s, OperatorRequest::ShowWorker { name: name.clone() }).await {
+                            match query(&s, OperatorRequest::ShowWorker { name: name.clone() })
+                                .await
+                            {
                                 Ok(OperatorResponse::Worker(w)) => Some(w.state),
                                 _ => None,
                             }
@@ -65,9 +67,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             super::ops::status(&settings::resolve(&args.conn)?, args.json.json).await
         }
         Command::Drain(args) => super::ops::drain(&settings::resolve(&args.conn)?, args).await,
-        Command::Undrain(args) => {
-            super::ops::undrain(&settings::resolve(&args.conn)?, args).await
-        }
+        Command::Undrain(args) => super::ops::undrain(&settings::resolve(&args.conn)?, args).await,
         Command::Workers(args) => {
             let s = settings::resolve(&args.conn)?;
             let req = OperatorRequest::ListWorkers {

@@ -14,7 +14,7 @@ use crate::store::Store;
 use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks};
 use crate::tasks::{validate_spec, WorkerView};
 use drover_protocol::{
-    close_code, Attention, AttemptEvent, CoordinatorMessage, DrainReport, ErrorKind,
+    close_code, AttemptEvent, Attention, CoordinatorMessage, DrainReport, ErrorKind,
     OperatorRequest, OperatorResponse, Usage, WorkerNote, WorkerState,
 };
 use std::collections::HashMap;

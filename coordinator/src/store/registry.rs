@@ -37,17 +37,13 @@ pub(super) fn load_workers(
                     r.get::<_, i64>(8)?,
                 ],
                 r.get::<_, String>(9)?,
-                (
-                    r.get::<_, Option<i64>>(10)?,
-                    r.get::<_, Option<i64>>(11)?,
-                ),
+                (r.get::<_, Option<i64>>(10)?, r.get::<_, Option<i64>>(11)?),
             ))
         })
         .map_err(sq)?;
     let mut out = Vec::new();
     for row in rows {
-        let (name, state, address, version, proto, times, resources, drain) =
-            row.map_err(sq)?;
+        let (name, state, address, version, proto, times, resources, drain) = row.map_err(sq)?;
         let corrupt = |reason: String| StoreError::Corrupt {
             path: path.into(),
             name: name.clone(),

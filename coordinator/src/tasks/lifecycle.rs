@@ -351,7 +351,8 @@ impl Tasks {
             events.extend(resumed(t, now, &ev.payload));
         }
         if ev.kind == "exited" {
-            let payload = serde_json::from_str::<serde_json::Value>(&ev.payload).unwrap_or_default();
+            let payload =
+                serde_json::from_str::<serde_json::Value>(&ev.payload).unwrap_or_default();
             let class = payload
                 .get("class")
                 .and_then(|c| serde_json::from_value::<ExitClass>(c.clone()).ok())

@@ -36,9 +36,7 @@ impl OomReport {
     /// From an `exited` payload: `memory_limit_bytes` and `peak_memory_bytes`.
     pub fn from_exited(payload: &serde_json::Value) -> Self {
         Self {
-            limit_bytes: payload
-                .get("memory_limit_bytes")
-                .and_then(|v| v.as_u64()),
+            limit_bytes: payload.get("memory_limit_bytes").and_then(|v| v.as_u64()),
             peak_bytes: payload.get("peak_memory_bytes").and_then(|v| v.as_u64()),
         }
     }
@@ -65,7 +63,12 @@ pub fn spec_memory(spec: &TaskSpec) -> Option<u64> {
 }
 
 /// Decide after an OOM. `current` is the memory the attempt ran with if grown before.
-pub fn decide(retry: &RetryPolicy, spec: &TaskSpec, current: Option<u64>, report: OomReport) -> OomDecision {
+pub fn decide(
+    retry: &RetryPolicy,
+    spec: &TaskSpec,
+    current: Option<u64>,
+    report: OomReport,
+) -> OomDecision {
     let what = report.describe();
     match retry.on_oom {
         OomPolicy::Fail => OomDecision::Fail(format!("{what}; retry.on_oom is \"fail\"")),
@@ -164,20 +167,34 @@ mod tests {
         let OomDecision::Fail(why) = decide(&s.retry, &s, None, report()) else {
             panic!()
         };
-        assert!(why.contains("64 MiB limit, peak 64 MiB") && why.contains("fail"), "{why}");
+        assert!(
+            why.contains("64 MiB limit, peak 64 MiB") && why.contains("fail"),
+            "{why}"
+        );
         let s = spec(OomPolicy::Retry, Some(64 * MIB), None);
         assert!(matches!(
             decide(&s.retry, &s, None, report()),
-            OomDecision::Retry { memory_bytes: None, .. }
+            OomDecision::Retry {
+                memory_bytes: None,
+                ..
+            }
         ));
     }
 
     #[test]
     fn more_memory_doubles_up_to_the_ceiling_then_fails() {
-        let s = spec(OomPolicy::RetryWithMoreMemory, Some(64 * MIB), Some(200 * MIB));
+        let s = spec(
+            OomPolicy::RetryWithMoreMemory,
+            Some(64 * MIB),
+            Some(200 * MIB),
+        );
         let step = |current| decide(&s.retry, &s, current, report());
-        assert!(matches!(step(None), OomDecision::Retry { memory_bytes: Some(m), .. } if m == 128 * MIB));
-        assert!(matches!(step(Some(128 * MIB)), OomDecision::Retry { memory_bytes: Some(m), .. } if m == 200 * MIB));
+        assert!(
+            matches!(step(None), OomDecision::Retry { memory_bytes: Some(m), .. } if m == 128 * MIB)
+        );
+        assert!(
+            matches!(step(Some(128 * MIB)), OomDecision::Retry { memory_bytes: Some(m), .. } if m == 200 * MIB)
+        );
         let OomDecision::Fail(why) = step(Some(200 * MIB)) else {
             panic!("at the ceiling it fails")
         };

@@ -196,11 +196,17 @@ mod tests {
         assert!(got.contains(&("PATH".into(), DEFAULT_PATH.into())));
         assert!(got.contains(&("DROVER_EVENTS_FD".into(), "3".into())));
         assert!(got.contains(&("DROVER_ATTEMPT".into(), "2".into())));
-        assert!(!got.iter().any(|(k, _)| k == "DROVER_CHECKPOINT_FILE"), "only with a checkpoint");
+        assert!(
+            !got.iter().any(|(k, _)| k == "DROVER_CHECKPOINT_FILE"),
+            "only with a checkpoint"
+        );
         let mut resumed = spec(&env, &limits);
         resumed.checkpoint_file = Some(Path::new("/w/.drover-checkpoint.json"));
         let got = environment(&resumed, Path::new("/w")).expect("env");
-        assert!(got.contains(&("DROVER_CHECKPOINT_FILE".into(), "/w/.drover-checkpoint.json".into())));
+        assert!(got.contains(&(
+            "DROVER_CHECKPOINT_FILE".into(),
+            "/w/.drover-checkpoint.json".into()
+        )));
 
         let env = BTreeMap::from([("PATH".to_owned(), "/opt/bin".to_owned())]);
         let got = environment(&spec(&env, &limits), Path::new("/w")).expect("env");
