@@ -9,13 +9,13 @@
 //! resolves. The core itself never waits for the disk.
 
 use crate::clock::Clock;
-use crate::fleet::{Action, ConnId, DrainChange, Fleet, Registration};
+use crate::fleet::{Action, ConnId, Fleet, Registration};
 use crate::store::Store;
 use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks};
 use crate::tasks::{validate_spec, WorkerView};
 use drover_protocol::{
-    close_code, AttemptEvent, Attention, CoordinatorMessage, DrainReport, ErrorKind,
-    OperatorRequest, OperatorResponse, Usage, WorkerNote, WorkerState,
+    close_code, AttemptEvent, CoordinatorMessage, ErrorKind, OperatorRequest, OperatorResponse,
+    Usage, WorkerState,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -339,8 +339,13 @@ impl Core {
         self.apply_tasks(actions);
     }
 
-    fn drain_report(&self, now: u64, name: String, change: DrainChange) -> OperatorResponse {
-        OperatorResponse::Drain(DrainReport {
+    fn drain_report(
+        &self,
+        now: u64,
+        name: String,
+        change: crate::fleet::DrainChange,
+    ) -> OperatorResponse {
+        OperatorResponse::Drain(drover_protocol::DrainReport {
             running: self.tasks.running_on(&name),
             name,
             previous: change.previous,
@@ -444,7 +449,7 @@ impl Core {
                         matches!(w.state, WorkerState::Lost | WorkerState::Draining)
                             || self.fleet.drain(&w.name).is_some()
                     })
-                    .map(|w| WorkerNote {
+                    .map(|w| drover_protocol::WorkerNote {
                         drain: self.fleet.drain(&w.name),
                         running: self.tasks.running_on(&w.name),
                         name: w.name,
@@ -454,7 +459,7 @@ impl Core {
                         connected: w.connected,
                     })
                     .collect();
-                let attention = Attention {
+                let attention = drover_protocol::Attention {
                     now_ms: now,
                     workers,
                     retrying: self.tasks.retrying(),

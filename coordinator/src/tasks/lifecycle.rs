@@ -6,6 +6,12 @@
 //! `completed`) and [`Tasks::restore`] rebuilds the same state by replaying them. No I/O and
 //! no clock: every input carries `now`.
 //!
+//! Operations (issue 5), derived from the session like the rest: the last checkpoint's
+//! position goes with every new attempt and a `resumed` event records which one it started
+//! from; an OOM follows `retry.on_oom` ([`super::oom`]) and a grown memory figure is kept in
+//! `retry_scheduled`; attempts rescheduled off a drained worker (`attempt_ended {drained}`)
+//! do not count against `max_attempts` (`retry_scheduled {counted: false}`).
+//!
 //! Invariants (checked by [`Tasks::sanity_check`]):
 //! - positions of a session are assigned here, from 0, without gaps;
 //! - a worker event is accepted only for the task's current epoch, from the worker that
@@ -13,18 +19,12 @@
 //!   again, not stored); anything else is fenced;
 //! - `completed` is appended at most once per task, and only from `running` or `queued`;
 //! - an attempt's epoch is in the session (durable) before its assignment is sent.
-//!
-//! Issue 5 additions, each derived from the session like the rest: the last checkpoint's
-//! position goes with every new attempt and a `resumed` event records which one it started
-//! from; an OOM follows `retry.on_oom` ([`super::oom`]) and a grown memory figure is kept in
-//! `retry_scheduled`; attempts rescheduled off a drained worker (`attempt_ended {drained}`)
-//! do not count against `max_attempts` (`retry_scheduled {counted: false}`).
 
 use super::oom::{self, OomDecision, OomReport};
 use super::placement::{pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
 use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
-use drover_protocol::{Assignment, AttemptEvent, Capacity, RetryingTask};
+use drover_protocol::{Assignment, AttemptEvent, Capacity};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 
@@ -78,19 +78,33 @@ struct Task {
     finished_ms: Option<u64>,
     /// A queued retry waits until then.
     not_before_ms: u64,
-    cancel_requested: bool,
-    checkpoint: Option<String>,
     /// (pos, epoch, seq) of the last checkpoint event.
     checkpoint_at: Option<(u64, u64, u64)>,
     /// Attempts that do not count against `max_attempts` (rescheduled off a drained worker).
     uncounted: u32,
     /// Memory limit and reservation grown after OOMs (`None`: as the spec says).
     memory_bytes: Option<u64>,
-    /// Why the last attempt ended, while a retry waits.
-    retry_why: Option<String>,
+    /// Why a queued task waits for a worker (from placement), shown after any retry reason.
+    wait: Option<String>,
+    cancel_requested: bool,
+    checkpoint: Option<String>,
 }
 
 impl Task {
+    /// What one attempt reserves: the spec's requirements with any grown memory.
+    fn requirements(&self) -> drover_protocol::task::Requirements {
+        let mut r = self.spec.requirements.clone();
+        if let Some(m) = self.memory_bytes {
+            r.memory_bytes = m;
+        }
+        r
+    }
+
+    /// Attempts that count against `max_attempts`.
+    fn counted(&self) -> u32 {
+        self.attempts.saturating_sub(self.uncounted)
+    }
+
     fn new(id: String, spec: TaskSpec, submit_seq: u64, submitted_ms: u64) -> Self {
         Task {
             id,
@@ -107,27 +121,13 @@ impl Task {
             reason: None,
             finished_ms: None,
             not_before_ms: 0,
-            cancel_requested: false,
-            checkpoint: None,
             checkpoint_at: None,
             uncounted: 0,
             memory_bytes: None,
-            retry_why: None,
+            wait: None,
+            cancel_requested: false,
+            checkpoint: None,
         }
-    }
-
-    /// What one attempt reserves: the spec's requirements with any grown memory.
-    fn requirements(&self) -> drover_protocol::task::Requirements {
-        let mut r = self.spec.requirements.clone();
-        if let Some(m) = self.memory_bytes {
-            r.memory_bytes = m;
-        }
-        r
-    }
-
-    /// Attempts that count against `max_attempts`.
-    fn counted(&self) -> u32 {
-        self.attempts.saturating_sub(self.uncounted)
     }
 }
 
@@ -274,12 +274,14 @@ impl Tasks {
             t.state = TaskState::Running;
             t.worker = Some(worker.clone());
             t.reason = None;
-            t.retry_why = None;
-            let mut payload = json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker });
-            if let Some(m) = t.memory_bytes {
-                payload["memory_bytes"] = json!(m);
-            }
-            let assigned = event(t, now, None, "assigned", payload.to_string());
+            let assigned = event(
+                t,
+                now,
+                None,
+                "assigned",
+                json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker }).to_string(),
+            );
+            let assigned = oom::note_memory(assigned, t.memory_bytes);
             actions.push(TaskAction::Append(vec![assigned]));
             actions.push(TaskAction::Assign {
                 worker,
@@ -333,6 +335,9 @@ impl Tasks {
         }
         t.next_seq += 1;
         let seq = ev.seq;
+        if ev.kind == "checkpoint" {
+            t.checkpoint_at = Some((t.next_pos, epoch, seq));
+        }
         let mut events = vec![NewEvent {
             task_id: t.id.clone(),
             pos: t.next_pos,
@@ -345,33 +350,17 @@ impl Tasks {
         t.next_pos += 1;
         if ev.kind == "checkpoint" {
             t.checkpoint = Some(ev.payload.clone());
-            t.checkpoint_at = Some((t.next_pos - 1, epoch, seq));
+        }
+        if ev.kind == "exited" {
+            let class = serde_json::from_str::<serde_json::Value>(&ev.payload)
+                .ok()
+                .and_then(|v| serde_json::from_value::<ExitClass>(v.get("class")?.clone()).ok())
+                .unwrap_or(ExitClass::Exited(-1));
+            t.exit = Some(class);
+            events.extend(attempt_over(t, now, exit_outcome(t, class, &ev.payload)));
         }
         if ev.kind == "started" {
             events.extend(resumed(t, now, &ev.payload));
-        }
-        if ev.kind == "exited" {
-            let payload =
-                serde_json::from_str::<serde_json::Value>(&ev.payload).unwrap_or_default();
-            let class = payload
-                .get("class")
-                .and_then(|c| serde_json::from_value::<ExitClass>(c.clone()).ok())
-                .unwrap_or(ExitClass::Exited(-1));
-            t.exit = Some(class);
-            let outcome = match class_outcome(class, t.cancel_requested) {
-                Outcome::Retry(..) if class == ExitClass::OomKilled => {
-                    let report = OomReport::from_exited(&payload);
-                    match oom::decide(&t.spec.retry, &t.spec, t.memory_bytes, report) {
-                        OomDecision::Fail(why) => Outcome::Fail(why),
-                        OomDecision::Retry { memory_bytes, why } => {
-                            Outcome::Retry(why, memory_bytes)
-                        }
-                    }
-                }
-                Outcome::Retry(why, _) => Outcome::Retry(why, t.memory_bytes),
-                other => other,
-            };
-            events.extend(attempt_over(t, now, outcome));
         }
         EventVerdict::Accept {
             seq,
@@ -413,75 +402,12 @@ impl Tasks {
             let outcome = if t.cancel_requested {
                 Outcome::Cancelled
             } else {
-                Outcome::Retry(why.to_owned(), t.memory_bytes)
+                Outcome::Retry(why.to_owned())
             };
             events.extend(attempt_over(t, now, outcome));
             actions.push(TaskAction::Append(events));
         }
         actions
-    }
-
-    /// The drain deadline of `worker` passed: end each attempt still running there
-    /// (`attempt_ended {drained}`), tell the worker to stop it, and queue the task again at once
-    /// without counting the attempt against `max_attempts`.
-    pub fn handle_drain_deadline(&mut self, now: u64, worker: &str) -> Vec<TaskAction> {
-        let mut actions = Vec::new();
-        for id in &self.order {
-            let Some(t) = self.tasks.get_mut(id) else {
-                continue;
-            };
-            if t.state != TaskState::Running || t.worker.as_deref() != Some(worker) {
-                continue;
-            }
-            let epoch = t.epoch;
-            let mut events = vec![event(
-                t,
-                now,
-                None,
-                "attempt_ended",
-                json!({ "epoch": epoch, "worker": worker, "reason": "drained" }).to_string(),
-            )];
-            let outcome = if t.cancel_requested {
-                Outcome::Cancelled
-            } else {
-                Outcome::Drained(format!("was stopped: its worker {worker} was drained"))
-            };
-            events.extend(attempt_over(t, now, outcome));
-            actions.push(TaskAction::Append(events));
-            actions.push(TaskAction::Cancel {
-                worker: worker.to_owned(),
-                task_id: t.id.clone(),
-                epoch,
-            });
-        }
-        actions
-    }
-
-    /// Ids of tasks with an attempt running on `worker`, in submission order.
-    pub fn running_on(&self, worker: &str) -> Vec<String> {
-        self.order
-            .iter()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|t| t.state == TaskState::Running && t.worker.as_deref() == Some(worker))
-            .map(|t| t.id.clone())
-            .collect()
-    }
-
-    /// Queued tasks whose last attempt ended without success, in submission order.
-    pub fn retrying(&self) -> Vec<RetryingTask> {
-        self.order
-            .iter()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|t| t.state == TaskState::Queued && t.attempts > 0)
-            .map(|t| RetryingTask {
-                id: t.id.clone(),
-                name: t.spec.name.clone(),
-                attempts: t.attempts,
-                max_attempts: t.spec.retry.max_attempts.saturating_add(t.uncounted),
-                reason: t.retry_why.clone().unwrap_or_default(),
-                not_before_ms: t.not_before_ms,
-            })
-            .collect()
     }
 
     /// Cancel a task: at once if queued; a running one is told to stop and ends `cancelled`
@@ -535,11 +461,7 @@ impl Tasks {
             .values_mut()
             .filter(|t| t.state == TaskState::Queued)
         {
-            let wait = super::wait::WaitReason::new(&t.requirements(), workers).to_string();
-            t.reason = Some(match &t.retry_why {
-                Some(why) => format!("{why}; {wait}"),
-                None => wait,
-            });
+            t.wait = Some(super::wait::WaitReason::new(&t.requirements(), workers).to_string());
         }
     }
 
@@ -550,6 +472,69 @@ impl Tasks {
             *m.entry(t.state).or_insert(0) += 1;
         }
         m
+    }
+
+    /// The drain deadline of `worker` passed: end each attempt still running there
+    /// (`attempt_ended {drained}`), tell the worker to stop it, and queue the task again at once
+    /// without counting the attempt against `max_attempts`.
+    pub fn handle_drain_deadline(&mut self, now: u64, worker: &str) -> Vec<TaskAction> {
+        let mut actions = Vec::new();
+        for id in &self.order {
+            let Some(t) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            if t.state != TaskState::Running || t.worker.as_deref() != Some(worker) {
+                continue;
+            }
+            let epoch = t.epoch;
+            let mut events = vec![event(
+                t,
+                now,
+                None,
+                "attempt_ended",
+                json!({ "epoch": epoch, "worker": worker, "reason": "drained" }).to_string(),
+            )];
+            let outcome = if t.cancel_requested {
+                Outcome::Cancelled
+            } else {
+                Outcome::Drained(format!("was stopped: its worker {worker} was drained"))
+            };
+            events.extend(attempt_over(t, now, outcome));
+            actions.push(TaskAction::Append(events));
+            actions.push(TaskAction::Cancel {
+                worker: worker.to_owned(),
+                task_id: t.id.clone(),
+                epoch,
+            });
+        }
+        actions
+    }
+
+    /// Ids of tasks with an attempt running on `worker`, in submission order.
+    pub fn running_on(&self, worker: &str) -> Vec<String> {
+        self.order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| t.state == TaskState::Running && t.worker.as_deref() == Some(worker))
+            .map(|t| t.id.clone())
+            .collect()
+    }
+
+    /// Queued tasks whose last attempt ended without success, in submission order.
+    pub fn retrying(&self) -> Vec<drover_protocol::RetryingTask> {
+        self.order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| t.state == TaskState::Queued && t.attempts > 0)
+            .map(|t| drover_protocol::RetryingTask {
+                id: t.id.clone(),
+                name: t.spec.name.clone(),
+                attempts: t.attempts,
+                max_attempts: t.spec.retry.max_attempts.saturating_add(t.uncounted),
+                reason: t.reason.clone().unwrap_or_default(),
+                not_before_ms: t.not_before_ms,
+            })
+            .collect()
     }
 
     /// Check the invariants in the module doc; panics with the broken one.
@@ -575,8 +560,9 @@ impl Tasks {
 enum Outcome {
     Succeeded,
     Cancelled,
-    /// Retry if attempts are left, with this memory (`None`: as the spec says).
-    Retry(String, Option<u64>),
+    Retry(String),
+    /// Retry (if attempts are left) with the memory grown to this, bytes.
+    RetryWithMemory(String, u64),
     /// Fail now, whatever attempts are left (`retry.on_oom = "fail"`, the memory ceiling).
     Fail(String),
     /// Retry at once, not counted against `max_attempts`.
@@ -588,7 +574,30 @@ fn class_outcome(class: ExitClass, cancel_requested: bool) -> Outcome {
         _ if cancel_requested => Outcome::Cancelled,
         ExitClass::Exited(0) => Outcome::Succeeded,
         ExitClass::Cancelled => Outcome::Cancelled,
-        other => Outcome::Retry(describe_exit(other), None),
+        other => Outcome::Retry(describe_exit(other)),
+    }
+}
+
+/// How an `exited` event ends the attempt: as [`class_outcome`] says, except that an OOM kill
+/// follows `retry.on_oom`.
+fn exit_outcome(t: &Task, class: ExitClass, payload: &str) -> Outcome {
+    match class_outcome(class, t.cancel_requested) {
+        Outcome::Retry(_) if class == ExitClass::OomKilled => {
+            let payload = serde_json::from_str(payload).unwrap_or_default();
+            let report = OomReport::from_exited(&payload);
+            match oom::decide(&t.spec.retry, &t.spec, t.memory_bytes, report) {
+                OomDecision::Fail(why) => Outcome::Fail(why),
+                OomDecision::Retry {
+                    memory_bytes: Some(m),
+                    why,
+                } => Outcome::RetryWithMemory(why, m),
+                OomDecision::Retry {
+                    memory_bytes: None,
+                    why,
+                } => Outcome::Retry(why),
+            }
+        }
+        other => other,
     }
 }
 
@@ -619,16 +628,14 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
             t.uncounted += 1;
             return schedule_retry(t, now, why, 0, false);
         }
-        Outcome::Retry(why, memory) if t.counted() < t.spec.retry.max_attempts => {
-            let backoff = t
-                .spec
-                .retry
-                .backoff_ms
-                .saturating_mul(1 << (t.counted().saturating_sub(1)).min(16));
-            t.memory_bytes = memory;
-            return schedule_retry(t, now, why, backoff, true);
+        Outcome::RetryWithMemory(why, memory) if t.counted() < t.spec.retry.max_attempts => {
+            t.memory_bytes = Some(memory);
+            return schedule_retry(t, now, why, backoff(t), true);
         }
-        Outcome::Retry(why, _) => (
+        Outcome::Retry(why) if t.counted() < t.spec.retry.max_attempts => {
+            return schedule_retry(t, now, why, backoff(t), true);
+        }
+        Outcome::Retry(why) | Outcome::RetryWithMemory(why, _) => (
             TaskState::Failed,
             Some(format!(
                 "attempt {} of {} {why}",
@@ -653,6 +660,14 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
     )]
 }
 
+/// The delay before the next counted attempt: the backoff, doubled for each earlier one.
+fn backoff(t: &Task) -> u64 {
+    t.spec
+        .retry
+        .backoff_ms
+        .saturating_mul(1 << (t.counted().saturating_sub(1)).min(16))
+}
+
 /// Queue the task again after `backoff_ms`, recording why (and the memory it will get).
 fn schedule_retry(
     t: &mut Task,
@@ -663,9 +678,7 @@ fn schedule_retry(
 ) -> Vec<NewEvent> {
     t.state = TaskState::Queued;
     t.not_before_ms = now + backoff_ms;
-    let reason = format!("retrying after attempt {} {why}", t.attempts);
-    t.reason = Some(reason.clone());
-    t.retry_why = Some(reason);
+    t.reason = Some(format!("retrying after attempt {} {why}", t.attempts));
     let mut payload = json!({
         "after_attempt": t.attempts, "reason": why, "not_before_ms": t.not_before_ms
     });
@@ -686,11 +699,11 @@ fn replay(t: &mut Task, e: &NewEvent) {
         if e.epoch == t.epoch {
             t.next_seq = e.seq.unwrap_or(0) + 1;
         }
+        if e.kind == "checkpoint" {
+            t.checkpoint_at = Some((e.pos, e.epoch, e.seq.unwrap_or(0)));
+        }
         match e.kind.as_str() {
-            "checkpoint" => {
-                t.checkpoint = Some(e.payload.clone());
-                t.checkpoint_at = Some((e.pos, e.epoch, e.seq.unwrap_or(0)));
-            }
+            "checkpoint" => t.checkpoint = Some(e.payload.clone()),
             "exited" => {
                 t.exit = payload
                     .get("class")
@@ -714,27 +727,26 @@ fn replay(t: &mut Task, e: &NewEvent) {
             t.state = TaskState::Running;
             t.next_seq = 0;
             t.reason = None;
-            t.retry_why = None;
         }
         "retry_scheduled" => {
+            t.memory_bytes = payload.get("memory_bytes").and_then(|m| m.as_u64());
+            if payload.get("counted").and_then(|c| c.as_bool()) == Some(false) {
+                t.uncounted += 1;
+            }
             t.state = TaskState::Queued;
             t.not_before_ms = payload
                 .get("not_before_ms")
                 .and_then(|n| n.as_u64())
                 .unwrap_or(0);
+            // The same words as `attempt_over`, so a restart shows what was shown before.
             let after = payload.get("after_attempt").and_then(|a| a.as_u64());
             t.reason = payload
                 .get("reason")
                 .and_then(|r| r.as_str())
                 .map(|r| match after {
-                    Some(a) => format!("retrying after attempt {a} {r}"),
+                    Some(n) => format!("retrying after attempt {n} {r}"),
                     None => format!("retrying after {r}"),
                 });
-            t.retry_why = t.reason.clone();
-            t.memory_bytes = payload.get("memory_bytes").and_then(|m| m.as_u64());
-            if payload.get("counted").and_then(|c| c.as_bool()) == Some(false) {
-                t.uncounted += 1;
-            }
         }
         "cancel_requested" => t.cancel_requested = true,
         "completed" => {
@@ -753,6 +765,12 @@ fn replay(t: &mut Task, e: &NewEvent) {
 }
 
 fn to_info(t: &Task) -> TaskInfo {
+    // A queued task shows why it waits for a worker, after why its last attempt ended.
+    let reason = match (t.state, &t.reason, &t.wait) {
+        (TaskState::Queued, Some(retry), Some(wait)) => Some(format!("{retry}; {wait}")),
+        (TaskState::Queued, None, Some(wait)) => Some(wait.clone()),
+        _ => t.reason.clone(),
+    };
     TaskInfo {
         id: t.id.clone(),
         name: t.spec.name.clone(),
@@ -763,7 +781,7 @@ fn to_info(t: &Task) -> TaskInfo {
         submitted_ms: t.submitted_ms,
         finished_ms: t.finished_ms,
         exit: t.exit,
-        reason: t.reason.clone(),
+        reason,
         events: t.next_pos,
         spec: t.spec.clone(),
     }

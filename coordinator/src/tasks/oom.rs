@@ -10,6 +10,7 @@
 //! restores it.
 
 use super::units::format_size;
+use crate::store::session::NewEvent;
 use drover_protocol::task::{OomPolicy, RetryPolicy, TaskSpec};
 
 /// What an OOM kill leads to.
@@ -122,6 +123,18 @@ pub fn with_memory(spec: &TaskSpec, memory: Option<u64>) -> TaskSpec {
         s.requirements.memory_bytes = m;
     }
     s
+}
+
+/// The `assigned` event of an attempt whose memory was grown, with `memory_bytes` added to its
+/// payload so the session says what the attempt got.
+pub fn note_memory(mut assigned: NewEvent, memory: Option<u64>) -> NewEvent {
+    if let Some(m) = memory {
+        if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&assigned.payload) {
+            v["memory_bytes"] = serde_json::json!(m);
+            assigned.payload = v.to_string();
+        }
+    }
+    assigned
 }
 
 #[cfg(test)]
