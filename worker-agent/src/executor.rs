@@ -31,9 +31,6 @@ pub const CHUNK_BYTES: usize = 16 * 1024;
 pub const MAX_EVENT_LINE: usize = 256 * 1024;
 /// Events sent but not yet acknowledged before the streamer waits for acks.
 pub const MAX_UNACKED: usize = 256;
-/// Name of the file in the workspace that holds the checkpoint an attempt resumes from
-/// (`DROVER_CHECKPOINT_FILE`): the checkpoint event's JSON object exactly as the task wrote it.
-pub const CHECKPOINT_FILE: &str = ".drover-checkpoint.json";
 /// Event types a task may write to `DROVER_EVENTS_FD`.
 pub const TASK_EVENT_TYPES: [&str; 5] = [
     "tool_called",
@@ -42,6 +39,10 @@ pub const TASK_EVENT_TYPES: [&str; 5] = [
     "progress",
     "custom",
 ];
+
+/// Name of the file in the workspace that holds the checkpoint an attempt resumes from
+/// (`DROVER_CHECKPOINT_FILE`): the checkpoint event's JSON object as stored.
+pub const CHECKPOINT_FILE: &str = ".drover-checkpoint.json";
 
 /// What every attempt needs from the worker.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use super::inputs::{resolve_inputs, InputFile};
 use super::units;
 use super::validate::{invalid, validate_spec, InvalidField};
 use drover_protocol::task::{
-    Isolation, Limits, NetworkPolicy, OomPolicy, Requirements, RetryPolicy, TaskSpec,
+    Isolation, Limits, NetworkPolicy, Requirements, RetryPolicy, TaskSpec,
 };
 use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
@@ -274,7 +274,7 @@ struct LimitsFile {
 struct RetryFile {
     max_attempts: Option<u32>,
     backoff: Option<Human>,
-    on_oom: Option<OomPolicy>,
+    on_oom: Option<drover_protocol::task::OomPolicy>,
     memory_factor: Option<f64>,
     memory_ceiling: Option<Human>,
 }
@@ -286,7 +286,7 @@ impl RetryFile {
         let Some(f) = self.memory_factor else {
             return Ok(default);
         };
-        if self.on_oom != Some(OomPolicy::RetryWithMoreMemory) {
+        if self.on_oom != Some(drover_protocol::task::OomPolicy::RetryWithMoreMemory) {
             return Err(invalid(
                 "retry.memory_factor",
                 "applies only with on_oom = \"retry_with_more_memory\"; remove it or set that policy",

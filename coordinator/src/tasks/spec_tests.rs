@@ -456,6 +456,7 @@ fn every_spec_in_the_docs_parses() {
 
 #[test]
 fn oom_policy_fields_convert_and_are_checked() {
+    use drover_protocol::task::OomPolicy;
     let spec = toml(&format!(
         "{CMD}[limits]\nmemory = \"512MiB\"\n[retry]\non_oom = \"retry_with_more_memory\"\nmemory_factor = 1.5\nmemory_ceiling = \"2GiB\"\n"
     ))
