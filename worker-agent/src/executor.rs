@@ -182,6 +182,7 @@ async fn run_process(ctx: &ExecContext, a: &Assignment, tx: Emit, cancel: Cancel
             .await;
         return;
     }
+    let limits = resolved_limits(a);
     let checkpoint_file = workspace.join(CHECKPOINT_FILE);
     if let Some(checkpoint) = &a.checkpoint {
         if let Err(e) = std::fs::write(&checkpoint_file, checkpoint) {
@@ -193,7 +194,6 @@ async fn run_process(ctx: &ExecContext, a: &Assignment, tx: Emit, cancel: Cancel
             return;
         }
     }
-    let limits = resolved_limits(a);
     let spec = AttemptSpec {
         task_id: &a.task_id,
         attempt: a.attempt,

@@ -113,6 +113,11 @@ pub enum Command {
     /// Fleet summary: workers by state, total and free cores, memory and GPUs; lost and
     /// draining workers; retrying tasks with their reason and attempts.
     Status(StatusArgs),
+    /// Stop placing new work on a worker; let its running attempts finish (until --deadline,
+    /// after which they are rescheduled elsewhere). Kept across restarts until undrained.
+    Drain(ops::DrainArgs),
+    /// Make a drained worker take new work again.
+    Undrain(ops::UndrainArgs),
     /// List workers.
     Workers(WorkersArgs),
     /// One worker.
@@ -155,11 +160,6 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// Stop placing new work on a worker; let its running attempts finish (until --deadline,
-    /// after which they are rescheduled elsewhere). Kept across restarts until undrained.
-    Drain(ops::DrainArgs),
-    /// Make a drained worker take new work again.
-    Undrain(ops::UndrainArgs),
     /// Start a local fleet (a coordinator and N workers) for trying drover out.
     Dev(dev::DevArgs),
     /// Write man pages for drover and each of its subcommands into DIR (used by packaging).
