@@ -2,7 +2,6 @@
 //! binary units, ages relative to the coordinator's clock. `--json` bypasses all of this and
 //! prints the protocol records as they are (docs/json-schema.md).
 
-use crate::tasks::units::format_duration;
 use drover_protocol::{
     Attention, CgroupVersion, DrainReport, FleetSummary, WorkerInfo, WorkerState,
 };
@@ -286,7 +285,7 @@ fn deadline(deadline_ms: u64, now_ms: u64) -> String {
     format!(
         "at {} (in {})",
         timestamp(deadline_ms),
-        format_duration(deadline_ms.saturating_sub(now_ms))
+        age(deadline_ms.saturating_sub(now_ms))
     )
 }
 
@@ -316,9 +315,10 @@ pub fn drain_report(r: &DrainReport) -> String {
             r.state
         ),
         (false, _) => format!("{n} was already draining; nothing changed."),
-        (true, _) if r.previous == WorkerState::Draining => {
-            format!("{n}: still draining, with the new deadline.")
-        }
+        (true, _) if r.previous == WorkerState::Draining => match d.deadline_ms {
+            Some(_) => format!("{n}: still draining, with the new deadline."),
+            None => format!("{n}: still draining, now without a deadline."),
+        },
         (true, _) => format!(
             "{n}: draining (was {}); no new work goes there.",
             r.previous
@@ -374,7 +374,7 @@ pub fn attention(a: &Attention) -> String {
                     (_, Some(d)) => {
                         let when = match d.deadline_ms {
                             Some(at) if at <= a.now_ms => "deadline passed".to_owned(),
-                            Some(at) => format!("deadline in {}", format_duration(at - a.now_ms)),
+                            Some(at) => format!("deadline in {}", age(at - a.now_ms)),
                             None => "no deadline".to_owned(),
                         };
                         let running = if w.running.is_empty() {
@@ -403,7 +403,7 @@ pub fn attention(a: &Attention) -> String {
             .iter()
             .map(|t| {
                 let next = if t.not_before_ms > a.now_ms {
-                    format!("in {}", format_duration(t.not_before_ms - a.now_ms))
+                    format!("in {}", age(t.not_before_ms - a.now_ms))
                 } else {
                     "now".to_owned()
                 };
@@ -529,7 +529,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("t9") && text.contains("2/3") && text.contains("in 4s"),
+            text.contains("t9") && text.contains("2/3") && text.contains("in 4.0s"),
             "{text}"
         );
         assert!(text.lines().all(|l| l.chars().count() <= MAX_WIDTH));

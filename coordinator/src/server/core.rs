@@ -344,9 +344,10 @@ impl Core {
         now: u64,
         name: String,
         change: crate::fleet::DrainChange,
+        running: Vec<String>,
     ) -> OperatorResponse {
         OperatorResponse::Drain(drover_protocol::DrainReport {
-            running: self.tasks.running_on(&name),
+            running,
             name,
             previous: change.previous,
             state: change.state,
@@ -371,11 +372,12 @@ impl Core {
                 Ok((change, actions)) => {
                     tracing::info!(worker = %name, ?deadline_in_ms, "drain requested");
                     let durable = self.apply(actions);
+                    let running = self.tasks.running_on(&name);
                     // A deadline of 0 acts now, not at the next tick.
                     let due = self.fleet.tick(now);
                     self.apply(due);
                     self.schedule(now);
-                    (self.drain_report(now, name, change), durable)
+                    (self.drain_report(now, name, change, running), durable)
                 }
                 Err(e) => error(ErrorKind::NotFound, e.to_string()),
             },
@@ -384,7 +386,8 @@ impl Core {
                     tracing::info!(worker = %name, "undrain requested");
                     let durable = self.apply(actions);
                     self.schedule(now);
-                    (self.drain_report(now, name, change), durable)
+                    let running = self.tasks.running_on(&name);
+                    (self.drain_report(now, name, change, running), durable)
                 }
                 Err(e) => error(ErrorKind::NotFound, e.to_string()),
             },
