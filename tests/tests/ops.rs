@@ -347,6 +347,16 @@ fn drain_moves_a_long_task_at_its_deadline_undrain_reverses_and_it_survives_a_re
     let show = fleet.cli(&["task", "show", &id]);
     let show = String::from_utf8_lossy(&show.stdout);
     assert!(show.contains(&format!("{busy} (draining)")), "{show}");
+    let shown = fleet.cli(&["worker", "show", &busy]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("Drain:") && shown.contains("no deadline"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("Running:    1 attempt ({id})")),
+        "{shown}"
+    );
     let quick = submit(
         &fleet,
         &write_spec(&fleet, "quick", "name = \"quick\"\ncommand = [\"true\"]\n"),

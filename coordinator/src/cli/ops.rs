@@ -143,6 +143,15 @@ pub async fn status(s: &Resolved, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The attention note of worker `name`, if it has one (lost, draining, or drained); `None`
+/// also when the coordinator cannot say (the caller prints what it has).
+pub async fn note(s: &Resolved, name: &str) -> Option<WorkerNote> {
+    match ask(s, vec![OperatorRequest::Attention]).await.ok()?.pop()? {
+        OperatorResponse::Attention(a) => a.workers.into_iter().find(|w| w.name == name),
+        _ => None,
+    }
+}
+
 /// Lost workers, and the rest (draining, or with a drain waiting for them to return).
 pub fn split(att: &Attention) -> (Vec<&WorkerNote>, Vec<&WorkerNote>) {
     att.workers

@@ -3,7 +3,7 @@
 //! prints the protocol records as they are (docs/json-schema.md).
 
 use drover_protocol::{
-    Attention, CgroupVersion, DrainReport, FleetSummary, WorkerInfo, WorkerState,
+    Attention, CgroupVersion, DrainReport, FleetSummary, WorkerInfo, WorkerNote, WorkerState,
 };
 use std::fmt::Write as _;
 
@@ -356,6 +356,27 @@ fn capitalize(s: &str) -> String {
     }
 }
 
+/// `drover worker show`'s lines about a drain and the attempts running there.
+pub fn worker_note(n: &WorkerNote, now_ms: u64) -> String {
+    let mut out = String::new();
+    if let Some(d) = n.drain {
+        let until = match d.deadline_ms {
+            Some(at) if at <= now_ms => "deadline passed".to_owned(),
+            Some(at) => format!("deadline {}", deadline(at, now_ms)),
+            None => "no deadline".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<12}since {} ({} ago), {until}",
+            "Drain:",
+            timestamp(d.since_ms),
+            age(now_ms.saturating_sub(d.since_ms))
+        );
+    }
+    let _ = writeln!(out, "{:<12}{}", "Running:", attempts(&n.running));
+    out
+}
+
 /// The part of `drover status` below the capacity table: lost and draining workers, and
 /// retrying tasks. Empty when nothing needs attention.
 pub fn attention(a: &Attention) -> String {
@@ -486,6 +507,32 @@ mod tests {
         assert!(drain_report(&r).starts_with("w1: ready (was draining)"));
         r.changed = false;
         assert!(drain_report(&r).contains("was not drained"));
+    }
+
+    #[test]
+    fn worker_note_shows_drain_and_running() {
+        use drover_protocol::DrainInfo;
+        let n = WorkerNote {
+            name: "w".into(),
+            state: WorkerState::Draining,
+            state_changed_ms: 0,
+            last_heartbeat_ms: 0,
+            connected: true,
+            drain: Some(DrainInfo {
+                since_ms: 0,
+                deadline_ms: Some(300_000),
+            }),
+            running: vec![],
+        };
+        let text = worker_note(&n, 60_000);
+        assert!(
+            text.contains("Drain:      since 1970-01-01 00:00:00 UTC (1m ago), deadline at"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(in 4m)") && text.contains("Running:    no attempt"),
+            "{text}"
+        );
     }
 
     #[test]

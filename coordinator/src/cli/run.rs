@@ -86,7 +86,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             match query(&s, OperatorRequest::ShowWorker { name }).await? {
                 OperatorResponse::Worker(w) => {
                     let now = w.last_heartbeat_ms + w.last_heartbeat_age_ms;
-                    print(json.json, &w, || output::worker(&w, now))
+                    // Drain and running attempts, from the attention list (human output only).
+                    let note = match json.json {
+                        false => super::ops::note(&s, &w.name).await,
+                        true => None,
+                    };
+                    print(json.json, &w, || {
+                        output::worker(&w, now)
+                            + &note
+                                .map(|n| output::worker_note(&n, now))
+                                .unwrap_or_default()
+                    })
                 }
                 other => Err(unexpected(other)),
             }
