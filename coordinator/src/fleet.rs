@@ -7,10 +7,16 @@
 //! - a worker with an open connection is `ready` or `draining` (or `lost` until its next
 //!   heartbeat revives it);
 //! - a worker in `down` has no connection;
-//! - every state change produces exactly one [`Action::Persist`] of the new record.
+//! - every state change produces exactly one [`Action::Persist`] of the new record;
+//! - a worker with a drain on record is never `ready`: it is `draining` while connected (the
+//!   drain survives reconnects, lost leases and coordinator restarts) until undrained.
+//!
+//! Drain: [`Fleet::handle_drain`] records the drain (and its deadline) with the worker;
+//! placement skips `draining` workers; [`Fleet::tick`] returns [`Action::DrainDeadline`] once
+//! when the deadline passes, and the runtime reschedules what still runs there.
 
 use drover_protocol::{
-    Capacity, FleetSummary, ResourceReport, StateCounts, Usage, WorkerInfo, WorkerState,
+    Capacity, DrainInfo, FleetSummary, ResourceReport, StateCounts, Usage, WorkerInfo, WorkerState,
 };
 use std::collections::BTreeMap;
 
@@ -30,6 +36,8 @@ pub struct WorkerRecord {
     pub state_changed_ms: u64,
     pub last_heartbeat_ms: u64,
     pub resources: ResourceReport,
+    /// A drain asked for by an operator, until undrained.
+    pub drain: Option<DrainInfo>,
 }
 
 /// What the runtime must do after an input.
@@ -40,6 +48,22 @@ pub enum Action {
     Persist(WorkerRecord),
     /// Close this connection (a newer one replaced it).
     Close { conn: ConnId, reason: &'static str },
+    /// The drain deadline of this worker passed: reschedule what still runs there.
+    DrainDeadline { name: String },
+}
+
+/// The registry has no worker by this name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no worker named {0:?}; `drover workers` lists them")]
+pub struct UnknownWorker(pub String);
+
+/// What a drain or undrain did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainChange {
+    pub previous: WorkerState,
+    pub state: WorkerState,
+    pub drain: Option<DrainInfo>,
+    pub changed: bool,
 }
 
 #[derive(Debug)]
@@ -48,6 +72,9 @@ struct Worker {
     usage: Usage,
     conn: Option<ConnId>,
     lease_deadline_ms: u64,
+    /// The drain deadline was acted on (in memory: after a restart it fires again, which is
+    /// harmless because nothing can have been placed on a draining worker since).
+    drain_fired: bool,
 }
 
 /// A registration from a connection that passed the handshake.
@@ -82,6 +109,7 @@ impl Fleet {
                     usage,
                     conn: None,
                     lease_deadline_ms: now + lease_ms,
+                    drain_fired: false,
                 };
                 (w.record.name.clone(), w)
             })
@@ -112,10 +140,12 @@ impl Fleet {
                     state_changed_ms: now,
                     last_heartbeat_ms: now,
                     resources: reg.resources.clone(),
+                    drain: None,
                 },
                 usage,
                 conn: None,
                 lease_deadline_ms: now,
+                drain_fired: false,
             });
         if let Some(old) = w.conn.replace(reg.conn) {
             if old != reg.conn {
@@ -126,11 +156,7 @@ impl Fleet {
             }
         }
         let r = &mut w.record;
-        let state = if r.state == WorkerState::Draining {
-            WorkerState::Draining
-        } else {
-            WorkerState::Ready
-        };
+        let state = live_state(r);
         if r.state != state {
             r.state_changed_ms = now;
         }
@@ -166,7 +192,7 @@ impl Fleet {
         w.lease_deadline_ms = now + self.lease_ms;
         if w.record.state == WorkerState::Lost {
             // Stalled past its lease (SIGSTOP, a long partition) but the connection survived.
-            w.record.state = WorkerState::Ready;
+            w.record.state = live_state(&w.record);
             w.record.state_changed_ms = now;
             return vec![Action::Persist(w.record.clone())];
         }
@@ -197,7 +223,7 @@ impl Fleet {
         Vec::new()
     }
 
-    /// Expire leases. Call at least a few times per lease.
+    /// Expire leases and drain deadlines. Call at least a few times per lease.
     pub fn tick(&mut self, now: u64) -> Vec<Action> {
         let mut actions = Vec::new();
         for w in self.workers.values_mut() {
@@ -207,8 +233,103 @@ impl Fleet {
                 w.record.state_changed_ms = now;
                 actions.push(Action::Persist(w.record.clone()));
             }
+            let due = w
+                .record
+                .drain
+                .and_then(|d| d.deadline_ms)
+                .is_some_and(|d| now >= d);
+            if due && !w.drain_fired {
+                w.drain_fired = true;
+                actions.push(Action::DrainDeadline {
+                    name: w.record.name.clone(),
+                });
+            }
         }
         actions
+    }
+
+    /// Stop placing work on `name`; attempts still running `deadline_in_ms` from now are to be
+    /// rescheduled (`None`: no deadline). Draining a lost or down worker records the drain for
+    /// when it comes back. Draining again replaces the deadline.
+    pub fn handle_drain(
+        &mut self,
+        now: u64,
+        name: &str,
+        deadline_in_ms: Option<u64>,
+    ) -> Result<(DrainChange, Vec<Action>), UnknownWorker> {
+        let w = self
+            .workers
+            .get_mut(name)
+            .ok_or_else(|| UnknownWorker(name.to_owned()))?;
+        let previous = w.record.state;
+        let deadline_ms = deadline_in_ms.map(|d| now.saturating_add(d));
+        let drain = match w.record.drain {
+            // Already draining: keep when it started, take the new deadline.
+            Some(d) => DrainInfo {
+                since_ms: d.since_ms,
+                deadline_ms,
+            },
+            None => DrainInfo {
+                since_ms: now,
+                deadline_ms,
+            },
+        };
+        let changed = w.record.drain != Some(drain);
+        w.record.drain = Some(drain);
+        w.drain_fired = false;
+        if w.record.state == WorkerState::Ready {
+            w.record.state = WorkerState::Draining;
+            w.record.state_changed_ms = now;
+        }
+        let change = DrainChange {
+            previous,
+            state: w.record.state,
+            drain: w.record.drain,
+            changed,
+        };
+        let actions = if changed {
+            vec![Action::Persist(w.record.clone())]
+        } else {
+            Vec::new()
+        };
+        Ok((change, actions))
+    }
+
+    /// Lift the drain of `name`: a draining worker is `ready` again; a lost or down one
+    /// registers as `ready` when it comes back.
+    pub fn handle_undrain(
+        &mut self,
+        now: u64,
+        name: &str,
+    ) -> Result<(DrainChange, Vec<Action>), UnknownWorker> {
+        let w = self
+            .workers
+            .get_mut(name)
+            .ok_or_else(|| UnknownWorker(name.to_owned()))?;
+        let previous = w.record.state;
+        let changed = w.record.drain.take().is_some() || previous == WorkerState::Draining;
+        w.drain_fired = false;
+        if w.record.state == WorkerState::Draining {
+            w.record.state = WorkerState::Ready;
+            w.record.state_changed_ms = now;
+        }
+        let change = DrainChange {
+            previous,
+            state: w.record.state,
+            drain: None,
+            changed,
+        };
+        let actions = if changed {
+            vec![Action::Persist(w.record.clone())]
+        } else {
+            Vec::new()
+        };
+        Ok((change, actions))
+    }
+
+    /// The drain on record for `name`, if any.
+    pub fn drain(&self, name: &str) -> Option<DrainInfo> {
+        self.workers.get(name).and_then(|w| w.record.drain)
     }
 
     /// The operator's view of one worker.
@@ -272,7 +393,23 @@ impl Fleet {
             if w.record.state == WorkerState::Down {
                 assert!(w.conn.is_none(), "{name}: down with an open connection");
             }
+            if w.record.drain.is_some() {
+                assert_ne!(
+                    w.record.state,
+                    WorkerState::Ready,
+                    "{name}: ready while drained"
+                );
+            }
         }
+    }
+}
+
+/// The state of a worker that is connected and heartbeating: `draining` if drained.
+fn live_state(r: &WorkerRecord) -> WorkerState {
+    if r.drain.is_some() {
+        WorkerState::Draining
+    } else {
+        WorkerState::Ready
     }
 }
 
@@ -440,5 +577,113 @@ pub(crate) mod tests {
             1
         );
         assert_eq!(f.list(0, None, None).len(), 3);
+    }
+
+    fn persisted(actions: &[Action]) -> WorkerRecord {
+        match actions {
+            [Action::Persist(r)] => r.clone(),
+            other => panic!("expected one Persist, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn drain_stops_ready_fires_deadline_once_and_undrain_reverses() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        f.handle_register(0, reg(1, "w"));
+        let (change, a) = f.handle_drain(1000, "w", Some(5000)).expect("known worker");
+        assert_eq!(
+            (change.previous, change.state, change.changed),
+            (WorkerState::Ready, WorkerState::Draining, true)
+        );
+        let rec = persisted(&a);
+        assert_eq!(
+            rec.drain,
+            Some(DrainInfo {
+                since_ms: 1000,
+                deadline_ms: Some(6000)
+            })
+        );
+        f.sanity_check();
+        f.handle_heartbeat(2500, 1, "w", Usage::default());
+        f.handle_heartbeat(5000, 1, "w", Usage::default());
+        assert!(f.tick(5999).is_empty(), "deadline not reached");
+        assert_eq!(
+            f.tick(6000),
+            vec![Action::DrainDeadline { name: "w".into() }]
+        );
+        f.handle_heartbeat(7000, 1, "w", Usage::default());
+        assert!(f.tick(7000).is_empty(), "the deadline fires once");
+        assert_eq!(
+            state(&f, "w"),
+            WorkerState::Draining,
+            "still draining after it"
+        );
+
+        let (change, a) = f.handle_undrain(8000, "w").expect("known worker");
+        assert_eq!(
+            (change.previous, change.state, change.changed),
+            (WorkerState::Draining, WorkerState::Ready, true)
+        );
+        assert_eq!(persisted(&a).drain, None);
+        let (change, a) = f.handle_undrain(8000, "w").expect("known worker");
+        assert!(
+            !change.changed && a.is_empty(),
+            "undrain twice changes nothing"
+        );
+        assert_eq!(
+            f.handle_drain(0, "nope", None).unwrap_err(),
+            UnknownWorker("nope".into())
+        );
+        assert!(f.handle_undrain(0, "nope").is_err());
+        f.sanity_check();
+    }
+
+    #[test]
+    fn drain_survives_lost_lease_reconnect_and_restart() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        f.handle_register(0, reg(1, "w"));
+        f.handle_drain(100, "w", None).expect("known worker");
+        // Lost, then revived by a heartbeat on the same connection: draining, not ready.
+        f.tick(3000);
+        assert_eq!(state(&f, "w"), WorkerState::Lost);
+        let rec = persisted(&f.handle_heartbeat(3500, 1, "w", Usage::default()));
+        assert_eq!(rec.state, WorkerState::Draining);
+        // Reconnects on a new connection: still draining.
+        let a = f.handle_register(4000, reg(2, "w"));
+        let Some(Action::Persist(rec)) = a.last() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(rec.state, WorkerState::Draining);
+        // A restarted coordinator restores the drain from the record.
+        let mut g = Fleet::restore(vec![rec.clone()], 3000, 10_000);
+        assert_eq!(state(&g, "w"), WorkerState::Draining);
+        g.handle_register(10_500, reg(9, "w"));
+        assert_eq!(state(&g, "w"), WorkerState::Draining);
+        assert!(g.drain("w").is_some());
+        assert!(
+            g.tick(1_000_000)
+                .iter()
+                .all(|a| !matches!(a, Action::DrainDeadline { .. })),
+            "no deadline, nothing fires"
+        );
+        g.sanity_check();
+    }
+
+    #[test]
+    fn draining_a_down_worker_applies_when_it_returns() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        f.handle_register(0, reg(1, "w"));
+        f.handle_disconnect(10, 1, "w", true);
+        let (change, _) = f.handle_drain(20, "w", Some(1000)).expect("known worker");
+        assert_eq!(
+            (change.previous, change.state, change.changed),
+            (WorkerState::Down, WorkerState::Down, true)
+        );
+        f.handle_register(30, reg(2, "w"));
+        assert_eq!(state(&f, "w"), WorkerState::Draining);
+        let s = f.summary(30, "v");
+        assert_eq!((s.workers.ready, s.workers.draining), (0, 1));
+        assert_eq!(s.free.cpus, 0, "a draining worker offers nothing");
+        f.sanity_check();
     }
 }

@@ -308,6 +308,7 @@ pub struct FleetSummary {
 }
 
 /// Operator → coordinator: one request per bidirectional stream.
+#[allow(clippy::large_enum_variant)] // One request per stream; boxing Submit's spec buys nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OperatorRequest {
     FleetStatus,
@@ -360,6 +361,84 @@ pub enum OperatorRequest {
         id: String,
         attempt: Option<u32>,
     },
+    /// Stop placing work on a worker; attempts still running `deadline_in_ms` from now (`None`:
+    /// no deadline) are rescheduled elsewhere without counting against their retry budget.
+    Drain {
+        name: String,
+        /// How long running attempts may take from now, ms.
+        deadline_in_ms: Option<u64>,
+    },
+    /// Make a drained worker eligible for work again.
+    Undrain {
+        name: String,
+    },
+    /// What needs an operator's eye: lost and draining workers, retrying tasks.
+    Attention,
+}
+
+/// A worker's drain, as the registry keeps it (it survives coordinator restarts and the
+/// worker's reconnects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainInfo {
+    /// When the drain was asked for.
+    pub since_ms: u64,
+    /// When attempts still running are rescheduled; `None`: they may run to their end.
+    pub deadline_ms: Option<u64>,
+}
+
+/// The answer to `drover drain` and `drover undrain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReport {
+    pub name: String,
+    /// The worker's state before the command.
+    pub previous: WorkerState,
+    /// Its state now (a lost or down worker keeps its state; the drain applies when it
+    /// comes back).
+    pub state: WorkerState,
+    /// The drain in force now (`None` after an undrain).
+    pub drain: Option<DrainInfo>,
+    /// Whether anything changed (false: it was already so).
+    pub changed: bool,
+    /// Tasks with an attempt running on the worker now.
+    pub running: Vec<String>,
+    pub now_ms: u64,
+}
+
+/// A lost or draining worker, for `drover status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerNote {
+    pub name: String,
+    pub state: WorkerState,
+    pub state_changed_ms: u64,
+    pub last_heartbeat_ms: u64,
+    pub connected: bool,
+    pub drain: Option<DrainInfo>,
+    /// Tasks with an attempt running there.
+    pub running: Vec<String>,
+}
+
+/// A queued task whose earlier attempt ended without success, for `drover status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryingTask {
+    pub id: String,
+    pub name: String,
+    /// Attempts started so far.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    /// Why the last attempt ended and what happens next.
+    pub reason: String,
+    /// The retry does not start before this time.
+    pub not_before_ms: u64,
+}
+
+/// The answer to [`OperatorRequest::Attention`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attention {
+    pub now_ms: u64,
+    /// Lost and draining workers (and down workers with a pending drain), by name.
+    pub workers: Vec<WorkerNote>,
+    /// Retrying tasks in submission order.
+    pub retrying: Vec<RetryingTask>,
 }
 
 /// What kind of failure an [`OperatorResponse::Error`] is; the CLI maps it to an exit code.
@@ -405,6 +484,9 @@ pub enum OperatorResponse {
         #[serde(with = "crate::bytes")]
         data: Vec<u8>,
     },
+    /// The worker's drain after `Drain` or `Undrain`.
+    Drain(DrainReport),
+    Attention(Attention),
 }
 
 /// QUIC application close codes. Part of the wire contract.

@@ -92,6 +92,20 @@ pub enum Isolation {
     Process,
 }
 
+/// What an attempt that ends `oom_killed` leads to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OomPolicy {
+    /// The task fails at once, whatever attempts are left.
+    Fail,
+    /// Retried like any other failure, with the same memory.
+    #[default]
+    Retry,
+    /// Retried with the memory limit (and the memory reserved for placement) multiplied by
+    /// [`RetryPolicy::memory_factor_percent`], up to [`RetryPolicy::memory_ceiling_bytes`].
+    RetryWithMoreMemory,
+}
+
 /// Retries after a failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -100,6 +114,14 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// Delay before the second attempt, ms; doubles each time. Default 1000.
     pub backoff_ms: u64,
+    /// What an OOM kill leads to. Default [`OomPolicy::Retry`].
+    pub on_oom: OomPolicy,
+    /// Under [`OomPolicy::RetryWithMoreMemory`], the memory of the next attempt as a percentage
+    /// of the last one's (200: twice as much). Default 200.
+    pub memory_factor_percent: u32,
+    /// Under [`OomPolicy::RetryWithMoreMemory`], the most memory an attempt gets, bytes;
+    /// `None`: no ceiling but the workers'.
+    pub memory_ceiling_bytes: Option<u64>,
 }
 
 impl Default for RetryPolicy {
@@ -107,6 +129,9 @@ impl Default for RetryPolicy {
         Self {
             max_attempts: 3,
             backoff_ms: 1000,
+            on_oom: OomPolicy::Retry,
+            memory_factor_percent: 200,
+            memory_ceiling_bytes: None,
         }
     }
 }

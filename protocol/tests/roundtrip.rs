@@ -14,10 +14,11 @@ use std::fmt::Debug;
 
 use drover_protocol::frame::decode_payload;
 use drover_protocol::{
-    encode_frame, Capacity, CgroupVersion, CoordinatorMessage, DecodeError, ErrorKind,
-    FleetSummary, FrameDecoder, Gpu, GpuVendor, Hello, HelloReply, LoadAvg, OperatorRequest,
-    OperatorResponse, Refusal, ResourceReport, Role, StateCounts, Usage, VersionRange, WorkerInfo,
-    WorkerMessage, WorkerState, FRAME_HEADER_LEN, MAX_FRAME_LEN,
+    encode_frame, Attention, Capacity, CgroupVersion, CoordinatorMessage, DecodeError, DrainInfo,
+    DrainReport, ErrorKind, FleetSummary, FrameDecoder, Gpu, GpuVendor, Hello, HelloReply, LoadAvg,
+    OperatorRequest, OperatorResponse, Refusal, ResourceReport, RetryingTask, Role, StateCounts,
+    Usage, VersionRange, WorkerInfo, WorkerMessage, WorkerNote, WorkerState, FRAME_HEADER_LEN,
+    MAX_FRAME_LEN,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -276,7 +277,85 @@ fn operator_request() -> impl Strategy<Value = OperatorRequest> {
         text().prop_map(|id| OperatorRequest::ListOutputs { id }),
         (text(), prop::option::of(any::<u32>()))
             .prop_map(|(id, attempt)| OperatorRequest::FetchOutputs { id, attempt }),
+        (text(), prop::option::of(any::<u64>())).prop_map(|(name, deadline_in_ms)| {
+            OperatorRequest::Drain {
+                name,
+                deadline_in_ms,
+            }
+        }),
+        text().prop_map(|name| OperatorRequest::Undrain { name }),
+        Just(OperatorRequest::Attention),
     ]
+}
+
+fn drain_info() -> impl Strategy<Value = DrainInfo> {
+    (any::<u64>(), prop::option::of(any::<u64>())).prop_map(|(since_ms, deadline_ms)| DrainInfo {
+        since_ms,
+        deadline_ms,
+    })
+}
+
+fn drain_report() -> impl Strategy<Value = DrainReport> {
+    (
+        text(),
+        worker_state(),
+        worker_state(),
+        prop::option::of(drain_info()),
+        any::<bool>(),
+        prop::collection::vec(text(), 0..3),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(name, previous, state, drain, changed, running, now_ms)| DrainReport {
+                name,
+                previous,
+                state,
+                drain,
+                changed,
+                running,
+                now_ms,
+            },
+        )
+}
+
+fn attention() -> impl Strategy<Value = Attention> {
+    let note = (
+        text(),
+        worker_state(),
+        any::<[u64; 2]>(),
+        any::<bool>(),
+        prop::option::of(drain_info()),
+        prop::collection::vec(text(), 0..3),
+    )
+        .prop_map(|(name, state, t, connected, drain, running)| WorkerNote {
+            name,
+            state,
+            state_changed_ms: t[0],
+            last_heartbeat_ms: t[1],
+            connected,
+            drain,
+            running,
+        });
+    let retrying = (text(), text(), any::<[u32; 2]>(), text(), any::<u64>()).prop_map(
+        |(id, name, a, reason, not_before_ms)| RetryingTask {
+            id,
+            name,
+            attempts: a[0],
+            max_attempts: a[1],
+            reason,
+            not_before_ms,
+        },
+    );
+    (
+        any::<u64>(),
+        prop::collection::vec(note, 0..3),
+        prop::collection::vec(retrying, 0..3),
+    )
+        .prop_map(|(now_ms, workers, retrying)| Attention {
+            now_ms,
+            workers,
+            retrying,
+        })
 }
 
 fn operator_response() -> impl Strategy<Value = OperatorResponse> {
@@ -291,6 +370,8 @@ fn operator_response() -> impl Strategy<Value = OperatorResponse> {
         worker_info().prop_map(|info| OperatorResponse::Worker(Box::new(info))),
         (kind, text()).prop_map(|(kind, message)| OperatorResponse::Error { kind, message }),
         prop::collection::vec(any::<u8>(), 0..64).prop_map(|data| OperatorResponse::Chunk { data }),
+        drain_report().prop_map(OperatorResponse::Drain),
+        attention().prop_map(OperatorResponse::Attention),
     ]
 }
 

@@ -45,6 +45,10 @@ pub const TASK_EVENT_TYPES: [&str; 5] = [
     "custom",
 ];
 
+/// Name of the file in the workspace that holds the checkpoint an attempt resumes from
+/// (`DROVER_CHECKPOINT_FILE`): the checkpoint event's JSON object as stored.
+pub const CHECKPOINT_FILE: &str = ".drover-checkpoint.json";
+
 /// What every attempt needs from the worker.
 #[derive(Debug, Clone)]
 pub struct ExecContext {
@@ -195,6 +199,17 @@ async fn run_process(
         return;
     }
     let limits = resolved_limits(a);
+    let checkpoint_file = workspace.join(CHECKPOINT_FILE);
+    if let Some(checkpoint) = &a.checkpoint {
+        if let Err(e) = std::fs::write(&checkpoint_file, checkpoint) {
+            let why = format!(
+                "cannot write the checkpoint to {}: {e}",
+                checkpoint_file.display()
+            );
+            let _ = tx.send(("exited".into(), fail(why))).await;
+            return;
+        }
+    }
     let spec = AttemptSpec {
         task_id: &a.task_id,
         attempt: a.attempt,
@@ -204,6 +219,7 @@ async fn run_process(
         limits: &limits,
         network: a.spec.network,
         isolation: a.spec.isolation,
+        checkpoint_file: a.checkpoint.is_some().then_some(checkpoint_file.as_path()),
     };
     let mut attempt = match sandbox.spawn(spec).await {
         Ok(at) => at,

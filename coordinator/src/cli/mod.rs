@@ -39,6 +39,7 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
 
 pub mod client;
 pub mod dev;
+pub mod ops;
 pub mod output;
 pub mod run;
 pub mod settings;
@@ -109,8 +110,14 @@ pub struct ConnArgs {
 pub enum Command {
     /// Run the coordinator daemon (what drover.service starts).
     Serve(ServeArgs),
-    /// Fleet summary: workers by state, total and free cores, memory and GPUs.
+    /// Fleet summary: workers by state, total and free cores, memory and GPUs; lost and
+    /// draining workers; retrying tasks with their reason and attempts.
     Status(StatusArgs),
+    /// Stop placing new work on a worker; let its running attempts finish (until --deadline,
+    /// after which they are rescheduled elsewhere). Kept across restarts until undrained.
+    Drain(ops::DrainArgs),
+    /// Make a drained worker take new work again.
+    Undrain(ops::UndrainArgs),
     /// List workers.
     Workers(WorkersArgs),
     /// One worker.

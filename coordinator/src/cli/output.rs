@@ -2,7 +2,9 @@
 //! binary units, ages relative to the coordinator's clock. `--json` bypasses all of this and
 //! prints the protocol records as they are (docs/json-schema.md).
 
-use drover_protocol::{CgroupVersion, FleetSummary, WorkerInfo};
+use drover_protocol::{
+    Attention, CgroupVersion, DrainReport, FleetSummary, WorkerInfo, WorkerNote, WorkerState,
+};
 use std::fmt::Write as _;
 
 /// Widest line any table prints.
@@ -269,6 +271,181 @@ pub fn worker(w: &WorkerInfo, now_ms: u64) -> String {
     out
 }
 
+/// `1 attempt (t3)`, `2 attempts (t3, t5)`, `no attempt`.
+fn attempts(ids: &[String]) -> String {
+    match ids.len() {
+        0 => "no attempt".into(),
+        1 => format!("1 attempt ({})", ids[0]),
+        n => format!("{n} attempts ({})", ids.join(", ")),
+    }
+}
+
+/// `at 2026-11-25 10:00:00 UTC (in 10m)`.
+fn deadline(deadline_ms: u64, now_ms: u64) -> String {
+    format!(
+        "at {} (in {})",
+        timestamp(deadline_ms),
+        age(deadline_ms.saturating_sub(now_ms))
+    )
+}
+
+/// What `drover drain` / `drover undrain` did, in a sentence or two.
+pub fn drain_report(r: &DrainReport) -> String {
+    let n = &r.name;
+    let running = &r.running;
+    let mut out = String::new();
+    let Some(d) = r.drain else {
+        let _ = match (r.changed, r.state) {
+            (false, _) => writeln!(out, "{n} was not drained; nothing changed ({}).", r.state),
+            (true, WorkerState::Ready) => writeln!(
+                out,
+                "{n}: ready (was {}); it takes new work again.",
+                r.previous
+            ),
+            (true, state) => writeln!(
+                out,
+                "{n}: drain lifted; it is {state} and will be ready for work when it comes back."
+            ),
+        };
+        return out;
+    };
+    let head = match (r.changed, r.state) {
+        (_, WorkerState::Lost | WorkerState::Down) => format!(
+            "{n}: drain recorded; it is {} and will take no new work when it comes back.",
+            r.state
+        ),
+        (false, _) => format!("{n} was already draining; nothing changed."),
+        (true, _) if r.previous == WorkerState::Draining => match d.deadline_ms {
+            Some(_) => format!("{n}: still draining, with the new deadline."),
+            None => format!("{n}: still draining, now without a deadline."),
+        },
+        (true, _) => format!(
+            "{n}: draining (was {}); no new work goes there.",
+            r.previous
+        ),
+    };
+    let _ = writeln!(out, "{head}");
+    let _ = match (running.is_empty(), d.deadline_ms) {
+        (true, _) => writeln!(out, "Nothing runs there now: it is drained."),
+        (false, Some(at)) if at <= r.now_ms => writeln!(
+            out,
+            "Deadline reached: {} stopped and rescheduled on other workers.",
+            attempts(running)
+        ),
+        (false, Some(at)) => writeln!(
+            out,
+            "{} may finish until the deadline {}; then what still runs is rescheduled on \
+             other workers.",
+            capitalize(&attempts(running)),
+            deadline(at, r.now_ms)
+        ),
+        (false, None) => writeln!(
+            out,
+            "{} may run to its end (no deadline; `drover drain {n} --deadline 10m` sets one).",
+            capitalize(&attempts(running))
+        ),
+    };
+    out
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// `drover worker show`'s lines about a drain and the attempts running there.
+pub fn worker_note(n: &WorkerNote, now_ms: u64) -> String {
+    let mut out = String::new();
+    if let Some(d) = n.drain {
+        let until = match d.deadline_ms {
+            Some(at) if at <= now_ms => "deadline passed".to_owned(),
+            Some(at) => format!("deadline {}", deadline(at, now_ms)),
+            None => "no deadline".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<12}since {} ({} ago), {until}",
+            "Drain:",
+            timestamp(d.since_ms),
+            age(now_ms.saturating_sub(d.since_ms))
+        );
+    }
+    let _ = writeln!(out, "{:<12}{}", "Running:", attempts(&n.running));
+    out
+}
+
+/// The part of `drover status` below the capacity table: lost and draining workers, and
+/// retrying tasks. Empty when nothing needs attention.
+pub fn attention(a: &Attention) -> String {
+    let mut out = String::new();
+    if !a.workers.is_empty() {
+        let rows: Vec<Vec<String>> = a
+            .workers
+            .iter()
+            .map(|w| {
+                let detail = match (w.state, w.drain) {
+                    (WorkerState::Lost, _) => format!(
+                        "no heartbeat for {}{}",
+                        age(a.now_ms.saturating_sub(w.last_heartbeat_ms)),
+                        if w.drain.is_some() { "; drained" } else { "" }
+                    ),
+                    (_, Some(d)) => {
+                        let when = match d.deadline_ms {
+                            Some(at) if at <= a.now_ms => "deadline passed".to_owned(),
+                            Some(at) => format!("deadline in {}", age(at - a.now_ms)),
+                            None => "no deadline".to_owned(),
+                        };
+                        let running = if w.running.is_empty() {
+                            "drained".to_owned()
+                        } else {
+                            format!("{} running", attempts(&w.running))
+                        };
+                        format!("{running}; {when}")
+                    }
+                    (state, None) => state.to_string(),
+                };
+                vec![
+                    w.name.clone(),
+                    w.state.to_string(),
+                    age(a.now_ms.saturating_sub(w.state_changed_ms)),
+                    detail,
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(&["WORKER", "STATE", "SINCE", "DETAIL"], &rows));
+    }
+    if !a.retrying.is_empty() {
+        let rows: Vec<Vec<String>> = a
+            .retrying
+            .iter()
+            .map(|t| {
+                let next = if t.not_before_ms > a.now_ms {
+                    format!("in {}", age(t.not_before_ms - a.now_ms))
+                } else {
+                    "now".to_owned()
+                };
+                vec![
+                    t.id.clone(),
+                    t.name.clone(),
+                    format!("{}/{}", t.attempts, t.max_attempts),
+                    next,
+                    t.reason.clone(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &["RETRYING", "NAME", "ATTEMPTS", "NEXT", "REASON"],
+            &rows,
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +473,120 @@ mod tests {
         assert_eq!(lines[0], "A     BB");
         assert_eq!(lines[1], "aaaa  1");
         assert!(lines.iter().all(|l| l.chars().count() <= MAX_WIDTH));
+    }
+
+    #[test]
+    fn drain_reports_say_what_happened() {
+        use drover_protocol::DrainInfo;
+        let mut r = DrainReport {
+            name: "w1".into(),
+            previous: WorkerState::Ready,
+            state: WorkerState::Draining,
+            drain: Some(DrainInfo {
+                since_ms: 0,
+                deadline_ms: Some(600_000),
+            }),
+            changed: true,
+            running: vec!["t3".into()],
+            now_ms: 0,
+        };
+        let text = drain_report(&r);
+        assert!(text.starts_with("w1: draining (was ready)"), "{text}");
+        assert!(
+            text.contains("1 attempt (t3) may finish") && text.contains("(in 10m)"),
+            "{text}"
+        );
+        r.running.clear();
+        assert!(drain_report(&r).contains("it is drained"));
+        r.state = WorkerState::Lost;
+        r.previous = WorkerState::Lost;
+        assert!(drain_report(&r).contains("it is lost and will take no new work"));
+        r.drain = None;
+        r.state = WorkerState::Ready;
+        r.previous = WorkerState::Draining;
+        assert!(drain_report(&r).starts_with("w1: ready (was draining)"));
+        r.changed = false;
+        assert!(drain_report(&r).contains("was not drained"));
+    }
+
+    #[test]
+    fn worker_note_shows_drain_and_running() {
+        use drover_protocol::DrainInfo;
+        let n = WorkerNote {
+            name: "w".into(),
+            state: WorkerState::Draining,
+            state_changed_ms: 0,
+            last_heartbeat_ms: 0,
+            connected: true,
+            drain: Some(DrainInfo {
+                since_ms: 0,
+                deadline_ms: Some(300_000),
+            }),
+            running: vec![],
+        };
+        let text = worker_note(&n, 60_000);
+        assert!(
+            text.contains("Drain:      since 1970-01-01 00:00:00 UTC (1m ago), deadline at"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(in 4m)") && text.contains("Running:    no attempt"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn attention_lists_lost_draining_and_retrying() {
+        use drover_protocol::{DrainInfo, RetryingTask, WorkerNote};
+        let note = |name: &str, state, drain| WorkerNote {
+            name: name.into(),
+            state,
+            state_changed_ms: 0,
+            last_heartbeat_ms: 1000,
+            connected: state != WorkerState::Lost,
+            drain,
+            running: vec!["t1".into()],
+        };
+        let a = Attention {
+            now_ms: 61_000,
+            workers: vec![
+                note("a", WorkerState::Lost, None),
+                note(
+                    "b",
+                    WorkerState::Draining,
+                    Some(DrainInfo {
+                        since_ms: 0,
+                        deadline_ms: Some(121_000),
+                    }),
+                ),
+            ],
+            retrying: vec![RetryingTask {
+                id: "t9".into(),
+                name: "job".into(),
+                attempts: 2,
+                max_attempts: 3,
+                reason: "retrying after attempt 2 killed for memory (OOM)".into(),
+                not_before_ms: 65_000,
+            }],
+        };
+        let text = attention(&a);
+        assert!(text.contains("no heartbeat for 1m"), "{text}");
+        assert!(
+            text.contains("1 attempt (t1) running; deadline in 1m"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t9") && text.contains("2/3") && text.contains("in 4.0s"),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.chars().count() <= MAX_WIDTH));
+        assert_eq!(
+            attention(&Attention {
+                now_ms: 0,
+                workers: vec![],
+                retrying: vec![]
+            }),
+            ""
+        );
     }
 }

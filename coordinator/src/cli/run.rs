@@ -49,14 +49,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Status(args) => {
-            let (s, j) = (settings::resolve(&args.conn)?, args.json);
-            match query(&s, OperatorRequest::FleetStatus).await? {
-                OperatorResponse::FleetStatus(summary) => {
-                    print(j.json, &summary, || output::status(&summary))
-                }
-                other => Err(unexpected(other)),
-            }
+            super::ops::status(&settings::resolve(&args.conn)?, args.json.json).await
         }
+        Command::Drain(args) => super::ops::drain(&settings::resolve(&args.conn)?, args).await,
+        Command::Undrain(args) => super::ops::undrain(&settings::resolve(&args.conn)?, args).await,
         Command::Workers(args) => {
             let s = settings::resolve(&args.conn)?;
             let req = OperatorRequest::ListWorkers {
@@ -75,7 +71,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             match query(&s, OperatorRequest::ShowWorker { name }).await? {
                 OperatorResponse::Worker(w) => {
                     let now = w.last_heartbeat_ms + w.last_heartbeat_age_ms;
-                    print(json.json, &w, || output::worker(&w, now))
+                    // Drain and running attempts, from the attention list (human output only).
+                    let note = match json.json {
+                        false => super::ops::note(&s, &w.name).await,
+                        true => None,
+                    };
+                    print(json.json, &w, || {
+                        output::worker(&w, now)
+                            + &note
+                                .map(|n| output::worker_note(&n, now))
+                                .unwrap_or_default()
+                    })
                 }
                 other => Err(unexpected(other)),
             }

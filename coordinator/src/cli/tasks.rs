@@ -330,17 +330,30 @@ pub async fn show(s: &Resolved, id: String, json: bool) -> Result<(), CliError> 
             true => Vec::new(),
             false => client.list_outputs(&id).await?,
         };
-        Ok((t, outputs))
+        // The worker's state tells whether the attempt is in trouble (lost, draining).
+        let worker = match (&t.worker, json) {
+            (Some(name), false) => {
+                match client
+                    .ask(&OperatorRequest::ShowWorker { name: name.clone() })
+                    .await
+                {
+                    Ok(OperatorResponse::Worker(w)) => Some(w.state),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        Ok((t, outputs, worker))
     }
     .await;
     client.close().await;
-    let (t, outputs) = result?;
+    let (t, outputs, worker) = result?;
     if json {
         let mut value = serde_json::to_value(&*t)?;
         value["outputs"] = serde_json::to_value(&outputs)?;
         outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        out!("{}", task_detail(&t));
+        out!("{}", task_detail(&t, worker));
         out!("{}", outputs_detail(&t, &outputs));
     }
     Ok(())
@@ -522,13 +535,36 @@ pub fn tasks_table(list: &[TaskInfo], now_ms: u64) -> String {
     )
 }
 
-pub fn task_detail(t: &TaskInfo) -> String {
+/// `drover task show`; `worker` is the state of the task's worker when known, shown when it
+/// is not `ready` (an attempt on a lost or draining worker is about to move).
+pub fn task_detail(t: &TaskInfo, worker: Option<drover_protocol::WorkerState>) -> String {
+    let retrying = t.state == TaskState::Queued && t.attempts > 0;
+    let worker_line = match (&t.worker, worker) {
+        (Some(w), Some(state)) if state != drover_protocol::WorkerState::Ready => {
+            format!("{w} ({state})")
+        }
+        (Some(w), _) => w.clone(),
+        (None, _) => "-".into(),
+    };
     let mut rows = vec![
         ("ID", t.id.clone()),
         ("Name", t.name.clone()),
-        ("State", t.state.to_string()),
-        ("Attempts", format!("{} (epoch {})", t.attempts, t.epoch)),
-        ("Worker", t.worker.clone().unwrap_or_else(|| "-".into())),
+        (
+            "State",
+            if retrying {
+                format!("{} (retrying)", t.state)
+            } else {
+                t.state.to_string()
+            },
+        ),
+        (
+            "Attempts",
+            format!(
+                "{} (epoch {}; retry.max_attempts {})",
+                t.attempts, t.epoch, t.spec.retry.max_attempts
+            ),
+        ),
+        ("Worker", worker_line),
         ("Submitted", timestamp(t.submitted_ms)),
         ("Command", t.spec.command.join(" ")),
     ];

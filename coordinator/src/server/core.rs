@@ -368,6 +368,7 @@ impl Core {
         let now = self.clock.now_ms();
         let mut records = Vec::new();
         let mut gone = Vec::new();
+        let mut drained = Vec::new();
         for action in actions {
             match action {
                 Action::Persist(r) => {
@@ -383,11 +384,17 @@ impl Core {
                             .close(close_code::REPLACED.into(), reason.as_bytes());
                     }
                 }
+                Action::DrainDeadline { name } => drained.push(name),
             }
         }
         let durable = (!records.is_empty()).then(|| self.store.put_workers(records));
         for name in gone {
             let actions = self.tasks.handle_worker_attempts(now, &name, None);
+            self.apply_tasks(actions);
+        }
+        for name in drained {
+            let actions = self.tasks.handle_drain_deadline(now, &name);
+            tracing::info!(worker = %name, rescheduled = actions.len() / 2, "drain deadline passed");
             self.apply_tasks(actions);
         }
         durable
@@ -463,10 +470,98 @@ impl Core {
         self.apply_tasks(actions);
     }
 
+    fn drain_report(
+        &self,
+        now: u64,
+        name: String,
+        change: crate::fleet::DrainChange,
+        running: Vec<String>,
+    ) -> OperatorResponse {
+        OperatorResponse::Drain(drover_protocol::DrainReport {
+            running,
+            name,
+            previous: change.previous,
+            state: change.state,
+            drain: change.drain,
+            changed: change.changed,
+            now_ms: now,
+        })
+    }
+
+    /// Drain, undrain and the attention list (issue 5).
+    fn answer_ops(
+        &mut self,
+        now: u64,
+        req: OperatorRequest,
+    ) -> (OperatorResponse, Option<Durable>) {
+        let error = |kind, message: String| (OperatorResponse::Error { kind, message }, None);
+        match req {
+            OperatorRequest::Drain {
+                name,
+                deadline_in_ms,
+            } => match self.fleet.handle_drain(now, &name, deadline_in_ms) {
+                Ok((change, actions)) => {
+                    tracing::info!(worker = %name, ?deadline_in_ms, "drain requested");
+                    let durable = self.apply(actions);
+                    let running = self.tasks.running_on(&name);
+                    // A deadline of 0 acts now, not at the next tick.
+                    let due = self.fleet.tick(now);
+                    self.apply(due);
+                    self.schedule(now);
+                    (self.drain_report(now, name, change, running), durable)
+                }
+                Err(e) => error(ErrorKind::NotFound, e.to_string()),
+            },
+            OperatorRequest::Undrain { name } => match self.fleet.handle_undrain(now, &name) {
+                Ok((change, actions)) => {
+                    tracing::info!(worker = %name, "undrain requested");
+                    let durable = self.apply(actions);
+                    self.schedule(now);
+                    let running = self.tasks.running_on(&name);
+                    (self.drain_report(now, name, change, running), durable)
+                }
+                Err(e) => error(ErrorKind::NotFound, e.to_string()),
+            },
+            OperatorRequest::Attention => {
+                let workers = self
+                    .fleet
+                    .list(now, None, None)
+                    .into_iter()
+                    .filter(|w| {
+                        matches!(w.state, WorkerState::Lost | WorkerState::Draining)
+                            || self.fleet.drain(&w.name).is_some()
+                    })
+                    .map(|w| drover_protocol::WorkerNote {
+                        drain: self.fleet.drain(&w.name),
+                        running: self.tasks.running_on(&w.name),
+                        name: w.name,
+                        state: w.state,
+                        state_changed_ms: w.state_changed_ms,
+                        last_heartbeat_ms: w.last_heartbeat_ms,
+                        connected: w.connected,
+                    })
+                    .collect();
+                let attention = drover_protocol::Attention {
+                    now_ms: now,
+                    workers,
+                    retrying: self.tasks.retrying(),
+                };
+                (OperatorResponse::Attention(attention), None)
+            }
+            other => error(
+                ErrorKind::Internal,
+                format!("not a fleet operation: {other:?}"),
+            ),
+        }
+    }
+
     fn answer(&mut self, now: u64, req: OperatorRequest) -> (OperatorResponse, Option<Durable>) {
         let error = |kind, message: String| (OperatorResponse::Error { kind, message }, None);
         let no_task = |id: &str| format!("no task {id:?}; `drover tasks` lists them");
         match req {
+            OperatorRequest::Drain { .. }
+            | OperatorRequest::Undrain { .. }
+            | OperatorRequest::Attention => self.answer_ops(now, req),
             OperatorRequest::FleetStatus => {
                 let mut summary = self.fleet.summary(now, &crate::server::core::software());
                 for (w, c) in self.tasks.reserved() {

@@ -86,6 +86,9 @@ const MIGRATIONS: &[&str] = &[
         stored_ms INTEGER NOT NULL,
         PRIMARY KEY (task_id, epoch)
     ) STRICT;",
+    // 3 -> 4: a worker's drain (issue 5), kept until undrained. NULL since: not drained.
+    "ALTER TABLE workers ADD COLUMN drain_since_ms INTEGER;
+    ALTER TABLE workers ADD COLUMN drain_deadline_ms INTEGER;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -358,6 +361,7 @@ mod tests {
             state_changed_ms: 3,
             last_heartbeat_ms: 4,
             resources: report(2, &["gpu"]),
+            drain: None,
         }
     }
 
@@ -370,7 +374,12 @@ mod tests {
             record("a", WorkerState::Ready),
             record("b", WorkerState::Ready),
         ]);
-        let b = store.put_workers(vec![record("a", WorkerState::Lost)]);
+        let mut drained = record("b", WorkerState::Draining);
+        drained.drain = Some(drover_protocol::DrainInfo {
+            since_ms: 5,
+            deadline_ms: Some(600_005),
+        });
+        let b = store.put_workers(vec![record("a", WorkerState::Lost), drained.clone()]);
         a.await.unwrap().unwrap();
         b.await.unwrap().unwrap();
         drop(store);
@@ -378,10 +387,7 @@ mod tests {
         let (_s, _t, loaded) = Store::open(dir.path()).unwrap();
         assert_eq!(
             loaded.workers,
-            vec![
-                record("a", WorkerState::Lost),
-                record("b", WorkerState::Ready)
-            ]
+            vec![record("a", WorkerState::Lost), drained]
         );
     }
 

@@ -3,7 +3,7 @@
 
 use super::StoreError;
 use crate::fleet::WorkerRecord;
-use drover_protocol::{ResourceReport, WorkerState};
+use drover_protocol::{DrainInfo, ResourceReport, WorkerState};
 use rusqlite::{params, Connection, Transaction};
 use std::path::Path;
 
@@ -18,7 +18,8 @@ pub(super) fn load_workers(
     let mut stmt = conn
         .prepare(
             "SELECT name, state, address, version, protocol_version, first_seen_ms, registered_ms,
-                    state_changed_ms, last_heartbeat_ms, resources FROM workers ORDER BY name",
+                    state_changed_ms, last_heartbeat_ms, resources, drain_since_ms,
+                    drain_deadline_ms FROM workers ORDER BY name",
         )
         .map_err(sq)?;
     let rows = stmt
@@ -36,12 +37,13 @@ pub(super) fn load_workers(
                     r.get::<_, i64>(8)?,
                 ],
                 r.get::<_, String>(9)?,
+                (r.get::<_, Option<i64>>(10)?, r.get::<_, Option<i64>>(11)?),
             ))
         })
         .map_err(sq)?;
     let mut out = Vec::new();
     for row in rows {
-        let (name, state, address, version, proto, times, resources) = row.map_err(sq)?;
+        let (name, state, address, version, proto, times, resources, drain) = row.map_err(sq)?;
         let corrupt = |reason: String| StoreError::Corrupt {
             path: path.into(),
             name: name.clone(),
@@ -62,6 +64,10 @@ pub(super) fn load_workers(
             state_changed_ms: t[2],
             last_heartbeat_ms: t[3],
             resources,
+            drain: drain.0.map(|since| DrainInfo {
+                since_ms: since.max(0) as u64,
+                deadline_ms: drain.1.map(|d| d.max(0) as u64),
+            }),
         });
     }
     Ok(out)
@@ -70,12 +76,15 @@ pub(super) fn load_workers(
 pub(super) fn put_workers(tx: &Transaction<'_>, records: &[WorkerRecord]) -> rusqlite::Result<()> {
     let mut put = tx.prepare_cached(
         "INSERT INTO workers (name, state, address, version, protocol_version, first_seen_ms,
-                 registered_ms, state_changed_ms, last_heartbeat_ms, resources)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 registered_ms, state_changed_ms, last_heartbeat_ms, resources, drain_since_ms,
+                 drain_deadline_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT(name) DO UPDATE SET state = excluded.state, address = excluded.address,
                  version = excluded.version, protocol_version = excluded.protocol_version,
                  registered_ms = excluded.registered_ms, state_changed_ms = excluded.state_changed_ms,
-                 last_heartbeat_ms = excluded.last_heartbeat_ms, resources = excluded.resources",
+                 last_heartbeat_ms = excluded.last_heartbeat_ms, resources = excluded.resources,
+                 drain_since_ms = excluded.drain_since_ms,
+                 drain_deadline_ms = excluded.drain_deadline_ms",
     )?;
     for r in records {
         let resources = serde_json::to_string(&r.resources).unwrap_or_else(|_| "{}".into());
@@ -89,7 +98,9 @@ pub(super) fn put_workers(tx: &Transaction<'_>, records: &[WorkerRecord]) -> rus
             r.registered_ms as i64,
             r.state_changed_ms as i64,
             r.last_heartbeat_ms as i64,
-            resources
+            resources,
+            r.drain.map(|d| d.since_ms as i64),
+            r.drain.and_then(|d| d.deadline_ms).map(|d| d as i64),
         ])?;
     }
     Ok(())

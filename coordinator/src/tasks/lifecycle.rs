@@ -6,6 +6,12 @@
 //! `completed`) and [`Tasks::restore`] rebuilds the same state by replaying them. No I/O and
 //! no clock: every input carries `now`.
 //!
+//! Operations (issue 5), derived from the session like the rest: the last checkpoint's
+//! position goes with every new attempt and a `resumed` event records which one it started
+//! from; an OOM follows `retry.on_oom` ([`super::oom`]) and a grown memory figure is kept in
+//! `retry_scheduled`; attempts rescheduled off a drained worker (`attempt_ended {drained}`)
+//! do not count against `max_attempts` (`retry_scheduled {counted: false}`).
+//!
 //! Invariants (checked by [`Tasks::sanity_check`]):
 //! - positions of a session are assigned here, from 0, without gaps;
 //! - a worker event is accepted only for the task's current epoch, from the worker that
@@ -14,6 +20,7 @@
 //! - `completed` is appended at most once per task, and only from `running` or `queued`;
 //! - an attempt's epoch is in the session (durable) before its assignment is sent.
 
+use super::oom::{self, OomDecision, OomReport};
 use super::placement::{pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
 use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
@@ -71,11 +78,33 @@ struct Task {
     finished_ms: Option<u64>,
     /// A queued retry waits until then.
     not_before_ms: u64,
+    /// (pos, epoch, seq) of the last checkpoint event.
+    checkpoint_at: Option<(u64, u64, u64)>,
+    /// Attempts that do not count against `max_attempts` (rescheduled off a drained worker).
+    uncounted: u32,
+    /// Memory limit and reservation grown after OOMs (`None`: as the spec says).
+    memory_bytes: Option<u64>,
+    /// Why a queued task waits for a worker (from placement), shown after any retry reason.
+    wait: Option<String>,
     cancel_requested: bool,
     checkpoint: Option<String>,
 }
 
 impl Task {
+    /// What one attempt reserves: the spec's requirements with any grown memory.
+    fn requirements(&self) -> drover_protocol::task::Requirements {
+        let mut r = self.spec.requirements.clone();
+        if let Some(m) = self.memory_bytes {
+            r.memory_bytes = m;
+        }
+        r
+    }
+
+    /// Attempts that count against `max_attempts`.
+    fn counted(&self) -> u32 {
+        self.attempts.saturating_sub(self.uncounted)
+    }
+
     fn new(id: String, spec: TaskSpec, submit_seq: u64, submitted_ms: u64) -> Self {
         Task {
             id,
@@ -92,6 +121,10 @@ impl Task {
             reason: None,
             finished_ms: None,
             not_before_ms: 0,
+            checkpoint_at: None,
+            uncounted: 0,
+            memory_bytes: None,
+            wait: None,
             cancel_requested: false,
             checkpoint: None,
         }
@@ -195,7 +228,7 @@ impl Tasks {
             .filter(|t| t.state == TaskState::Running)
         {
             if let Some(w) = &t.worker {
-                let d = super::placement::demand(&t.spec.requirements);
+                let d = super::placement::demand(&t.requirements());
                 let c = out.entry(w.clone()).or_default();
                 c.cpus += d.cpus;
                 c.memory_bytes += d.memory_bytes;
@@ -224,7 +257,7 @@ impl Tasks {
                 id: t.id.clone(),
                 priority: t.spec.priority,
                 submitted_ms: t.submitted_ms,
-                requirements: t.spec.requirements.clone(),
+                requirements: t.requirements(),
             })
             .collect();
         if queue.is_empty() {
@@ -248,6 +281,7 @@ impl Tasks {
                 "assigned",
                 json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker }).to_string(),
             );
+            let assigned = oom::note_memory(assigned, t.memory_bytes);
             actions.push(TaskAction::Append(vec![assigned]));
             actions.push(TaskAction::Assign {
                 worker,
@@ -255,7 +289,7 @@ impl Tasks {
                     task_id: t.id.clone(),
                     epoch: t.epoch,
                     attempt: t.attempts,
-                    spec: t.spec.clone(),
+                    spec: oom::with_memory(&t.spec, t.memory_bytes),
                     checkpoint: t.checkpoint.clone(),
                 }),
             });
@@ -301,6 +335,9 @@ impl Tasks {
         }
         t.next_seq += 1;
         let seq = ev.seq;
+        if ev.kind == "checkpoint" {
+            t.checkpoint_at = Some((t.next_pos, epoch, seq));
+        }
         let mut events = vec![NewEvent {
             task_id: t.id.clone(),
             pos: t.next_pos,
@@ -320,11 +357,10 @@ impl Tasks {
                 .and_then(|v| serde_json::from_value::<ExitClass>(v.get("class")?.clone()).ok())
                 .unwrap_or(ExitClass::Exited(-1));
             t.exit = Some(class);
-            events.extend(attempt_over(
-                t,
-                now,
-                class_outcome(class, t.cancel_requested),
-            ));
+            events.extend(attempt_over(t, now, exit_outcome(t, class, &ev.payload)));
+        }
+        if ev.kind == "started" {
+            events.extend(resumed(t, now, &ev.payload));
         }
         EventVerdict::Accept {
             seq,
@@ -425,8 +461,7 @@ impl Tasks {
             .values_mut()
             .filter(|t| t.state == TaskState::Queued)
         {
-            t.reason =
-                Some(super::wait::WaitReason::new(&t.spec.requirements, workers).to_string());
+            t.wait = Some(super::wait::WaitReason::new(&t.requirements(), workers).to_string());
         }
     }
 
@@ -437,6 +472,69 @@ impl Tasks {
             *m.entry(t.state).or_insert(0) += 1;
         }
         m
+    }
+
+    /// The drain deadline of `worker` passed: end each attempt still running there
+    /// (`attempt_ended {drained}`), tell the worker to stop it, and queue the task again at once
+    /// without counting the attempt against `max_attempts`.
+    pub fn handle_drain_deadline(&mut self, now: u64, worker: &str) -> Vec<TaskAction> {
+        let mut actions = Vec::new();
+        for id in &self.order {
+            let Some(t) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            if t.state != TaskState::Running || t.worker.as_deref() != Some(worker) {
+                continue;
+            }
+            let epoch = t.epoch;
+            let mut events = vec![event(
+                t,
+                now,
+                None,
+                "attempt_ended",
+                json!({ "epoch": epoch, "worker": worker, "reason": "drained" }).to_string(),
+            )];
+            let outcome = if t.cancel_requested {
+                Outcome::Cancelled
+            } else {
+                Outcome::Drained(format!("was stopped: its worker {worker} was drained"))
+            };
+            events.extend(attempt_over(t, now, outcome));
+            actions.push(TaskAction::Append(events));
+            actions.push(TaskAction::Cancel {
+                worker: worker.to_owned(),
+                task_id: t.id.clone(),
+                epoch,
+            });
+        }
+        actions
+    }
+
+    /// Ids of tasks with an attempt running on `worker`, in submission order.
+    pub fn running_on(&self, worker: &str) -> Vec<String> {
+        self.order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| t.state == TaskState::Running && t.worker.as_deref() == Some(worker))
+            .map(|t| t.id.clone())
+            .collect()
+    }
+
+    /// Queued tasks whose last attempt ended without success, in submission order.
+    pub fn retrying(&self) -> Vec<drover_protocol::RetryingTask> {
+        self.order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| t.state == TaskState::Queued && t.attempts > 0)
+            .map(|t| drover_protocol::RetryingTask {
+                id: t.id.clone(),
+                name: t.spec.name.clone(),
+                attempts: t.attempts,
+                max_attempts: t.spec.retry.max_attempts.saturating_add(t.uncounted),
+                reason: t.reason.clone().unwrap_or_default(),
+                not_before_ms: t.not_before_ms,
+            })
+            .collect()
     }
 
     /// Check the invariants in the module doc; panics with the broken one.
@@ -463,6 +561,12 @@ enum Outcome {
     Succeeded,
     Cancelled,
     Retry(String),
+    /// Retry (if attempts are left) with the memory grown to this, bytes.
+    RetryWithMemory(String, u64),
+    /// Fail now, whatever attempts are left (`retry.on_oom = "fail"`, the memory ceiling).
+    Fail(String),
+    /// Retry at once, not counted against `max_attempts`.
+    Drained(String),
 }
 
 fn class_outcome(class: ExitClass, cancel_requested: bool) -> Outcome {
@@ -474,6 +578,44 @@ fn class_outcome(class: ExitClass, cancel_requested: bool) -> Outcome {
     }
 }
 
+/// How an `exited` event ends the attempt: as [`class_outcome`] says, except that an OOM kill
+/// follows `retry.on_oom`.
+fn exit_outcome(t: &Task, class: ExitClass, payload: &str) -> Outcome {
+    match class_outcome(class, t.cancel_requested) {
+        Outcome::Retry(_) if class == ExitClass::OomKilled => {
+            let payload = serde_json::from_str(payload).unwrap_or_default();
+            let report = OomReport::from_exited(&payload);
+            match oom::decide(&t.spec.retry, &t.spec, t.memory_bytes, report) {
+                OomDecision::Fail(why) => Outcome::Fail(why),
+                OomDecision::Retry {
+                    memory_bytes: Some(m),
+                    why,
+                } => Outcome::RetryWithMemory(why, m),
+                OomDecision::Retry {
+                    memory_bytes: None,
+                    why,
+                } => Outcome::Retry(why),
+            }
+        }
+        other => other,
+    }
+}
+
+/// After a new attempt's `started`: a `resumed` event naming the checkpoint it was given, if
+/// the worker says it got one.
+fn resumed(t: &mut Task, now: u64, started: &str) -> Option<NewEvent> {
+    let (pos, epoch, seq) = t.checkpoint_at?;
+    let payload: serde_json::Value = serde_json::from_str(started).ok()?;
+    if epoch >= t.epoch || payload.get("resumed_from_checkpoint")?.as_bool() != Some(true) {
+        return None;
+    }
+    let body = json!({
+        "attempt": t.attempts,
+        "checkpoint": { "pos": pos, "epoch": epoch, "seq": seq },
+    });
+    Some(event(t, now, None, "resumed", body.to_string()))
+}
+
 /// Record the end of the current attempt: completion, or a retry under the task's policy.
 fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
     let (state, reason) = match outcome {
@@ -482,26 +624,28 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
             TaskState::Cancelled,
             Some("cancelled by an operator".to_owned()),
         ),
-        Outcome::Retry(why) if t.attempts < t.spec.retry.max_attempts => {
-            let backoff = t
-                .spec
-                .retry
-                .backoff_ms
-                .saturating_mul(1 << (t.attempts.saturating_sub(1)).min(16));
-            t.state = TaskState::Queued;
-            t.not_before_ms = now + backoff;
-            t.reason = Some(format!("retrying after attempt {} {why}", t.attempts));
-            let payload = json!({
-                "after_attempt": t.attempts, "reason": why, "not_before_ms": t.not_before_ms
-            });
-            return vec![event(t, now, None, "retry_scheduled", payload.to_string())];
+        Outcome::Drained(why) => {
+            t.uncounted += 1;
+            return schedule_retry(t, now, why, 0, false);
         }
-        Outcome::Retry(why) => (
+        Outcome::RetryWithMemory(why, memory) if t.counted() < t.spec.retry.max_attempts => {
+            t.memory_bytes = Some(memory);
+            return schedule_retry(t, now, why, backoff(t), true);
+        }
+        Outcome::Retry(why) if t.counted() < t.spec.retry.max_attempts => {
+            return schedule_retry(t, now, why, backoff(t), true);
+        }
+        Outcome::Retry(why) | Outcome::RetryWithMemory(why, _) => (
             TaskState::Failed,
             Some(format!(
                 "attempt {} of {} {why}",
-                t.attempts, t.spec.retry.max_attempts
+                t.counted(),
+                t.spec.retry.max_attempts
             )),
+        ),
+        Outcome::Fail(why) => (
+            TaskState::Failed,
+            Some(format!("attempt {} {why}", t.attempts)),
         ),
     };
     t.state = state;
@@ -516,6 +660,37 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
     )]
 }
 
+/// The delay before the next counted attempt: the backoff, doubled for each earlier one.
+fn backoff(t: &Task) -> u64 {
+    t.spec
+        .retry
+        .backoff_ms
+        .saturating_mul(1 << (t.counted().saturating_sub(1)).min(16))
+}
+
+/// Queue the task again after `backoff_ms`, recording why (and the memory it will get).
+fn schedule_retry(
+    t: &mut Task,
+    now: u64,
+    why: String,
+    backoff_ms: u64,
+    counted: bool,
+) -> Vec<NewEvent> {
+    t.state = TaskState::Queued;
+    t.not_before_ms = now + backoff_ms;
+    t.reason = Some(format!("retrying after attempt {} {why}", t.attempts));
+    let mut payload = json!({
+        "after_attempt": t.attempts, "reason": why, "not_before_ms": t.not_before_ms
+    });
+    if let Some(m) = t.memory_bytes {
+        payload["memory_bytes"] = json!(m);
+    }
+    if !counted {
+        payload["counted"] = json!(false);
+    }
+    vec![event(t, now, None, "retry_scheduled", payload.to_string())]
+}
+
 /// Apply one stored event to a task being rebuilt.
 fn replay(t: &mut Task, e: &NewEvent) {
     t.next_pos = e.pos + 1;
@@ -523,6 +698,9 @@ fn replay(t: &mut Task, e: &NewEvent) {
     if e.seq.is_some() {
         if e.epoch == t.epoch {
             t.next_seq = e.seq.unwrap_or(0) + 1;
+        }
+        if e.kind == "checkpoint" {
+            t.checkpoint_at = Some((e.pos, e.epoch, e.seq.unwrap_or(0)));
         }
         match e.kind.as_str() {
             "checkpoint" => t.checkpoint = Some(e.payload.clone()),
@@ -551,15 +729,24 @@ fn replay(t: &mut Task, e: &NewEvent) {
             t.reason = None;
         }
         "retry_scheduled" => {
+            t.memory_bytes = payload.get("memory_bytes").and_then(|m| m.as_u64());
+            if payload.get("counted").and_then(|c| c.as_bool()) == Some(false) {
+                t.uncounted += 1;
+            }
             t.state = TaskState::Queued;
             t.not_before_ms = payload
                 .get("not_before_ms")
                 .and_then(|n| n.as_u64())
                 .unwrap_or(0);
+            // The same words as `attempt_over`, so a restart shows what was shown before.
+            let after = payload.get("after_attempt").and_then(|a| a.as_u64());
             t.reason = payload
                 .get("reason")
                 .and_then(|r| r.as_str())
-                .map(|r| format!("retrying after {r}"));
+                .map(|r| match after {
+                    Some(n) => format!("retrying after attempt {n} {r}"),
+                    None => format!("retrying after {r}"),
+                });
         }
         "cancel_requested" => t.cancel_requested = true,
         "completed" => {
@@ -578,6 +765,12 @@ fn replay(t: &mut Task, e: &NewEvent) {
 }
 
 fn to_info(t: &Task) -> TaskInfo {
+    // A queued task shows why it waits for a worker, after why its last attempt ended.
+    let reason = match (t.state, &t.reason, &t.wait) {
+        (TaskState::Queued, Some(retry), Some(wait)) => Some(format!("{retry}; {wait}")),
+        (TaskState::Queued, None, Some(wait)) => Some(wait.clone()),
+        _ => t.reason.clone(),
+    };
     TaskInfo {
         id: t.id.clone(),
         name: t.spec.name.clone(),
@@ -588,7 +781,7 @@ fn to_info(t: &Task) -> TaskInfo {
         submitted_ms: t.submitted_ms,
         finished_ms: t.finished_ms,
         exit: t.exit,
-        reason: t.reason.clone(),
+        reason,
         events: t.next_pos,
         spec: t.spec.clone(),
     }
@@ -597,3 +790,7 @@ fn to_info(t: &Task) -> TaskInfo {
 #[cfg(test)]
 #[path = "lifecycle_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "lifecycle_ops_tests.rs"]
+mod ops_tests;

@@ -20,6 +20,7 @@ fn spec(max_attempts: u32) -> TaskSpec {
         retry: RetryPolicy {
             max_attempts,
             backoff_ms: 100,
+            ..RetryPolicy::default()
         },
         priority: 0,
     }

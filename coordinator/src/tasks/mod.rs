@@ -5,11 +5,13 @@
 //! - [`validate`]: the rules every spec follows, re-checked by the coordinator on arrival;
 //! - [`inputs`]: the files a spec ships, found and sized against the input limit;
 //! - [`units`]: human sizes and durations (`"2GiB"`, `"1h30m"`) for spec files and messages;
+//! - [`oom`]: what an OOM kill leads to under `retry.on_oom`, and the retry's memory;
 //! - [`placement`]: which ready worker with free capacity takes a task, and in [`wait`] the
 //!   one-line reason when none does. Pure: no I/O, no clock.
 
 pub mod inputs;
 pub mod lifecycle;
+pub mod oom;
 pub mod placement;
 pub mod spec;
 pub mod units;

@@ -274,6 +274,32 @@ struct LimitsFile {
 struct RetryFile {
     max_attempts: Option<u32>,
     backoff: Option<Human>,
+    on_oom: Option<drover_protocol::task::OomPolicy>,
+    memory_factor: Option<f64>,
+    memory_ceiling: Option<Human>,
+}
+
+impl RetryFile {
+    /// `memory_factor = 2.0` as the wire's percentage (200), refused when it is not a number
+    /// the policy can use or is given without the policy that reads it.
+    fn factor_percent(&self, default: u32) -> Result<u32, InvalidField> {
+        let Some(f) = self.memory_factor else {
+            return Ok(default);
+        };
+        if self.on_oom != Some(drover_protocol::task::OomPolicy::RetryWithMoreMemory) {
+            return Err(invalid(
+                "retry.memory_factor",
+                "applies only with on_oom = \"retry_with_more_memory\"; remove it or set that policy",
+            ));
+        }
+        if !f.is_finite() || !(1.1..=10.0).contains(&f) {
+            return Err(invalid(
+                "retry.memory_factor",
+                format!("{f} is out of range: use a number from 1.1 to 10, e.g. 2.0"),
+            ));
+        }
+        Ok((f * 100.0).round() as u32)
+    }
 }
 
 impl SpecFile {
@@ -323,10 +349,20 @@ impl SpecFile {
                     .retry
                     .max_attempts
                     .unwrap_or(retry_defaults.max_attempts),
-                backoff_ms: match self.retry.backoff {
+                backoff_ms: match self.retry.backoff.clone() {
                     Some(b) => b.duration("retry.backoff")?,
                     None => retry_defaults.backoff_ms,
                 },
+                on_oom: self.retry.on_oom.unwrap_or(retry_defaults.on_oom),
+                memory_factor_percent: self
+                    .retry
+                    .factor_percent(retry_defaults.memory_factor_percent)?,
+                memory_ceiling_bytes: self
+                    .retry
+                    .memory_ceiling
+                    .clone()
+                    .map(|c| c.size("retry.memory_ceiling"))
+                    .transpose()?,
             },
             priority: self.priority,
         })

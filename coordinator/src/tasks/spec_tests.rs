@@ -129,6 +129,7 @@ fn every_field_converts_and_json_matches_toml() {
             retry: RetryPolicy {
                 max_attempts: 5,
                 backoff_ms: 2000,
+                ..RetryPolicy::default()
             },
             priority: 10,
         }
@@ -451,4 +452,47 @@ fn every_spec_in_the_docs_parses() {
         checked >= 2,
         "found only {checked} spec blocks in docs/task-spec.md"
     );
+}
+
+#[test]
+fn oom_policy_fields_convert_and_are_checked() {
+    use drover_protocol::task::OomPolicy;
+    let spec = toml(&format!(
+        "{CMD}[limits]\nmemory = \"512MiB\"\n[retry]\non_oom = \"retry_with_more_memory\"\nmemory_factor = 1.5\nmemory_ceiling = \"2GiB\"\n"
+    ))
+    .unwrap();
+    assert_eq!(spec.retry.on_oom, OomPolicy::RetryWithMoreMemory);
+    assert_eq!(spec.retry.memory_factor_percent, 150);
+    assert_eq!(spec.retry.memory_ceiling_bytes, Some(2 << 30));
+    let j =
+        json(r#"{"command":["true"],"requirements":{"memory":"1GiB"},"retry":{"on_oom":"fail"}}"#)
+            .unwrap();
+    assert_eq!(j.retry.on_oom, OomPolicy::Fail);
+
+    let (field, message) = toml_invalid(&format!(
+        "{CMD}[retry]\non_oom = \"retry_with_more_memory\"\n"
+    ));
+    assert_eq!(field, "retry.on_oom");
+    assert!(
+        message.contains("limits.memory or requirements.memory"),
+        "{message}"
+    );
+    let (field, message) = toml_invalid(&format!(
+        "{CMD}[limits]\nmemory = \"1GiB\"\n[retry]\non_oom = \"retry_with_more_memory\"\nmemory_ceiling = \"512MiB\"\n"
+    ));
+    assert_eq!(field, "retry.memory_ceiling");
+    assert!(message.contains("no room to grow"), "{message}");
+    let (field, message) = toml_invalid(&format!("{CMD}[retry]\nmemory_factor = 2.0\n"));
+    assert_eq!(field, "retry.memory_factor");
+    assert!(message.contains("retry_with_more_memory"), "{message}");
+    let (field, _) = toml_invalid(&format!(
+        "{CMD}[limits]\nmemory = \"1GiB\"\n[retry]\non_oom = \"retry_with_more_memory\"\nmemory_factor = 1.0\n"
+    ));
+    assert_eq!(field, "retry.memory_factor");
+    let (field, _) = toml_invalid(&format!("{CMD}[retry]\nmemory_ceiling = \"4GiB\"\n"));
+    assert_eq!(field, "retry.memory_ceiling");
+    assert!(matches!(
+        toml(&format!("{CMD}[retry]\non_oom = \"sometimes\"\n")),
+        Err(SpecError::Parse { .. })
+    ));
 }

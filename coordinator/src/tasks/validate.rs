@@ -7,7 +7,7 @@
 
 use super::units::format_size;
 use drover_protocol::identity::{valid_name, NAME_RULE};
-use drover_protocol::task::TaskSpec;
+use drover_protocol::task::{OomPolicy, TaskSpec};
 
 /// Most bytes a spec may take on the wire (postcard), leaving room in the 1 MiB frame for the
 /// message around it: 256 KiB. Only huge `env` values or argument lists come near it.
@@ -19,6 +19,10 @@ pub const MAX_NAME_CHARS: usize = 128;
 /// Smallest memory figure accepted for `requirements.memory` and `limits.memory`: 1 MiB.
 /// Anything less is almost surely a unit forgotten (`memory = 512` is 512 bytes).
 pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
+
+/// `retry.memory_factor` bounds, as percentages: 1.1 to 10.
+pub const MIN_MEMORY_FACTOR_PERCENT: u32 = 110;
+pub const MAX_MEMORY_FACTOR_PERCENT: u32 = 1000;
 
 /// Environment variable prefix reserved for the variables drover sets itself.
 pub const RESERVED_ENV_PREFIX: &str = "DROVER_";
@@ -200,6 +204,7 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), InvalidField> {
             "must be at least 1 (the first attempt counts); use 1 for no retries",
         ));
     }
+    check_oom_policy(spec)?;
 
     match drover_protocol::encode_frame(spec, MAX_SPEC_BYTES) {
         Ok(_) => Ok(()),
@@ -211,6 +216,52 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), InvalidField> {
             ),
         )),
     }
+}
+
+/// `retry.on_oom` and its knobs: a factor that grows, a ceiling that leaves room to grow,
+/// and a memory to start from.
+fn check_oom_policy(spec: &TaskSpec) -> Result<(), InvalidField> {
+    let r = &spec.retry;
+    if !(MIN_MEMORY_FACTOR_PERCENT..=MAX_MEMORY_FACTOR_PERCENT).contains(&r.memory_factor_percent) {
+        return Err(invalid(
+            "retry.memory_factor",
+            format!(
+                "{:.2} is out of range: the next attempt's memory is multiplied by it, so use a \
+                 number from 1.1 to 10, e.g. 2.0",
+                f64::from(r.memory_factor_percent) / 100.0
+            ),
+        ));
+    }
+    let grows = r.on_oom == OomPolicy::RetryWithMoreMemory;
+    if let Some(ceiling) = r.memory_ceiling_bytes {
+        if !grows {
+            return Err(invalid(
+                "retry.memory_ceiling",
+                "applies only with on_oom = \"retry_with_more_memory\"; remove it or set that policy",
+            ));
+        }
+        check_memory("retry.memory_ceiling", ceiling)?;
+        if let Some(start) = super::oom::spec_memory(spec) {
+            if ceiling <= start {
+                return Err(invalid(
+                    "retry.memory_ceiling",
+                    format!(
+                        "{} leaves no room to grow from the task's memory of {}; set it higher",
+                        format_size(ceiling),
+                        format_size(start)
+                    ),
+                ));
+            }
+        }
+    }
+    if grows && super::oom::spec_memory(spec).is_none() {
+        return Err(invalid(
+            "retry.on_oom",
+            "\"retry_with_more_memory\" needs a memory to grow: set limits.memory or \
+             requirements.memory",
+        ));
+    }
+    Ok(())
 }
 
 fn check_memory(field: &str, bytes: u64) -> Result<(), InvalidField> {

@@ -85,6 +85,9 @@ pub struct AttemptSpec<'a> {
     pub network: NetworkPolicy,
     /// `sandbox`: namespaces as described above; `process`: a plain child, for trusted work.
     pub isolation: Isolation,
+    /// The file holding the checkpoint this attempt resumes from (`DROVER_CHECKPOINT_FILE`),
+    /// already written by the caller; `None` when there is none.
+    pub checkpoint_file: Option<&'a Path>,
 }
 
 /// The worker's sandbox facility; cheap to clone (one shared state).

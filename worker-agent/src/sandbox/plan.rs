@@ -3,8 +3,9 @@
 //! functions, tested without root.
 //!
 //! Environment policy: the task sees exactly the variables its spec declares plus
-//! `DROVER_TASK_ID`, `DROVER_ATTEMPT`, `DROVER_EVENTS_FD` and `DROVER_WORKSPACE` — nothing of
-//! the worker's own environment. The one addition is `PATH`: a spec that does not declare one
+//! `DROVER_TASK_ID`, `DROVER_ATTEMPT`, `DROVER_EVENTS_FD` and `DROVER_WORKSPACE` (and
+//! `DROVER_CHECKPOINT_FILE` when the attempt resumes from a checkpoint) — nothing of the
+//! worker's own environment. The one addition is `PATH`: a spec that does not declare one
 //! gets [`DEFAULT_PATH`], so that `sh -c 'ls'` behaves as it does everywhere else instead of
 //! depending on the C library's built-in search path. A spec may not declare `DROVER_*` names.
 
@@ -62,6 +63,16 @@ pub(crate) fn environment(
         ("DROVER_EVENTS_FD".to_owned(), EVENTS_FD.to_string()),
         ("DROVER_WORKSPACE".to_owned(), workspace),
     ]);
+    if let Some(file) = spec.checkpoint_file {
+        let file = file.to_str().ok_or_else(|| SpawnError::Workspace {
+            path: file.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the path is not UTF-8, so it cannot be passed in DROVER_CHECKPOINT_FILE",
+            ),
+        })?;
+        env.push(("DROVER_CHECKPOINT_FILE".to_owned(), file.to_owned()));
+    }
     env.sort();
     Ok(env)
 }
@@ -161,6 +172,7 @@ mod tests {
             limits,
             network: NetworkPolicy::None,
             isolation: Isolation::Sandbox,
+            checkpoint_file: None,
         }
     }
 
@@ -184,6 +196,17 @@ mod tests {
         assert!(got.contains(&("PATH".into(), DEFAULT_PATH.into())));
         assert!(got.contains(&("DROVER_EVENTS_FD".into(), "3".into())));
         assert!(got.contains(&("DROVER_ATTEMPT".into(), "2".into())));
+        assert!(
+            !got.iter().any(|(k, _)| k == "DROVER_CHECKPOINT_FILE"),
+            "only with a checkpoint"
+        );
+        let mut resumed = spec(&env, &limits);
+        resumed.checkpoint_file = Some(Path::new("/w/.drover-checkpoint.json"));
+        let got = environment(&resumed, Path::new("/w")).expect("env");
+        assert!(got.contains(&(
+            "DROVER_CHECKPOINT_FILE".into(),
+            "/w/.drover-checkpoint.json".into()
+        )));
 
         let env = BTreeMap::from([("PATH".to_owned(), "/opt/bin".to_owned())]);
         let got = environment(&spec(&env, &limits), Path::new("/w")).expect("env");

@@ -80,6 +80,7 @@ impl Job {
             limits: &self.limits,
             network: self.network,
             isolation: self.isolation,
+            checkpoint_file: None,
         }
     }
 }
