@@ -410,3 +410,37 @@ fn a_hostile_inputs_archive_is_refused_by_the_coordinator_and_nothing_is_queued(
         .count();
     assert_eq!(stored, 0, "nothing stored");
 }
+
+#[test]
+fn an_attempt_whose_inputs_cannot_be_had_fails_with_the_reason() {
+    if !root_or_skip("an_attempt_whose_inputs_cannot_be_had_fails_with_the_reason") {
+        return;
+    }
+    // No worker yet: the task waits while its stored archive is lost under the coordinator.
+    let mut fleet = TestFleet::new(1);
+    fleet.start_coordinator_and_wait();
+    let job = fleet.dir().join("lost");
+    write(&job.join("in.txt"), b"data");
+    let spec = job.join("lost.toml");
+    std::fs::write(
+        &spec,
+        "name = \"lost\"\ncommand = [\"cat\", \"in.txt\"]\ninputs = [\"in.txt\"]\n[retry]\nmax_attempts = 1\n",
+    )
+    .expect("spec");
+    let id = submit(&fleet, &spec);
+    let blobs = fleet.dir().join("state/blobs/sha256");
+    for blob in std::fs::read_dir(&blobs).expect("blob dir") {
+        std::fs::remove_file(blob.expect("entry").path()).expect("remove blob");
+    }
+    fleet.start_all_workers();
+    let t = wait_final(&fleet, &id);
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    let all = events(&fleet, &id);
+    let exited = of_kind(&all, "exited");
+    let error = exited[0]["payload"]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("inputs") && error.contains("missing on the coordinator"),
+        "{exited:?}"
+    );
+    assert!(of_kind(&all, "stdout").is_empty(), "the command never ran");
+}

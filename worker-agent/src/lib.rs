@@ -10,7 +10,7 @@
 //!   reconnect with capped exponential backoff and jitter);
 //! - [`pki`]: the fleet CA, role-carrying certificates and rustls configs (the worker will
 //!   make its own key and CSR when it enrolls);
-//! - [`workspace`]: an attempt's inputs in and outputs out; [`transfer`]: files as chunks
+//! - [`workspace`]: an attempt's inputs in and outputs out ([`outputs`]: what is collected); [`transfer`]: files as chunks
 //!   over framed streams;
 //! - [`wire`], [`logging`], [`notify`]: small runtime pieces.
 //!
@@ -23,6 +23,7 @@ pub mod executor;
 pub mod link;
 pub mod logging;
 pub mod notify;
+pub mod outputs;
 pub mod pki;
 pub mod resources;
 pub mod sandbox;
