@@ -8,7 +8,7 @@ use super::output::{age, table, timestamp};
 use super::settings::Resolved;
 use super::{exit, CliError};
 use crate::tasks::lifecycle::describe_exit;
-use crate::tasks::load_spec;
+use crate::tasks::{load_spec, WaitReason, WorkerView};
 use clap::Args;
 use drover_protocol::task::{SessionEvent, TaskInfo, TaskState};
 use drover_protocol::{OperatorRequest, OperatorResponse};
@@ -29,6 +29,11 @@ pub struct SubmitArgs {
     /// Print events as JSON lines while following (and the id as JSON).
     #[arg(long)]
     pub json: bool,
+    /// Refuse to submit (exit 1, nothing queued) when no known worker could ever run the
+    /// task — none has its arch, labels and total cpus/memory/gpus. Without it such a task is
+    /// queued with a warning, in case a matching worker joins.
+    #[arg(long)]
+    pub no_queue: bool,
 }
 
 #[derive(Debug, Args)]
@@ -60,10 +65,11 @@ async fn ask(
 }
 
 pub async fn submit(s: &Resolved, args: SubmitArgs) -> Result<(), CliError> {
-    let loaded = load_spec(&args.spec).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    // A bad spec is bad input in a file, like a bad config: 64, with the file and field named.
+    let loaded = load_spec(&args.spec).map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
     if !loaded.inputs.is_empty() {
         return Err(CliError::new(
-            exit::USAGE,
+            exit::CONFIG,
             format!(
                 "{}: `inputs` are not shipped yet by this version of drover; remove them, or put the files \
                  where the task can reach them",
@@ -75,6 +81,35 @@ pub async fn submit(s: &Resolved, args: SubmitArgs) -> Result<(), CliError> {
         eprintln!("drover: note: `outputs` are not collected yet by this version; the task runs without them");
     }
     let mut client = OperatorClient::connect(s).await?;
+    let request = OperatorRequest::ListWorkers {
+        state: None,
+        label: None,
+    };
+    let workers = match ask(&mut client, request).await? {
+        OperatorResponse::Workers(list) => list,
+        other => return Err(super::run::unexpected(other)),
+    };
+    let views: Vec<WorkerView> = workers
+        .iter()
+        .map(|w| WorkerView::new(w, Default::default()))
+        .collect();
+    let never = WaitReason::new(&loaded.spec.requirements, &views);
+    if never.is_unsatisfiable() {
+        if args.no_queue {
+            client.close().await;
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!(
+                    "{}: not submitted (--no-queue): no known worker could ever run it: {never}",
+                    args.spec.display()
+                ),
+            ));
+        }
+        eprintln!(
+            "drover: warning: no known worker could ever run this task: {never}; it stays \
+             queued until a matching worker joins (`drover cancel ID` to drop it)"
+        );
+    }
     let id = match ask(&mut client, OperatorRequest::Submit { spec: loaded.spec }).await? {
         OperatorResponse::Submitted { id } => id,
         other => return Err(super::run::unexpected(other)),

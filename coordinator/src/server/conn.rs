@@ -354,6 +354,9 @@ impl Session {
 
 /// Most events one `Events` request returns.
 pub const MAX_EVENTS_PER_READ: u32 = 1000;
+/// Most payload bytes one `Events` answer carries (always at least one event): a thousand
+/// 16 KiB output chunks would not fit in one frame (`MAX_FRAME_LEN`, 1 MiB).
+pub const MAX_EVENT_BYTES_PER_READ: usize = 512 * 1024;
 
 /// A session slice, read beside the writer on a blocking thread.
 async fn read_events(
@@ -374,9 +377,18 @@ async fn read_events(
                 message: format!("no task {id:?}; `drover tasks` lists them"),
             });
         }
-        let events = reader
+        let mut events = reader
             .slice(&id, from, to, limit)
             .map_err(|e| e.to_string())?;
+        let mut bytes = 0;
+        let fits = events
+            .iter()
+            .take_while(|e| {
+                bytes += e.payload.len() + e.kind.len() + e.task_id.len() + 64;
+                bytes <= MAX_EVENT_BYTES_PER_READ
+            })
+            .count();
+        events.truncate(fits.max(1));
         Ok(OperatorResponse::Events { events, len })
     })
     .await;

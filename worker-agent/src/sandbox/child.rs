@@ -26,7 +26,7 @@
 //! 2. the whole inherited tree becomes read-only, nosuid and nodev in one `mount_setattr`
 //!    (recursive, Linux 5.12+): the task can write nowhere on the host's file systems, and a
 //!    block device node anywhere cannot be opened;
-//! 3. a new /proc and /sys; a new /dev (read-only tmpfs with null, zero, full, random, urandom
+//! 3. a new /proc (its machine-wide parts read-only or hidden, as Docker does) and /sys; a new /dev (read-only tmpfs with null, zero, full, random, urandom
 //!    and tty bound in, its own devpts and /dev/shm);
 //! 4. masks: an empty tmpfs over each private directory (read-only, or the writable /tmp), the
 //!    null device over each private file;
@@ -68,6 +68,24 @@ const DEVICES: [&CStr; 6] = [
     c"/dev/tty",
 ];
 const NULL_DEVICE: usize = 0;
+/// Parts of the sandbox's /proc that reach the whole machine, made read-only (as Docker does):
+/// global sysctls, the magic SysRq trigger, IRQ affinity, ...
+const PROC_READ_ONLY: [&CStr; 5] = [
+    c"/proc/sys",
+    c"/proc/sysrq-trigger",
+    c"/proc/irq",
+    c"/proc/bus",
+    c"/proc/fs",
+];
+/// Files of /proc that show kernel memory or other machine-wide state, covered by the null
+/// device (missing ones are skipped).
+const PROC_HIDDEN: [&CStr; 5] = [
+    c"/proc/kcore",
+    c"/proc/keys",
+    c"/proc/timer_list",
+    c"/proc/sched_debug",
+    c"/proc/latency_stats",
+];
 /// Symbolic links of the sandbox's /dev.
 const DEV_LINKS: [(&CStr, &CStr); 5] = [
     (c"/proc/self/fd", c"/dev/fd"),
@@ -479,9 +497,36 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         let read_only = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | nodev;
         check(Step::MountSys, mount(c"", c"/sys", c"", read_only, None));
     }
+    let mut fd_buf = [0u8; FD_PATH_LEN];
+    for (i, path) in PROC_READ_ONLY.iter().enumerate() {
+        if mount(path, path, c"", libc::MS_BIND | libc::MS_REC, None) < 0 {
+            if Errno::last() == Errno::ENOENT {
+                continue;
+            }
+            fail(Step::MountProc, 10 + i, Errno::last());
+        }
+        check_at(
+            Step::MountProc,
+            10 + i,
+            set_attributes(
+                path,
+                MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+                0,
+                true,
+            ),
+        );
+    }
+    if device_fds[NULL_DEVICE] >= 0 {
+        for (i, path) in PROC_HIDDEN.iter().enumerate() {
+            let source = fd_path(device_fds[NULL_DEVICE], &mut fd_buf);
+            if mount(source, path, c"", libc::MS_BIND, None) < 0 && Errno::last() != Errno::ENOENT
+            {
+                fail(Step::MountProc, 20 + i, Errno::last());
+            }
+        }
+    }
     build_dev(&device_fds);
     // 4. Masks.
-    let mut fd_buf = [0u8; FD_PATH_LEN];
     for (i, mask) in setup.masks.iter().enumerate() {
         match mask.kind {
             MaskKind::File => {
