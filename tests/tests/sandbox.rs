@@ -208,7 +208,10 @@ echo end"#,
         stdout.contains("TCP-CONNECTED") && stdout.contains("UDP-SENT"),
         "network host: {stdout}"
     );
-    assert!(stdout.starts_with("1 2 \n"), "still its own pid namespace: {stdout}");
+    assert!(
+        stdout.starts_with("1 2 \n"),
+        "still its own pid namespace: {stdout}"
+    );
     // And a process-isolated task, which is not in a pid namespace, sees both daemons.
     let mut spec = sh_spec("process", &script);
     spec["isolation"] = json!("process");
@@ -229,18 +232,11 @@ fn sandboxed_task_cannot_write_outside_its_workspace_and_tmp() {
     let fleet_dir = fleet.dir().canonicalize().expect("fleet dir");
     let work = fleet_dir.join("work/w1");
     let probe = format!("drover-probe-{}", std::process::id());
-    let targets: Vec<PathBuf> = [
-        "/",
-        "/etc",
-        "/usr/bin",
-        "/var/tmp",
-        "/root",
-        "/var/lib",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .chain([fleet_dir.clone(), work.clone(), work.join("tasks")])
-    .collect();
+    let targets: Vec<PathBuf> = ["/", "/etc", "/usr/bin", "/var/tmp", "/root", "/var/lib"]
+        .iter()
+        .map(PathBuf::from)
+        .chain([fleet_dir.clone(), work.clone(), work.join("tasks")])
+        .collect();
     std::fs::create_dir_all(work.join("tasks")).expect("the worker's tasks directory");
     // Each target is writable from outside: the probe can fail.
     for dir in &targets {
@@ -277,7 +273,10 @@ echo end"#,
         work.join(format!("tasks/{id}-1/in-workspace")).exists(),
         "the workspace write did not land in the worker's workspace"
     );
-    assert!(!Path::new("/tmp/in-tmp").exists(), "the task's /tmp is the host's");
+    assert!(
+        !Path::new("/tmp/in-tmp").exists(),
+        "the task's /tmp is the host's"
+    );
 }
 
 /// Second line of a PEM file: key material, unlike the BEGIN line.
@@ -346,7 +345,11 @@ ls -A {fleet} {tls} {work} 2>/dev/null
 echo end"#,
         keys = key_list.join(" "),
         tls = tls.display(),
-        config = fleet.worker_config("w1").canonicalize().expect("config").display(),
+        config = fleet
+            .worker_config("w1")
+            .canonicalize()
+            .expect("config")
+            .display(),
         fleet = fleet_dir.display(),
         work = fleet_dir.join("work/w1").display(),
     );
@@ -416,7 +419,10 @@ fn memory_hog_is_oom_killed_while_its_neighbour_completes() {
     assert_eq!(exit_class(&all), json!("oom_killed"), "{all:#?}");
     assert!(!output(&all, "stdout").contains("not-killed"));
     let exited = all.iter().rfind(|e| e["kind"] == "exited").expect("exited");
-    assert!(exited["payload"]["oom_kills"].as_u64() >= Some(1), "{exited}");
+    assert!(
+        exited["payload"]["oom_kills"].as_u64() >= Some(1),
+        "{exited}"
+    );
 
     assert_eq!(
         task(&fleet, &neighbour).map(|t| t.state),
@@ -475,9 +481,8 @@ fn daemons_sigterm_ignorers_and_overtime_tasks_leave_nothing_behind() {
 
     // 2. A task whose processes all ignore SIGTERM, cancelled.
     let stubborn = marker(2);
-    let script = format!(
-        "trap '' TERM; setsid sh -c \"trap '' TERM; sleep {stubborn}\" & sleep {stubborn}"
-    );
+    let script =
+        format!("trap '' TERM; setsid sh -c \"trap '' TERM; sleep {stubborn}\" & sleep {stubborn}");
     let id = submit(&fleet, "stubborn", &sh_spec("stubborn", &script));
     wait_state(&fleet, &id, TaskState::Running, DEADLINE);
     wait_running_marker(&fleet, &stubborn);
@@ -490,10 +495,7 @@ fn daemons_sigterm_ignorers_and_overtime_tasks_leave_nothing_behind() {
 
     // 3. A task past its wall time, with a background child.
     let overtime = marker(3);
-    let mut spec = sh_spec(
-        "overtime",
-        &format!("sleep {overtime} & sleep {overtime}"),
-    );
+    let mut spec = sh_spec("overtime", &format!("sleep {overtime} & sleep {overtime}"));
     spec["limits"] = json!({ "wall_time": "2s" });
     let id = submit(&fleet, "overtime", &spec);
     wait_running_marker(&fleet, &overtime);
@@ -589,9 +591,8 @@ fn a_million_task_events_are_stored_once_in_order_with_bounded_memory() {
     }
     let fleet = started_fleet();
     let count = 1_000_000u64;
-    let script = format!(
-        r#"seq 1 {count} | sed 's/.*/{{"type":"progress","n":&}}/' >&$DROVER_EVENTS_FD"#
-    );
+    let script =
+        format!(r#"seq 1 {count} | sed 's/.*/{{"type":"progress","n":&}}/' >&$DROVER_EVENTS_FD"#);
     let id = submit(&fleet, "chatty", &sh_spec("chatty", &script));
     let started = std::time::Instant::now();
     let t = wait_bounded(&fleet, &id);
@@ -627,11 +628,7 @@ fn bad_specs_name_the_field_and_queue_nothing_and_unmeetable_ones_say_why() {
             "command = [\"true\"]\nnmae = \"typo\"\n",
             &["nmae"],
         ),
-        (
-            "wrong-type.toml",
-            "command = \"echo hi\"\n",
-            &["command"],
-        ),
+        ("wrong-type.toml", "command = \"echo hi\"\n", &["command"]),
         ("missing.toml", "name = \"no command\"\n", &["command"]),
         (
             "nested.json",
@@ -646,9 +643,15 @@ fn bad_specs_name_the_field_and_queue_nothing_and_unmeetable_ones_say_why() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{file}: {stderr}");
         for name in names {
-            assert!(stderr.contains(name), "{file}: {name:?} not named in: {stderr}");
+            assert!(
+                stderr.contains(name),
+                "{file}: {name:?} not named in: {stderr}"
+            );
         }
-        assert!(stderr.contains(file), "{file}: the file is not named: {stderr}");
+        assert!(
+            stderr.contains(file),
+            "{file}: the file is not named: {stderr}"
+        );
         assert!(out.stdout.is_empty(), "{file}: printed a task id");
     }
     assert!(tasks(&fleet).is_empty(), "a bad spec was queued");
@@ -672,12 +675,18 @@ fn bad_specs_name_the_field_and_queue_nothing_and_unmeetable_ones_say_why() {
         stderr.contains("--no-queue") && stderr.contains(arch),
         "{stderr}"
     );
-    assert!(tasks(&fleet).is_empty(), "refused with --no-queue, yet queued");
+    assert!(
+        tasks(&fleet).is_empty(),
+        "refused with --no-queue, yet queued"
+    );
     // ... else queued with a warning, and `task show` says why it waits.
     let out = fleet.cli(&["submit", spec]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("warning") && stderr.contains(arch), "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains(arch),
+        "{stderr}"
+    );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let t = task(&fleet, &id).expect("task show");
     assert_eq!(t.state, TaskState::Queued);

@@ -519,8 +519,7 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
     if device_fds[NULL_DEVICE] >= 0 {
         for (i, path) in PROC_HIDDEN.iter().enumerate() {
             let source = fd_path(device_fds[NULL_DEVICE], &mut fd_buf);
-            if mount(source, path, c"", libc::MS_BIND, None) < 0 && Errno::last() != Errno::ENOENT
-            {
+            if mount(source, path, c"", libc::MS_BIND, None) < 0 && Errno::last() != Errno::ENOENT {
                 fail(Step::MountProc, 20 + i, Errno::last());
             }
         }
