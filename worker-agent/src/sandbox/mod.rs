@@ -105,6 +105,8 @@ struct Inner {
     user_namespace: bool,
     /// The worker's private paths, hidden from sandboxed tasks (besides the well-known ones).
     private: Vec<PathBuf>,
+    /// Files bound back read-only when a cover hides them (tests add to it).
+    keep: Vec<PathBuf>,
     next_seq: AtomicU64,
     /// Cgroups that could not be removed yet (retried on each spawn).
     leftovers: Mutex<Vec<AttemptCgroup>>,
@@ -167,6 +169,7 @@ impl Sandbox {
                 namespaces,
                 user_namespace,
                 private,
+                keep: Vec::new(),
                 next_seq: AtomicU64::new(1),
                 leftovers: Mutex::new(Vec::new()),
             }),
@@ -399,15 +402,17 @@ impl Sandbox {
             })
             .collect();
         // The host's DNS settings, when /etc/resolv.conf points into a covered place (/run).
-        let keep: Vec<PathBuf> = match spec.network {
+        let resolv = match spec.network {
             NetworkPolicy::Host => Path::new("/etc/resolv.conf")
                 .canonicalize()
                 .ok()
-                .filter(|p| p != Path::new("/etc/resolv.conf"))
-                .into_iter()
-                .collect(),
-            NetworkPolicy::None => Vec::new(),
+                .filter(|p| p != Path::new("/etc/resolv.conf")),
+            NetworkPolicy::None => None,
         };
+        let keep: Vec<PathBuf> = resolv
+            .into_iter()
+            .chain(self.inner.keep.iter().filter_map(|p| p.canonicalize().ok()))
+            .collect();
         let mounts = plan::mount_plan(&private, workspace, &keep);
         let bad_path = |p: &Path| SpawnError::Workspace {
             path: p.to_path_buf(),
@@ -453,6 +458,14 @@ impl Sandbox {
             masks,
             rebinds,
         })
+    }
+
+    /// Adds files to bind back read-only when covered (as /etc/resolv.conf's target is).
+    #[cfg(test)]
+    pub(crate) fn keep(&mut self, files: Vec<PathBuf>) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.keep = files;
+        }
     }
 
     /// Forces (or stops) the use of a user namespace, to test that path as root.

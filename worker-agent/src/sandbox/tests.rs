@@ -809,6 +809,7 @@ async fn sandbox_hides_private_paths_and_keeps_the_host_read_only() {
     std::fs::create_dir_all(b("work/tasks/mine")).expect("workspace");
     std::fs::create_dir_all(b("work/tasks/other")).expect("other workspace");
     std::fs::write(b("work/tasks/other/out"), "OTHER-WS-CANARY").expect("other");
+    std::fs::write(b("etc/public.conf"), "KEPT").expect("kept file");
     let private = vec![b("etc"), b("worker.key"), b("work")];
     let root_dev = std::fs::metadata("/").expect("/").dev();
     let (major, minor) = (libc::major(root_dev), libc::minor(root_dev));
@@ -817,6 +818,9 @@ async fn sandbox_hides_private_paths_and_keeps_the_host_read_only() {
 cat $B/etc/secret 2>/dev/null; ls -A $B/etc
 cat $B/worker.key 2>/dev/null && echo READ-KEY
 ls -A $B/work/tasks; cat $B/work/tasks/other/out 2>/dev/null
+cat $B/etc/public.conf; echo
+echo changed > $B/etc/public.conf 2>/dev/null && echo WROTE-KEPT
+if [ -x /usr/bin/python3 ]; then python3 -c 'import os; os.openpty(); print("pty-ok")'; else echo pty-ok; fi
 for d in / /etc /usr /var/tmp $B $B/work/tasks /sys /proc/sys/kernel; do
   touch $d/drover-probe 2>/dev/null && echo WROTE $d
 done
@@ -831,6 +835,7 @@ echo end"#,
     for user_namespace in [false, true] {
         let mut sandbox = Sandbox::detect_hiding(None, private.clone()).expect("detect");
         sandbox.set_user_namespace(user_namespace);
+        sandbox.keep(vec![b("etc/public.conf")]);
         for network in [NetworkPolicy::None, NetworkPolicy::Host] {
             let mut job = Job::sh(&script, Isolation::Sandbox);
             job.network = network;
@@ -846,7 +851,10 @@ echo end"#,
             assert_eq!(
                 lines(&out.stdout),
                 [
+                    "public.conf",
                     "mine",
+                    "KEPT",
+                    "pty-ok",
                     "writable-ok",
                     "4",
                     "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero ",
