@@ -130,6 +130,19 @@ impl Sandbox {
         root_hint: Option<&Path>,
         private: Vec<PathBuf>,
     ) -> Result<Sandbox, SandboxError> {
+        for shared in private.iter().filter(|p| {
+            p.is_dir()
+                && plan::SHARED_DIRS
+                    .iter()
+                    .any(|d| p.canonicalize().ok().as_deref() == Some(Path::new(d)))
+        }) {
+            warn!(
+                path = %shared.display(),
+                "a shared system directory holds the worker's files: sandboxed tasks still see \
+                 it (only the worker's own files in it are hidden); give the worker a directory \
+                 of its own (work_dir, config and TLS files)"
+            );
+        }
         let hierarchy = Hierarchy::detect(root_hint)?;
         let namespaces = crate::resources::host::can_create_namespaces();
         let user_namespace = !nix::unistd::geteuid().is_root();
