@@ -137,7 +137,7 @@ pub(crate) fn hostname(task: &str) -> Vec<u8> {
 
 /// Directories that hold the whole system or are shared by everyone: never covered whole, so
 /// a private file in one of them (say a key in /etc) is covered alone.
-pub const SHARED_DIRS: [&str; 30] = [
+pub const SHARED_DIRS: [&str; 29] = [
     "/",
     "/bin",
     "/boot",
@@ -167,13 +167,21 @@ pub const SHARED_DIRS: [&str; 30] = [
     "/var/log",
     "/var/tmp",
     "/etc/ssl",
-    "/etc/ssl/private",
 ];
 
-/// Hidden from every sandboxed task when they exist: drover's default config, TLS and state
-/// directories (worker and coordinator), whatever the worker's own config says.
-pub const WELL_KNOWN_PRIVATE: [&str; 3] =
-    ["/etc/drover", "/var/lib/drover", "/var/lib/drover-worker"];
+/// Hidden from every sandboxed task when they exist, whatever the worker's own config says:
+/// drover's default config, TLS and state directories (worker and coordinator), and the host's
+/// own secrets that a root task could otherwise read (password hashes, SSH host keys, TLS
+/// private keys).
+pub const WELL_KNOWN_PRIVATE: [&str; 7] = [
+    "/etc/drover",
+    "/var/lib/drover",
+    "/var/lib/drover-worker",
+    "/etc/shadow",
+    "/etc/gshadow",
+    "/etc/ssh",
+    "/etc/ssl/private",
+];
 
 /// A private path as found on the host (canonical).
 #[derive(Debug, Clone, PartialEq, Eq)]

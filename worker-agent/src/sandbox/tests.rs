@@ -817,6 +817,7 @@ async fn sandbox_hides_private_paths_and_keeps_the_host_read_only() {
         r#"B={base}
 cat $B/etc/secret 2>/dev/null; ls -A $B/etc
 cat $B/worker.key 2>/dev/null && echo READ-KEY
+cat /etc/shadow /etc/ssh/ssh_host_*_key 2>/dev/null | grep -q . && echo READ-HOST-SECRETS
 ls -A $B/work/tasks; cat $B/work/tasks/other/out 2>/dev/null
 cat $B/etc/public.conf; echo
 echo changed > $B/etc/public.conf 2>/dev/null && echo WROTE-KEPT
@@ -870,7 +871,7 @@ echo end"#,
         }
     }
     // The reading part with process isolation sees everything: the probe can fail.
-    let reads = script.lines().take(4).collect::<Vec<_>>().join("\n");
+    let reads = script.lines().take(5).collect::<Vec<_>>().join("\n");
     let mut job = Job::sh(&reads, Isolation::Process);
     job.network = NetworkPolicy::Host;
     let sandbox = Sandbox::detect_hiding(None, private.clone()).expect("detect");
@@ -878,5 +879,6 @@ echo end"#,
     let out = run_with(&sandbox, &job, &ws, CancellationToken::new()).await;
     assert!(out.stdout.contains("SECRET-DIR-CANARY"), "{out:?}");
     assert!(out.stdout.contains("READ-KEY"), "{out:?}");
+    assert!(out.stdout.contains("READ-HOST-SECRETS"), "{out:?}");
     assert!(out.stdout.contains("OTHER-WS-CANARY"), "{out:?}");
 }
