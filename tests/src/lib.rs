@@ -293,6 +293,8 @@ pub struct FleetBuilder {
     workers: Vec<(String, Vec<String>)>,
     heartbeat_interval_ms: u64,
     lease_ms: u64,
+    /// Where the fleet's directory is made; default the system's temporary directory.
+    parent: Option<PathBuf>,
 }
 
 impl FleetBuilder {
@@ -325,10 +327,13 @@ impl FleetBuilder {
 
     /// Create the directory, PKI and configs. Starts nothing.
     pub fn build(self) -> TestFleet {
-        let dir = tempfile::Builder::new()
-            .prefix("drover-e2e-")
-            .tempdir()
-            .expect("create a temp dir");
+        let mut dir = tempfile::Builder::new();
+        dir.prefix("drover-e2e-");
+        let dir = match &self.parent {
+            Some(parent) => dir.tempdir_in(parent),
+            None => dir.tempdir(),
+        }
+        .expect("create a temp dir");
         let root = dir.path().to_path_buf();
         let tls = root.join("tls");
         pki::create_ca(&tls, "e2e").expect("create the fleet CA");
@@ -393,6 +398,7 @@ impl TestFleet {
             workers: Vec::new(),
             heartbeat_interval_ms: HEARTBEAT_MS,
             lease_ms: LEASE_MS,
+            parent: None,
         }
     }
 
@@ -987,4 +993,69 @@ pub fn raw_hello(
 ) -> Result<HelloReply, RawError> {
     let mut conn = RawConn::connect(addr, tls)?;
     conn.hello(hello)
+}
+
+impl FleetBuilder {
+    /// Make the fleet's directory in `parent` instead of the system's temporary directory
+    /// (sandbox tests: a sandboxed task's private /tmp would hide a fleet under /tmp anyway).
+    pub fn in_dir(mut self, parent: &Path) -> Self {
+        self.parent = Some(parent.to_path_buf());
+        self
+    }
+}
+
+impl TestFleet {
+    /// Like [`TestFleet::start_worker`], with extra environment variables for the worker.
+    pub fn start_worker_with_env(&mut self, name: &str, env: &[(&str, &str)]) {
+        assert!(
+            !self.workers.contains_key(name),
+            "worker {name} is already running"
+        );
+        let (_, out, err) = self.log_file(name);
+        let mut cmd = command(&bin("drover-worker"), &self.root);
+        cmd.arg("--config")
+            .arg(self.worker_config(name))
+            .envs(env.iter().copied())
+            .stdout(out)
+            .stderr(err);
+        self.workers.insert(name.to_owned(), Guard::spawn(&mut cmd));
+    }
+
+    /// The coordinator's pid, if it runs.
+    pub fn coordinator_pid(&self) -> Option<i32> {
+        self.coordinator.as_ref().map(Guard::pid)
+    }
+
+    /// Worker `name`'s pid, if it runs.
+    pub fn worker_pid(&self, name: &str) -> Option<i32> {
+        self.workers.get(name).map(Guard::pid)
+    }
+}
+
+/// A `kB` figure of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...) in bytes; `None` when the
+/// process or the line is missing.
+pub fn proc_status_bytes(pid: i32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Is any process on the host running with `marker` in its command line?
+pub fn process_with(marker: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(marker)
+                })
+                .unwrap_or(false)
+        })
 }

@@ -270,7 +270,7 @@ fn inputs_over_the_limit_are_refused_and_nothing_is_queued() {
     .expect("spec");
     let out = fleet.cli(&["submit", spec.to_str().expect("utf-8")]);
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(64), "{stdout}{stderr}");
     assert!(stderr.contains("over the 64 MiB limit"), "{stderr}");
     assert!(stderr.contains("at least 65 MiB"), "{stderr}");
     assert!(stdout.is_empty(), "no id printed: {stdout}");

@@ -29,6 +29,10 @@ pub struct WorkerConfig {
     /// Longest reconnect delay in milliseconds (the backoff doubles up to this). Default 10000.
     pub reconnect_max_ms: u64,
     pub tls: TlsPaths,
+    /// The file this config was loaded from (not a key): hidden from sandboxed tasks with the
+    /// other private paths.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 /// Certificate paths; relative paths resolve against the config file's directory.
@@ -65,6 +69,7 @@ impl Default for WorkerConfig {
             reconnect_initial_ms: 200,
             reconnect_max_ms: 10_000,
             tls: TlsPaths::default(),
+            file: None,
         }
     }
 }
@@ -106,6 +111,7 @@ impl WorkerConfig {
                 &mut cfg.work_dir,
             ],
         );
+        cfg.file = Some(path.to_path_buf());
         let invalid = |key, message: String| ConfigError::Invalid {
             path: path.into(),
             key,

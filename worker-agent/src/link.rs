@@ -116,7 +116,9 @@ impl Link {
         client_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(LinkError::Socket)?;
-        let sandbox = crate::sandbox::Sandbox::detect(None).map_err(|e| e.to_string());
+        let private = crate::sandbox::private_paths(&config);
+        let sandbox =
+            crate::sandbox::Sandbox::detect_hiding(None, private).map_err(|e| e.to_string());
         match &sandbox {
             Ok(s) => tracing::info!(sandbox = %s, "sandbox ready"),
             Err(e) => {

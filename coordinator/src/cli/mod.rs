@@ -63,7 +63,7 @@ EXIT STATUS:
   0   success
   1   the operation failed (for example: no such worker)
   2   bad command line
-  64  bad configuration (the message names the file and key)
+  64  bad configuration or task spec (the message names the file and key)
   69  the coordinator could not be reached
   77  the coordinator refused us (certificate, role or protocol version)
 

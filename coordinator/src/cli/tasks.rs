@@ -14,7 +14,7 @@ use super::settings::Resolved;
 use super::{exit, CliError};
 use crate::tasks::lifecycle::describe_exit;
 use crate::tasks::units::format_size;
-use crate::tasks::{load_spec, pack_inputs, InputFile};
+use crate::tasks::{load_spec, pack_inputs, InputFile, WaitReason, WorkerView};
 use clap::Args;
 use drover_protocol::task::{
     OutputsInfo, SessionEvent, TaskInfo, TaskState, MAX_INPUT_ARCHIVE_BYTES, MAX_OUTPUT_BYTES,
@@ -39,6 +39,11 @@ pub struct SubmitArgs {
     /// Print events as JSON lines while following (and the id as JSON).
     #[arg(long)]
     pub json: bool,
+    /// Refuse to submit (exit 1, nothing queued) when no known worker could ever run the
+    /// task — none has its arch, labels and total cpus/memory/gpus. Without it such a task is
+    /// queued with a warning, in case a matching worker joins.
+    #[arg(long)]
+    pub no_queue: bool,
 }
 
 #[derive(Debug, Args)]
@@ -140,7 +145,7 @@ fn pack_to_file(spec: &Path, inputs: &[InputFile]) -> Result<(std::fs::File, u64
         .map_err(|e| failed(e.to_string()))?;
     if len > MAX_INPUT_ARCHIVE_BYTES {
         return Err(CliError::new(
-            exit::USAGE,
+            exit::CONFIG,
             format!(
                 "{}: inputs: the packed archive is {} (tar headers for many small files), over \
                  the {} limit; ship fewer files, e.g. one archive of them",
@@ -154,12 +159,42 @@ fn pack_to_file(spec: &Path, inputs: &[InputFile]) -> Result<(std::fs::File, u64
 }
 
 pub async fn submit(s: &Resolved, args: SubmitArgs) -> Result<(), CliError> {
-    let loaded = load_spec(&args.spec).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    // A bad spec is bad input in a file, like a bad config: 64, with the file and field named.
+    let loaded = load_spec(&args.spec).map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
     let packed = match loaded.inputs.is_empty() {
         true => None,
         false => Some(pack_to_file(&args.spec, &loaded.inputs)?),
     };
     let mut client = OperatorClient::connect(s).await?;
+    let request = OperatorRequest::ListWorkers {
+        state: None,
+        label: None,
+    };
+    let workers = match ask(&mut client, request).await? {
+        OperatorResponse::Workers(list) => list,
+        other => return Err(super::run::unexpected(other)),
+    };
+    let views: Vec<WorkerView> = workers
+        .iter()
+        .map(|w| WorkerView::new(w, Default::default()))
+        .collect();
+    let never = WaitReason::new(&loaded.spec.requirements, &views);
+    if never.is_unsatisfiable() {
+        if args.no_queue {
+            client.close().await;
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!(
+                    "{}: not submitted (--no-queue): no known worker could ever run it: {never}",
+                    args.spec.display()
+                ),
+            ));
+        }
+        eprintln!(
+            "drover: warning: no known worker could ever run this task: {never}; it stays \
+             queued until a matching worker joins (`drover cancel ID` to drop it)"
+        );
+    }
     let id = match packed {
         None => client.submit(loaded.spec, None).await?,
         Some((file, len)) => {

@@ -16,6 +16,7 @@ use drover_protocol::{
     HelloReply, OperatorRequest, OperatorResponse, Refusal, Role, WorkerMessage,
     SUPPORTED_VERSIONS,
 };
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -386,6 +387,9 @@ impl Session {
 
 /// Most events one `Events` request returns.
 pub const MAX_EVENTS_PER_READ: u32 = 1000;
+/// Most payload bytes one `Events` answer carries (always at least one event): a thousand
+/// 16 KiB output chunks would not fit in one frame (`MAX_FRAME_LEN`, 1 MiB).
+pub const MAX_EVENT_BYTES_PER_READ: usize = 512 * 1024;
 
 /// A session slice, read beside the writer on a blocking thread.
 async fn read_events(
@@ -406,9 +410,18 @@ async fn read_events(
                 message: format!("no task {id:?}; `drover tasks` lists them"),
             });
         }
-        let events = reader
+        let mut events = reader
             .slice(&id, from, to, limit)
             .map_err(|e| e.to_string())?;
+        let mut bytes = 0;
+        let fits = events
+            .iter()
+            .take_while(|e| {
+                bytes += e.payload.len() + e.kind.len() + e.task_id.len() + 64;
+                bytes <= MAX_EVENT_BYTES_PER_READ
+            })
+            .count();
+        events.truncate(fits.max(1));
         Ok(OperatorResponse::Events { events, len })
     })
     .await;
@@ -468,45 +481,82 @@ async fn attempt_stream(
             return;
         }
     };
+    // Durability is awaited in order beside reading, not before it: the next events reach the
+    // core while earlier ones wait for their group commit, so one stream is not held to one
+    // fsync per event. Acks are cumulative: a durable event acknowledges all before it.
+    let mut pending: VecDeque<(u64, Option<Durable>)> = VecDeque::new();
+    let mut reading = true;
     loop {
-        let event = match recv.next::<AttemptUp>().await {
-            Ok(Some(AttemptUp::Event(e))) => e,
-            Ok(Some(_)) | Err(_) => {
-                tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
-                conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
-                return;
-            }
-            Ok(None) => return,
-        };
-        let (reply, answer) = oneshot::channel();
-        let msg = CoreMsg::AttemptEvent {
-            name: worker.clone(),
-            task_id: task_id.clone(),
-            epoch,
-            event,
-            reply,
-        };
-        if !core.send(msg).await {
+        if !reading && pending.is_empty() {
             return;
         }
-        let down = match answer.await {
-            Ok(AttemptReply::Ack { seq, after }) => match durable(after).await {
-                Ok(()) => AttemptDown::Ack { seq },
-                // Not durable: no ack. The worker resends after reconnecting.
-                Err(e) => {
-                    return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging")
+        tokio::select! {
+            frame = recv.next::<AttemptUp>(), if reading && pending.len() < MAX_PIPELINED => {
+                let event = match frame {
+                    Ok(Some(AttemptUp::Event(e))) => e,
+                    Ok(Some(_)) | Err(_) => {
+                        tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
+                        conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
+                        return;
+                    }
+                    Ok(None) => {
+                        reading = false;
+                        continue;
+                    }
+                };
+                let (reply, answer) = oneshot::channel();
+                let msg = CoreMsg::AttemptEvent {
+                    name: worker.clone(),
+                    task_id: task_id.clone(),
+                    epoch,
+                    event,
+                    reply,
+                };
+                if !core.send(msg).await {
+                    return;
                 }
-            },
-            Ok(AttemptReply::Fenced(reason)) => AttemptDown::Fenced { reason },
-            Err(_) => return,
-        };
-        let fenced = matches!(down, AttemptDown::Fenced { .. });
-        if wire::send(&mut send, &down).await.is_err() || fenced {
-            let _ = send.finish();
-            return;
+                match answer.await {
+                    Ok(AttemptReply::Ack { seq, after }) => pending.push_back((seq, after)),
+                    Ok(AttemptReply::Fenced(reason)) => {
+                        let _ = wire::send(&mut send, &AttemptDown::Fenced { reason }).await;
+                        let _ = send.finish();
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            // Polls the oldest receiver in place (cancel-safe): it stays queued until it answers.
+            stored = front_durable(&mut pending), if !pending.is_empty() => {
+                let Some((seq, _)) = pending.pop_front() else { continue };
+                if let Err(e) = stored {
+                    // Not durable: no ack. The worker resends after reconnecting.
+                    return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging");
+                }
+                // Only the newest durable event of a run needs acknowledging.
+                if pending.front().is_some_and(|(_, after)| after.is_none()) {
+                    continue;
+                }
+                if wire::send(&mut send, &AttemptDown::Ack { seq }).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
+
+/// Waits until the oldest pending event is durable (at once if it needed no write).
+async fn front_durable(pending: &mut VecDeque<(u64, Option<Durable>)>) -> Result<(), String> {
+    match pending.front_mut() {
+        Some((_, Some(rx))) => rx
+            .await
+            .unwrap_or_else(|_| Err("database writer stopped".into())),
+        _ => Ok(()),
+    }
+}
+
+/// Events of one attempt stream accepted by the core and waiting to become durable; past it,
+/// reading waits (the worker's own window, 256, normally keeps it far below).
+const MAX_PIPELINED: usize = 1024;
 
 #[cfg(test)]
 mod tests {

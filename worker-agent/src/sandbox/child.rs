@@ -10,7 +10,8 @@
 //! ```text
 //! worker ─fork→ S (host pid ns): join cgroup, unshare(user?, mnt, uts, ipc, net?, pid, cgroup),
 //!        │        make / private, set hostname; waits for I, reports I's status, exits
-//!        └─fork→ I (pid 1 of the new pid ns, init): mount /proc, /sys, /tmp; reaps orphans;
+//!        └─fork→ I (pid 1 of the new pid ns, init): builds the task's file system view (below);
+//!                 │ reaps orphans;
 //!                 │ when the task exits, reports its wait status and exits — the kernel then
 //!                 │ SIGKILLs everything left in the pid namespace
 //!                 └─fork→ T (pid 2): setsid, drop capabilities, no_new_privs, chdir, exec
@@ -18,6 +19,19 @@
 //! The task is not pid 1 on purpose: pid 1 ignores signals it has no handler for, so a task's
 //! `kill -TERM $$` would do nothing. With process isolation S is T: it joins the cgroup, makes
 //! its own process group and execs.
+//!
+//! The task's file system view, built by I in its mount namespace (see [`SandboxSetup`]):
+//! 1. open (O_PATH) everything that is bound back later — the workspace, kept files, the few
+//!    device nodes — before anything covers it;
+//! 2. the whole inherited tree becomes read-only, nosuid and nodev in one `mount_setattr`
+//!    (recursive, Linux 5.12+): the task can write nowhere on the host's file systems, and a
+//!    block device node anywhere cannot be opened;
+//! 3. a new /proc (its machine-wide parts read-only or hidden, as Docker does) and /sys; a new /dev (read-only tmpfs with null, zero, full, random, urandom
+//!    and tty bound in, its own devpts and /dev/shm);
+//! 4. masks: an empty tmpfs over each private directory (read-only, or the writable /tmp), the
+//!    null device over each private file;
+//! 5. rebinds: the workspace, writable, at its own path (inside a mask the path is recreated
+//!    first), and kept files read-only.
 //!
 //! File descriptors in every helper: 0-2 stdio (set by std), [`EVENTS_FD`] the events pipe (the
 //! only one the task inherits besides stdio), 4 the setup pipe (close-on-exec: it reaches EOF in
@@ -42,9 +56,44 @@ use nix::libc::{self, c_char, c_int, c_void};
 pub(crate) const EVENTS_FD: RawFd = 3;
 const SETUP_FD: RawFd = 4;
 const STATUS_FD: RawFd = 5;
-/// Holds the workspace while /tmp is replaced; must match [`WORKSPACE_FD_PATH`].
-const WORKSPACE_FD: RawFd = 6;
-const WORKSPACE_FD_PATH: &CStr = c"/proc/self/fd/6";
+/// Most paths an attempt binds back over its masks (the workspace and kept files).
+pub(crate) const MAX_REBINDS: usize = 4;
+/// Device nodes of the sandbox's /dev, bound from the host's; [`NULL_DEVICE`] also masks files.
+const DEVICES: [&CStr; 6] = [
+    c"/dev/null",
+    c"/dev/zero",
+    c"/dev/full",
+    c"/dev/random",
+    c"/dev/urandom",
+    c"/dev/tty",
+];
+const NULL_DEVICE: usize = 0;
+/// Parts of the sandbox's /proc that reach the whole machine, made read-only (as Docker does):
+/// global sysctls, the magic SysRq trigger, IRQ affinity, ...
+const PROC_READ_ONLY: [&CStr; 5] = [
+    c"/proc/sys",
+    c"/proc/sysrq-trigger",
+    c"/proc/irq",
+    c"/proc/bus",
+    c"/proc/fs",
+];
+/// Files of /proc that show kernel memory or other machine-wide state, covered by the null
+/// device (missing ones are skipped).
+const PROC_HIDDEN: [&CStr; 5] = [
+    c"/proc/kcore",
+    c"/proc/keys",
+    c"/proc/timer_list",
+    c"/proc/sched_debug",
+    c"/proc/latency_stats",
+];
+/// Symbolic links of the sandbox's /dev.
+const DEV_LINKS: [(&CStr, &CStr); 5] = [
+    (c"/proc/self/fd", c"/dev/fd"),
+    (c"/proc/self/fd/0", c"/dev/stdin"),
+    (c"/proc/self/fd/1", c"/dev/stdout"),
+    (c"/proc/self/fd/2", c"/dev/stderr"),
+    (c"pts/ptmx", c"/dev/ptmx"),
+];
 /// Scratch copies are made at or above this, clear of the fixed numbers.
 const SCRATCH_FD: RawFd = 10;
 
@@ -85,9 +134,39 @@ pub(crate) struct SandboxSetup {
     pub(crate) id_maps: Option<(Vec<u8>, Vec<u8>)>,
     pub(crate) hostname: Vec<u8>,
     pub(crate) sys: SysMount,
-    /// When the workspace is under /tmp: the directories from /tmp down to it, outermost
-    /// first, to recreate in the new /tmp before binding the workspace back.
-    pub(crate) tmp_mkdirs: Vec<CString>,
+    /// What covers the host's tree, outermost only (none is inside another), in order.
+    pub(crate) masks: Vec<Mask>,
+    /// What is bound back over the masks; the first is the workspace (writable). At most
+    /// [`MAX_REBINDS`].
+    pub(crate) rebinds: Vec<Rebind>,
+}
+
+/// One path covered in the sandbox.
+#[derive(Debug)]
+pub(crate) struct Mask {
+    pub(crate) path: CString,
+    pub(crate) kind: MaskKind,
+    /// Paths to create in the covering tmpfs (before it turns read-only) so that rebinds have
+    /// a target: outermost first, `true` for a directory, `false` for an empty file.
+    pub(crate) creates: Vec<(CString, bool)>,
+}
+
+/// How a [`Mask`] covers its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MaskKind {
+    /// A writable tmpfs, mode 1777 (the private /tmp).
+    Scratch,
+    /// An empty tmpfs, read-only once its `creates` exist.
+    Empty,
+    /// The null device bound over a file.
+    File,
+}
+
+/// A path bound back into the sandbox from the host.
+#[derive(Debug)]
+pub(crate) struct Rebind {
+    pub(crate) path: CString,
+    pub(crate) writable: bool,
 }
 
 /// What the sandbox's /sys becomes; read-only in both mounting cases.
@@ -156,10 +235,13 @@ pub(crate) enum Step {
     Chdir,
     Exec,
     DropCaps,
+    ReadOnly,
+    MountDev,
+    Mask,
 }
 
 impl Step {
-    const ALL: [Step; 21] = [
+    const ALL: [Step; 24] = [
         Step::JoinCgroup,
         Step::Setpgid,
         Step::Unshare,
@@ -181,6 +263,9 @@ impl Step {
         Step::Chdir,
         Step::Exec,
         Step::DropCaps,
+        Step::ReadOnly,
+        Step::MountDev,
+        Step::Mask,
     ];
 
     fn from_u8(v: u8) -> Option<Step> {
@@ -188,8 +273,21 @@ impl Step {
     }
 
     /// What the step does, with its paths, for an error message ("cannot <this>").
-    pub(crate) fn describe(self, index: u8, cgroup_procs: &[PathBuf], workspace: &Path) -> String {
+    /// `masks` and `rebinds` are the paths of the plan's [`Mask`]s and [`Rebind`]s.
+    pub(crate) fn describe(
+        self,
+        index: u8,
+        cgroup_procs: &[PathBuf],
+        workspace: &Path,
+        masks: &[PathBuf],
+        rebinds: &[PathBuf],
+    ) -> String {
         let ws = workspace.display();
+        let nth = |paths: &[PathBuf]| {
+            paths
+                .get(usize::from(index))
+                .map_or_else(|| "?".to_owned(), |p| p.display().to_string())
+        };
         match self {
             Step::JoinCgroup => match cgroup_procs.get(usize::from(index)) {
                 Some(p) => format!("join the attempt cgroup (write 0 to {})", p.display()),
@@ -207,12 +305,17 @@ impl Step {
             Step::ForkInit => "fork the sandbox's init".to_owned(),
             Step::MountProc => "mount a new proc on /proc".to_owned(),
             Step::MountSys => "mount a new sysfs on /sys".to_owned(),
-            Step::OpenWorkspace => format!("open the workspace {ws}"),
-            Step::MountTmp => "mount a private tmpfs on /tmp".to_owned(),
+            Step::OpenWorkspace => format!("open {} to bind it into the sandbox", nth(rebinds)),
+            Step::MountTmp => format!("mount a tmpfs over {}", nth(masks)),
             Step::MkdirWorkspace => {
-                format!("recreate the path of the workspace {ws} in the new /tmp")
+                format!("recreate the path of {} in the tmpfs over it", nth(rebinds))
             }
-            Step::BindWorkspace => format!("bind the workspace {ws} into the new /tmp"),
+            Step::BindWorkspace => format!("bind {} back into the sandbox", nth(rebinds)),
+            Step::ReadOnly => "make the host's file systems read-only, nosuid and nodev for the \
+                               task (mount_setattr; needs Linux 5.12 or later)"
+                .to_owned(),
+            Step::MountDev => "build the sandbox's /dev (tmpfs, device binds, devpts)".to_owned(),
+            Step::Mask => format!("hide {} (bind the null device over it)", nth(masks)),
             Step::ForkTask => "fork the task".to_owned(),
             Step::Setsid => "start a session (setsid)".to_owned(),
             Step::NoNewPrivs => "set no_new_privs".to_owned(),
@@ -345,6 +448,27 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         // closed to a task that lacks CAP_SYS_PTRACE in the worker's user namespace.
         libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0);
     }
+    // 1. Everything bound back later, opened before anything covers it.
+    let mut rebind_fds: [c_int; MAX_REBINDS] = [-1; MAX_REBINDS];
+    for (i, rebind) in setup.rebinds.iter().take(MAX_REBINDS).enumerate() {
+        rebind_fds[i] = check_fd(Step::OpenWorkspace, i, open_path(&rebind.path));
+    }
+    let mut device_fds: [c_int; DEVICES.len()] = [-1; DEVICES.len()];
+    for (i, device) in DEVICES.iter().enumerate() {
+        // A host without one of them gives a sandbox without it.
+        device_fds[i] = open_path(device);
+    }
+    // 2. The inherited tree: read-only, nosuid, nodev, every mount of it.
+    check(
+        Step::ReadOnly,
+        set_attributes(
+            c"/",
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            0,
+            true,
+        ),
+    );
+    // 3. /proc, /sys, /dev of the sandbox.
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     check(
         Step::MountProc,
@@ -373,55 +497,112 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         let read_only = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | nodev;
         check(Step::MountSys, mount(c"", c"/sys", c"", read_only, None));
     }
-    let rebind = !setup.tmp_mkdirs.is_empty();
-    if rebind {
-        // SAFETY: valid NUL-terminated path.
-        let fd = unsafe {
-            libc::open(
-                plan.workspace.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
+    let mut fd_buf = [0u8; FD_PATH_LEN];
+    for (i, path) in PROC_READ_ONLY.iter().enumerate() {
+        if mount(path, path, c"", libc::MS_BIND | libc::MS_REC, None) < 0 {
+            if Errno::last() == Errno::ENOENT {
+                continue;
+            }
+            fail(Step::MountProc, 10 + i, Errno::last());
+        }
+        check_at(
+            Step::MountProc,
+            10 + i,
+            set_attributes(
+                path,
+                MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+                0,
+                true,
+            ),
+        );
+    }
+    if device_fds[NULL_DEVICE] >= 0 {
+        for (i, path) in PROC_HIDDEN.iter().enumerate() {
+            let source = fd_path(device_fds[NULL_DEVICE], &mut fd_buf);
+            if mount(source, path, c"", libc::MS_BIND, None) < 0 && Errno::last() != Errno::ENOENT {
+                fail(Step::MountProc, 20 + i, Errno::last());
+            }
+        }
+    }
+    build_dev(&device_fds);
+    // 4. Masks.
+    for (i, mask) in setup.masks.iter().enumerate() {
+        match mask.kind {
+            MaskKind::File => {
+                let null = device_fds[NULL_DEVICE];
+                if null < 0 {
+                    fail(Step::Mask, i, Errno::ENOENT);
+                }
+                let source = fd_path(null, &mut fd_buf);
+                check_at(
+                    Step::Mask,
+                    i,
+                    mount(source, &mask.path, c"", libc::MS_BIND, None),
+                );
+                continue;
+            }
+            MaskKind::Scratch => check_at(
+                Step::MountTmp,
+                i,
+                mount(
+                    c"tmpfs",
+                    &mask.path,
+                    c"tmpfs",
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    Some(c"mode=1777"),
+                ),
+            ),
+            MaskKind::Empty => check_at(
+                Step::MountTmp,
+                i,
+                mount(c"tmpfs", &mask.path, c"tmpfs", nodev, Some(c"mode=755")),
+            ),
+        }
+        for (path, dir) in &mask.creates {
+            if let Err(errno) = create(path, *dir) {
+                fail(Step::MkdirWorkspace, i, errno);
+            }
+        }
+        if mask.kind == MaskKind::Empty {
+            check_at(
+                Step::MountTmp,
+                i,
+                set_attributes(&mask.path, MOUNT_ATTR_RDONLY, 0, false),
+            );
+        }
+    }
+    // 5. Rebinds: the workspace writable, the rest read-only.
+    for (i, rebind) in setup.rebinds.iter().take(MAX_REBINDS).enumerate() {
+        let source = fd_path(rebind_fds[i], &mut fd_buf);
+        check_at(
+            Step::BindWorkspace,
+            i,
+            mount(
+                source,
+                &rebind.path,
+                c"",
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            ),
+        );
+        let (set, clear) = if rebind.writable {
+            (MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, MOUNT_ATTR_RDONLY)
+        } else {
+            (MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0)
         };
-        check(Step::OpenWorkspace, fd);
-        // Every number above STATUS_FD is free here, so open usually returns WORKSPACE_FD.
-        if fd != WORKSPACE_FD {
-            // SAFETY: plain fd syscalls.
-            check(Step::OpenWorkspace, unsafe {
-                libc::dup3(fd, WORKSPACE_FD, libc::O_CLOEXEC)
-            });
+        check_at(
+            Step::BindWorkspace,
+            i,
+            set_attributes(&rebind.path, set, clear, true),
+        );
+        // SAFETY: closing an fd this process opened.
+        unsafe { libc::close(rebind_fds[i]) };
+    }
+    for fd in device_fds {
+        if fd >= 0 {
             // SAFETY: as above.
             unsafe { libc::close(fd) };
         }
-    }
-    check(
-        Step::MountTmp,
-        mount(
-            c"tmpfs",
-            c"/tmp",
-            c"tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(c"mode=1777"),
-        ),
-    );
-    if rebind {
-        for (i, dir) in setup.tmp_mkdirs.iter().enumerate() {
-            // SAFETY: valid NUL-terminated path.
-            if unsafe { libc::mkdir(dir.as_ptr(), 0o755) } < 0 && Errno::last() != Errno::EEXIST {
-                fail(Step::MkdirWorkspace, i, Errno::last());
-            }
-        }
-        // SAFETY: valid NUL-terminated paths; bind mounts take no fs type or data.
-        check(Step::BindWorkspace, unsafe {
-            libc::mount(
-                WORKSPACE_FD_PATH.as_ptr(),
-                plan.workspace.as_ptr(),
-                ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                ptr::null(),
-            )
-        });
-        // SAFETY: plain fd syscall.
-        unsafe { libc::close(WORKSPACE_FD) };
     }
     // SAFETY: fork in a single-threaded process, as in `outer`.
     let task = unsafe { libc::fork() };
@@ -449,6 +630,85 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             exit(0);
         }
     }
+}
+
+/// The sandbox's /dev: a tmpfs (read-only once built) with the host's harmless device nodes
+/// bound in (read-only mounts: the nodes work, their inodes cannot be changed), its own devpts
+/// instance and /dev/shm, and the usual links.
+fn build_dev(device_fds: &[c_int; DEVICES.len()]) {
+    check(
+        Step::MountDev,
+        mount(
+            c"tmpfs",
+            c"/dev",
+            c"tmpfs",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(c"mode=755"),
+        ),
+    );
+    let mut fd_buf = [0u8; FD_PATH_LEN];
+    for (i, (device, fd)) in DEVICES.iter().zip(device_fds).enumerate() {
+        if *fd < 0 {
+            continue;
+        }
+        if let Err(errno) = create(device, false) {
+            fail(Step::MountDev, i, errno);
+        }
+        let source = fd_path(*fd, &mut fd_buf);
+        check_at(
+            Step::MountDev,
+            i,
+            mount(source, device, c"", libc::MS_BIND, None),
+        );
+        check_at(
+            Step::MountDev,
+            i,
+            set_attributes(
+                device,
+                MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+                MOUNT_ATTR_NODEV,
+                false,
+            ),
+        );
+    }
+    for (i, (target, link)) in DEV_LINKS.iter().enumerate() {
+        // SAFETY: valid NUL-terminated paths.
+        if unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) } < 0 {
+            fail(Step::MountDev, 10 + i, Errno::last());
+        }
+    }
+    for (i, dir) in [c"/dev/shm", c"/dev/pts"].iter().enumerate() {
+        if let Err(errno) = create(dir, true) {
+            fail(Step::MountDev, 20 + i, errno);
+        }
+    }
+    check_at(
+        Step::MountDev,
+        30,
+        mount(
+            c"tmpfs",
+            c"/dev/shm",
+            c"tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(c"mode=1777"),
+        ),
+    );
+    check_at(
+        Step::MountDev,
+        31,
+        mount(
+            c"devpts",
+            c"/dev/pts",
+            c"devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(c"newinstance,ptmxmode=0666,mode=620"),
+        ),
+    );
+    check_at(
+        Step::MountDev,
+        32,
+        set_attributes(c"/dev", MOUNT_ATTR_RDONLY, 0, false),
+    );
 }
 
 /// T: the task's own process until exec.
@@ -674,6 +934,101 @@ fn mount(
     }
 }
 
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const AT_RECURSIVE: c_int = 0x8000;
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// mount_setattr(2) on the mount at `path` (and every mount below it with `recursive`). Unlike
+/// a bind remount it leaves the other flags alone (atime flags locked in a user namespace).
+fn set_attributes(path: &CStr, set: u64, clear: u64, recursive: bool) -> c_int {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: valid NUL-terminated path; `attr` is a live struct of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    r as c_int
+}
+
+/// An O_PATH descriptor of `path`, or -1.
+fn open_path(path: &CStr) -> c_int {
+    // SAFETY: valid NUL-terminated path.
+    unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) }
+}
+
+/// Creates a directory (`dir`) or an empty file at `path`; an existing one is fine.
+fn create(path: &CStr, dir: bool) -> Result<(), Errno> {
+    if dir {
+        // SAFETY: valid NUL-terminated path.
+        if unsafe { libc::mkdir(path.as_ptr(), 0o755) } < 0 && Errno::last() != Errno::EEXIST {
+            return Err(Errno::last());
+        }
+        return Ok(());
+    }
+    // SAFETY: valid NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o644 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Room for `/proc/self/fd/<any c_int>` and its NUL.
+const FD_PATH_LEN: usize = 32;
+
+/// `/proc/self/fd/<fd>` written into `buf`, without allocating.
+fn fd_path(fd: c_int, buf: &mut [u8; FD_PATH_LEN]) -> &CStr {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 12];
+    let mut n = fd.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+    CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"/")
+}
+
 fn wait_for(pid: libc::pid_t) -> c_int {
     loop {
         let mut status: c_int = 0;
@@ -716,9 +1071,20 @@ fn fail(step: Step, index: usize, errno: Errno) -> ! {
 
 /// Fails `step` with errno when a syscall returned -1.
 fn check(step: Step, result: c_int) {
+    check_at(step, 0, result);
+}
+
+/// [`check`] for the `index`th item of a step.
+fn check_at(step: Step, index: usize, result: c_int) {
     if result < 0 {
-        fail(step, 0, Errno::last());
+        fail(step, index, Errno::last());
     }
+}
+
+/// [`check_at`] for a call that returns a descriptor; returns it.
+fn check_fd(step: Step, index: usize, fd: c_int) -> c_int {
+    check_at(step, index, fd);
+    fd
 }
 
 fn exit(code: c_int) -> ! {
@@ -771,18 +1137,21 @@ mod tests {
         assert_eq!(Step::from_u8(0), None);
         let procs = [PathBuf::from("/sys/fs/cgroup/x/cgroup.procs")];
         assert!(Step::JoinCgroup
-            .describe(0, &procs, Path::new("/w"))
+            .describe(0, &procs, Path::new("/w"), &[], &[])
             .contains("/sys/fs/cgroup/x/cgroup.procs"));
         assert!(Step::Chdir
-            .describe(0, &procs, Path::new("/w"))
+            .describe(0, &procs, Path::new("/w"), &[], &[])
             .contains("/w"));
     }
 
     #[test]
-    fn workspace_fd_path_matches() {
-        assert_eq!(
-            WORKSPACE_FD_PATH.to_str().ok(),
-            Some(format!("/proc/self/fd/{WORKSPACE_FD}").as_str())
-        );
+    fn fd_paths() {
+        let mut buf = [0u8; FD_PATH_LEN];
+        for fd in [0, 6, 10, 1234, c_int::MAX] {
+            assert_eq!(
+                fd_path(fd, &mut buf).to_str().ok(),
+                Some(format!("/proc/self/fd/{fd}").as_str())
+            );
+        }
     }
 }

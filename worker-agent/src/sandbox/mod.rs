@@ -10,14 +10,19 @@
 //! - new pid, mount, uts, ipc and cgroup namespaces, and a network namespace with only `lo` for
 //!   `network = none`; a user namespace only when the worker is not root (root needs none to
 //!   create the others, and a one-to-one map of root would add nothing);
-//! - a fresh /proc for the new pid namespace, a read-only /sys (so /sys/class/net shows the
-//!   sandbox's interfaces), a private tmpfs on /tmp (a workspace under /tmp is bound back in),
+//! - the host's file systems read-only, nosuid and nodev; a fresh /proc for the new pid
+//!   namespace, a read-only /sys (so /sys/class/net shows the sandbox's interfaces), a minimal
+//!   /dev, a private tmpfs on /tmp, an empty /run; the worker's private paths (its config, TLS
+//!   files, work directory, [`plan::WELL_KNOWN_PRIVATE`]) covered by empty mounts; the
+//!   workspace bound back writable — so the task writes only to its workspace, /tmp and
+//!   /dev/shm, and sees no other attempt's workspace (see [`plan`] for the policy);
 //!   hostname `drover-<task>`;
 //! - the task runs as pid 2 under a small init (pid 1) that reaps orphans: see the `child`
 //!   module for why, and for how the helpers are built without re-executing the worker;
 //! - the task's capabilities are cut to Docker's default set (no CAP_SYS_ADMIN, CAP_SYS_PTRACE,
 //!   CAP_NET_ADMIN, ...), so a root task cannot undo its mounts or read the init's memory;
-//! - with `isolation = process` the task is a plain child in its own process group.
+//! - with `isolation = process` the task is a plain child in its own process group: trusted
+//!   work, none of the above (it sees and can write whatever the worker can).
 //!
 //! Both: the attempt's own cgroup (memory limit without swap, pids limit), `no_new_privs`,
 //! stdin from /dev/null, stdout and stderr piped to the worker, an events pipe as fd 3, the
@@ -59,7 +64,7 @@ pub use attempt::{Attempt, AttemptOutcome};
 pub use error::{CgroupError, SandboxError, SpawnError};
 
 use cgroup::{attempt_name, AttemptCgroup, CgroupLimits, Hierarchy};
-use child::{ChildPlan, Record, SandboxSetup, SysMount};
+use child::{ChildPlan, Mask, Rebind, Record, SandboxSetup, SysMount};
 
 /// Helper processes an attempt with `isolation = sandbox` keeps in its cgroup besides the task
 /// (the outer helper and the init); added to the pids limit so the task gets what it asked for.
@@ -101,6 +106,10 @@ struct Inner {
     hierarchy: Hierarchy,
     namespaces: bool,
     user_namespace: bool,
+    /// The worker's private paths, hidden from sandboxed tasks (besides the well-known ones).
+    private: Vec<PathBuf>,
+    /// Files bound back read-only when a cover hides them (tests add to it).
+    keep: Vec<PathBuf>,
     next_seq: AtomicU64,
     /// Cgroups that could not be removed yet (retried on each spawn).
     leftovers: Mutex<Vec<AttemptCgroup>>,
@@ -115,10 +124,32 @@ impl Sandbox {
     /// each controller's mount. Fails, naming what is missing, when no cgroup hierarchy is usable;
     /// missing namespace support is not an error (see [`Sandbox::namespaces`]).
     pub fn detect(root_hint: Option<&Path>) -> Result<Sandbox, SandboxError> {
+        Sandbox::detect_hiding(root_hint, Vec::new())
+    }
+
+    /// [`Sandbox::detect`], hiding `private` paths (files or directories; see
+    /// [`private_paths`]) from every sandboxed task besides [`plan::WELL_KNOWN_PRIVATE`].
+    pub fn detect_hiding(
+        root_hint: Option<&Path>,
+        private: Vec<PathBuf>,
+    ) -> Result<Sandbox, SandboxError> {
+        for shared in private.iter().filter(|p| {
+            p.is_dir()
+                && plan::SHARED_DIRS
+                    .iter()
+                    .any(|d| p.canonicalize().ok().as_deref() == Some(Path::new(d)))
+        }) {
+            warn!(
+                path = %shared.display(),
+                "a shared system directory holds the worker's files: sandboxed tasks still see \
+                 it (only the worker's own files in it are hidden); give the worker a directory \
+                 of its own (work_dir, config and TLS files)"
+            );
+        }
         let hierarchy = Hierarchy::detect(root_hint)?;
         let namespaces = crate::resources::host::can_create_namespaces();
         let user_namespace = !nix::unistd::geteuid().is_root();
-        let sandbox = Sandbox::with_parts(hierarchy, namespaces, user_namespace);
+        let sandbox = Sandbox::build(hierarchy, namespaces, user_namespace, private);
         for stale in sandbox.inner.hierarchy.stale() {
             warn!(
                 cgroup = ?stale.dirs(),
@@ -133,16 +164,28 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    #[cfg(test)]
     pub(crate) fn with_parts(
         hierarchy: Hierarchy,
         namespaces: bool,
         user_namespace: bool,
+    ) -> Sandbox {
+        Sandbox::build(hierarchy, namespaces, user_namespace, Vec::new())
+    }
+
+    fn build(
+        hierarchy: Hierarchy,
+        namespaces: bool,
+        user_namespace: bool,
+        private: Vec<PathBuf>,
     ) -> Sandbox {
         Sandbox {
             inner: Arc::new(Inner {
                 hierarchy,
                 namespaces,
                 user_namespace,
+                private,
+                keep: Vec::new(),
                 next_seq: AtomicU64::new(1),
                 leftovers: Mutex::new(Vec::new()),
             }),
@@ -247,6 +290,8 @@ impl Sandbox {
         };
 
         let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+        let child_plan = Arc::new(child_plan);
+        let in_child = child_plan.clone();
         cmd.args(&spec.argv[1..])
             .env_clear()
             .stdin(Stdio::null())
@@ -257,7 +302,7 @@ impl Sandbox {
         // on data prepared here (see the `child` module); it never returns.
         #[allow(unsafe_code)]
         unsafe {
-            cmd.pre_exec(move || child::run(&child_plan));
+            cmd.pre_exec(move || child::run(&in_child));
         }
         let mut process = cmd.spawn().map_err(SpawnError::Fork)?;
         // Only the helpers may hold the write ends now, so EOF means they are done with them.
@@ -276,6 +321,16 @@ impl Sandbox {
         if let Err(source) = setup.read_to_end(&mut report).await {
             warn!(%source, "cannot read the setup pipe; assuming the attempt started");
         }
+        let (mask_paths, rebind_paths) = child_plan.sandbox.as_ref().map_or_else(
+            || (Vec::new(), Vec::new()),
+            |s| {
+                let path = |c: &std::ffi::CStr| PathBuf::from(c.to_string_lossy().into_owned());
+                (
+                    s.masks.iter().map(|m| path(&m.path)).collect(),
+                    s.rebinds.iter().map(|r| path(&r.path)).collect(),
+                )
+            },
+        );
         let failure = child::parse_records(&report)
             .into_iter()
             .find_map(|r| match r {
@@ -297,7 +352,7 @@ impl Sandbox {
                         .join(", "),
                 },
                 Some(step) => SpawnError::Setup {
-                    step: step.describe(index, &procs, &workspace),
+                    step: step.describe(index, &procs, &workspace, &mask_paths, &rebind_paths),
                     errno,
                 },
                 None => SpawnError::Setup {
@@ -350,14 +405,61 @@ impl Sandbox {
                 format!("0 {gid} 1\n").into_bytes(),
             )
         });
-        let tmp_mkdirs = plan::tmp_mkdirs(workspace)
+        let private: Vec<plan::Private> = self
+            .inner
+            .private
             .iter()
-            .map(|p| plan::c_path(p))
-            .collect::<Result<_, _>>()
-            .map_err(|_| SpawnError::Workspace {
-                path: workspace.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"),
-            })?;
+            .map(PathBuf::as_path)
+            .chain(plan::WELL_KNOWN_PRIVATE.iter().map(Path::new))
+            .filter_map(|p| {
+                let path = p.canonicalize().ok()?;
+                let dir = path.is_dir();
+                Some(plan::Private { path, dir })
+            })
+            .collect();
+        // The host's DNS settings, when /etc/resolv.conf points into a covered place (/run).
+        let resolv = match spec.network {
+            NetworkPolicy::Host => Path::new("/etc/resolv.conf")
+                .canonicalize()
+                .ok()
+                .filter(|p| p != Path::new("/etc/resolv.conf")),
+            NetworkPolicy::None => None,
+        };
+        let keep: Vec<PathBuf> = resolv
+            .into_iter()
+            .chain(self.inner.keep.iter().filter_map(|p| p.canonicalize().ok()))
+            .collect();
+        let mounts = plan::mount_plan(&private, workspace, &keep);
+        let bad_path = |p: &Path| SpawnError::Workspace {
+            path: p.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"),
+        };
+        let c = |p: &Path| plan::c_path(p).map_err(|_| bad_path(p));
+        let masks = mounts
+            .masks
+            .iter()
+            .map(|m| {
+                Ok(Mask {
+                    path: c(&m.path)?,
+                    kind: m.kind,
+                    creates: m
+                        .creates
+                        .iter()
+                        .map(|(p, dir)| Ok((c(p)?, *dir)))
+                        .collect::<Result<_, SpawnError>>()?,
+                })
+            })
+            .collect::<Result<_, SpawnError>>()?;
+        let rebinds = mounts
+            .rebinds
+            .iter()
+            .map(|(p, writable)| {
+                Ok(Rebind {
+                    path: c(p)?,
+                    writable: *writable,
+                })
+            })
+            .collect::<Result<_, SpawnError>>()?;
         Ok(SandboxSetup {
             unshare_flags: flags,
             // sysfs may only be mounted by the owner of the network namespace, and inside a
@@ -369,8 +471,17 @@ impl Sandbox {
             },
             id_maps,
             hostname: plan::hostname(spec.task_id),
-            tmp_mkdirs,
+            masks,
+            rebinds,
         })
+    }
+
+    /// Adds files to bind back read-only when covered (as /etc/resolv.conf's target is).
+    #[cfg(test)]
+    pub(crate) fn keep(&mut self, files: Vec<PathBuf>) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.keep = files;
+        }
     }
 
     /// Forces (or stops) the use of a user namespace, to test that path as root.
@@ -380,6 +491,26 @@ impl Sandbox {
             inner.user_namespace = on;
         }
     }
+}
+
+/// The worker's private paths for [`Sandbox::detect_hiding`]: its config file and the
+/// directory holding it, its TLS files (CA, certificate, key) and their directories, and its
+/// work directory (other attempts' workspaces). Directories in [`plan::SHARED_DIRS`] are not
+/// hidden whole (a config in /etc hides the file only); see docs/architecture.md.
+pub fn private_paths(config: &crate::config::WorkerConfig) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    let files = config
+        .file
+        .iter()
+        .chain([&config.tls.ca, &config.tls.cert, &config.tls.key]);
+    for file in files {
+        paths.push(file.clone());
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            paths.push(dir.to_path_buf());
+        }
+    }
+    paths.push(config.work_dir.clone());
+    paths
 }
 
 impl fmt::Display for Sandbox {

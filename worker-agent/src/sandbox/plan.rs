@@ -1,6 +1,16 @@
 //! Turning an [`AttemptSpec`] into the C data the forked side needs (`child::ChildPlan`):
-//! the task's environment, the program search, the hostname and the /tmp rebinding. Pure
-//! functions, tested without root.
+//! the task's environment, the program search, the hostname and the mount plan (what is
+//! hidden, what is bound back). Pure functions, tested without root.
+//!
+//! Mount policy (sandbox isolation; see the `child` module for how it is applied): the host's
+//! tree is read-only for the task; an empty tmpfs covers /run (sockets of systemd, D-Bus, a
+//! container runtime: a root task could otherwise ask them to run anything), the writable
+//! private /tmp covers /tmp, and every private path of the worker is covered — a directory by
+//! an empty read-only tmpfs, a file by the null device — unless it is one of [`SHARED_DIRS`]
+//! (then only the private files in it are covered). The workspace is bound back, writable, at
+//! its own path (recreated inside whatever covers it), and so is the target of
+//! /etc/resolv.conf (read-only) when it lives under a cover and the task has the host's
+//! network.
 //!
 //! Environment policy: the task sees exactly the variables its spec declares plus
 //! `DROVER_TASK_ID`, `DROVER_ATTEMPT`, `DROVER_EVENTS_FD` and `DROVER_WORKSPACE` (and
@@ -13,7 +23,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::child::{CArray, EVENTS_FD};
+use super::child::{CArray, MaskKind, EVENTS_FD, MAX_REBINDS};
 use super::error::SpawnError;
 use super::AttemptSpec;
 
@@ -136,19 +146,150 @@ pub(crate) fn hostname(task: &str) -> Vec<u8> {
     name.into_bytes()
 }
 
-/// When `workspace` (absolute, canonical) is under /tmp, the directories from /tmp down to it,
-/// outermost first; else none.
-pub(crate) fn tmp_mkdirs(workspace: &Path) -> Vec<PathBuf> {
-    let Ok(rest) = workspace.strip_prefix("/tmp") else {
-        return Vec::new();
-    };
-    let mut dir = PathBuf::from("/tmp");
-    rest.components()
-        .map(|c| {
+/// Directories that hold the whole system or are shared by everyone: never covered whole, so
+/// a private file in one of them (say a key in /etc) is covered alone.
+pub const SHARED_DIRS: [&str; 29] = [
+    "/",
+    "/bin",
+    "/boot",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/tmp",
+    "/usr",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/local",
+    "/usr/local/bin",
+    "/usr/local/lib",
+    "/usr/share",
+    "/var",
+    "/var/cache",
+    "/var/lib",
+    "/var/log",
+    "/var/tmp",
+    "/etc/ssl",
+];
+
+/// Hidden from every sandboxed task when they exist, whatever the worker's own config says:
+/// drover's default config, TLS and state directories (worker and coordinator), and the host's
+/// own secrets that a root task could otherwise read (password hashes, SSH host keys, TLS
+/// private keys).
+pub const WELL_KNOWN_PRIVATE: [&str; 7] = [
+    "/etc/drover",
+    "/var/lib/drover",
+    "/var/lib/drover-worker",
+    "/etc/shadow",
+    "/etc/gshadow",
+    "/etc/ssh",
+    "/etc/ssl/private",
+];
+
+/// A private path as found on the host (canonical).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Private {
+    pub(crate) path: PathBuf,
+    pub(crate) dir: bool,
+}
+
+/// What covers a path ([`child::MaskKind`] with host paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MaskPlan {
+    pub(crate) path: PathBuf,
+    pub(crate) kind: MaskKind,
+    /// Created inside the cover, outermost first: (path, is a directory).
+    pub(crate) creates: Vec<(PathBuf, bool)>,
+}
+
+/// The mounts of one attempt: covers, then what is bound back (the workspace first, writable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MountPlan {
+    pub(crate) masks: Vec<MaskPlan>,
+    pub(crate) rebinds: Vec<(PathBuf, bool)>,
+}
+
+/// Replaced by the sandbox's own mounts; nothing under them needs a cover.
+const OWN_MOUNTS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// The mount plan for `workspace` (canonical) with `private` paths to hide and `keep` files
+/// (canonical) to bind back read-only if something covers them.
+pub(crate) fn mount_plan(private: &[Private], workspace: &Path, keep: &[PathBuf]) -> MountPlan {
+    let mut candidates = vec![
+        (PathBuf::from("/tmp"), MaskKind::Scratch),
+        (PathBuf::from("/run"), MaskKind::Empty),
+    ];
+    for p in private {
+        let shared = SHARED_DIRS.iter().any(|d| p.path == Path::new(d));
+        if !p.path.is_absolute()
+            || OWN_MOUNTS.iter().any(|m| p.path.starts_with(m))
+            || p.path.starts_with(workspace)
+            || (p.dir && shared)
+        {
+            continue;
+        }
+        let kind = if p.dir {
+            MaskKind::Empty
+        } else {
+            MaskKind::File
+        };
+        candidates.push((p.path.clone(), kind));
+    }
+    // Path order is component order: a directory comes before everything under it.
+    candidates.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut masks: Vec<MaskPlan> = Vec::new();
+    for (path, kind) in candidates {
+        let covered = masks
+            .iter()
+            .any(|m| m.kind != MaskKind::File && path.starts_with(&m.path));
+        if !covered {
+            masks.push(MaskPlan {
+                path,
+                kind,
+                creates: Vec::new(),
+            });
+        }
+    }
+    let mut rebinds = vec![(workspace.to_path_buf(), true)];
+    for file in keep {
+        if rebinds.len() < MAX_REBINDS
+            && masks
+                .iter()
+                .any(|m| m.kind != MaskKind::File && file.starts_with(&m.path))
+        {
+            rebinds.push((file.clone(), false));
+        }
+    }
+    for (target, _) in &rebinds {
+        let is_dir = target == workspace;
+        let Some(mask) = masks
+            .iter_mut()
+            .find(|m| m.kind != MaskKind::File && target.starts_with(&m.path) && *target != m.path)
+        else {
+            continue;
+        };
+        let Ok(rest) = target.strip_prefix(&mask.path) else {
+            continue;
+        };
+        let mut dir = mask.path.clone();
+        let count = rest.components().count();
+        for (i, c) in rest.components().enumerate() {
             dir.push(c);
-            dir.clone()
-        })
-        .collect()
+            let entry = (dir.clone(), i + 1 < count || is_dir);
+            if !mask.creates.contains(&entry) {
+                mask.creates.push(entry);
+            }
+        }
+    }
+    MountPlan { masks, rebinds }
 }
 
 /// A path as a C string.
@@ -260,13 +401,113 @@ mod tests {
         assert!(hostname(&"x".repeat(200)).len() <= 64);
     }
 
+    fn dir(p: &str) -> Private {
+        Private {
+            path: p.into(),
+            dir: true,
+        }
+    }
+
+    fn file(p: &str) -> Private {
+        Private {
+            path: p.into(),
+            dir: false,
+        }
+    }
+
+    fn mask(path: &str, kind: MaskKind, creates: &[(&str, bool)]) -> MaskPlan {
+        MaskPlan {
+            path: path.into(),
+            kind,
+            creates: creates
+                .iter()
+                .map(|(p, d)| (PathBuf::from(p), *d))
+                .collect(),
+        }
+    }
+
     #[test]
-    fn tmp_rebinding() {
-        assert!(tmp_mkdirs(Path::new("/var/lib/w")).is_empty());
-        assert!(tmp_mkdirs(Path::new("/tmpx/w")).is_empty());
+    fn workspace_under_tmp_is_recreated_in_the_new_tmp() {
+        let plan = mount_plan(&[], Path::new("/tmp/a/b"), &[]);
         assert_eq!(
-            tmp_mkdirs(Path::new("/tmp/a/b")),
-            [PathBuf::from("/tmp/a"), PathBuf::from("/tmp/a/b")]
+            plan.masks,
+            [
+                mask("/run", MaskKind::Empty, &[]),
+                mask(
+                    "/tmp",
+                    MaskKind::Scratch,
+                    &[("/tmp/a", true), ("/tmp/a/b", true)]
+                ),
+            ]
+        );
+        assert_eq!(plan.rebinds, [(PathBuf::from("/tmp/a/b"), true)]);
+        // Not under /tmp: bound onto itself, nothing created.
+        let plan = mount_plan(&[], Path::new("/tmpx/w"), &[]);
+        assert!(plan.masks.iter().all(|m| m.creates.is_empty()));
+    }
+
+    #[test]
+    fn private_paths_are_covered_outermost_only() {
+        let private = [
+            dir("/srv/drover"),
+            file("/srv/drover/tls/worker.key"),
+            dir("/srv/drover/work"),
+            file("/etc/worker.key"),
+            dir("/etc"),
+            dir("/var/lib/drover"),
+            dir("/proc/1"),
+            file("/tmp/x.key"),
+            dir("/srv/drover/work/tasks/t-1/inner"),
+        ];
+        let plan = mount_plan(&private, Path::new("/srv/drover/work/tasks/t-1"), &[]);
+        assert_eq!(
+            plan.masks,
+            [
+                mask("/etc/worker.key", MaskKind::File, &[]),
+                mask("/run", MaskKind::Empty, &[]),
+                mask(
+                    "/srv/drover",
+                    MaskKind::Empty,
+                    &[
+                        ("/srv/drover/work", true),
+                        ("/srv/drover/work/tasks", true),
+                        ("/srv/drover/work/tasks/t-1", true)
+                    ]
+                ),
+                mask("/tmp", MaskKind::Scratch, &[]),
+                mask("/var/lib/drover", MaskKind::Empty, &[]),
+            ]
+        );
+    }
+
+    #[test]
+    fn kept_files_are_bound_back_only_when_covered() {
+        let keep = [
+            PathBuf::from("/run/systemd/resolve/stub-resolv.conf"),
+            PathBuf::from("/etc/hosts"),
+        ];
+        let plan = mount_plan(&[], Path::new("/w"), &keep);
+        assert_eq!(
+            plan.rebinds,
+            [
+                (PathBuf::from("/w"), true),
+                (
+                    PathBuf::from("/run/systemd/resolve/stub-resolv.conf"),
+                    false
+                )
+            ]
+        );
+        assert_eq!(
+            plan.masks[0],
+            mask(
+                "/run",
+                MaskKind::Empty,
+                &[
+                    ("/run/systemd", true),
+                    ("/run/systemd/resolve", true),
+                    ("/run/systemd/resolve/stub-resolv.conf", false)
+                ]
+            )
         );
     }
 }

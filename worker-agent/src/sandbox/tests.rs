@@ -790,3 +790,96 @@ async fn sandbox_detect_removes_cgroups_of_dead_workers() {
         assert!(!base.join(name).exists(), "{} not cleaned", base.display());
     }
 }
+
+/// The task's file system view: the worker's private paths hidden (a directory, a file, the
+/// other workspaces of the work directory), the host read-only, writable only its workspace,
+/// /tmp and /dev/shm, a minimal /dev, no block device even when made with mknod, empty /run.
+#[tokio::test]
+async fn sandbox_hides_private_paths_and_keeps_the_host_read_only() {
+    if skip() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    // Not under /tmp: the private /tmp would hide it anyway and prove nothing.
+    let base = tempfile::tempdir_in("/var/tmp").expect("base");
+    let base_path = base.path().canonicalize().expect("canonical");
+    let b = |p: &str| base_path.join(p);
+    std::fs::create_dir_all(b("etc")).expect("private dir");
+    std::fs::write(b("etc/secret"), "SECRET-DIR-CANARY").expect("secret");
+    std::fs::write(b("worker.key"), "SECRET-KEY-CANARY").expect("key");
+    std::fs::create_dir_all(b("work/tasks/mine")).expect("workspace");
+    std::fs::create_dir_all(b("work/tasks/other")).expect("other workspace");
+    std::fs::write(b("work/tasks/other/out"), "OTHER-WS-CANARY").expect("other");
+    std::fs::write(b("etc/public.conf"), "KEPT").expect("kept file");
+    let private = vec![b("etc"), b("worker.key"), b("work")];
+    let root_dev = std::fs::metadata("/").expect("/").dev();
+    let (major, minor) = (libc::major(root_dev), libc::minor(root_dev));
+    let script = format!(
+        r#"B={base}
+cat $B/etc/secret 2>/dev/null; ls -A $B/etc
+cat $B/worker.key 2>/dev/null && echo READ-KEY
+cat /etc/shadow /etc/ssh/ssh_host_*_key 2>/dev/null | grep -q . && echo READ-HOST-SECRETS
+ls -A $B/work/tasks; cat $B/work/tasks/other/out 2>/dev/null
+cat $B/etc/public.conf; echo
+echo changed > $B/etc/public.conf 2>/dev/null && echo WROTE-KEPT
+if [ -x /usr/bin/python3 ]; then python3 -c 'import os; os.openpty(); print("pty-ok")'; else echo pty-ok; fi
+for d in / /etc /usr /var/tmp $B $B/work/tasks /sys /proc/sys/kernel; do
+  touch $d/drover-probe 2>/dev/null && echo WROTE $d
+done
+touch ./ws-file /tmp/tmp-file /dev/shm/shm-file && echo writable-ok
+echo x > /dev/null && head -c 4 /dev/zero | wc -c
+ls -A /dev | tr '\n' ' '; echo
+ls -A /run | wc -l
+mknod ./disk b {major} {minor} 2>/dev/null; head -c 1 ./disk >/dev/null 2>&1 && echo READ-DISK
+echo end"#,
+        base = base_path.display()
+    );
+    for user_namespace in [false, true] {
+        let mut sandbox = Sandbox::detect_hiding(None, private.clone()).expect("detect");
+        sandbox.set_user_namespace(user_namespace);
+        sandbox.keep(vec![b("etc/public.conf")]);
+        for network in [NetworkPolicy::None, NetworkPolicy::Host] {
+            let mut job = Job::sh(&script, Isolation::Sandbox);
+            job.network = network;
+            let out = run_with(
+                &sandbox,
+                &job,
+                &b("work/tasks/mine"),
+                CancellationToken::new(),
+            )
+            .await;
+            let what = format!("user namespace {user_namespace}, network {network:?}: {out:?}");
+            assert_eq!(out.outcome.class, ExitClass::Exited(0), "{what}");
+            assert_eq!(
+                lines(&out.stdout),
+                [
+                    "public.conf",
+                    "mine",
+                    "KEPT",
+                    "pty-ok",
+                    "writable-ok",
+                    "4",
+                    "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero ",
+                    "0",
+                    "end"
+                ],
+                "{what}"
+            );
+            assert!(b("work/tasks/mine/ws-file").exists(), "{what}");
+            for leftover in ["drover-probe", "tmp-file"] {
+                assert!(!b(leftover).exists() && !Path::new("/").join(leftover).exists());
+            }
+        }
+    }
+    // The reading part with process isolation sees everything: the probe can fail.
+    let reads = script.lines().take(5).collect::<Vec<_>>().join("\n");
+    let mut job = Job::sh(&reads, Isolation::Process);
+    job.network = NetworkPolicy::Host;
+    let sandbox = Sandbox::detect_hiding(None, private.clone()).expect("detect");
+    let ws = b("work/tasks/mine");
+    let out = run_with(&sandbox, &job, &ws, CancellationToken::new()).await;
+    assert!(out.stdout.contains("SECRET-DIR-CANARY"), "{out:?}");
+    assert!(out.stdout.contains("READ-KEY"), "{out:?}");
+    assert!(out.stdout.contains("READ-HOST-SECRETS"), "{out:?}");
+    assert!(out.stdout.contains("OTHER-WS-CANARY"), "{out:?}");
+}
