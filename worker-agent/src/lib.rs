@@ -5,6 +5,7 @@
 //! - [`resources`]: what the host has and uses;
 //! - [`sandbox`]: namespaces and cgroup limits for one attempt;
 //! - [`executor`]: runs assigned attempts in the [`sandbox`] and streams their events;
+//! - [`spool`]: each attempt's on-disk spool of events not yet acknowledged;
 //! - [`link`]: the connection to the coordinator (handshake, registration, heartbeats,
 //!   reconnect with capped exponential backoff and jitter);
 //! - [`pki`]: the fleet CA, role-carrying certificates and rustls configs (the worker will
@@ -22,6 +23,7 @@ pub mod notify;
 pub mod pki;
 pub mod resources;
 pub mod sandbox;
+pub mod spool;
 pub mod wire;
 
 /// Cancel `token` on the first SIGTERM or SIGINT.
