@@ -8,12 +8,13 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Every protocol version this build can speak. v1 (the fleet link without tasks) was never
-/// released, so v2 is the floor.
+/// released; v3 added `on_disconnect`/`lost_after_ms` to the task spec, which v2 peers cannot
+/// decode, so v3 is the floor.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
-    min: 2,
+    min: 3,
     max: PROTOCOL_VERSION,
 };
 

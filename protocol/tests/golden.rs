@@ -551,6 +551,8 @@ fn sample_spec() -> TaskSpec {
             backoff_ms: 500,
         },
         priority: -2,
+        on_disconnect: Some(drover_protocol::task::OnDisconnect::KeepRunning),
+        lost_after_ms: Some(120_000),
     }
 }
 

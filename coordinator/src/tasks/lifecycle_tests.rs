@@ -22,6 +22,8 @@ fn spec(max_attempts: u32) -> TaskSpec {
             backoff_ms: 100,
         },
         priority: 0,
+        on_disconnect: None,
+        lost_after_ms: None,
     }
 }
 
