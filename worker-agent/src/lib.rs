@@ -6,6 +6,7 @@
 //! - [`sandbox`]: namespaces and cgroup limits for one attempt;
 //! - [`executor`]: runs assigned attempts in the [`sandbox`] and streams their events;
 //! - [`spool`]: each attempt's on-disk spool of events not yet acknowledged;
+//! - [`stream`]: an attempt's events through its spool to the coordinator, across reconnects;
 //! - [`link`]: the connection to the coordinator (handshake, registration, heartbeats,
 //!   reconnect with capped exponential backoff and jitter);
 //! - [`pki`]: the fleet CA, role-carrying certificates and rustls configs (the worker will
@@ -24,6 +25,7 @@ pub mod pki;
 pub mod resources;
 pub mod sandbox;
 pub mod spool;
+pub mod stream;
 pub mod wire;
 
 /// Cancel `token` on the first SIGTERM or SIGINT.
