@@ -11,7 +11,7 @@
 use crate::clock::Clock;
 use crate::fleet::{Action, ConnId, Fleet, Registration};
 use crate::store::Store;
-use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks};
+use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks, WorkerGone};
 use crate::tasks::{validate_spec, WorkerView};
 use drover_protocol::{
     close_code, AttemptEvent, CoordinatorMessage, ErrorKind, OperatorRequest, OperatorResponse,
@@ -132,6 +132,7 @@ impl Core {
     pub async fn run(mut self, mut rx: mpsc::Receiver<CoreMsg>) {
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.recover(self.clock.now_ms());
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
@@ -142,6 +143,10 @@ impl Core {
                     let now = self.clock.now_ms();
                     let actions = self.fleet.tick(now);
                     self.apply(actions);
+                    if self.tasks.has_detached() {
+                        let actions = self.tasks.tick(now);
+                        self.apply_tasks(actions);
+                    }
                     self.schedule(now);
                 }
             }
@@ -185,9 +190,7 @@ impl Core {
                 running,
             } => {
                 if self.links.get(&name).is_some_and(|l| l.conn_id == conn) {
-                    let actions = self
-                        .tasks
-                        .handle_worker_attempts(now, &name, Some(&running));
+                    let actions = self.tasks.handle_worker_attempts(now, &name, &running);
                     self.apply_tasks(actions);
                     self.schedule(now);
                 }
@@ -209,7 +212,12 @@ impl Core {
                         self.schedule(now);
                         AttemptReply::Ack { seq, after }
                     }
-                    EventVerdict::Duplicate { seq } => AttemptReply::Ack { seq, after: None },
+                    // Already accepted, but maybe not yet durable (the first copy's batch may
+                    // still be in flight): ack once everything queued before is on disk.
+                    EventVerdict::Duplicate { seq } => AttemptReply::Ack {
+                        seq,
+                        after: Some(self.store.append_events(Vec::new())),
+                    },
                     EventVerdict::Fenced { reason } => {
                         tracing::warn!(worker = %name, task = %task_id, epoch, %reason, "refused a stale attempt event");
                         AttemptReply::Fenced(reason)
@@ -241,8 +249,10 @@ impl Core {
             match action {
                 Action::Persist(r) => {
                     tracing::info!(worker = %r.name, state = %r.state, address = %r.address, "worker state");
-                    if matches!(r.state, WorkerState::Lost | WorkerState::Down) {
-                        gone.push(r.name.clone());
+                    match r.state {
+                        WorkerState::Lost => gone.push((r.name.clone(), WorkerGone::Lost)),
+                        WorkerState::Down => gone.push((r.name.clone(), WorkerGone::Down)),
+                        _ => {}
                     }
                     records.push(r);
                 }
@@ -255,11 +265,26 @@ impl Core {
             }
         }
         let durable = (!records.is_empty()).then(|| self.store.put_workers(records));
-        for name in gone {
-            let actions = self.tasks.handle_worker_attempts(now, &name, None);
+        for (name, how) in gone {
+            let actions = self.tasks.handle_worker_gone(now, &name, how);
             self.apply_tasks(actions);
         }
         durable
+    }
+
+    /// After a restart: attempts on workers that were already lost or down when the
+    /// coordinator stopped end now (or, `keep_running`, are detached from now); attempts on
+    /// the others wait for their worker to reconnect within its lease.
+    fn recover(&mut self, now: u64) {
+        for (state, how) in [
+            (WorkerState::Lost, WorkerGone::Lost),
+            (WorkerState::Down, WorkerGone::Down),
+        ] {
+            for info in self.fleet.list(now, Some(state), None) {
+                let actions = self.tasks.handle_worker_gone(now, &info.name, how);
+                self.apply_tasks(actions);
+            }
+        }
     }
 
     /// Carry out task actions; returns the durability receiver of the last write, which (the
