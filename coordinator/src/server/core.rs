@@ -197,7 +197,14 @@ impl Core {
             }
             CoreMsg::Heartbeat { conn, name, usage } => {
                 let actions = self.fleet.handle_heartbeat(now, conn, &name, usage);
+                // A persisted change on a heartbeat is a lost worker coming back on the same
+                // connection: its kept attempts are still streaming on it.
+                let revived = !actions.is_empty();
                 self.apply(actions);
+                if revived && self.tasks.has_detached() {
+                    let actions = self.tasks.handle_worker_revived(now, &name);
+                    self.apply_tasks(actions);
+                }
             }
             CoreMsg::AttemptEvent {
                 name,

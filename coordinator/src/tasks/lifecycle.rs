@@ -463,6 +463,34 @@ impl Tasks {
         actions
     }
 
+    /// `worker` was lost but its connection survived (a stall: SIGSTOP, a long GC-like pause)
+    /// and it heartbeats again: its detached attempts never lost their streams, so they are
+    /// reattached as they are.
+    pub fn handle_worker_revived(&mut self, now: u64, worker: &str) -> Vec<TaskAction> {
+        let ids: Vec<String> = self.detached.iter().cloned().collect();
+        let mut actions = Vec::new();
+        for id in ids {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if t.worker.as_deref() != Some(worker) || t.state != TaskState::Running {
+                continue;
+            }
+            let detached_ms = t.detached_since.take().map(|since| now.saturating_sub(since));
+            self.detached.remove(&id);
+            t.reason = None;
+            let payload = json!({ "epoch": t.epoch, "worker": worker, "detached_ms": detached_ms });
+            actions.push(TaskAction::Append(vec![event(
+                t,
+                now,
+                None,
+                "attempt_reattached",
+                payload.to_string(),
+            )]));
+        }
+        actions
+    }
+
     /// Time passes: detached `keep_running` attempts past their `lost_after` are over (the
     /// worker has stopped them itself by then) and are retried under a new epoch.
     pub fn tick(&mut self, now: u64) -> Vec<TaskAction> {

@@ -490,3 +490,21 @@ fn a_worker_back_without_its_attempt_ends_it_even_if_detached() {
     tasks.sanity_check();
     assert_replays_to_same(&tasks, &log);
 }
+
+#[test]
+fn a_stalled_worker_that_heartbeats_again_gets_its_attempts_back() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
+    let kill = placed(&mut tasks, &mut log, spec(3));
+    assert_eq!(tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).len(), 1);
+    let a = tasks.handle_worker_revived(900, "w1");
+    log.take(&a);
+    assert_eq!(log.kinds(&id).last().unwrap(), "attempt_reattached");
+    assert!(!tasks.has_detached());
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Running);
+    // The kill attempt ended when the worker was lost and stays ended.
+    assert_eq!(tasks.info(&kill).unwrap().state, TaskState::Queued);
+    assert!(tasks.handle_worker_revived(901, "w1").is_empty());
+    tasks.sanity_check();
+}
