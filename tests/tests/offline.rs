@@ -374,3 +374,48 @@ fn worker_killed_under_keep_running_reschedules_and_finishes_once() {
         "the dead attempt's spool is discarded at start"
     );
 }
+
+#[test]
+fn worker_back_after_lost_after_has_its_stale_attempt_killed() {
+    if !root_or_skip("worker_back_after_lost_after_has_its_stale_attempt_killed") {
+        return;
+    }
+    let mut fleet = TestFleet::started(2);
+    let marker = "917264";
+    let spec = write_spec(
+        &fleet,
+        "fenced",
+        &format!(
+            "name = \"fenced\"\non_disconnect = \"keep_running\"\nlost_after = \"2s\"\ncommand = [\"sh\", \"-c\", \"echo attempt $DROVER_ATTEMPT; if [ $DROVER_ATTEMPT -ge 2 ]; then exit 0; fi; sleep {marker}\"]\n"
+        ),
+    );
+    let id = submit(&fleet, &spec);
+    let first = wait_state(&fleet, &id, TaskState::Running, DEADLINE);
+    let victim = first.worker.expect("running on a worker");
+    fleet.wait_for(DEADLINE, "the task's process to start", || {
+        process_with(marker).then_some(()).ok_or("not yet")
+    });
+    fleet.wait_for(DEADLINE, "the first attempt's output to be stored", || {
+        let evs = try_events(&fleet, &id)?;
+        (stdout_of(&evs) == "attempt 1\n").then_some(()).ok_or_else(|| stdout_of(&evs))
+    });
+    // Stalled past its lease and past lost_after: the task moves on without it.
+    signal(fleet.worker_process(&victim), Signal::SIGSTOP);
+    let t = wait_state(&fleet, &id, TaskState::Succeeded, FINISH);
+    assert_eq!(t.attempts, 2, "{t:?}");
+    assert_ne!(t.worker.as_deref(), Some(victim.as_str()));
+    assert!(process_with(marker), "the stalled worker's attempt is still there");
+    // Back: its attempt is stale, so it is killed (told at re-registration, or fenced on its
+    // next event), and nothing of it is stored.
+    signal(fleet.worker_process(&victim), Signal::SIGCONT);
+    fleet.wait_for(DEADLINE, "the stale attempt to be killed", || {
+        (!process_with(marker)).then_some(()).ok_or("still running")
+    });
+    let all = events(&fleet, &id);
+    check_session(&all);
+    let ended: Vec<&Value> = all.iter().filter(|e| e["kind"] == "attempt_ended").collect();
+    assert_eq!(ended.len(), 1, "{:?}", kinds(&all));
+    assert_eq!(ended[0]["payload"]["reason"], "worker_lost");
+    assert_eq!(stdout_of(&all), "attempt 1\nattempt 2\n");
+    fleet.wait_worker_state(&victim, WorkerState::Ready);
+}
