@@ -8,7 +8,9 @@
 //!
 //! The link publishes the current connection in a [`ConnWatch`]. When it drops:
 //! - `on_disconnect = "kill"`: the attempt ends (its process tree is killed); the coordinator
-//!   learns it from the worker's next `Attempts` report, or from the lease.
+//!   learns it from the worker's next `Attempts` report, or from the lease. An attempt whose
+//!   process has already ended is kept like a `keep_running` one: only its last events are
+//!   left, and delivering them beats running the task again.
 //! - `on_disconnect = "keep_running"`: the attempt runs on and keeps spooling; on the next
 //!   connection the streamer opens a new attempt stream and resends everything not yet
 //!   acknowledged (the coordinator stores each (task, epoch, seq) once and acks duplicates).
@@ -67,6 +69,15 @@ impl Policy {
 struct Entry {
     cancel: CancellationToken,
     keep_running: bool,
+    /// The process has ended; only events remain to deliver, so even a `kill` attempt is
+    /// kept across a disconnect (there is nothing left to run unsupervised).
+    finished: bool,
+}
+
+impl Entry {
+    fn kept(&self) -> bool {
+        self.keep_running || self.finished
+    }
 }
 
 /// The attempts this worker runs, shared by the link and the attempts themselves.
@@ -86,6 +97,7 @@ impl Registry {
             Entry {
                 cancel,
                 keep_running,
+                finished: false,
             },
         );
     }
@@ -108,17 +120,35 @@ impl Registry {
         keys
     }
 
-    /// The connection is gone: stop every `kill` attempt and forget it. Returns how many.
+    /// The connection is gone: stop every `kill` attempt still running and forget it.
+    /// Returns how many.
     pub fn drop_killable(&self) -> usize {
         let mut map = self.lock();
         let before = map.len();
         map.retain(|_, e| {
-            if !e.keep_running {
+            if !e.kept() {
                 e.cancel.cancel();
             }
-            e.keep_running
+            e.kept()
         });
         before - map.len()
+    }
+
+    /// The attempt's process has ended: keep it across disconnects from now on, unless it was
+    /// already dropped. Returns whether it is kept.
+    fn mark_finished(&self, key: &AttemptKey) -> bool {
+        match self.lock().get_mut(key) {
+            Some(e) => {
+                e.finished = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the attempt outlives a disconnect (registered, and keep_running or finished).
+    fn is_kept(&self, key: &AttemptKey) -> bool {
+        self.lock().get(key).is_some_and(Entry::kept)
     }
 
     pub fn remove(&self, key: &AttemptKey) {
@@ -292,7 +322,7 @@ async fn run(
                 }
             }
             if link.is_none() {
-                if !policy.keep_running() {
+                if !registry.is_kept(key) {
                     return StreamEnd::Disconnected;
                 }
                 detached_since.get_or_insert_with(Instant::now);
@@ -316,8 +346,11 @@ async fn run(
                 continue;
             }
         }
-        let give_up_at = match (policy.keep_running(), detached_since) {
-            (true, Some(since)) if link.is_none() => Some(since + policy.lost_after),
+        // Only while no connection is up: with one, the stream is being reopened.
+        let give_up_at = match detached_since {
+            Some(since) if link.is_none() && conns.borrow().is_none() => {
+                Some(since + policy.lost_after)
+            }
             _ => None,
         };
         let retry_at = match (&link, failed_on) {
@@ -332,7 +365,10 @@ async fn run(
                         return StreamEnd::Spool(e);
                     }
                 }
-                None => producing = false,
+                None => {
+                    producing = false;
+                    registry.mark_finished(key);
+                }
             },
             reply = next_reply(&mut link) => match reply {
                 Ok(Some(AttemptDown::Ack { seq })) => {
@@ -345,16 +381,14 @@ async fn run(
                     let id = link.as_ref().map_or(0, |a| a.conn_id);
                     failed_on = Some((id, Instant::now() + REOPEN_DELAY));
                     link = None;
-                    if policy.keep_running() {
-                        detached_since.get_or_insert_with(Instant::now);
-                    }
+                    detached_since.get_or_insert_with(Instant::now);
                 }
             },
             changed = conns.changed(), if conns_open => {
                 if changed.is_err() {
                     // The link is gone for good (the worker is stopping).
                     conns_open = false;
-                    if !policy.keep_running() {
+                    if !registry.is_kept(key) {
                         return StreamEnd::Disconnected;
                     }
                 }
