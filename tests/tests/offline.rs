@@ -91,8 +91,20 @@ fn events_in_slices(fleet: &TestFleet, id: &str, step: u64) -> Vec<Value> {
     let mut all = Vec::new();
     loop {
         let (from, to) = (all.len() as u64, all.len() as u64 + step);
-        let out = fleet.cli(&["events", id, "--json", "--from", &from.to_string(), "--to", &to.to_string()]);
-        assert!(out.status.success(), "events {from}..{to}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = fleet.cli(&[
+            "events",
+            id,
+            "--json",
+            "--from",
+            &from.to_string(),
+            "--to",
+            &to.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "events {from}..{to}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let before = all.len();
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             all.push(serde_json::from_str::<Value>(l).expect("each line is JSON"));
@@ -113,7 +125,11 @@ fn kinds(events: &[Value]) -> Vec<String> {
 /// What must hold of any session, whatever happened during it.
 fn check_session(events: &[Value]) {
     for (i, e) in events.iter().enumerate() {
-        assert_eq!(e["pos"].as_u64(), Some(i as u64), "positions contiguous from 0");
+        assert_eq!(
+            e["pos"].as_u64(),
+            Some(i as u64),
+            "positions contiguous from 0"
+        );
     }
     let mut next_seq: BTreeMap<u64, u64> = BTreeMap::new();
     let mut current_epoch = 0;
@@ -124,15 +140,29 @@ fn check_session(events: &[Value]) {
             current_epoch = epoch;
         }
         if let Some(seq) = e["seq"].as_u64() {
-            assert_eq!(epoch, current_epoch, "worker event of a superseded epoch stored: {e}");
+            assert_eq!(
+                epoch, current_epoch,
+                "worker event of a superseded epoch stored: {e}"
+            );
             let want = next_seq.entry(epoch).or_insert(0);
-            assert_eq!(seq, *want, "seq contiguous within epoch {epoch}, no duplicates");
+            assert_eq!(
+                seq, *want,
+                "seq contiguous within epoch {epoch}, no duplicates"
+            );
             *want += 1;
         }
     }
     let k = kinds(events);
-    assert_eq!(k.iter().filter(|k| *k == "completed").count(), 1, "one completion: {k:?}");
-    assert_eq!(k.last().map(String::as_str), Some("completed"), "completion is last");
+    assert_eq!(
+        k.iter().filter(|k| *k == "completed").count(),
+        1,
+        "one completion: {k:?}"
+    );
+    assert_eq!(
+        k.last().map(String::as_str),
+        Some("completed"),
+        "completion is last"
+    );
 }
 
 /// Everything the attempt printed on stdout, in session order.
@@ -177,7 +207,11 @@ fn process_with(marker: &str) -> bool {
         .flatten()
         .any(|p| {
             std::fs::read(p.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(marker))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(marker)
+                })
                 .unwrap_or(false)
         })
 }
@@ -199,7 +233,11 @@ fn check_counter_output(out: &str) -> u64 {
     let mut last = None;
     for l in out.lines() {
         if let Some(n) = l.strip_prefix("line ") {
-            assert_eq!(n.parse::<u64>().ok(), Some(want), "line {want} expected, got {l:?}");
+            assert_eq!(
+                n.parse::<u64>().ok(),
+                Some(want),
+                "line {want} expected, got {l:?}"
+            );
             want += 1;
         } else if let Some(n) = l.strip_prefix("final ") {
             last = n.parse::<u64>().ok();
@@ -217,7 +255,10 @@ fn keep_running_task_survives_a_stalled_worker_and_a_coordinator_crash() {
         return;
     }
     let mut fleet = TestFleet::started(1);
-    let spec = counter_spec(&fleet, "on_disconnect = \"keep_running\"\nlost_after = \"60s\"");
+    let spec = counter_spec(
+        &fleet,
+        "on_disconnect = \"keep_running\"\nlost_after = \"60s\"",
+    );
     let id = submit(&fleet, &spec);
     wait_state(&fleet, &id, TaskState::Running, DEADLINE);
     let ws = workspace(&fleet, "w1", &id, 1);
@@ -227,7 +268,11 @@ fn keep_running_task_survives_a_stalled_worker_and_a_coordinator_crash() {
     signal(fleet.worker_process("w1"), Signal::SIGSTOP);
     fleet.wait_worker_state("w1", WorkerState::Lost);
     let lost = task(&fleet, &id).expect("task show");
-    assert_eq!(lost.state, TaskState::Running, "kept while its worker is lost: {lost:?}");
+    assert_eq!(
+        lost.state,
+        TaskState::Running,
+        "kept while its worker is lost: {lost:?}"
+    );
     signal(fleet.worker_process("w1"), Signal::SIGCONT);
     fleet.wait_for(DEADLINE, "the attempt to be reattached", || {
         let evs = try_events(&fleet, &id)?;
@@ -241,19 +286,40 @@ fn keep_running_task_survives_a_stalled_worker_and_a_coordinator_crash() {
     // 2. The coordinator is killed; the task keeps running and spooling; it comes back.
     let before = count(&ws);
     fleet.stop_coordinator(Signal::SIGKILL);
-    wait_count(&fleet, &ws, before + 30, "the task to go on while the coordinator is down");
+    wait_count(
+        &fleet,
+        &ws,
+        before + 30,
+        "the task to go on while the coordinator is down",
+    );
     let down_until = count(&ws);
     fleet.start_coordinator_and_wait();
-    wait_count(&fleet, &ws, down_until + 10, "the task to go on after the restart");
+    wait_count(
+        &fleet,
+        &ws,
+        down_until + 10,
+        "the task to go on after the restart",
+    );
     std::fs::write(ws.join("stop"), b"").expect("write the stop file");
 
     let t = wait_state(&fleet, &id, TaskState::Succeeded, FINISH);
     assert_eq!((t.attempts, t.epoch), (1, 1), "never restarted: {t:?}");
     let all = events(&fleet, &id);
     check_session(&all);
-    let reattached = kinds(&all).iter().filter(|k| *k == "attempt_reattached").count();
-    assert!(reattached >= 2, "reattached after the stall and after the restart: {:?}", kinds(&all));
-    assert!(!kinds(&all).contains(&"attempt_ended".to_owned()), "{:?}", kinds(&all));
+    let reattached = kinds(&all)
+        .iter()
+        .filter(|k| *k == "attempt_reattached")
+        .count();
+    assert!(
+        reattached >= 2,
+        "reattached after the stall and after the restart: {:?}",
+        kinds(&all)
+    );
+    assert!(
+        !kinds(&all).contains(&"attempt_ended".to_owned()),
+        "{:?}",
+        kinds(&all)
+    );
     // Every line, the ones printed while the coordinator was down included, once and in order.
     let last = check_counter_output(&stdout_of(&all));
     assert!(last > down_until, "{last} > {down_until}");
@@ -262,7 +328,11 @@ fn keep_running_task_survives_a_stalled_worker_and_a_coordinator_crash() {
         .filter(|e| e["kind"] == "progress")
         .filter_map(|e| e["payload"]["n"].as_u64())
         .collect();
-    assert_eq!(progress, (1..=last).collect::<Vec<_>>(), "progress events once each, in order");
+    assert_eq!(
+        progress,
+        (1..=last).collect::<Vec<_>>(),
+        "progress events once each, in order"
+    );
 }
 
 #[test]
@@ -311,8 +381,14 @@ fn output_while_the_coordinator_is_down_is_spooled_bounded_and_all_delivered() {
         (b >= spool_max).then_some(b).ok_or(b)
     });
     // At the bound the task is held back, not allowed to run ahead: it cannot have finished.
-    assert!(full < spool_max + (64 << 10), "the spool stays at its bound: {full}");
-    assert!(!ws.join("produced").exists(), "the task was not slowed down");
+    assert!(
+        full < spool_max + (64 << 10),
+        "the spool stays at its bound: {full}"
+    );
+    assert!(
+        !ws.join("produced").exists(),
+        "the task was not slowed down"
+    );
     assert!(spool_bytes() < spool_max + (64 << 10));
     fleet.start_coordinator_and_wait();
     let t = wait_state(&fleet, &id, TaskState::Succeeded, Duration::from_secs(120));
@@ -322,7 +398,11 @@ fn output_while_the_coordinator_is_down_is_spooled_bounded_and_all_delivered() {
     let out = stdout_of(&all);
     let mut want = 1u64;
     for l in out.lines() {
-        assert_eq!(l.parse::<u64>().ok(), Some(want), "line {want} expected, got {l:?}");
+        assert_eq!(
+            l.parse::<u64>().ok(),
+            Some(want),
+            "line {want} expected, got {l:?}"
+        );
         want += 1;
     }
     assert_eq!(want - 1, lines, "every line delivered once");
@@ -352,19 +432,26 @@ fn worker_killed_under_keep_running_reschedules_and_finishes_once() {
     });
     fleet.wait_for(DEADLINE, "the first attempt's output to be stored", || {
         let evs = try_events(&fleet, &id)?;
-        (stdout_of(&evs) == "attempt 1\n").then_some(()).ok_or_else(|| stdout_of(&evs))
+        (stdout_of(&evs) == "attempt 1\n")
+            .then_some(())
+            .ok_or_else(|| stdout_of(&evs))
     });
     fleet.stop_worker("w1", Signal::SIGKILL);
     // The sandbox's init dies with the worker, and the whole tree with it: nothing to reattach.
-    fleet.wait_for(DEADLINE, "the task's processes to die with the worker", || {
-        (!process_with(marker)).then_some(()).ok_or("still running")
-    });
+    fleet.wait_for(
+        DEADLINE,
+        "the task's processes to die with the worker",
+        || (!process_with(marker)).then_some(()).ok_or("still running"),
+    );
     fleet.start_worker("w1");
     let t = wait_state(&fleet, &id, TaskState::Succeeded, FINISH);
     assert_eq!((t.attempts, t.epoch), (2, 2), "{t:?}");
     let all = events(&fleet, &id);
     check_session(&all);
-    let ended: Vec<&Value> = all.iter().filter(|e| e["kind"] == "attempt_ended").collect();
+    let ended: Vec<&Value> = all
+        .iter()
+        .filter(|e| e["kind"] == "attempt_ended")
+        .collect();
     assert_eq!(ended.len(), 1, "{:?}", kinds(&all));
     assert_eq!(ended[0]["payload"]["reason"], "worker_restarted");
     let out = stdout_of(&all);
@@ -397,14 +484,19 @@ fn worker_back_after_lost_after_has_its_stale_attempt_killed() {
     });
     fleet.wait_for(DEADLINE, "the first attempt's output to be stored", || {
         let evs = try_events(&fleet, &id)?;
-        (stdout_of(&evs) == "attempt 1\n").then_some(()).ok_or_else(|| stdout_of(&evs))
+        (stdout_of(&evs) == "attempt 1\n")
+            .then_some(())
+            .ok_or_else(|| stdout_of(&evs))
     });
     // Stalled past its lease and past lost_after: the task moves on without it.
     signal(fleet.worker_process(&victim), Signal::SIGSTOP);
     let t = wait_state(&fleet, &id, TaskState::Succeeded, FINISH);
     assert_eq!(t.attempts, 2, "{t:?}");
     assert_ne!(t.worker.as_deref(), Some(victim.as_str()));
-    assert!(process_with(marker), "the stalled worker's attempt is still there");
+    assert!(
+        process_with(marker),
+        "the stalled worker's attempt is still there"
+    );
     // Back: its attempt is stale, so it is killed (told at re-registration, or fenced on its
     // next event), and nothing of it is stored.
     signal(fleet.worker_process(&victim), Signal::SIGCONT);
@@ -413,7 +505,10 @@ fn worker_back_after_lost_after_has_its_stale_attempt_killed() {
     });
     let all = events(&fleet, &id);
     check_session(&all);
-    let ended: Vec<&Value> = all.iter().filter(|e| e["kind"] == "attempt_ended").collect();
+    let ended: Vec<&Value> = all
+        .iter()
+        .filter(|e| e["kind"] == "attempt_ended")
+        .collect();
     assert_eq!(ended.len(), 1, "{:?}", kinds(&all));
     assert_eq!(ended[0]["payload"]["reason"], "worker_lost");
     assert_eq!(stdout_of(&all), "attempt 1\nattempt 2\n");

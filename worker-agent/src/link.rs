@@ -384,7 +384,10 @@ impl Link {
         self.conns.send_replace(Some(conn.clone()));
         let running = self.registry.running();
         if !running.is_empty() {
-            tracing::info!(attempts = running.len(), "reporting attempts that kept running while disconnected");
+            tracing::info!(
+                attempts = running.len(),
+                "reporting attempts that kept running while disconnected"
+            );
         }
         wire::send(&mut send, &WorkerMessage::Attempts { running })
             .await

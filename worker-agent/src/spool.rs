@@ -490,13 +490,20 @@ impl Spool {
             }
             let (id, path, len) = (seg.id, seg.path.clone(), seg.len);
             let ev = self.read_at(id, &path, self.send.offset, len)?;
-            self.send.offset += (RECORD_HEADER + BODY_FIXED + ev.kind.len() + ev.payload.len()) as u64;
+            self.send.offset +=
+                (RECORD_HEADER + BODY_FIXED + ev.kind.len() + ev.payload.len()) as u64;
             self.send.seq = ev.seq + 1;
             return Ok(Some(ev));
         }
     }
 
-    fn read_at(&mut self, id: u64, path: &Path, offset: u64, len: u64) -> Result<AttemptEvent, SpoolError> {
+    fn read_at(
+        &mut self,
+        id: u64,
+        path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<AttemptEvent, SpoolError> {
         if self.reader.as_ref().is_none_or(|(rid, _)| *rid != id) {
             let f = File::open(path).map_err(io_err(path))?;
             self.reader = Some((id, f));
@@ -505,7 +512,8 @@ impl Spool {
             unreachable!("opened above")
         };
         let mut header = [0u8; RECORD_HEADER];
-        file.read_exact_at(&mut header, offset).map_err(io_err(path))?;
+        file.read_exact_at(&mut header, offset)
+            .map_err(io_err(path))?;
         let body_len = (u32::from_le_bytes(header[0..4].try_into().unwrap_or_default()) as usize)
             .min(MAX_RECORD_BODY)
             .min(len.saturating_sub(offset + RECORD_HEADER as u64) as usize);

@@ -88,14 +88,20 @@ fn oversized_and_malformed_bodies_are_typed_errors() {
     let mut rec = (body.len() as u32).to_le_bytes().to_vec();
     rec.extend_from_slice(&crc32(&body).to_le_bytes());
     rec.extend_from_slice(&body);
-    assert!(matches!(decode_record(&rec), Err(RecordError::Malformed(_))));
+    assert!(matches!(
+        decode_record(&rec),
+        Err(RecordError::Malformed(_))
+    ));
     // Non-UTF-8 payload.
     let mut body = vec![0u8; BODY_FIXED];
     body.push(0xff);
     let mut rec = (body.len() as u32).to_le_bytes().to_vec();
     rec.extend_from_slice(&crc32(&body).to_le_bytes());
     rec.extend_from_slice(&body);
-    assert!(matches!(decode_record(&rec), Err(RecordError::Malformed(_))));
+    assert!(matches!(
+        decode_record(&rec),
+        Err(RecordError::Malformed(_))
+    ));
 }
 
 #[test]
@@ -138,7 +144,9 @@ fn append_send_ack_and_resend_after_rewind() {
             expected: 10
         })
     ));
-    let sent: Vec<u64> = (0..6).map(|_| s.next_unsent().unwrap().unwrap().seq).collect();
+    let sent: Vec<u64> = (0..6)
+        .map(|_| s.next_unsent().unwrap().unwrap().seq)
+        .collect();
     assert_eq!(sent, [0, 1, 2, 3, 4, 5]);
     assert_eq!(s.in_flight(), 6);
     s.ack(3).unwrap();
@@ -168,7 +176,10 @@ fn acked_segments_are_trimmed_and_the_bound_holds() {
         seq += 1;
     }
     let full = s.bytes();
-    assert!(full >= MIN_SPOOL_BYTES && full < MIN_SPOOL_BYTES + 64 * 1024, "{full}");
+    assert!(
+        (MIN_SPOOL_BYTES..MIN_SPOOL_BYTES + 64 * 1024).contains(&full),
+        "{full}"
+    );
     let on_disk: u64 = std::fs::read_dir(&path)
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())

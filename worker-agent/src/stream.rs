@@ -303,8 +303,8 @@ async fn run(
         if link.is_none() {
             let current = conns.borrow().clone();
             if let Some(conn) = current {
-                let blocked =
-                    failed_on.is_some_and(|(id, until)| id == conn.stable_id() && Instant::now() < until);
+                let blocked = failed_on
+                    .is_some_and(|(id, until)| id == conn.stable_id() && Instant::now() < until);
                 if !blocked {
                     match open(&conn, key).await {
                         Some(a) => {
@@ -336,7 +336,10 @@ async fn run(
                     Ok(None) => break,
                     Err(e) => return StreamEnd::Spool(e),
                 };
-                if wire::send(&mut a.send, &AttemptUp::Event(ev)).await.is_err() {
+                if wire::send(&mut a.send, &AttemptUp::Event(ev))
+                    .await
+                    .is_err()
+                {
                     failed_on = Some((a.conn_id, Instant::now() + REOPEN_DELAY));
                     link = None;
                     break;
@@ -405,5 +408,76 @@ async fn run(
             },
             _ = sleep_until_opt(retry_at) => {},
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(on: OnDisconnect) -> Policy {
+        Policy {
+            on_disconnect: on,
+            lost_after: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn spec_choice_beats_the_worker_default() {
+        let mut spec: TaskSpec =
+            serde_json::from_str(r#"{"name":"t","command":["true"]}"#).expect("spec");
+        let p = Policy::resolve(&spec, OnDisconnect::KeepRunning, 5_000);
+        assert_eq!(
+            (p.keep_running(), p.lost_after),
+            (true, Duration::from_secs(5))
+        );
+        spec.on_disconnect = Some(OnDisconnect::Kill);
+        spec.lost_after_ms = Some(250);
+        let p = Policy::resolve(&spec, OnDisconnect::KeepRunning, 5_000);
+        assert_eq!(
+            (p.keep_running(), p.lost_after),
+            (false, Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn a_disconnect_drops_running_kill_attempts_only() {
+        let r = Registry::default();
+        let (kill, keep, done) = (
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 1),
+            ("c".to_owned(), 2),
+        );
+        let tokens: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
+        r.insert(kill.clone(), tokens[0].clone(), policy(OnDisconnect::Kill));
+        r.insert(
+            keep.clone(),
+            tokens[1].clone(),
+            policy(OnDisconnect::KeepRunning),
+        );
+        r.insert(done.clone(), tokens[2].clone(), policy(OnDisconnect::Kill));
+        assert!(r.mark_finished(&done));
+        assert_eq!(r.drop_killable(), 1);
+        assert!(tokens[0].is_cancelled() && !tokens[1].is_cancelled() && !tokens[2].is_cancelled());
+        assert_eq!(r.running(), [keep.clone(), done.clone()]);
+        assert!(!r.is_kept(&kill) && r.is_kept(&keep) && r.is_kept(&done));
+        assert!(!r.mark_finished(&kill), "a dropped attempt stays dropped");
+        assert!(r.cancel(&keep) && tokens[1].is_cancelled());
+        assert!(!r.cancel(&kill));
+    }
+
+    #[test]
+    fn giving_up_without_a_connection_removes_the_attempt_from_the_report() {
+        let r = Registry::default();
+        let key = ("a".to_owned(), 1);
+        r.insert(
+            key.clone(),
+            CancellationToken::new(),
+            policy(OnDisconnect::KeepRunning),
+        );
+        let (tx, rx) = watch::channel(None::<quinn::Connection>);
+        assert!(r.give_up_if_disconnected(&key, &rx));
+        assert!(r.is_empty(), "given up: not reported as running any more");
+        drop(tx);
     }
 }

@@ -27,10 +27,10 @@
 
 use super::placement::{pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
+use drover_protocol::task::OnDisconnect;
 use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
 use drover_protocol::{Assignment, AttemptEvent, Capacity};
 use serde_json::json;
-use drover_protocol::task::OnDisconnect;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// `lost_after` for a `keep_running` spec that does not set it, until the worker's `started`
@@ -375,7 +375,12 @@ impl Tasks {
     /// `worker` went away. Its `kill` attempts are over (retried under their policy); with
     /// [`WorkerGone::Lost`] its `keep_running` attempts are detached until it comes back or
     /// their `lost_after` passes.
-    pub fn handle_worker_gone(&mut self, now: u64, worker: &str, how: WorkerGone) -> Vec<TaskAction> {
+    pub fn handle_worker_gone(
+        &mut self,
+        now: u64,
+        worker: &str,
+        how: WorkerGone,
+    ) -> Vec<TaskAction> {
         let mut actions = Vec::new();
         for id in &self.order {
             let Some(t) = self.tasks.get_mut(id) else {
@@ -395,7 +400,12 @@ impl Tasks {
                 }
                 continue;
             }
-            actions.push(TaskAction::Append(end_attempt(t, now, worker, "worker_lost")));
+            actions.push(TaskAction::Append(end_attempt(
+                t,
+                now,
+                worker,
+                "worker_lost",
+            )));
             self.detached.remove(id);
         }
         actions
@@ -421,7 +431,12 @@ impl Tasks {
             if running.iter().any(|(tid, e)| tid == &t.id && *e == t.epoch) {
                 continue;
             }
-            actions.push(TaskAction::Append(end_attempt(t, now, worker, "worker_restarted")));
+            actions.push(TaskAction::Append(end_attempt(
+                t,
+                now,
+                worker,
+                "worker_restarted",
+            )));
             self.detached.remove(id);
         }
         for (task_id, epoch) in running {
@@ -440,7 +455,10 @@ impl Tasks {
                 });
                 continue;
             };
-            let detached_ms = t.detached_since.take().map(|since| now.saturating_sub(since));
+            let detached_ms = t
+                .detached_since
+                .take()
+                .map(|since| now.saturating_sub(since));
             self.detached.remove(task_id);
             t.reason = None;
             let payload = json!({ "epoch": t.epoch, "worker": worker, "detached_ms": detached_ms });
@@ -476,7 +494,10 @@ impl Tasks {
             if t.worker.as_deref() != Some(worker) || t.state != TaskState::Running {
                 continue;
             }
-            let detached_ms = t.detached_since.take().map(|since| now.saturating_sub(since));
+            let detached_ms = t
+                .detached_since
+                .take()
+                .map(|since| now.saturating_sub(since));
             self.detached.remove(&id);
             t.reason = None;
             let payload = json!({ "epoch": t.epoch, "worker": worker, "detached_ms": detached_ms });
@@ -515,7 +536,12 @@ impl Tasks {
             let worker = t.worker.clone().unwrap_or_default();
             t.detached_since = None;
             self.detached.remove(&id);
-            actions.push(TaskAction::Append(end_attempt(t, now, &worker, "worker_lost")));
+            actions.push(TaskAction::Append(end_attempt(
+                t,
+                now,
+                &worker,
+                "worker_lost",
+            )));
         }
         actions
     }

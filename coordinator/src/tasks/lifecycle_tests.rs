@@ -344,7 +344,9 @@ fn keep_running_attempt_survives_a_lost_worker_and_is_reattached() {
     accept(&mut tasks, &mut log, "w1", &id, 1, ev(1, "stdout", "{}"));
     let before = log.events.len();
     // Lost at t=100: nothing ends, nothing is written.
-    assert!(tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).is_empty());
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
     tasks.sanity_check();
     let info = tasks.info(&id).unwrap();
     assert_eq!(info.state, TaskState::Running);
@@ -359,16 +361,31 @@ fn keep_running_attempt_survives_a_lost_worker_and_is_reattached() {
     log.take(&a);
     tasks.sanity_check();
     assert_eq!(log.kinds(&id).last().unwrap(), "attempt_reattached");
-    assert!(log.events.last().unwrap().payload.contains("\"detached_ms\":4900"));
+    assert!(log
+        .events
+        .last()
+        .unwrap()
+        .payload
+        .contains("\"detached_ms\":4900"));
     assert!(!tasks.has_detached());
     // The worker resends what it had no ack for: duplicates are acked, new ones follow on.
     assert_eq!(
         tasks.handle_event(5_001, "w1", &id, 1, ev(1, "stdout", "{}")),
         EventVerdict::Duplicate { seq: 1 }
     );
-    accept(&mut tasks, &mut log, "w1", &id, 1, ev(2, "exited", r#"{"class":{"exited":0}}"#));
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &id,
+        1,
+        ev(2, "exited", r#"{"class":{"exited":0}}"#),
+    );
     let info = tasks.info(&id).unwrap();
-    assert_eq!((info.state, info.epoch, info.attempts), (TaskState::Succeeded, 1, 1));
+    assert_eq!(
+        (info.state, info.epoch, info.attempts),
+        (TaskState::Succeeded, 1, 1)
+    );
     // Long after, the old detachment does nothing.
     assert!(tasks.tick(1_000_000).is_empty());
     let seqs: Vec<u64> = log.events.iter().filter_map(|e| e.seq).collect();
@@ -382,9 +399,13 @@ fn keep_running_past_lost_after_is_rescheduled_and_the_stale_attempt_fenced() {
     let mut log = Log::default();
     let id = placed(&mut tasks, &mut log, keep_running_spec(Some(10_000)));
     accept(&mut tasks, &mut log, "w1", &id, 1, ev(0, "started", "{}"));
-    assert!(tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).is_empty());
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
     // A second loss report does not restart the clock.
-    assert!(tasks.handle_worker_gone(5_000, "w1", WorkerGone::Lost).is_empty());
+    assert!(tasks
+        .handle_worker_gone(5_000, "w1", WorkerGone::Lost)
+        .is_empty());
     let a = tasks.tick(10_100);
     log.take(&a);
     tasks.sanity_check();
@@ -436,10 +457,19 @@ fn the_workers_started_event_sets_the_policy_and_survives_a_restart() {
     // The spec does not choose; the worker's default is keep_running with 2 s.
     let id = placed(&mut tasks, &mut log, spec(3));
     let started = r#"{"attempt":1,"on_disconnect":"keep_running","lost_after_ms":2000}"#;
-    accept(&mut tasks, &mut log, "w1", &id, 1, ev(0, "started", started));
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &id,
+        1,
+        ev(0, "started", started),
+    );
     // The coordinator restarts: the policy comes back from the session.
     let mut tasks = Tasks::restore(log.stored());
-    assert!(tasks.handle_worker_gone(50, "w1", WorkerGone::Lost).is_empty());
+    assert!(tasks
+        .handle_worker_gone(50, "w1", WorkerGone::Lost)
+        .is_empty());
     assert!(tasks.tick(2_049).is_empty());
     log.take(&tasks.tick(2_050));
     assert_eq!(tasks.info(&id).unwrap().state, TaskState::Queued);
@@ -448,7 +478,14 @@ fn the_workers_started_event_sets_the_policy_and_survives_a_restart() {
     let mut log = Log::default();
     let id = placed(&mut tasks, &mut log, keep_running_spec(None));
     let started = r#"{"attempt":1,"on_disconnect":"kill","lost_after_ms":2000}"#;
-    accept(&mut tasks, &mut log, "w1", &id, 1, ev(0, "started", started));
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &id,
+        1,
+        ev(0, "started", started),
+    );
     log.take(&tasks.handle_worker_gone(50, "w1", WorkerGone::Lost));
     assert_eq!(tasks.info(&id).unwrap().state, TaskState::Queued);
 }
@@ -458,18 +495,29 @@ fn a_cancel_sent_while_detached_is_repeated_on_reattach() {
     let mut tasks = Tasks::default();
     let mut log = Log::default();
     let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
-    assert!(tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).is_empty());
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
     log.take(&tasks.cancel(200, &id).unwrap().1);
     let a = tasks.handle_worker_attempts(300, "w1", &[(id.clone(), 1)]);
     assert_eq!(cancels(&a), [("w1".to_owned(), id.clone(), 1)]);
     log.take(&a);
-    accept(&mut tasks, &mut log, "w1", &id, 1, ev(0, "exited", r#"{"class":"cancelled"}"#));
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &id,
+        1,
+        ev(0, "exited", r#"{"class":"cancelled"}"#),
+    );
     assert_eq!(tasks.info(&id).unwrap().state, TaskState::Cancelled);
     // Cancelled while detached and never back: cancelled at lost_after, not retried.
     let mut tasks = Tasks::default();
     let mut log = Log::default();
     let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
-    assert!(tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).is_empty());
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
     log.take(&tasks.cancel(200, &id).unwrap().1);
     log.take(&tasks.tick(60_100));
     assert_eq!(tasks.info(&id).unwrap().state, TaskState::Cancelled);
@@ -481,11 +529,16 @@ fn a_worker_back_without_its_attempt_ends_it_even_if_detached() {
     let mut tasks = Tasks::default();
     let mut log = Log::default();
     let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
-    assert!(tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).is_empty());
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
     // Restarted (SIGKILL): its sandboxes died with it, so it reports nothing.
     log.take(&tasks.handle_worker_attempts(200, "w1", &[]));
     assert_eq!(tasks.info(&id).unwrap().state, TaskState::Queued);
-    assert!(log.events.iter().any(|e| e.payload.contains("worker_restarted")));
+    assert!(log
+        .events
+        .iter()
+        .any(|e| e.payload.contains("worker_restarted")));
     assert!(!tasks.has_detached());
     tasks.sanity_check();
     assert_replays_to_same(&tasks, &log);
@@ -497,7 +550,10 @@ fn a_stalled_worker_that_heartbeats_again_gets_its_attempts_back() {
     let mut log = Log::default();
     let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
     let kill = placed(&mut tasks, &mut log, spec(3));
-    assert_eq!(tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).len(), 1);
+    assert_eq!(
+        tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).len(),
+        1
+    );
     let a = tasks.handle_worker_revived(900, "w1");
     log.take(&a);
     assert_eq!(log.kinds(&id).last().unwrap(), "attempt_reattached");
