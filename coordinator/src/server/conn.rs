@@ -417,8 +417,6 @@ async fn attempt_stream(
     loop {
         let event = match recv.next::<AttemptUp>().await {
             Ok(Some(AttemptUp::Event(e))) => e,
-            // The connection went away (the worker reconnects and resends what it spooled).
-            Err(e) if !e.is_protocol_violation() => return,
             Ok(Some(AttemptUp::Open { .. })) | Err(_) => {
                 tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
                 conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
