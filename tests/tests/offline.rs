@@ -514,3 +514,36 @@ fn worker_back_after_lost_after_has_its_stale_attempt_killed() {
     assert_eq!(stdout_of(&all), "attempt 1\nattempt 2\n");
     fleet.wait_worker_state(&victim, WorkerState::Ready);
 }
+
+#[test]
+fn an_attempt_that_cannot_spool_is_retried_at_once() {
+    if !root_or_skip("an_attempt_that_cannot_spool_is_retried_at_once") {
+        return;
+    }
+    let fleet = TestFleet::started(1);
+    // A plain file where the first attempt's spool directory must go (the first task is t1).
+    let spool_root = fleet.dir().join("work/w1/spool");
+    std::fs::create_dir_all(&spool_root).expect("create the spool root");
+    std::fs::write(spool_root.join("t1-1"), b"in the way").expect("block the spool");
+    let spec = write_spec(
+        &fleet,
+        "blocked",
+        "name = \"blocked\"\ncommand = [\"echo\", \"ran\"]\n[retry]\nbackoff = \"100ms\"\n",
+    );
+    let id = submit(&fleet, &spec);
+    assert_eq!(id, "t1");
+    let t = wait_state(&fleet, &id, TaskState::Succeeded, DEADLINE);
+    assert_eq!((t.attempts, t.epoch), (2, 2), "{t:?}");
+    let all = events(&fleet, &id);
+    check_session(&all);
+    let ended: Vec<&Value> = all
+        .iter()
+        .filter(|e| e["kind"] == "attempt_ended")
+        .collect();
+    assert_eq!(ended.len(), 1, "{:?}", kinds(&all));
+    assert_eq!(ended[0]["payload"]["reason"], "attempt_lost_on_worker");
+    assert_eq!(stdout_of(&all), "ran\n", "the first attempt never ran");
+    assert!(fleet
+        .worker_log("w1")
+        .contains("cannot create the attempt's spool"));
+}

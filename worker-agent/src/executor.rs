@@ -13,7 +13,7 @@
 
 use crate::sandbox::{AttemptSpec, Sandbox};
 use crate::spool::Spool;
-use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry};
+use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry, StreamEnd};
 use drover_protocol::task::{ExitClass, Limits, OnDisconnect};
 use drover_protocol::Assignment;
 use serde_json::json;
@@ -97,10 +97,10 @@ pub async fn run_attempt(
     let spool = match Spool::create(&dir, ctx.spool_max_bytes) {
         Ok(s) => s,
         Err(e) => {
-            // Without a spool nothing can be kept for the coordinator; the attempt is not
-            // started and is not reported as running, so it is rescheduled after reconnect.
+            // Without a spool nothing can be kept for the coordinator: the attempt is not
+            // started, and a fresh report without it makes the coordinator retry it.
             tracing::error!(task = %key.0, epoch = key.1, error = %e, "cannot create the attempt's spool; not running it");
-            registry.remove(&key);
+            registry.abandon(&key);
             return;
         }
     };
@@ -115,7 +115,12 @@ pub async fn run_attempt(
         end
     };
     let ((), end) = tokio::join!(process, stream);
-    registry.remove(&key);
+    if matches!(end, StreamEnd::Spool(_)) {
+        // Its remaining events are lost with the spool: have the coordinator retry it.
+        registry.abandon(&key);
+    } else {
+        registry.remove(&key);
+    }
     if end.is_done() {
         tracing::info!(task = %key.0, epoch = key.1, "attempt done, every event acknowledged");
     } else {

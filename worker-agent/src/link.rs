@@ -410,6 +410,13 @@ impl Link {
                     wire::send(&mut send, &hb).await.map_err(|e| lost(&e))?;
                 }
                 Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                _ = self.registry.report_needed() => {
+                    let running = self.registry.running();
+                    tracing::warn!(attempts = running.len(), "an attempt lost its spool; reporting what still runs so the coordinator retries it");
+                    wire::send(&mut send, &WorkerMessage::Attempts { running })
+                        .await
+                        .map_err(|e| lost(&e))?;
+                }
                 msg = recv.next::<CoordinatorMessage>() => match msg {
                     Ok(Some(CoordinatorMessage::HeartbeatAck { .. })) => last_ack = Instant::now(),
                     Ok(Some(CoordinatorMessage::Assign(a))) => {

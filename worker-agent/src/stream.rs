@@ -82,12 +82,21 @@ impl Entry {
 
 /// The attempts this worker runs, shared by the link and the attempts themselves.
 #[derive(Debug, Clone, Default)]
-pub struct Registry(Arc<Mutex<HashMap<AttemptKey, Entry>>>);
+pub struct Registry(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    map: Mutex<HashMap<AttemptKey, Entry>>,
+    /// Set when an attempt ended without delivering its events (its spool failed): the link
+    /// sends a fresh `Attempts` report so the coordinator retries it now, not at the next
+    /// reconnect.
+    report: tokio::sync::Notify,
+}
 
 impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptKey, Entry>> {
         // A panic while holding this lock leaves a plain map behind: still usable.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn insert(&self, key: AttemptKey, cancel: CancellationToken, policy: Policy) {
@@ -153,6 +162,18 @@ impl Registry {
 
     pub fn remove(&self, key: &AttemptKey) {
         self.lock().remove(key);
+    }
+
+    /// Forget an attempt that ended without delivering its events, and ask the link to tell
+    /// the coordinator what still runs.
+    pub fn abandon(&self, key: &AttemptKey) {
+        self.remove(key);
+        self.0.report.notify_one();
+    }
+
+    /// Resolves when an attempt was abandoned since the last report.
+    pub async fn report_needed(&self) {
+        self.0.report.notified().await
     }
 
     pub fn len(&self) -> usize {

@@ -97,6 +97,8 @@ struct WorkerLink {
     conn_id: ConnId,
     conn: quinn::Connection,
     outbound: mpsc::Sender<Outbound>,
+    /// Whether this connection has reported its attempts yet (the first report reattaches).
+    reported: bool,
 }
 
 #[derive(Debug)]
@@ -166,6 +168,7 @@ impl Core {
                     conn_id: reg.conn,
                     conn,
                     outbound,
+                    reported: false,
                 };
                 let old = self.links.insert(reg.name.clone(), link);
                 let actions = self.fleet.handle_register(now, reg);
@@ -189,8 +192,11 @@ impl Core {
                 name,
                 running,
             } => {
-                if self.links.get(&name).is_some_and(|l| l.conn_id == conn) {
-                    let actions = self.tasks.handle_worker_attempts(now, &name, &running);
+                if let Some(link) = self.links.get_mut(&name).filter(|l| l.conn_id == conn) {
+                    let first = !std::mem::replace(&mut link.reported, true);
+                    let actions = self
+                        .tasks
+                        .handle_worker_attempts(now, &name, &running, first);
                     self.apply_tasks(actions);
                     self.schedule(now);
                 }

@@ -411,14 +411,17 @@ impl Tasks {
         actions
     }
 
-    /// `worker` registered again and runs `running`: current attempts are reattached (same
-    /// epoch; their spooled events follow on their streams), attempts it had that it does not
-    /// list are over, and listed attempts that are no longer current are to be killed.
+    /// `worker` runs `running`: attempts it had that it does not list are over, and listed
+    /// attempts that are no longer current are to be killed. On the first report of a
+    /// connection (`registration`) the current ones are reattached (same epoch; their spooled
+    /// events follow on their streams); a later report (an attempt lost its spool) only ends
+    /// what is missing.
     pub fn handle_worker_attempts(
         &mut self,
         now: u64,
         worker: &str,
         running: &[(String, u64)],
+        registration: bool,
     ) -> Vec<TaskAction> {
         let mut actions = Vec::new();
         for id in &self.order {
@@ -431,12 +434,14 @@ impl Tasks {
             if running.iter().any(|(tid, e)| tid == &t.id && *e == t.epoch) {
                 continue;
             }
-            actions.push(TaskAction::Append(end_attempt(
-                t,
-                now,
-                worker,
-                "worker_restarted",
-            )));
+            // At registration: it restarted or dropped the attempt with the old connection.
+            // Later: the attempt ended on the worker without delivering its events.
+            let why = if registration {
+                "worker_restarted"
+            } else {
+                "attempt_lost_on_worker"
+            };
+            actions.push(TaskAction::Append(end_attempt(t, now, worker, why)));
             self.detached.remove(id);
         }
         for (task_id, epoch) in running {
@@ -455,6 +460,9 @@ impl Tasks {
                 });
                 continue;
             };
+            if !registration && t.detached_since.is_none() {
+                continue;
+            }
             let detached_ms = t
                 .detached_since
                 .take()

@@ -254,7 +254,7 @@ fn lost_worker_reschedules_elsewhere() {
     assert!(matches!(&a[1], TaskAction::Assign { worker, .. } if worker == "w2"));
     // A worker that comes back still running its attempt keeps it (reattached).
     log.take(&a);
-    let a = tasks.handle_worker_attempts(1001, "w2", &[(id.clone(), 2)]);
+    let a = tasks.handle_worker_attempts(1001, "w2", &[(id.clone(), 2)], true);
     log.take(&a);
     assert_eq!(log.kinds(&id).last().unwrap(), "attempt_reattached");
     assert_eq!(tasks.info(&id).unwrap().state, TaskState::Running);
@@ -356,7 +356,7 @@ fn keep_running_attempt_survives_a_lost_worker_and_is_reattached() {
     assert!(!tasks.has_placeable(10_099));
     assert_eq!(log.events.len(), before);
     // Back at t=5000 with the attempt: reattached, same epoch.
-    let a = tasks.handle_worker_attempts(5_000, "w1", &[(id.clone(), 1)]);
+    let a = tasks.handle_worker_attempts(5_000, "w1", &[(id.clone(), 1)], true);
     assert!(cancels(&a).is_empty());
     log.take(&a);
     tasks.sanity_check();
@@ -420,7 +420,7 @@ fn keep_running_past_lost_after_is_rescheduled_and_the_stale_attempt_fenced() {
     assert_eq!(tasks.info(&id).unwrap().epoch, 2);
     // w1 comes back still running epoch 1: told to kill it; nothing stored for it.
     let before = log.events.len();
-    let a = tasks.handle_worker_attempts(20_001, "w1", &[(id.clone(), 1)]);
+    let a = tasks.handle_worker_attempts(20_001, "w1", &[(id.clone(), 1)], true);
     assert_eq!(cancels(&a), [("w1".to_owned(), id.clone(), 1)]);
     log.take(&a);
     assert_eq!(log.events.len(), before);
@@ -499,7 +499,7 @@ fn a_cancel_sent_while_detached_is_repeated_on_reattach() {
         .handle_worker_gone(100, "w1", WorkerGone::Lost)
         .is_empty());
     log.take(&tasks.cancel(200, &id).unwrap().1);
-    let a = tasks.handle_worker_attempts(300, "w1", &[(id.clone(), 1)]);
+    let a = tasks.handle_worker_attempts(300, "w1", &[(id.clone(), 1)], true);
     assert_eq!(cancels(&a), [("w1".to_owned(), id.clone(), 1)]);
     log.take(&a);
     accept(
@@ -533,7 +533,7 @@ fn a_worker_back_without_its_attempt_ends_it_even_if_detached() {
         .handle_worker_gone(100, "w1", WorkerGone::Lost)
         .is_empty());
     // Restarted (SIGKILL): its sandboxes died with it, so it reports nothing.
-    log.take(&tasks.handle_worker_attempts(200, "w1", &[]));
+    log.take(&tasks.handle_worker_attempts(200, "w1", &[], true));
     assert_eq!(tasks.info(&id).unwrap().state, TaskState::Queued);
     assert!(log
         .events
@@ -562,5 +562,26 @@ fn a_stalled_worker_that_heartbeats_again_gets_its_attempts_back() {
     // The kill attempt ended when the worker was lost and stays ended.
     assert_eq!(tasks.info(&kill).unwrap().state, TaskState::Queued);
     assert!(tasks.handle_worker_revived(901, "w1").is_empty());
+    tasks.sanity_check();
+}
+
+#[test]
+fn a_later_report_ends_what_is_missing_without_reattaching() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let a = placed(&mut tasks, &mut log, keep_running_spec(None));
+    let b = placed(&mut tasks, &mut log, spec(3));
+    let before = log.events.len();
+    // Mid-session: b lost its spool, a runs on.
+    let actions = tasks.handle_worker_attempts(50, "w1", &[(a.clone(), 1)], false);
+    log.take(&actions);
+    assert_eq!(tasks.info(&a).unwrap().state, TaskState::Running);
+    assert_eq!(tasks.info(&b).unwrap().state, TaskState::Queued);
+    assert!(!log.kinds(&a)[..].contains(&"attempt_reattached".to_owned()));
+    assert_eq!(
+        log.events.len(),
+        before + 2,
+        "b's attempt_ended and retry_scheduled only"
+    );
     tasks.sanity_check();
 }
