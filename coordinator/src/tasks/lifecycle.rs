@@ -312,8 +312,13 @@ impl Tasks {
                 reason: format!("no task {task_id}"),
             };
         };
-        if epoch != t.epoch || t.worker.as_deref() != Some(worker) || t.state != TaskState::Running
-        {
+        let same_attempt = epoch == t.epoch && t.worker.as_deref() == Some(worker);
+        if same_attempt && ev.seq < t.next_seq {
+            // Stored already, maybe just before the task ended (a resend after a reconnect
+            // whose ack was lost): acknowledge again.
+            return EventVerdict::Duplicate { seq: ev.seq };
+        }
+        if !same_attempt || t.state != TaskState::Running {
             return EventVerdict::Fenced {
                 reason: format!(
                     "attempt {task_id}/{epoch} on {worker} is not current (current epoch {} on {}, {})",

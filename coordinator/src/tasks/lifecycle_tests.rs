@@ -386,6 +386,21 @@ fn keep_running_attempt_survives_a_lost_worker_and_is_reattached() {
         (info.state, info.epoch, info.attempts),
         (TaskState::Succeeded, 1, 1)
     );
+    // The final events resent after a lost ack are acknowledged, not refused.
+    assert_eq!(
+        tasks.handle_event(
+            5_002,
+            "w1",
+            &id,
+            1,
+            ev(2, "exited", r#"{"class":{"exited":0}}"#)
+        ),
+        EventVerdict::Duplicate { seq: 2 }
+    );
+    assert!(matches!(
+        tasks.handle_event(5_002, "w1", &id, 1, ev(3, "stdout", "{}")),
+        EventVerdict::Fenced { .. }
+    ));
     // Long after, the old detachment does nothing.
     assert!(tasks.tick(1_000_000).is_empty());
     let seqs: Vec<u64> = log.events.iter().filter_map(|e| e.seq).collect();
