@@ -9,6 +9,9 @@
 //! - A worker SIGKILLed while its keep_running task runs: the task's processes die with it, the
 //!   restarted worker discards the dead attempt's spool, and the task is rescheduled and
 //!   finishes once.
+//! - A worker that comes back after `lost_after` has its stale attempt killed (fencing), and
+//!   nothing of it is stored; one that stays disconnected stops the attempt itself.
+//! - An attempt whose spool cannot be created is reported at once and retried.
 //!
 //! The session checker is the one of tests/tasks.rs: positions contiguous from 0, worker seqs
 //! contiguous within each epoch, no event of a superseded epoch, exactly one `completed`, last.
@@ -546,4 +549,48 @@ fn an_attempt_that_cannot_spool_is_retried_at_once() {
     assert!(fleet
         .worker_log("w1")
         .contains("cannot create the attempt's spool"));
+}
+
+#[test]
+fn worker_stops_a_keep_running_attempt_disconnected_past_lost_after() {
+    if !root_or_skip("worker_stops_a_keep_running_attempt_disconnected_past_lost_after") {
+        return;
+    }
+    let mut fleet = TestFleet::started(1);
+    let marker = "917265";
+    let spec = write_spec(
+        &fleet,
+        "orphan",
+        &format!(
+            "name = \"orphan\"\non_disconnect = \"keep_running\"\nlost_after = \"1s\"\ncommand = [\"sh\", \"-c\", \"echo attempt $DROVER_ATTEMPT; if [ $DROVER_ATTEMPT -ge 2 ]; then exit 0; fi; sleep {marker}\"]\n[retry]\nbackoff = \"100ms\"\n"
+        ),
+    );
+    let id = submit(&fleet, &spec);
+    wait_state(&fleet, &id, TaskState::Running, DEADLINE);
+    fleet.wait_for(DEADLINE, "the task's process to start", || {
+        process_with(marker).then_some(()).ok_or("not yet")
+    });
+    // The coordinator goes away and stays away: past lost_after the worker stops the attempt
+    // itself, since it could not be reattached any more.
+    fleet.stop_coordinator(Signal::SIGKILL);
+    fleet.wait_for(FINISH, "the worker to stop the orphaned attempt", || {
+        (!process_with(marker)).then_some(()).ok_or("still running")
+    });
+    assert!(
+        fleet
+            .worker_log("w1")
+            .contains("disconnected for longer than lost_after"),
+        "the worker says why it stopped the attempt"
+    );
+    // Back: the attempt is not reported, so it is retried, and finishes once.
+    fleet.start_coordinator_and_wait();
+    let t = wait_state(&fleet, &id, TaskState::Succeeded, FINISH);
+    assert_eq!((t.attempts, t.epoch), (2, 2), "{t:?}");
+    let all = events(&fleet, &id);
+    check_session(&all);
+    assert!(
+        stdout_of(&all).ends_with("attempt 2\n"),
+        "{}",
+        stdout_of(&all)
+    );
 }
