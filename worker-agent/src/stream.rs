@@ -40,6 +40,14 @@ const REOPEN_DELAY: Duration = Duration::from_millis(500);
 /// The connection attempts stream on; `None` while the worker is not registered.
 pub type ConnWatch = watch::Receiver<Option<quinn::Connection>>;
 
+/// The current connection, waiting while the worker is between sessions — for work an attempt
+/// does on streams of its own besides its events (e.g. fetching inputs, shipping outputs).
+/// `None` once the link is gone for good (the worker is stopping).
+pub async fn wait_connection(conns: &mut ConnWatch) -> Option<quinn::Connection> {
+    let conn = conns.wait_for(Option::is_some).await.ok()?;
+    conn.clone()
+}
+
 /// An attempt: (task id, epoch).
 pub type AttemptKey = (String, u64);
 
@@ -500,5 +508,13 @@ mod tests {
         assert!(r.give_up_if_disconnected(&key, &rx));
         assert!(r.is_empty(), "given up: not reported as running any more");
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_connection_ends_when_the_link_is_gone() {
+        let (tx, mut rx) = watch::channel(None::<quinn::Connection>);
+        let wait = tokio::spawn(async move { wait_connection(&mut rx).await });
+        drop(tx);
+        assert!(wait.await.expect("join").is_none());
     }
 }
