@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Every protocol version this build can speak. v1 (the fleet link without tasks) was never
-/// released; v3 added the OOM policy to the task spec's retry policy, which a v2 peer cannot
+/// released; v3 added the OOM policy and `on_disconnect`/`lost_after_ms` to the task spec,
+/// which v2 peers cannot
 /// decode, so v3 is the floor.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
     min: 3,

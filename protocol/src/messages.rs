@@ -96,8 +96,10 @@ pub enum WorkerMessage {
     Heartbeat { seq: u64, usage: Usage },
     /// The worker is stopping on purpose: mark it `down`, not `lost`.
     Goodbye { reason: String },
-    /// Sent right after registration: the attempts (task id, epoch) this worker is running.
-    /// Attempts the coordinator had assigned to it that are not listed are over.
+    /// Sent right after registration: the attempts (task id, epoch) this worker is running
+    /// (those kept through a disconnect are reattached); again later whenever an attempt ended
+    /// without delivering its events. Attempts the coordinator had assigned to it that are not
+    /// listed are over; listed ones that are not current are to be killed.
     Attempts { running: Vec<(String, u64)> },
 }
 

@@ -166,6 +166,36 @@ pub struct TaskSpec {
     /// Higher runs first. Default 0.
     #[serde(default)]
     pub priority: i32,
+    /// What the worker does with the attempt when its link to the coordinator drops;
+    /// `None`: the worker's configured default (itself `kill` unless configured).
+    #[serde(default)]
+    pub on_disconnect: Option<OnDisconnect>,
+    /// With `keep_running`: how long, ms, an attempt may stay disconnected before it is given
+    /// up (the worker stops it, the coordinator reschedules it); `None`: the worker's default.
+    #[serde(default)]
+    pub lost_after_ms: Option<u64>,
+}
+
+/// What happens to a running attempt when its worker loses the coordinator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    /// The attempt dies with the connection; the coordinator reschedules it when the worker
+    /// comes back without it or its lease runs out.
+    #[default]
+    Kill,
+    /// The attempt keeps running and spooling its events on the worker; on reconnect it is
+    /// reattached (not restarted) and its events are replayed, unless `lost_after` passed.
+    KeepRunning,
+}
+
+impl OnDisconnect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDisconnect::Kill => "kill",
+            OnDisconnect::KeepRunning => "keep_running",
+        }
+    }
 }
 
 /// How an attempt's process tree ended.

@@ -1,12 +1,16 @@
 //! The worker's typed configuration (`/etc/drover/worker.toml`): defaults < file < flags.
 //! Unknown keys are errors that name the file and key.
 
+use drover_protocol::task::OnDisconnect;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the worker looks for its config when none is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/drover/worker.toml";
+
+/// How long a `keep_running` attempt may stay disconnected by default, ms (5 minutes).
+pub const DEFAULT_LOST_AFTER_MS: u64 = 300_000;
 
 /// Worker configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +32,18 @@ pub struct WorkerConfig {
     pub reconnect_initial_ms: u64,
     /// Longest reconnect delay in milliseconds (the backoff doubles up to this). Default 10000.
     pub reconnect_max_ms: u64,
+    /// Most bytes of events one attempt may hold on disk unacknowledged (its spool, under
+    /// `work_dir/spool`). When full, the attempt's output is read no further, so the task
+    /// blocks on its own writes until the coordinator catches up; nothing is dropped.
+    /// Default 64 MiB; at least 4 MiB.
+    pub spool_max_bytes: u64,
+    /// What happens to running attempts when the link to the coordinator drops, for tasks
+    /// whose spec does not say: `kill` (default) or `keep_running`.
+    pub on_disconnect: OnDisconnect,
+    /// With `keep_running`: how long, in milliseconds, an attempt may stay disconnected before
+    /// the worker stops it (the coordinator reschedules it then), for tasks whose spec does not
+    /// say. Default 300000 (5 minutes).
+    pub lost_after_ms: u64,
     pub tls: TlsPaths,
     /// The file this config was loaded from (not a key): hidden from sandboxed tasks with the
     /// other private paths.
@@ -68,6 +84,9 @@ impl Default for WorkerConfig {
             heartbeat_interval_ms: None,
             reconnect_initial_ms: 200,
             reconnect_max_ms: 10_000,
+            spool_max_bytes: crate::spool::DEFAULT_SPOOL_BYTES,
+            on_disconnect: OnDisconnect::Kill,
+            lost_after_ms: DEFAULT_LOST_AFTER_MS,
             tls: TlsPaths::default(),
             file: None,
         }
@@ -138,6 +157,22 @@ impl WorkerConfig {
                     "must be at least reconnect_initial_ms ({}), which must be above 0",
                     cfg.reconnect_initial_ms
                 ),
+            ));
+        }
+        if cfg.spool_max_bytes < crate::spool::MIN_SPOOL_BYTES {
+            return Err(invalid(
+                "spool_max_bytes",
+                format!(
+                    "{} is below the minimum of {} (4 MiB)",
+                    cfg.spool_max_bytes,
+                    crate::spool::MIN_SPOOL_BYTES
+                ),
+            ));
+        }
+        if cfg.lost_after_ms == 0 {
+            return Err(invalid(
+                "lost_after_ms",
+                "must be more than 0, e.g. 300000 for 5 minutes".into(),
             ));
         }
         if let Some(bad) = cfg
@@ -229,6 +264,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`labels`"));
+        assert!(load("spool_max_bytes = 1000\n")
+            .unwrap_err()
+            .to_string()
+            .contains("`spool_max_bytes`"));
+        assert!(load("lost_after_ms = 0\n")
+            .unwrap_err()
+            .to_string()
+            .contains("`lost_after_ms`"));
+        let c = load("on_disconnect = \"keep_running\"\nlost_after_ms = 60000\n").unwrap();
+        assert_eq!(c.on_disconnect, OnDisconnect::KeepRunning);
+        assert_eq!(c.spool_max_bytes, 64 << 20);
+        assert!(load("on_disconnect = \"pause\"\n").is_err());
         assert!(load("reconnect_initial_ms = 500\nreconnect_max_ms = 100\n")
             .unwrap_err()
             .to_string()

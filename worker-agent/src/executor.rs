@@ -1,41 +1,38 @@
 //! Runs assigned attempts: a workspace per attempt, the process in the [`Sandbox`], and every
-//! event — lifecycle, stdout/stderr chunks, the task's own JSON lines — streamed in `seq`
-//! order on the attempt's own QUIC stream.
+//! event — lifecycle, stdout/stderr chunks, the task's own JSON lines — handed in order to
+//! the attempt's streamer ([`crate::stream`]), which spools it on disk and sends it on the
+//! attempt's own QUIC stream.
 //!
-//! Backpressure, not loss: pipe readers feed a bounded channel, the streamer holds at most
-//! [`MAX_UNACKED`] events the coordinator has not acknowledged, and QUIC flow control does the
-//! rest. A task that floods output blocks on its own write; nothing is dropped and memory stays
-//! bounded on both sides.
+//! Backpressure, not loss: pipe readers feed a bounded channel, and the streamer stops reading
+//! it while the attempt's spool is at its bound; a task that floods output blocks on its own
+//! write. Nothing is dropped and memory stays bounded on both sides.
 //!
 //! Inputs and outputs (see [`crate::workspace`]): inputs are unpacked into the workspace
 //! before the process starts; outputs are stored after it ends and before `exited` is sent,
 //! so a task seen `completed` already has its outputs stored.
 //!
-//! An attempt lives as long as the connection that started it: when the link drops, the
-//! attempt task is aborted and its process tree killed (the sandbox guarantees it); the
-//! coordinator learns this at re-registration (`WorkerMessage::Attempts`) and reschedules.
-//! Keeping attempts running across reconnects, with an on-disk spool, is issue 5's
-//! `on_disconnect = "keep_running"`.
+//! An attempt's lifetime follows its `on_disconnect` policy ([`Policy`]): with `kill` it dies
+//! with the connection that started it; with `keep_running` it outlives connections and is
+//! reattached on the next one, until `lost_after` without a connection.
 
 use crate::sandbox::{AttemptSpec, Sandbox};
-use crate::wire::{self, FramedRecv};
+use crate::spool::Spool;
+use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry, StreamEnd};
 use crate::workspace;
-use drover_protocol::task::{ExitClass, Limits};
-use drover_protocol::{Assignment, AttemptDown, AttemptEvent, AttemptUp};
+use drover_protocol::task::{ExitClass, Limits, OnDisconnect};
+use drover_protocol::Assignment;
 use serde_json::json;
-use std::collections::VecDeque;
-use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::stream::MAX_UNACKED;
 
 /// Largest stdout/stderr chunk per event.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 /// Longest JSON line a task may write to `DROVER_EVENTS_FD` (a checkpoint payload included).
 pub const MAX_EVENT_LINE: usize = 256 * 1024;
-/// Events sent but not yet acknowledged before the streamer waits for acks.
-pub const MAX_UNACKED: usize = 256;
 /// Event types a task may write to `DROVER_EVENTS_FD`.
 pub const TASK_EVENT_TYPES: [&str; 5] = [
     "tool_called",
@@ -55,110 +52,110 @@ pub struct ExecContext {
     /// `None` when no cgroup hierarchy is usable; attempts then fail with the reason.
     pub sandbox: Result<Sandbox, String>,
     pub work_dir: PathBuf,
+    /// Bound on each attempt's spool, bytes.
+    pub spool_max_bytes: u64,
+    /// Defaults for specs that do not choose.
+    pub on_disconnect: OnDisconnect,
+    pub lost_after_ms: u64,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+impl ExecContext {
+    /// The attempt's disconnect policy: its spec's, else this worker's defaults.
+    pub fn policy(&self, a: &Assignment) -> Policy {
+        Policy::resolve(&a.spec, self.on_disconnect, self.lost_after_ms)
+    }
+}
+
+/// Where attempts keep their spools.
+pub fn spool_root(work_dir: &Path) -> PathBuf {
+    work_dir.join("spool")
+}
+
+/// Remove spools left by an earlier run of the worker: their attempts died with it (the
+/// sandbox's init goes with its parent), so the coordinator reschedules them. Returns how
+/// many were removed.
+pub fn discard_stale_spools(work_dir: &Path) -> std::io::Result<usize> {
+    let root = spool_root(work_dir);
+    let entries = match std::fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut n = 0;
+    for entry in entries {
+        std::fs::remove_dir_all(entry?.path())?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 type Emit = mpsc::Sender<(String, String)>;
 
-/// Run one attempt to its end on `conn`. Returns when every event is acknowledged, the
-/// attempt is fenced, or the connection is gone.
+/// Run one attempt to its end: every event acknowledged, the attempt fenced, or given up
+/// under its [`Policy`]. Removes itself from `registry` when it returns.
 pub async fn run_attempt(
     ctx: ExecContext,
-    conn: quinn::Connection,
+    conns: ConnWatch,
+    registry: Registry,
     a: Assignment,
     cancel: CancellationToken,
 ) {
-    let (task_id, epoch) = (a.task_id.clone(), a.epoch);
-    let (mut send, recv) = match conn.open_bi().await {
+    let key: AttemptKey = (a.task_id.clone(), a.epoch);
+    let policy = ctx.policy(&a);
+    let dir = spool_root(&ctx.work_dir).join(format!("{}-{}", a.task_id, a.epoch));
+    let spool = match Spool::create(&dir, ctx.spool_max_bytes) {
         Ok(s) => s,
         Err(e) => {
-            return tracing::warn!(task = %task_id, epoch, error = %e, "cannot open attempt stream")
+            // Without a spool nothing can be kept for the coordinator: the attempt is not
+            // started, and a fresh report without it makes the coordinator retry it.
+            tracing::error!(task = %key.0, epoch = key.1, error = %e, "cannot create the attempt's spool; not running it");
+            registry.abandon(&key);
+            return;
         }
     };
-    let mut recv = FramedRecv::new(recv);
-    if wire::send(
-        &mut send,
-        &AttemptUp::Open {
-            task_id: task_id.clone(),
-            epoch,
-        },
-    )
-    .await
-    .is_err()
-    {
-        return;
-    }
     let (tx, rx) = mpsc::channel(64);
-    let process = run_process(&ctx, &conn, &a, tx, cancel.clone());
-    let stream = stream_events(&mut send, &mut recv, rx, cancel.clone());
-    let ((), streamed) = tokio::join!(process, stream);
-    match streamed {
-        Ok(()) => {
-            let _ = send.finish();
-            tracing::info!(task = %task_id, epoch, "attempt done, every event acknowledged");
+    let process = run_process(&ctx, &conns, &a, policy, tx, cancel.clone());
+    let stream = async {
+        let end = stream::stream_events(&key, spool, rx, conns.clone(), policy, &registry).await;
+        if !end.is_done() {
+            // Fenced, given up or disconnected under `kill`: the process tree goes too.
+            cancel.cancel();
         }
-        Err(why) => {
-            tracing::warn!(task = %task_id, epoch, reason = %why, "attempt stream ended early")
-        }
+        end
+    };
+    let ((), end) = tokio::join!(process, stream);
+    if matches!(end, StreamEnd::Spool(_)) {
+        // Its remaining events are lost with the spool: have the coordinator retry it.
+        registry.abandon(&key);
+    } else {
+        registry.remove(&key);
+    }
+    if end.is_done() {
+        tracing::info!(task = %key.0, epoch = key.1, "attempt done, every event acknowledged");
+    } else {
+        tracing::warn!(task = %key.0, epoch = key.1, reason = %end, "attempt stopped");
     }
 }
 
-/// Send events as they come, track acknowledgements; on failure, cancel the attempt.
-async fn stream_events(
-    send: &mut quinn::SendStream,
-    recv: &mut FramedRecv,
-    mut rx: mpsc::Receiver<(String, String)>,
-    cancel: CancellationToken,
-) -> Result<(), String> {
-    let result = async {
-        let mut unacked: VecDeque<u64> = VecDeque::new();
-        let mut next_seq = 0u64;
-        let mut producing = true;
-        loop {
-            if !producing && unacked.is_empty() {
-                return Ok(());
-            }
-            tokio::select! {
-                item = rx.recv(), if producing && unacked.len() < MAX_UNACKED => match item {
-                    Some((kind, payload)) => {
-                        let ev = AttemptEvent { seq: next_seq, ts_ms: now_ms(), kind, payload };
-                        wire::send(send, &AttemptUp::Event(ev)).await.map_err(|e| e.to_string())?;
-                        unacked.push_back(next_seq);
-                        next_seq += 1;
-                    }
-                    None => producing = false,
-                },
-                reply = recv.next::<AttemptDown>() => match reply {
-                    Ok(Some(AttemptDown::Ack { seq })) => {
-                        while unacked.front().is_some_and(|s| *s <= seq) {
-                            unacked.pop_front();
-                        }
-                    }
-                    Ok(Some(AttemptDown::Fenced { reason })) => return Err(format!("fenced: {reason}")),
-                    Ok(Some(other)) => return Err(format!("unexpected message on the attempt stream: {other:?}")),
-                    Ok(None) => return Err("coordinator closed the attempt stream".into()),
-                    Err(e) => return Err(e.to_string()),
-                },
-            }
-        }
+/// The connection to move an attempt's files over: the current one, or under `keep_running`
+/// the next one within `lost_after`. `None` when there is none to be had.
+async fn transfer_connection(conns: &ConnWatch, policy: Policy) -> Option<quinn::Connection> {
+    let mut conns = conns.clone();
+    let current = conns.borrow().clone();
+    if current.is_some() || !policy.keep_running() {
+        return current;
     }
-    .await;
-    if result.is_err() {
-        cancel.cancel();
-    }
-    result
+    tokio::time::timeout(policy.lost_after, stream::wait_connection(&mut conns))
+        .await
+        .ok()
+        .flatten()
 }
 
 async fn run_process(
     ctx: &ExecContext,
-    conn: &quinn::Connection,
+    conns: &ConnWatch,
     a: &Assignment,
+    policy: Policy,
     tx: Emit,
     cancel: CancellationToken,
 ) {
@@ -166,7 +163,12 @@ async fn run_process(
         .work_dir
         .join("tasks")
         .join(format!("{}-{}", a.task_id, a.epoch));
-    let started = json!({ "attempt": a.attempt, "workspace": workspace, "resumed_from_checkpoint": a.checkpoint.is_some() });
+    // The policy goes into the session: the coordinator reads it back to know whether to keep
+    // the attempt while its worker is away (and for how long), across its own restarts too.
+    let started = json!({
+        "attempt": a.attempt, "workspace": workspace, "resumed_from_checkpoint": a.checkpoint.is_some(),
+        "on_disconnect": policy.on_disconnect.as_str(), "lost_after_ms": policy.lost_after.as_millis() as u64,
+    });
     let _ = tx.send(("started".into(), started.to_string())).await;
     let fail =
         |message: String| json!({ "class": ExitClass::Exited(127), "error": message }).to_string();
@@ -194,9 +196,15 @@ async fn run_process(
             .await;
         return;
     }
-    if let Err(why) = workspace::prepare_inputs(conn, &ctx.work_dir, a, &workspace, &tx).await {
-        let _ = tx.send(("exited".into(), fail(why))).await;
-        return;
+    if !a.spec.inputs.is_empty() {
+        let fetched = match transfer_connection(conns, policy).await {
+            Some(conn) => workspace::prepare_inputs(&conn, &ctx.work_dir, a, &workspace, &tx).await,
+            None => Err("no connection to the coordinator to fetch the inputs from".into()),
+        };
+        if let Err(why) = fetched {
+            let _ = tx.send(("exited".into(), fail(why))).await;
+            return;
+        }
     }
     let limits = resolved_limits(a);
     let checkpoint_file = workspace.join(CHECKPOINT_FILE);
@@ -238,7 +246,16 @@ async fn run_process(
     let events = pump_lines(attempt.events.take(), tx.clone());
     let wait = attempt.wait(cancel);
     let (outcome, (), (), ()) = tokio::join!(wait, out, err, events);
-    workspace::finish_outputs(conn, &ctx.work_dir, a, &workspace, &tx).await;
+    if !a.spec.outputs.is_empty() {
+        match transfer_connection(conns, policy).await {
+            Some(conn) => workspace::finish_outputs(&conn, &ctx.work_dir, a, &workspace, &tx).await,
+            None => {
+                let error = "no connection to the coordinator to store the outputs on";
+                let payload = json!({ "error": error }).to_string();
+                let _ = tx.send(("outputs_failed".into(), payload)).await;
+            }
+        }
+    }
     let exited = json!({
         "class": outcome.class,
         "peak_memory_bytes": outcome.peak_memory_bytes,

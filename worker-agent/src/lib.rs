@@ -6,6 +6,8 @@
 //! - [`resources`]: what the host has and uses;
 //! - [`sandbox`]: namespaces and cgroup limits for one attempt;
 //! - [`executor`]: runs assigned attempts in the [`sandbox`] and streams their events;
+//! - [`spool`]: each attempt's on-disk spool of events not yet acknowledged;
+//! - [`stream`]: an attempt's events through its spool to the coordinator, across reconnects;
 //! - [`link`]: the connection to the coordinator (handshake, registration, heartbeats,
 //!   reconnect with capped exponential backoff and jitter);
 //! - [`pki`]: the fleet CA, role-carrying certificates and rustls configs (the worker will
@@ -27,6 +29,8 @@ pub mod outputs;
 pub mod pki;
 pub mod resources;
 pub mod sandbox;
+pub mod spool;
+pub mod stream;
 pub mod transfer;
 pub mod wire;
 pub mod workspace;

@@ -2,11 +2,18 @@
 //! coordinator's role, the hello handshake, registration, then heartbeats with current usage
 //! until the connection ends — and again, with capped exponential backoff and jitter, until
 //! shutdown. The worker never exits because the coordinator is away.
+//!
+//! Attempts outlive a single session: they are owned by the link (one `JoinSet` for the
+//! worker's life) and find the current connection through a watch the link publishes after
+//! each registration. After registering, the link reports the attempts it still runs
+//! (`WorkerMessage::Attempts`: `keep_running` attempts that survived the outage); when a session
+//! ends it stops every `on_disconnect = "kill"` attempt.
 
 use crate::config::WorkerConfig;
 use crate::executor::{self, ExecContext};
 use crate::pki::{self, PkiError, TlsFiles};
 use crate::resources::Resources;
+use crate::stream::Registry;
 use crate::wire::{self, FramedRecv};
 use drover_protocol::{
     close_code, CoordinatorMessage, Hello, HelloReply, Refusal, Role, WorkerMessage,
@@ -16,6 +23,8 @@ use rand::Rng;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -92,6 +101,10 @@ pub struct Link {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     name: String,
+    /// Attempts running on this worker, whatever the connection.
+    registry: Registry,
+    /// The registered connection attempts stream on; `None` between sessions.
+    conns: watch::Sender<Option<quinn::Connection>>,
 }
 
 impl Link {
@@ -125,9 +138,21 @@ impl Link {
                 tracing::warn!(error = %e, "no usable sandbox: this worker will refuse tasks")
             }
         }
+        match executor::discard_stale_spools(&config.work_dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                spools = n,
+                "discarded event spools of attempts that died with an earlier run of this worker; \
+                 the coordinator reschedules them"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot clear old event spools"),
+        }
         let exec = ExecContext {
             sandbox,
             work_dir: config.work_dir.clone(),
+            spool_max_bytes: config.spool_max_bytes,
+            on_disconnect: config.on_disconnect,
+            lost_after_ms: config.lost_after_ms,
         };
         Ok(Self {
             config,
@@ -135,6 +160,8 @@ impl Link {
             endpoint,
             client_config,
             name,
+            registry: Registry::default(),
+            conns: watch::Sender::new(None),
         })
     }
 
@@ -171,9 +198,15 @@ impl Link {
         let mut rng = rand::thread_rng();
         let mut failures = 0u32;
         let mut notified = false;
+        // Every attempt of this worker's life; dropped (so aborted, their trees killed) on return.
+        let mut attempts = JoinSet::new();
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            let end = self.session(&mut resources, &shutdown, &mut notified).await;
+            let end = self
+                .session(&mut resources, &shutdown, &mut notified, &mut attempts)
+                .await;
+            // Reap attempts that ended while disconnected.
+            while attempts.try_join_next().is_some() {}
             let Some(end) = end else { break };
             if started.elapsed() > Duration::from_secs(30) {
                 // It was registered and healthy for a while: start the backoff over.
@@ -192,11 +225,21 @@ impl Link {
                     tracing::warn!(coordinator = %self.config.coordinator, attempt = failures, retry_in_ms = delay.as_millis() as u64, "{end}");
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = &mut sleep => break,
+                    Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                }
             }
         }
+        let running = attempts.len();
+        if running > 0 {
+            tracing::info!(attempts = running, "stopping the attempts still running");
+        }
+        attempts.shutdown().await;
         self.endpoint
             .close(close_code::GOODBYE.into(), b"worker stopping");
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -208,6 +251,7 @@ impl Link {
         resources: &mut Resources,
         shutdown: &CancellationToken,
         notified: &mut bool,
+        attempts: &mut JoinSet<()>,
     ) -> Option<SessionEnd> {
         let conn = tokio::select! {
             c = self.connect() => match c {
@@ -216,7 +260,21 @@ impl Link {
             },
             _ = shutdown.cancelled() => return None,
         };
-        match self.serve(&conn, resources, notified, shutdown).await {
+        let served = self
+            .serve(&conn, resources, notified, shutdown, attempts)
+            .await;
+        // Attempts lose their connection here: `kill` ones stop, `keep_running` ones spool on.
+        self.conns.send_replace(None);
+        let killed = self.registry.drop_killable();
+        let kept = self.registry.len();
+        if killed + kept > 0 {
+            tracing::warn!(
+                stopped = killed,
+                kept_running = kept,
+                "disconnected: stopped the on_disconnect=kill attempts; keep_running ones spool their events"
+            );
+        }
+        match served {
             Ok(()) => None,
             Err(end) => {
                 conn.close(close_code::PROTOCOL_ERROR.into(), b"reconnecting");
@@ -256,6 +314,7 @@ impl Link {
         resources: &mut Resources,
         notified: &mut bool,
         shutdown: &CancellationToken,
+        attempts: &mut JoinSet<()>,
     ) -> Result<(), SessionEnd> {
         let lost = |e: &dyn std::fmt::Display| SessionEnd::Lost(e.to_string());
         let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
@@ -322,18 +381,19 @@ impl Link {
             crate::notify::ready();
             *notified = true;
         }
-        // Attempts die with the connection that started them (see `executor`), so none runs now.
-        wire::send(
-            &mut send,
-            &WorkerMessage::Attempts {
-                running: Vec::new(),
-            },
-        )
-        .await
-        .map_err(|e| lost(&e))?;
-        let mut attempts = tokio::task::JoinSet::new();
-        let mut cancels: std::collections::HashMap<(String, u64), CancellationToken> =
-            Default::default();
+        // Publish the connection first, then take the report: an attempt giving up checks
+        // for a connection under the registry's lock, so whatever is reported streams again.
+        self.conns.send_replace(Some(conn.clone()));
+        let running = self.registry.running();
+        if !running.is_empty() {
+            tracing::info!(
+                attempts = running.len(),
+                "reporting attempts that kept running while disconnected"
+            );
+        }
+        wire::send(&mut send, &WorkerMessage::Attempts { running })
+            .await
+            .map_err(|e| lost(&e))?;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
@@ -351,29 +411,28 @@ impl Link {
                     let hb = WorkerMessage::Heartbeat { seq, usage: resources.usage() };
                     wire::send(&mut send, &hb).await.map_err(|e| lost(&e))?;
                 }
-                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
-                    if let Ok(key) = done {
-                        cancels.remove(&key);
-                    }
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                _ = self.registry.report_needed() => {
+                    let running = self.registry.running();
+                    tracing::warn!(attempts = running.len(), "an attempt lost its spool; reporting what still runs so the coordinator retries it");
+                    wire::send(&mut send, &WorkerMessage::Attempts { running })
+                        .await
+                        .map_err(|e| lost(&e))?;
                 }
                 msg = recv.next::<CoordinatorMessage>() => match msg {
                     Ok(Some(CoordinatorMessage::HeartbeatAck { .. })) => last_ack = Instant::now(),
                     Ok(Some(CoordinatorMessage::Assign(a))) => {
                         let key = (a.task_id.clone(), a.epoch);
-                        tracing::info!(task = %a.task_id, epoch = a.epoch, attempt = a.attempt, name = %a.spec.name, "attempt assigned");
+                        let policy = self.exec.policy(&a);
+                        tracing::info!(task = %a.task_id, epoch = a.epoch, attempt = a.attempt, name = %a.spec.name, on_disconnect = policy.on_disconnect.as_str(), "attempt assigned");
                         let token = CancellationToken::new();
-                        cancels.insert(key.clone(), token.clone());
-                        let run = executor::run_attempt(self.exec.clone(), conn.clone(), *a, token);
-                        attempts.spawn(async move {
-                            run.await;
-                            key
-                        });
+                        self.registry.insert(key, token.clone(), policy);
+                        let run = executor::run_attempt(self.exec.clone(), self.conns.subscribe(), self.registry.clone(), *a, token);
+                        attempts.spawn(run);
                     }
                     Ok(Some(CoordinatorMessage::Cancel { task_id, epoch })) => {
                         tracing::info!(task = %task_id, epoch, "attempt cancelled by the coordinator");
-                        if let Some(t) = cancels.get(&(task_id, epoch)) {
-                            t.cancel();
-                        }
+                        self.registry.cancel(&(task_id, epoch));
                     }
                     Ok(Some(other)) => tracing::debug!(message = ?other, "ignoring unexpected message"),
                     Ok(None) => return Err(SessionEnd::Lost("coordinator closed the control stream".into())),

@@ -494,6 +494,8 @@ async fn attempt_stream(
             frame = recv.next::<AttemptUp>(), if reading && pending.len() < MAX_PIPELINED => {
                 let event = match frame {
                     Ok(Some(AttemptUp::Event(e))) => e,
+                    // The connection went away (a worker reconnecting resends on a new stream).
+                    Err(e) if !e.is_protocol_violation() => return,
                     Ok(Some(_)) | Err(_) => {
                         tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
                         conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");

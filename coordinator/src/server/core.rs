@@ -12,7 +12,7 @@ use crate::clock::Clock;
 use crate::fleet::{Action, ConnId, Fleet, Registration};
 use crate::store::blobs::{BlobRef, InputsRow, OutputsRow};
 use crate::store::Store;
-use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks};
+use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks, WorkerGone};
 use crate::tasks::{validate_spec, WorkerView};
 use drover_protocol::task::{TaskInfo, TaskSpec, TaskState};
 use drover_protocol::{
@@ -145,6 +145,8 @@ struct WorkerLink {
     conn_id: ConnId,
     conn: quinn::Connection,
     outbound: mpsc::Sender<Outbound>,
+    /// Whether this connection has reported its attempts yet (the first report reattaches).
+    reported: bool,
 }
 
 #[derive(Debug)]
@@ -180,6 +182,7 @@ impl Core {
     pub async fn run(mut self, mut rx: mpsc::Receiver<CoreMsg>) {
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.recover(self.clock.now_ms());
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
@@ -190,6 +193,10 @@ impl Core {
                     let now = self.clock.now_ms();
                     let actions = self.fleet.tick(now);
                     self.apply(actions);
+                    if self.tasks.has_detached() {
+                        let actions = self.tasks.tick(now);
+                        self.apply_tasks(actions);
+                    }
                     self.schedule(now);
                 }
             }
@@ -209,6 +216,7 @@ impl Core {
                     conn_id: reg.conn,
                     conn,
                     outbound,
+                    reported: false,
                 };
                 let old = self.links.insert(reg.name.clone(), link);
                 let actions = self.fleet.handle_register(now, reg);
@@ -232,17 +240,25 @@ impl Core {
                 name,
                 running,
             } => {
-                if self.links.get(&name).is_some_and(|l| l.conn_id == conn) {
+                if let Some(link) = self.links.get_mut(&name).filter(|l| l.conn_id == conn) {
+                    let first = !std::mem::replace(&mut link.reported, true);
                     let actions = self
                         .tasks
-                        .handle_worker_attempts(now, &name, Some(&running));
+                        .handle_worker_attempts(now, &name, &running, first);
                     self.apply_tasks(actions);
                     self.schedule(now);
                 }
             }
             CoreMsg::Heartbeat { conn, name, usage } => {
                 let actions = self.fleet.handle_heartbeat(now, conn, &name, usage);
+                // A persisted change on a heartbeat is a lost worker coming back on the same
+                // connection: its kept attempts are still streaming on it.
+                let revived = !actions.is_empty();
                 self.apply(actions);
+                if revived && self.tasks.has_detached() {
+                    let actions = self.tasks.handle_worker_revived(now, &name);
+                    self.apply_tasks(actions);
+                }
             }
             CoreMsg::AttemptEvent {
                 name,
@@ -257,7 +273,12 @@ impl Core {
                         self.schedule(now);
                         AttemptReply::Ack { seq, after }
                     }
-                    EventVerdict::Duplicate { seq } => AttemptReply::Ack { seq, after: None },
+                    // Already accepted, but maybe not yet durable (the first copy's batch may
+                    // still be in flight): ack once everything queued before is on disk.
+                    EventVerdict::Duplicate { seq } => AttemptReply::Ack {
+                        seq,
+                        after: Some(self.store.append_events(Vec::new())),
+                    },
                     EventVerdict::Fenced { reason } => {
                         tracing::warn!(worker = %name, task = %task_id, epoch, %reason, "refused a stale attempt event");
                         AttemptReply::Fenced(reason)
@@ -373,8 +394,10 @@ impl Core {
             match action {
                 Action::Persist(r) => {
                     tracing::info!(worker = %r.name, state = %r.state, address = %r.address, "worker state");
-                    if matches!(r.state, WorkerState::Lost | WorkerState::Down) {
-                        gone.push(r.name.clone());
+                    match r.state {
+                        WorkerState::Lost => gone.push((r.name.clone(), WorkerGone::Lost)),
+                        WorkerState::Down => gone.push((r.name.clone(), WorkerGone::Down)),
+                        _ => {}
                     }
                     records.push(r);
                 }
@@ -388,8 +411,8 @@ impl Core {
             }
         }
         let durable = (!records.is_empty()).then(|| self.store.put_workers(records));
-        for name in gone {
-            let actions = self.tasks.handle_worker_attempts(now, &name, None);
+        for (name, how) in gone {
+            let actions = self.tasks.handle_worker_gone(now, &name, how);
             self.apply_tasks(actions);
         }
         for name in drained {
@@ -398,6 +421,21 @@ impl Core {
             self.apply_tasks(actions);
         }
         durable
+    }
+
+    /// After a restart: attempts on workers that were already lost or down when the
+    /// coordinator stopped end now (or, `keep_running`, are detached from now); attempts on
+    /// the others wait for their worker to reconnect within its lease.
+    fn recover(&mut self, now: u64) {
+        for (state, how) in [
+            (WorkerState::Lost, WorkerGone::Lost),
+            (WorkerState::Down, WorkerGone::Down),
+        ] {
+            for info in self.fleet.list(now, Some(state), None) {
+                let actions = self.tasks.handle_worker_gone(now, &info.name, how);
+                self.apply_tasks(actions);
+            }
+        }
     }
 
     /// Carry out task actions; returns the durability receiver of the last write, which (the

@@ -19,14 +19,39 @@
 //!   again, not stored); anything else is fenced;
 //! - `completed` is appended at most once per task, and only from `running` or `queued`;
 //! - an attempt's epoch is in the session (durable) before its assignment is sent.
+//!
+//! Disconnects (`on_disconnect`): a `kill` attempt ends when its worker is lost (lease expired)
+//! or comes back without it. A `keep_running` attempt is *detached* instead when its worker is
+//! lost: it stays `running` until the worker reports it again after re-registering (it is
+//! reattached, same epoch, and its spooled events are replayed idempotently) or until
+//! `lost_after` passes ([`Tasks::tick`]), when it ends with `worker_lost` and is rescheduled
+//! under a new epoch. A worker that reports an attempt that is no longer current is told to
+//! kill it (fencing). The policy of an attempt comes from its spec, and is confirmed by the
+//! worker in the attempt's `started` event (which carries the worker's defaults applied), so a
+//! restarted coordinator knows it from the session. Detachment itself is not persisted: after
+//! a restart the `lost_after` clock starts again when the worker is found lost.
 
 use super::oom::{self, OomDecision, OomReport};
 use super::placement::{pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
+use drover_protocol::task::OnDisconnect;
 use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
 use drover_protocol::{Assignment, AttemptEvent, Capacity};
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// `lost_after` for a `keep_running` spec that does not set it, until the worker's `started`
+/// event says which value it applied (the worker's default is the same unless configured).
+pub const DEFAULT_LOST_AFTER_MS: u64 = 300_000;
+
+/// How a worker went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerGone {
+    /// Its lease ran out (crash, partition, coordinator restart without a reconnect).
+    Lost,
+    /// It said goodbye: it stops its attempts itself.
+    Down,
+}
 
 /// What the runtime must do after an input.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +113,10 @@ struct Task {
     wait: Option<String>,
     cancel_requested: bool,
     checkpoint: Option<String>,
+    /// The current attempt is `keep_running` with this `lost_after`, ms.
+    keep_running: Option<u64>,
+    /// Since when the current attempt's worker is lost (in memory only).
+    detached_since: Option<u64>,
 }
 
 impl Task {
@@ -127,6 +156,8 @@ impl Task {
             wait: None,
             cancel_requested: false,
             checkpoint: None,
+            keep_running: None,
+            detached_since: None,
         }
     }
 }
@@ -138,6 +169,8 @@ pub struct Tasks {
     /// Ids in submission order.
     order: Vec<String>,
     next_submit_seq: u64,
+    /// Running tasks whose `keep_running` attempt is detached from its lost worker.
+    detached: BTreeSet<String>,
 }
 
 fn event(task: &mut Task, now: u64, seq: Option<u64>, kind: &str, payload: String) -> NewEvent {
@@ -274,6 +307,8 @@ impl Tasks {
             t.state = TaskState::Running;
             t.worker = Some(worker.clone());
             t.reason = None;
+            t.keep_running = spec_keep_running(&t.spec);
+            t.detached_since = None;
             let assigned = event(
                 t,
                 now,
@@ -311,8 +346,13 @@ impl Tasks {
                 reason: format!("no task {task_id}"),
             };
         };
-        if epoch != t.epoch || t.worker.as_deref() != Some(worker) || t.state != TaskState::Running
-        {
+        let same_attempt = epoch == t.epoch && t.worker.as_deref() == Some(worker);
+        if same_attempt && ev.seq < t.next_seq {
+            // Stored already, maybe just before the task ended (a resend after a reconnect
+            // whose ack was lost): acknowledge again.
+            return EventVerdict::Duplicate { seq: ev.seq };
+        }
+        if !same_attempt || t.state != TaskState::Running {
             return EventVerdict::Fenced {
                 reason: format!(
                     "attempt {task_id}/{epoch} on {worker} is not current (current epoch {} on {}, {})",
@@ -351,6 +391,11 @@ impl Tasks {
         if ev.kind == "checkpoint" {
             t.checkpoint = Some(ev.payload.clone());
         }
+        if ev.kind == "started" {
+            if let Some(policy) = started_policy(&ev.payload) {
+                t.keep_running = policy;
+            }
+        }
         if ev.kind == "exited" {
             let class = serde_json::from_str::<serde_json::Value>(&ev.payload)
                 .ok()
@@ -368,13 +413,14 @@ impl Tasks {
         }
     }
 
-    /// `worker` is lost (lease expired), or came back without these attempts: their attempts
-    /// are over. `running` lists what the worker still runs (`None`: it is gone).
-    pub fn handle_worker_attempts(
+    /// `worker` went away. Its `kill` attempts are over (retried under their policy); with
+    /// [`WorkerGone::Lost`] its `keep_running` attempts are detached until it comes back or
+    /// their `lost_after` passes.
+    pub fn handle_worker_gone(
         &mut self,
         now: u64,
         worker: &str,
-        running: Option<&[(String, u64)]>,
+        how: WorkerGone,
     ) -> Vec<TaskAction> {
         let mut actions = Vec::new();
         for id in &self.order {
@@ -384,30 +430,174 @@ impl Tasks {
             if t.state != TaskState::Running || t.worker.as_deref() != Some(worker) {
                 continue;
             }
-            if running.is_some_and(|r| r.iter().any(|(tid, e)| tid == &t.id && *e == t.epoch)) {
+            if let (WorkerGone::Lost, Some(lost_after)) = (how, t.keep_running) {
+                if t.detached_since.is_none() {
+                    t.detached_since = Some(now);
+                    t.reason = Some(format!(
+                        "worker {worker} is lost; its keep_running attempt is kept for up to \
+                         {lost_after} ms for the worker to come back"
+                    ));
+                    self.detached.insert(t.id.clone());
+                }
                 continue;
             }
-            let why = if running.is_some() {
+            actions.push(TaskAction::Append(end_attempt(
+                t,
+                now,
+                worker,
+                "worker_lost",
+            )));
+            self.detached.remove(id);
+        }
+        actions
+    }
+
+    /// `worker` runs `running`: attempts it had that it does not list are over, and listed
+    /// attempts that are no longer current are to be killed. On the first report of a
+    /// connection (`registration`) the current ones are reattached (same epoch; their spooled
+    /// events follow on their streams); a later report (an attempt lost its spool) only ends
+    /// what is missing.
+    pub fn handle_worker_attempts(
+        &mut self,
+        now: u64,
+        worker: &str,
+        running: &[(String, u64)],
+        registration: bool,
+    ) -> Vec<TaskAction> {
+        let mut actions = Vec::new();
+        for id in &self.order {
+            let Some(t) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            if t.state != TaskState::Running || t.worker.as_deref() != Some(worker) {
+                continue;
+            }
+            if running.iter().any(|(tid, e)| tid == &t.id && *e == t.epoch) {
+                continue;
+            }
+            // At registration: it restarted or dropped the attempt with the old connection.
+            // Later: the attempt ended on the worker without delivering its events.
+            let why = if registration {
                 "worker_restarted"
             } else {
-                "worker_lost"
+                "attempt_lost_on_worker"
             };
-            let mut events = vec![event(
+            actions.push(TaskAction::Append(end_attempt(t, now, worker, why)));
+            self.detached.remove(id);
+        }
+        for (task_id, epoch) in running {
+            let current = self.tasks.get_mut(task_id).filter(|t| {
+                t.state == TaskState::Running
+                    && t.epoch == *epoch
+                    && t.worker.as_deref() == Some(worker)
+            });
+            let Some(t) = current else {
+                // Fencing: superseded (or finished) while the worker was away.
+                tracing::warn!(%worker, task = %task_id, epoch, "worker reported a stale attempt; telling it to kill it");
+                actions.push(TaskAction::Cancel {
+                    worker: worker.to_owned(),
+                    task_id: task_id.clone(),
+                    epoch: *epoch,
+                });
+                continue;
+            };
+            if !registration && t.detached_since.is_none() {
+                continue;
+            }
+            let detached_ms = t
+                .detached_since
+                .take()
+                .map(|since| now.saturating_sub(since));
+            self.detached.remove(task_id);
+            t.reason = None;
+            let payload = json!({ "epoch": t.epoch, "worker": worker, "detached_ms": detached_ms });
+            actions.push(TaskAction::Append(vec![event(
                 t,
                 now,
                 None,
-                "attempt_ended",
-                json!({ "epoch": t.epoch, "worker": worker, "reason": why }).to_string(),
-            )];
-            let outcome = if t.cancel_requested {
-                Outcome::Cancelled
-            } else {
-                Outcome::Retry(why.to_owned())
-            };
-            events.extend(attempt_over(t, now, outcome));
-            actions.push(TaskAction::Append(events));
+                "attempt_reattached",
+                payload.to_string(),
+            )]));
+            if t.cancel_requested {
+                // The cancel may have been sent while the worker was away.
+                actions.push(TaskAction::Cancel {
+                    worker: worker.to_owned(),
+                    task_id: task_id.clone(),
+                    epoch: *epoch,
+                });
+            }
         }
         actions
+    }
+
+    /// `worker` was lost but its connection survived (a stall: SIGSTOP, a long GC-like pause)
+    /// and it heartbeats again: its detached attempts never lost their streams, so they are
+    /// reattached as they are.
+    pub fn handle_worker_revived(&mut self, now: u64, worker: &str) -> Vec<TaskAction> {
+        let ids: Vec<String> = self.detached.iter().cloned().collect();
+        let mut actions = Vec::new();
+        for id in ids {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if t.worker.as_deref() != Some(worker) || t.state != TaskState::Running {
+                continue;
+            }
+            let detached_ms = t
+                .detached_since
+                .take()
+                .map(|since| now.saturating_sub(since));
+            self.detached.remove(&id);
+            t.reason = None;
+            let payload = json!({ "epoch": t.epoch, "worker": worker, "detached_ms": detached_ms });
+            actions.push(TaskAction::Append(vec![event(
+                t,
+                now,
+                None,
+                "attempt_reattached",
+                payload.to_string(),
+            )]));
+        }
+        actions
+    }
+
+    /// Time passes: detached `keep_running` attempts past their `lost_after` are over (the
+    /// worker has stopped them itself by then) and are retried under a new epoch.
+    pub fn tick(&mut self, now: u64) -> Vec<TaskAction> {
+        let mut actions = Vec::new();
+        let detached: Vec<String> = self.detached.iter().cloned().collect();
+        for id in detached {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                self.detached.remove(&id);
+                continue;
+            };
+            let (Some(since), Some(lost_after), TaskState::Running) =
+                (t.detached_since, t.keep_running, t.state)
+            else {
+                // Ended meanwhile (its last events arrived before the worker's report).
+                t.detached_since = None;
+                self.detached.remove(&id);
+                continue;
+            };
+            if now < since.saturating_add(lost_after) {
+                continue;
+            }
+            let worker = t.worker.clone().unwrap_or_default();
+            t.detached_since = None;
+            self.detached.remove(&id);
+            actions.push(TaskAction::Append(end_attempt(
+                t,
+                now,
+                &worker,
+                "worker_lost",
+            )));
+        }
+        actions
+    }
+
+    /// Whether any attempt is detached (so a caller can skip [`Self::tick`]).
+    pub fn has_detached(&self) -> bool {
+        !self.detached.is_empty()
     }
 
     /// Cancel a task: at once if queued; a running one is told to stop and ends `cancelled`
@@ -552,8 +742,59 @@ impl Tasks {
                 "{}: attempts and epochs diverge",
                 t.id
             );
+            if t.detached_since.is_some() && t.state == TaskState::Running {
+                assert!(
+                    t.keep_running.is_some() && self.detached.contains(&t.id),
+                    "{}: detached but not keep_running or not tracked",
+                    t.id
+                );
+            }
+        }
+        for id in &self.detached {
+            assert!(self.tasks.contains_key(id), "{id}: detached but unknown");
         }
     }
+}
+
+/// The `attempt_ended` event of the current attempt and what follows under the task's policy.
+fn end_attempt(t: &mut Task, now: u64, worker: &str, why: &str) -> Vec<NewEvent> {
+    t.detached_since = None;
+    let mut events = vec![event(
+        t,
+        now,
+        None,
+        "attempt_ended",
+        json!({ "epoch": t.epoch, "worker": worker, "reason": why }).to_string(),
+    )];
+    let outcome = if t.cancel_requested {
+        Outcome::Cancelled
+    } else {
+        Outcome::Retry(why.to_owned())
+    };
+    events.extend(attempt_over(t, now, outcome));
+    events
+}
+
+/// The `keep_running` bound a spec asks for, if it does.
+fn spec_keep_running(spec: &TaskSpec) -> Option<u64> {
+    (spec.on_disconnect == Some(OnDisconnect::KeepRunning))
+        .then(|| spec.lost_after_ms.unwrap_or(DEFAULT_LOST_AFTER_MS))
+}
+
+/// The policy a worker applied, from its `started` payload: `Some(None)` for `kill`,
+/// `Some(Some(lost_after_ms))` for `keep_running`, `None` if the payload does not say (an
+/// older worker).
+fn started_policy(payload: &str) -> Option<Option<u64>> {
+    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+    let on: OnDisconnect = serde_json::from_value(v.get("on_disconnect")?.clone()).ok()?;
+    Some(match on {
+        OnDisconnect::Kill => None,
+        OnDisconnect::KeepRunning => Some(
+            v.get("lost_after_ms")
+                .and_then(|n| n.as_u64())
+                .unwrap_or(DEFAULT_LOST_AFTER_MS),
+        ),
+    })
 }
 
 /// How an attempt's end affects its task.
@@ -704,6 +945,11 @@ fn replay(t: &mut Task, e: &NewEvent) {
         }
         match e.kind.as_str() {
             "checkpoint" => t.checkpoint = Some(e.payload.clone()),
+            "started" if e.epoch == t.epoch => {
+                if let Some(policy) = started_policy(&e.payload) {
+                    t.keep_running = policy;
+                }
+            }
             "exited" => {
                 t.exit = payload
                     .get("class")
@@ -727,6 +973,7 @@ fn replay(t: &mut Task, e: &NewEvent) {
             t.state = TaskState::Running;
             t.next_seq = 0;
             t.reason = None;
+            t.keep_running = spec_keep_running(&t.spec);
         }
         "retry_scheduled" => {
             t.memory_bytes = payload.get("memory_bytes").and_then(|m| m.as_u64());

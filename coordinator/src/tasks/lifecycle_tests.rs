@@ -1,6 +1,6 @@
 use super::*;
 use crate::store::session::StoredTask;
-use drover_protocol::task::{Requirements, RetryPolicy};
+use drover_protocol::task::{OnDisconnect, Requirements, RetryPolicy};
 use drover_protocol::{Usage, WorkerInfo, WorkerState};
 
 fn spec(max_attempts: u32) -> TaskSpec {
@@ -23,6 +23,8 @@ fn spec(max_attempts: u32) -> TaskSpec {
             ..RetryPolicy::default()
         },
         priority: 0,
+        on_disconnect: None,
+        lost_after_ms: None,
     }
 }
 
@@ -246,16 +248,17 @@ fn lost_worker_reschedules_elsewhere() {
     let (id, a) = tasks.submit(1, spec(3));
     log.take(&a);
     log.take(&tasks.schedule(2, &[worker("w1")]));
-    let a = tasks.handle_worker_attempts(3, "w1", None);
+    let a = tasks.handle_worker_gone(3, "w1", WorkerGone::Lost);
     log.take(&a);
     assert_eq!(log.kinds(&id)[2..], ["attempt_ended", "retry_scheduled"]);
     let a = tasks.schedule(1000, &[worker("w2")]);
     assert!(matches!(&a[1], TaskAction::Assign { worker, .. } if worker == "w2"));
-    // A worker that comes back still running its attempt keeps it.
+    // A worker that comes back still running its attempt keeps it (reattached).
     log.take(&a);
-    assert!(tasks
-        .handle_worker_attempts(1001, "w2", Some(&[(id.clone(), 2)]))
-        .is_empty());
+    let a = tasks.handle_worker_attempts(1001, "w2", &[(id.clone(), 2)], true);
+    log.take(&a);
+    assert_eq!(log.kinds(&id).last().unwrap(), "attempt_reattached");
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Running);
     assert_replays_to_same(&tasks, &log);
 }
 
@@ -293,11 +296,308 @@ fn cancel_queued_and_running() {
     assert_eq!(tasks.cancel(4, &a_id).unwrap(), (true, vec![]));
     // Lost while cancelling: cancelled, not retried.
     log.take(&tasks.cancel(5, &b_id).unwrap().1);
-    log.take(&tasks.handle_worker_attempts(6, "w1", None));
+    log.take(&tasks.handle_worker_gone(6, "w1", WorkerGone::Lost));
     assert_eq!(tasks.info(&b_id).unwrap().state, TaskState::Cancelled);
     let (c_id, a) = tasks.submit(7, spec(3));
     log.take(&a);
     log.take(&tasks.cancel(8, &c_id).unwrap().1);
     assert_eq!(tasks.info(&c_id).unwrap().state, TaskState::Cancelled);
     assert_replays_to_same(&tasks, &log);
+}
+
+fn keep_running_spec(lost_after_ms: Option<u64>) -> TaskSpec {
+    TaskSpec {
+        on_disconnect: Some(OnDisconnect::KeepRunning),
+        lost_after_ms,
+        ..spec(3)
+    }
+}
+
+/// Submit and place one task on `w1`; returns its id.
+fn placed(tasks: &mut Tasks, log: &mut Log, spec: TaskSpec) -> String {
+    let (id, a) = tasks.submit(1, spec);
+    log.take(&a);
+    log.take(&tasks.schedule(2, &[worker("w1")]));
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Running);
+    id
+}
+
+fn cancels(actions: &[TaskAction]) -> Vec<(String, String, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            TaskAction::Cancel {
+                worker,
+                task_id,
+                epoch,
+            } => Some((worker.clone(), task_id.clone(), *epoch)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn keep_running_attempt_survives_a_lost_worker_and_is_reattached() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let id = placed(&mut tasks, &mut log, keep_running_spec(Some(10_000)));
+    accept(&mut tasks, &mut log, "w1", &id, 1, ev(0, "started", "{}"));
+    accept(&mut tasks, &mut log, "w1", &id, 1, ev(1, "stdout", "{}"));
+    let before = log.events.len();
+    // Lost at t=100: nothing ends, nothing is written.
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
+    tasks.sanity_check();
+    let info = tasks.info(&id).unwrap();
+    assert_eq!(info.state, TaskState::Running);
+    assert!(info.reason.unwrap().contains("lost"));
+    // Not yet past lost_after: still kept, and no placement would move it.
+    assert!(tasks.tick(10_099).is_empty());
+    assert!(!tasks.has_placeable(10_099));
+    assert_eq!(log.events.len(), before);
+    // Back at t=5000 with the attempt: reattached, same epoch.
+    let a = tasks.handle_worker_attempts(5_000, "w1", &[(id.clone(), 1)], true);
+    assert!(cancels(&a).is_empty());
+    log.take(&a);
+    tasks.sanity_check();
+    assert_eq!(log.kinds(&id).last().unwrap(), "attempt_reattached");
+    assert!(log
+        .events
+        .last()
+        .unwrap()
+        .payload
+        .contains("\"detached_ms\":4900"));
+    assert!(!tasks.has_detached());
+    // The worker resends what it had no ack for: duplicates are acked, new ones follow on.
+    assert_eq!(
+        tasks.handle_event(5_001, "w1", &id, 1, ev(1, "stdout", "{}")),
+        EventVerdict::Duplicate { seq: 1 }
+    );
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &id,
+        1,
+        ev(2, "exited", r#"{"class":{"exited":0}}"#),
+    );
+    let info = tasks.info(&id).unwrap();
+    assert_eq!(
+        (info.state, info.epoch, info.attempts),
+        (TaskState::Succeeded, 1, 1)
+    );
+    // The final events resent after a lost ack are acknowledged, not refused.
+    assert_eq!(
+        tasks.handle_event(
+            5_002,
+            "w1",
+            &id,
+            1,
+            ev(2, "exited", r#"{"class":{"exited":0}}"#)
+        ),
+        EventVerdict::Duplicate { seq: 2 }
+    );
+    assert!(matches!(
+        tasks.handle_event(5_002, "w1", &id, 1, ev(3, "stdout", "{}")),
+        EventVerdict::Fenced { .. }
+    ));
+    // Long after, the old detachment does nothing.
+    assert!(tasks.tick(1_000_000).is_empty());
+    let seqs: Vec<u64> = log.events.iter().filter_map(|e| e.seq).collect();
+    assert_eq!(seqs, [0, 1, 2]);
+    assert_replays_to_same(&tasks, &log);
+}
+
+#[test]
+fn keep_running_past_lost_after_is_rescheduled_and_the_stale_attempt_fenced() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let id = placed(&mut tasks, &mut log, keep_running_spec(Some(10_000)));
+    accept(&mut tasks, &mut log, "w1", &id, 1, ev(0, "started", "{}"));
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
+    // A second loss report does not restart the clock.
+    assert!(tasks
+        .handle_worker_gone(5_000, "w1", WorkerGone::Lost)
+        .is_empty());
+    let a = tasks.tick(10_100);
+    log.take(&a);
+    tasks.sanity_check();
+    assert_eq!(
+        log.kinds(&id)[3..],
+        ["attempt_ended", "retry_scheduled"],
+        "{:?}",
+        log.kinds(&id)
+    );
+    assert!(log.events[3].payload.contains("worker_lost"));
+    log.take(&tasks.schedule(20_000, &[worker("w2")]));
+    assert_eq!(tasks.info(&id).unwrap().epoch, 2);
+    // w1 comes back still running epoch 1: told to kill it; nothing stored for it.
+    let before = log.events.len();
+    let a = tasks.handle_worker_attempts(20_001, "w1", &[(id.clone(), 1)], true);
+    assert_eq!(cancels(&a), [("w1".to_owned(), id.clone(), 1)]);
+    log.take(&a);
+    assert_eq!(log.events.len(), before);
+    assert!(matches!(
+        tasks.handle_event(20_002, "w1", &id, 1, ev(1, "stdout", "{}")),
+        EventVerdict::Fenced { .. }
+    ));
+    assert_eq!(tasks.info(&id).unwrap().worker.as_deref(), Some("w2"));
+    assert_replays_to_same(&tasks, &log);
+}
+
+#[test]
+fn kill_attempts_and_goodbyes_end_at_once() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let kill = placed(&mut tasks, &mut log, spec(3));
+    let a = tasks.handle_worker_gone(100, "w1", WorkerGone::Lost);
+    log.take(&a);
+    assert_eq!(tasks.info(&kill).unwrap().state, TaskState::Queued);
+    // keep_running on a worker that says goodbye: it stops its attempts, so they end now.
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let keep = placed(&mut tasks, &mut log, keep_running_spec(None));
+    log.take(&tasks.handle_worker_gone(100, "w1", WorkerGone::Down));
+    assert_eq!(tasks.info(&keep).unwrap().state, TaskState::Queued);
+    assert!(!tasks.has_detached());
+    tasks.sanity_check();
+}
+
+#[test]
+fn the_workers_started_event_sets_the_policy_and_survives_a_restart() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    // The spec does not choose; the worker's default is keep_running with 2 s.
+    let id = placed(&mut tasks, &mut log, spec(3));
+    let started = r#"{"attempt":1,"on_disconnect":"keep_running","lost_after_ms":2000}"#;
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &id,
+        1,
+        ev(0, "started", started),
+    );
+    // The coordinator restarts: the policy comes back from the session.
+    let mut tasks = Tasks::restore(log.stored());
+    assert!(tasks
+        .handle_worker_gone(50, "w1", WorkerGone::Lost)
+        .is_empty());
+    assert!(tasks.tick(2_049).is_empty());
+    log.take(&tasks.tick(2_050));
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Queued);
+    // And a worker that says kill in `started` overrides a keep_running spec.
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let id = placed(&mut tasks, &mut log, keep_running_spec(None));
+    let started = r#"{"attempt":1,"on_disconnect":"kill","lost_after_ms":2000}"#;
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &id,
+        1,
+        ev(0, "started", started),
+    );
+    log.take(&tasks.handle_worker_gone(50, "w1", WorkerGone::Lost));
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Queued);
+}
+
+#[test]
+fn a_cancel_sent_while_detached_is_repeated_on_reattach() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
+    log.take(&tasks.cancel(200, &id).unwrap().1);
+    let a = tasks.handle_worker_attempts(300, "w1", &[(id.clone(), 1)], true);
+    assert_eq!(cancels(&a), [("w1".to_owned(), id.clone(), 1)]);
+    log.take(&a);
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &id,
+        1,
+        ev(0, "exited", r#"{"class":"cancelled"}"#),
+    );
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Cancelled);
+    // Cancelled while detached and never back: cancelled at lost_after, not retried.
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
+    log.take(&tasks.cancel(200, &id).unwrap().1);
+    log.take(&tasks.tick(60_100));
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Cancelled);
+    tasks.sanity_check();
+}
+
+#[test]
+fn a_worker_back_without_its_attempt_ends_it_even_if_detached() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
+    assert!(tasks
+        .handle_worker_gone(100, "w1", WorkerGone::Lost)
+        .is_empty());
+    // Restarted (SIGKILL): its sandboxes died with it, so it reports nothing.
+    log.take(&tasks.handle_worker_attempts(200, "w1", &[], true));
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Queued);
+    assert!(log
+        .events
+        .iter()
+        .any(|e| e.payload.contains("worker_restarted")));
+    assert!(!tasks.has_detached());
+    tasks.sanity_check();
+    assert_replays_to_same(&tasks, &log);
+}
+
+#[test]
+fn a_stalled_worker_that_heartbeats_again_gets_its_attempts_back() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let id = placed(&mut tasks, &mut log, keep_running_spec(Some(60_000)));
+    let kill = placed(&mut tasks, &mut log, spec(3));
+    assert_eq!(
+        tasks.handle_worker_gone(100, "w1", WorkerGone::Lost).len(),
+        1
+    );
+    let a = tasks.handle_worker_revived(900, "w1");
+    log.take(&a);
+    assert_eq!(log.kinds(&id).last().unwrap(), "attempt_reattached");
+    assert!(!tasks.has_detached());
+    assert_eq!(tasks.info(&id).unwrap().state, TaskState::Running);
+    // The kill attempt ended when the worker was lost and stays ended.
+    assert_eq!(tasks.info(&kill).unwrap().state, TaskState::Queued);
+    assert!(tasks.handle_worker_revived(901, "w1").is_empty());
+    tasks.sanity_check();
+}
+
+#[test]
+fn a_later_report_ends_what_is_missing_without_reattaching() {
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let a = placed(&mut tasks, &mut log, keep_running_spec(None));
+    let b = placed(&mut tasks, &mut log, spec(3));
+    let before = log.events.len();
+    // Mid-session: b lost its spool, a runs on.
+    let actions = tasks.handle_worker_attempts(50, "w1", &[(a.clone(), 1)], false);
+    log.take(&actions);
+    assert_eq!(tasks.info(&a).unwrap().state, TaskState::Running);
+    assert_eq!(tasks.info(&b).unwrap().state, TaskState::Queued);
+    assert!(!log.kinds(&a)[..].contains(&"attempt_reattached".to_owned()));
+    assert_eq!(
+        log.events.len(),
+        before + 2,
+        "b's attempt_ended and retry_scheduled only"
+    );
+    tasks.sanity_check();
 }

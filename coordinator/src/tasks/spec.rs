@@ -17,7 +17,7 @@ use super::inputs::{resolve_inputs, InputFile};
 use super::units;
 use super::validate::{invalid, validate_spec, InvalidField};
 use drover_protocol::task::{
-    Isolation, Limits, NetworkPolicy, Requirements, RetryPolicy, TaskSpec,
+    Isolation, Limits, NetworkPolicy, OnDisconnect, Requirements, RetryPolicy, TaskSpec,
 };
 use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
@@ -249,6 +249,9 @@ struct SpecFile {
     retry: RetryFile,
     #[serde(default)]
     priority: i32,
+    #[serde(default)]
+    on_disconnect: Option<OnDisconnect>,
+    lost_after: Option<Human>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -365,6 +368,11 @@ impl SpecFile {
                     .transpose()?,
             },
             priority: self.priority,
+            on_disconnect: self.on_disconnect,
+            lost_after_ms: self
+                .lost_after
+                .map(|d| d.duration("lost_after"))
+                .transpose()?,
         })
     }
 }

@@ -132,6 +132,8 @@ fn every_field_converts_and_json_matches_toml() {
                 ..RetryPolicy::default()
             },
             priority: 10,
+            on_disconnect: None,
+            lost_after_ms: None,
         }
     );
     assert_eq!(json(FULL_JSON).unwrap(), spec);

@@ -198,6 +198,13 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), InvalidField> {
             "must be more than 0; use e.g. \"30m\" or \"2h\"",
         ));
     }
+    if spec.lost_after_ms == Some(0) {
+        return Err(invalid(
+            "lost_after",
+            "must be more than 0; it is how long a keep_running attempt may stay disconnected, \
+             e.g. \"5m\"",
+        ));
+    }
     if spec.retry.max_attempts == 0 {
         return Err(invalid(
             "retry.max_attempts",

@@ -1,0 +1,522 @@
+//! One attempt's events on their way to the coordinator, across connections.
+//!
+//! Producers (the task's pipes, lifecycle events) feed a bounded channel; the streamer gives
+//! each event its `seq`, writes it to the attempt's [`Spool`] and sends it on the attempt's
+//! own QUIC stream of the *current* connection, keeping at most [`MAX_UNACKED`] in flight.
+//! Acknowledgements trim the spool. When the spool is full the channel is read no further, so
+//! the task blocks on its own writes: backpressure, never loss.
+//!
+//! The link publishes the current connection in a [`ConnWatch`]. When it drops:
+//! - `on_disconnect = "kill"`: the attempt ends (its process tree is killed); the coordinator
+//!   learns it from the worker's next `Attempts` report, or from the lease. An attempt whose
+//!   process has already ended is kept like a `keep_running` one: only its last events are
+//!   left, and delivering them beats running the task again.
+//! - `on_disconnect = "keep_running"`: the attempt runs on and keeps spooling; on the next
+//!   connection the streamer opens a new attempt stream and resends everything not yet
+//!   acknowledged (the coordinator stores each (task, epoch, seq) once and acks duplicates).
+//!   Disconnected for longer than `lost_after`, the attempt can no longer be reattached (the
+//!   coordinator reschedules it then): the streamer gives up and the attempt is stopped.
+//!
+//! [`Registry`] is what the link reports as running after each registration; the streamer
+//! removes its entry *before* giving up, under the registry's lock, so an attempt reported as
+//! running is always one that will stream again.
+
+use crate::spool::{Spool, SpoolError};
+use crate::wire::{self, FramedRecv};
+use drover_protocol::task::{OnDisconnect, TaskSpec};
+use drover_protocol::{AttemptDown, AttemptEvent, AttemptUp};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Events sent but not yet acknowledged before the streamer waits for acks.
+pub const MAX_UNACKED: u64 = 256;
+/// How long to wait before reopening an attempt stream on a connection where it just failed.
+const REOPEN_DELAY: Duration = Duration::from_millis(500);
+
+/// The connection attempts stream on; `None` while the worker is not registered.
+pub type ConnWatch = watch::Receiver<Option<quinn::Connection>>;
+
+/// The current connection, waiting while the worker is between sessions — for work an attempt
+/// does on streams of its own besides its events (e.g. fetching inputs, shipping outputs).
+/// `None` once the link is gone for good (the worker is stopping).
+pub async fn wait_connection(conns: &mut ConnWatch) -> Option<quinn::Connection> {
+    let conn = conns.wait_for(Option::is_some).await.ok()?;
+    conn.clone()
+}
+
+/// An attempt: (task id, epoch).
+pub type AttemptKey = (String, u64);
+
+/// What an attempt does when the link drops, resolved from its spec and the worker's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub on_disconnect: OnDisconnect,
+    /// With `keep_running`: longest time disconnected before the attempt is given up.
+    pub lost_after: Duration,
+}
+
+impl Policy {
+    /// The spec's choice, else the worker's defaults.
+    pub fn resolve(spec: &TaskSpec, on_disconnect: OnDisconnect, lost_after_ms: u64) -> Self {
+        Policy {
+            on_disconnect: spec.on_disconnect.unwrap_or(on_disconnect),
+            lost_after: Duration::from_millis(spec.lost_after_ms.unwrap_or(lost_after_ms)),
+        }
+    }
+
+    pub fn keep_running(&self) -> bool {
+        self.on_disconnect == OnDisconnect::KeepRunning
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    cancel: CancellationToken,
+    keep_running: bool,
+    /// The process has ended; only events remain to deliver, so even a `kill` attempt is
+    /// kept across a disconnect (there is nothing left to run unsupervised).
+    finished: bool,
+}
+
+impl Entry {
+    fn kept(&self) -> bool {
+        self.keep_running || self.finished
+    }
+}
+
+/// The attempts this worker runs, shared by the link and the attempts themselves.
+#[derive(Debug, Clone, Default)]
+pub struct Registry(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    map: Mutex<HashMap<AttemptKey, Entry>>,
+    /// Set when an attempt ended without delivering its events (its spool failed): the link
+    /// sends a fresh `Attempts` report so the coordinator retries it now, not at the next
+    /// reconnect.
+    report: tokio::sync::Notify,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptKey, Entry>> {
+        // A panic while holding this lock leaves a plain map behind: still usable.
+        self.0.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, key: AttemptKey, cancel: CancellationToken, policy: Policy) {
+        let keep_running = policy.keep_running();
+        self.lock().insert(
+            key,
+            Entry {
+                cancel,
+                keep_running,
+                finished: false,
+            },
+        );
+    }
+
+    /// Ask an attempt to stop; `false` if this worker does not run it.
+    pub fn cancel(&self, key: &AttemptKey) -> bool {
+        match self.lock().get(key) {
+            Some(e) => {
+                e.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The attempts to report as running, sorted.
+    pub fn running(&self) -> Vec<AttemptKey> {
+        let mut keys: Vec<_> = self.lock().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// The connection is gone: stop every `kill` attempt still running and forget it.
+    /// Returns how many.
+    pub fn drop_killable(&self) -> usize {
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|_, e| {
+            if !e.kept() {
+                e.cancel.cancel();
+            }
+            e.kept()
+        });
+        before - map.len()
+    }
+
+    /// The attempt's process has ended: keep it across disconnects from now on, unless it was
+    /// already dropped. Returns whether it is kept.
+    fn mark_finished(&self, key: &AttemptKey) -> bool {
+        match self.lock().get_mut(key) {
+            Some(e) => {
+                e.finished = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the attempt outlives a disconnect (registered, and keep_running or finished).
+    fn is_kept(&self, key: &AttemptKey) -> bool {
+        self.lock().get(key).is_some_and(Entry::kept)
+    }
+
+    pub fn remove(&self, key: &AttemptKey) {
+        self.lock().remove(key);
+    }
+
+    /// Forget an attempt that ended without delivering its events, and ask the link to tell
+    /// the coordinator what still runs.
+    pub fn abandon(&self, key: &AttemptKey) {
+        self.remove(key);
+        self.0.report.notify_one();
+    }
+
+    /// Resolves when an attempt was abandoned since the last report.
+    pub async fn report_needed(&self) {
+        self.0.report.notified().await
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Remove `key` unless a connection is up (checked under the lock the link's report also
+    /// takes, after it publishes the connection). `true` if removed.
+    fn give_up_if_disconnected(&self, key: &AttemptKey, conns: &ConnWatch) -> bool {
+        let mut map = self.lock();
+        if conns.borrow().is_some() {
+            return false;
+        }
+        map.remove(key);
+        true
+    }
+}
+
+/// How an attempt's stream ended.
+#[derive(Debug)]
+pub enum StreamEnd {
+    /// Every event was acknowledged after the producers finished.
+    Done,
+    /// The coordinator refused the attempt: it is not current any more.
+    Fenced(String),
+    /// The link dropped and the policy is `kill`.
+    Disconnected,
+    /// `keep_running`, but disconnected for longer than `lost_after`.
+    GaveUp(Duration),
+    /// The spool failed (disk full, I/O error): the attempt cannot keep its events.
+    Spool(SpoolError),
+}
+
+impl StreamEnd {
+    pub fn is_done(&self) -> bool {
+        matches!(self, StreamEnd::Done)
+    }
+}
+
+impl std::fmt::Display for StreamEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamEnd::Done => f.write_str("every event acknowledged"),
+            StreamEnd::Fenced(r) => write!(f, "fenced by the coordinator: {r}"),
+            StreamEnd::Disconnected => {
+                f.write_str("the link to the coordinator dropped (on_disconnect = kill)")
+            }
+            StreamEnd::GaveUp(d) => write!(
+                f,
+                "disconnected for longer than lost_after ({} ms); the coordinator reschedules it",
+                d.as_millis()
+            ),
+            StreamEnd::Spool(e) => write!(f, "spool failed: {e}"),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An open attempt stream on one connection.
+struct Attached {
+    conn_id: usize,
+    send: quinn::SendStream,
+    recv: FramedRecv,
+}
+
+async fn open(conn: &quinn::Connection, key: &AttemptKey) -> Option<Attached> {
+    let (mut send, recv) = conn.open_bi().await.ok()?;
+    let open = AttemptUp::Open {
+        task_id: key.0.clone(),
+        epoch: key.1,
+    };
+    wire::send(&mut send, &open).await.ok()?;
+    Some(Attached {
+        conn_id: conn.stable_id(),
+        send,
+        recv: FramedRecv::new(recv),
+    })
+}
+
+/// The next reply on the attached stream; pending forever when detached.
+async fn next_reply(
+    link: &mut Option<Attached>,
+) -> Result<Option<AttemptDown>, crate::wire::WireError> {
+    match link {
+        Some(a) => a.recv.next::<AttemptDown>().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stream the events from `rx` through `spool` until they are all acknowledged (or the
+/// attempt is fenced, or given up). The spool is removed when this returns, except when the
+/// task is aborted (the worker stopping): then the next start discards it.
+pub async fn stream_events(
+    key: &AttemptKey,
+    spool: Spool,
+    rx: mpsc::Receiver<(String, String)>,
+    conns: ConnWatch,
+    policy: Policy,
+    registry: &Registry,
+) -> StreamEnd {
+    let mut spool = spool;
+    let end = run(key, &mut spool, rx, conns, policy, registry).await;
+    if let Err(e) = spool.remove() {
+        tracing::warn!(task = %key.0, epoch = key.1, error = %e, "cannot remove the attempt's spool");
+    }
+    end
+}
+
+async fn run(
+    key: &AttemptKey,
+    spool: &mut Spool,
+    mut rx: mpsc::Receiver<(String, String)>,
+    mut conns: ConnWatch,
+    policy: Policy,
+    registry: &Registry,
+) -> StreamEnd {
+    let mut link: Option<Attached> = None;
+    let mut producing = true;
+    // When the attempt last lost its stream (or started without one).
+    let mut detached_since: Option<Instant> = None;
+    // A connection where opening or using the attempt stream just failed, and when to retry.
+    let mut failed_on: Option<(usize, Instant)> = None;
+    let mut conns_open = true;
+    loop {
+        if !producing && spool.all_acked() {
+            if let Some(mut a) = link.take() {
+                let _ = a.send.finish();
+            }
+            return StreamEnd::Done;
+        }
+        if link.is_none() {
+            let current = conns.borrow().clone();
+            if let Some(conn) = current {
+                let blocked = failed_on
+                    .is_some_and(|(id, until)| id == conn.stable_id() && Instant::now() < until);
+                if !blocked {
+                    match open(&conn, key).await {
+                        Some(a) => {
+                            if let Err(e) = spool.rewind() {
+                                return StreamEnd::Spool(e);
+                            }
+                            if detached_since.take().is_some() {
+                                tracing::info!(task = %key.0, epoch = key.1, spool_bytes = spool.bytes(), "attempt reattached; resending what was not acknowledged");
+                            }
+                            link = Some(a);
+                            failed_on = None;
+                        }
+                        None => failed_on = Some((conn.stable_id(), Instant::now() + REOPEN_DELAY)),
+                    }
+                }
+            }
+            if link.is_none() {
+                if !registry.is_kept(key) {
+                    return StreamEnd::Disconnected;
+                }
+                detached_since.get_or_insert_with(Instant::now);
+            }
+        }
+        // Send what may be sent now.
+        if let Some(a) = &mut link {
+            while spool.has_unsent() && spool.in_flight() < MAX_UNACKED {
+                let ev = match spool.next_unsent() {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(e) => return StreamEnd::Spool(e),
+                };
+                if wire::send(&mut a.send, &AttemptUp::Event(ev))
+                    .await
+                    .is_err()
+                {
+                    failed_on = Some((a.conn_id, Instant::now() + REOPEN_DELAY));
+                    link = None;
+                    break;
+                }
+            }
+            if link.is_none() {
+                continue;
+            }
+        }
+        // Only while no connection is up: with one, the stream is being reopened.
+        let give_up_at = match detached_since {
+            Some(since) if link.is_none() && conns.borrow().is_none() => {
+                Some(since + policy.lost_after)
+            }
+            _ => None,
+        };
+        let retry_at = match (&link, failed_on) {
+            (None, Some((_, until))) => Some(until),
+            _ => None,
+        };
+        tokio::select! {
+            item = rx.recv(), if producing && !spool.is_full() => match item {
+                Some((kind, payload)) => {
+                    let ev = AttemptEvent { seq: spool.next_seq(), ts_ms: now_ms(), kind, payload };
+                    if let Err(e) = spool.append(&ev) {
+                        return StreamEnd::Spool(e);
+                    }
+                }
+                None => {
+                    producing = false;
+                    registry.mark_finished(key);
+                }
+            },
+            reply = next_reply(&mut link) => match reply {
+                Ok(Some(AttemptDown::Ack { seq })) => {
+                    if let Err(e) = spool.ack(seq) {
+                        return StreamEnd::Spool(e);
+                    }
+                }
+                Ok(Some(AttemptDown::Fenced { reason })) => return StreamEnd::Fenced(reason),
+                // Anything else (the inputs transfer's answers belong on their own stream) is a
+                // broken stream: drop it and reopen, as after a disconnect.
+                Ok(Some(_)) | Ok(None) | Err(_) => {
+                    let id = link.as_ref().map_or(0, |a| a.conn_id);
+                    failed_on = Some((id, Instant::now() + REOPEN_DELAY));
+                    link = None;
+                    detached_since.get_or_insert_with(Instant::now);
+                }
+            },
+            changed = conns.changed(), if conns_open => {
+                if changed.is_err() {
+                    // The link is gone for good (the worker is stopping).
+                    conns_open = false;
+                    if !registry.is_kept(key) {
+                        return StreamEnd::Disconnected;
+                    }
+                }
+                let current = conns.borrow().as_ref().map(|c| c.stable_id());
+                if link.as_ref().is_some_and(|a| Some(a.conn_id) != current) {
+                    link = None;
+                    detached_since.get_or_insert_with(Instant::now);
+                }
+            },
+            _ = sleep_until_opt(give_up_at) => {
+                if registry.give_up_if_disconnected(key, &conns) {
+                    return StreamEnd::GaveUp(policy.lost_after);
+                }
+            },
+            _ = sleep_until_opt(retry_at) => {},
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(on: OnDisconnect) -> Policy {
+        Policy {
+            on_disconnect: on,
+            lost_after: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn spec_choice_beats_the_worker_default() {
+        let mut spec: TaskSpec =
+            serde_json::from_str(r#"{"name":"t","command":["true"]}"#).expect("spec");
+        let p = Policy::resolve(&spec, OnDisconnect::KeepRunning, 5_000);
+        assert_eq!(
+            (p.keep_running(), p.lost_after),
+            (true, Duration::from_secs(5))
+        );
+        spec.on_disconnect = Some(OnDisconnect::Kill);
+        spec.lost_after_ms = Some(250);
+        let p = Policy::resolve(&spec, OnDisconnect::KeepRunning, 5_000);
+        assert_eq!(
+            (p.keep_running(), p.lost_after),
+            (false, Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn a_disconnect_drops_running_kill_attempts_only() {
+        let r = Registry::default();
+        let (kill, keep, done) = (
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 1),
+            ("c".to_owned(), 2),
+        );
+        let tokens: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
+        r.insert(kill.clone(), tokens[0].clone(), policy(OnDisconnect::Kill));
+        r.insert(
+            keep.clone(),
+            tokens[1].clone(),
+            policy(OnDisconnect::KeepRunning),
+        );
+        r.insert(done.clone(), tokens[2].clone(), policy(OnDisconnect::Kill));
+        assert!(r.mark_finished(&done));
+        assert_eq!(r.drop_killable(), 1);
+        assert!(tokens[0].is_cancelled() && !tokens[1].is_cancelled() && !tokens[2].is_cancelled());
+        assert_eq!(r.running(), [keep.clone(), done.clone()]);
+        assert!(!r.is_kept(&kill) && r.is_kept(&keep) && r.is_kept(&done));
+        assert!(!r.mark_finished(&kill), "a dropped attempt stays dropped");
+        assert!(r.cancel(&keep) && tokens[1].is_cancelled());
+        assert!(!r.cancel(&kill));
+    }
+
+    #[test]
+    fn giving_up_without_a_connection_removes_the_attempt_from_the_report() {
+        let r = Registry::default();
+        let key = ("a".to_owned(), 1);
+        r.insert(
+            key.clone(),
+            CancellationToken::new(),
+            policy(OnDisconnect::KeepRunning),
+        );
+        let (tx, rx) = watch::channel(None::<quinn::Connection>);
+        assert!(r.give_up_if_disconnected(&key, &rx));
+        assert!(r.is_empty(), "given up: not reported as running any more");
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_connection_ends_when_the_link_is_gone() {
+        let (tx, mut rx) = watch::channel(None::<quinn::Connection>);
+        let wait = tokio::spawn(async move { wait_connection(&mut rx).await });
+        drop(tx);
+        assert!(wait.await.expect("join").is_none());
+    }
+}
