@@ -28,6 +28,8 @@ fn spec(max_attempts: u32) -> TaskSpec {
             ..RetryPolicy::default()
         },
         priority: 0,
+        on_disconnect: None,
+        lost_after_ms: None,
     }
 }
 
@@ -172,7 +174,7 @@ fn new_attempt_gets_the_last_checkpoint_and_records_resuming_from_it() {
         ev(2, "checkpoint", r#"{"type":"checkpoint","step":2}"#),
     );
     let ckpt_pos = log.events.last().map(|e| e.pos).expect("stored");
-    log.take(&tasks.handle_worker_attempts(20, "w1", None));
+    log.take(&tasks.handle_worker_gone(20, "w1", super::WorkerGone::Lost));
 
     // Whether rebuilt from the log or not, attempt 2 carries the second checkpoint.
     let mut tasks = same_after_replay(&tasks, &log);

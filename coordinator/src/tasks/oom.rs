@@ -164,6 +164,8 @@ mod tests {
                 ..RetryPolicy::default()
             },
             priority: 0,
+            on_disconnect: None,
+            lost_after_ms: None,
         }
     }
 
