@@ -393,8 +393,19 @@ async fn read_events(
     }
 }
 
+/// Events one attempt stream may have read but not yet acknowledged. The real worker keeps at
+/// most 256 unacknowledged; past this bound the stream stops being read and QUIC flow control
+/// holds the peer back.
+const ATTEMPT_PIPELINE: usize = 1024;
+
 /// One attempt stream: `Open`, then events, each acknowledged once durable (duplicates at
 /// once); a stale attempt is told it is fenced and the stream ends.
+///
+/// Pipelined: the stream is read and every event handed to the core as it arrives, while acks
+/// go back in order as their writes become durable. So one attempt's events share group
+/// commits instead of paying one commit (one fsync) each. Order is kept because the core takes
+/// one stream's events in arrival order and the store commits in FIFO order, so a later event
+/// is never durable before an earlier one.
 async fn attempt_stream(
     conn: quinn::Connection,
     worker: String,
@@ -414,44 +425,65 @@ async fn attempt_stream(
             return;
         }
     };
-    loop {
-        let event = match recv.next::<AttemptUp>().await {
-            Ok(Some(AttemptUp::Event(e))) => e,
-            Ok(Some(AttemptUp::Open { .. })) | Err(_) => {
-                tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
-                conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
+    let (pending_tx, mut pending) =
+        mpsc::channel::<oneshot::Receiver<AttemptReply>>(ATTEMPT_PIPELINE);
+    // Reads events and hands them to the core; ends (dropping `pending_tx`, which lets the
+    // writer drain and stop) when the worker finishes the stream or breaks the rules.
+    let reader = {
+        let (task_id, worker) = (task_id.clone(), worker.clone());
+        async move {
+            loop {
+                let event = match recv.next::<AttemptUp>().await {
+                    Ok(Some(AttemptUp::Event(e))) => e,
+                    Ok(Some(AttemptUp::Open { .. })) | Err(_) => {
+                        tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
+                        conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
+                        return;
+                    }
+                    Ok(None) => return,
+                };
+                let (reply, answer) = oneshot::channel();
+                let msg = CoreMsg::AttemptEvent {
+                    name: worker.clone(),
+                    task_id: task_id.clone(),
+                    epoch,
+                    event,
+                    reply,
+                };
+                if !core.send(msg).await || pending_tx.send(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    // Sends the answers in order, each once its write is durable.
+    let writer = async move {
+        while let Some(answer) = pending.recv().await {
+            let down = match answer.await {
+                Ok(AttemptReply::Ack { seq, after }) => match durable(after).await {
+                    Ok(()) => AttemptDown::Ack { seq },
+                    // Not durable: no ack. The worker resends after reconnecting.
+                    Err(e) => {
+                        return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging")
+                    }
+                },
+                Ok(AttemptReply::Fenced(reason)) => AttemptDown::Fenced { reason },
+                Err(_) => return,
+            };
+            let fenced = matches!(down, AttemptDown::Fenced { .. });
+            if wire::send(&mut send, &down).await.is_err() || fenced {
+                let _ = send.finish();
                 return;
             }
-            Ok(None) => return,
-        };
-        let (reply, answer) = oneshot::channel();
-        let msg = CoreMsg::AttemptEvent {
-            name: worker.clone(),
-            task_id: task_id.clone(),
-            epoch,
-            event,
-            reply,
-        };
-        if !core.send(msg).await {
-            return;
         }
-        let down = match answer.await {
-            Ok(AttemptReply::Ack { seq, after }) => match durable(after).await {
-                Ok(()) => AttemptDown::Ack { seq },
-                // Not durable: no ack. The worker resends after reconnecting.
-                Err(e) => {
-                    return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging")
-                }
-            },
-            Ok(AttemptReply::Fenced(reason)) => AttemptDown::Fenced { reason },
-            Err(_) => return,
-        };
-        let fenced = matches!(down, AttemptDown::Fenced { .. });
-        if wire::send(&mut send, &down).await.is_err() || fenced {
-            let _ = send.finish();
-            return;
-        }
+    };
+    let mut writer = std::pin::pin!(writer);
+    tokio::select! {
+        // Fenced, failed, or every answer sent after the reader ended: done.
+        () = &mut writer => return,
+        () = reader => {}
     }
+    writer.await;
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ mod throughput;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use drover_protocol::task::Isolation;
+use drover_protocol::task::{Isolation, NetworkPolicy};
 use std::path::PathBuf;
 
 /// Measure drover's task path: dispatch latency, no-op throughput against HyperQueue, and
@@ -49,6 +49,13 @@ struct Args {
     json: bool,
     #[command(subcommand)]
     what: What,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum System {
+    Sandbox,
+    Process,
+    Hq,
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,9 +80,10 @@ enum What {
         /// The HyperQueue driver [default: tests/bench/hq_noop.py of this source tree].
         #[arg(long, value_name = "PATH")]
         hq_script: Option<PathBuf>,
-        /// Skip HyperQueue (when it is not installed).
-        #[arg(long)]
-        no_hq: bool,
+        /// Which systems to run, in this order each round: `sandbox` (drover, full sandbox),
+        /// `process` (drover, `isolation = "process"`), `hq` (HyperQueue).
+        #[arg(long, value_delimiter = ',', default_value = "sandbox,process,hq")]
+        systems: Vec<System>,
     },
     /// Events per second acknowledged after fsync, and the ack latency.
     Ingest {
@@ -135,13 +143,12 @@ fn run(args: Args) -> Result<()> {
             rounds,
             submitters,
             hq_script,
-            no_hq,
+            systems,
         } => {
             let script = hq_script.unwrap_or_else(|| {
                 PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/hq_noop.py"))
             });
-            let hq = (!no_hq).then_some(script);
-            throughput_main(&rt, tasks, rounds, submitters.max(1), hq.as_deref())?
+            throughput_main(&rt, tasks, rounds, submitters.max(1), &systems, &script)?
         }
         What::Ingest {
             workers,
@@ -177,14 +184,21 @@ fn latency_main(rt: &tokio::runtime::Runtime, samples: usize) -> Result<serde_js
         baseline.line("ms")
     );
     let mut reports = Vec::new();
-    for isolation in [Isolation::Sandbox, Isolation::Process] {
+    let runs = [
+        (Isolation::Sandbox, NetworkPolicy::None),
+        (Isolation::Sandbox, NetworkPolicy::Host),
+        (Isolation::Process, NetworkPolicy::Host),
+    ];
+    for (isolation, network) in runs {
         let cpu0 = common::MachineCpu::take();
-        let r = rt.block_on(latency::run(&settings, isolation, samples))?;
-        let busy = common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
+        let r = rt.block_on(latency::run(&settings, isolation, network, samples))?;
+        let busy =
+            common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
         eprintln!(
-            "{}: dispatch {}\n  submit ack {}\n  stages (means): submitted→assigned {:.2} ms, \
+            "{} (network {}): dispatch {}\n  submit ack {}\n  stages (means): submitted→assigned {:.2} ms, \
              assigned→started {:.2} ms, started→stamp {:.2} ms; machine busy {busy:.2} cores",
             r.isolation,
+            r.network,
             r.dispatch_ms.line("ms"),
             r.submit_ack_ms.line("ms"),
             r.stage_submitted_to_assigned_ms,
@@ -201,13 +215,22 @@ fn throughput_main(
     tasks: usize,
     rounds: usize,
     submitters: usize,
-    hq: Option<&std::path::Path>,
+    systems: &[System],
+    hq_script: &std::path::Path,
 ) -> Result<serde_json::Value> {
     let cores = common::Machine::detect().nproc;
     let mut all = Vec::new();
     for round in 1..=rounds {
         let mut row = Vec::new();
-        for isolation in [Isolation::Sandbox, Isolation::Process] {
+        for system in systems {
+            let isolation = match system {
+                System::Hq => {
+                    row.push(throughput::hq_run(hq_script, tasks, cores)?);
+                    continue;
+                }
+                System::Sandbox => Isolation::Sandbox,
+                System::Process => Isolation::Process,
+            };
             let fleet = common::start_fleet(1);
             let settings = common::operator_settings(&fleet);
             let r = rt.block_on(throughput::drover_run(
@@ -215,9 +238,6 @@ fn throughput_main(
             ))?;
             drop(fleet);
             row.push(r);
-        }
-        if let Some(script) = hq {
-            row.push(throughput::hq_run(script, tasks, cores)?);
         }
         for r in &row {
             eprintln!(

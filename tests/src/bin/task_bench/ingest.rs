@@ -25,6 +25,7 @@ use drover_protocol::{
 };
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
@@ -95,12 +96,14 @@ fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig> {
     Ok(cfg)
 }
 
-/// One simulated worker: register, then run `expect` assigned attempts, each sending
-/// `events` events (the last one `exited`), and return what each stream measured.
+/// One simulated worker: register, then run every attempt assigned to it, each sending
+/// `events` events (the last one `exited`), until `done` counts `total` finished streams over
+/// all simulated workers; returns what each of its streams measured.
 async fn sim_worker(
     addr: SocketAddr,
     files: TlsFiles,
-    expect: usize,
+    done: Arc<AtomicUsize>,
+    total: usize,
     events: u64,
     payload: Arc<String>,
 ) -> Result<Vec<StreamResult>> {
@@ -140,9 +143,11 @@ async fn sim_worker(
     let mut attempts = tokio::task::JoinSet::new();
     let mut results = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut check = tokio::time::interval(Duration::from_millis(10));
     let mut hb = 0u64;
-    while results.len() < expect {
+    while done.load(Ordering::SeqCst) < total || !attempts.is_empty() {
         tokio::select! {
+            _ = check.tick() => {}
             _ = tick.tick() => {
                 hb += 1;
                 let usage = Usage { memory_available_bytes: 60 << 30, disk_free_bytes: 90 << 30, ..Usage::default() };
@@ -156,8 +161,9 @@ async fn sim_worker(
                 Some(other) => bail!("unexpected message {other:?}"),
                 None => bail!("coordinator closed the control stream"),
             },
-            Some(done) = attempts.join_next(), if !attempts.is_empty() => {
-                results.push(done.context("attempt task panicked")??);
+            Some(finished) = attempts.join_next(), if !attempts.is_empty() => {
+                results.push(finished.context("attempt task panicked")??);
+                done.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
@@ -272,6 +278,7 @@ pub async fn sim(
     let data = "x".repeat(payload_bytes.saturating_sub(12));
     let payload = Arc::new(serde_json::json!({ "data": data }).to_string());
     let mut sims = tokio::task::JoinSet::new();
+    let done = Arc::new(AtomicUsize::new(0));
     for w in 0..workers {
         let name = format!("sim{w}");
         let paths = fleet.issue(Role::Worker, &name, pki::Validity::Days(1));
@@ -280,11 +287,11 @@ pub async fn sim(
             cert: paths.cert,
             key: paths.key,
         };
-        let expect = streams / workers + usize::from(w < streams % workers);
         sims.spawn(sim_worker(
             fleet.socket_addr(),
             files,
-            expect,
+            done.clone(),
+            streams,
             events,
             payload.clone(),
         ));
@@ -319,8 +326,16 @@ pub async fn sim(
     let wall = t0.elapsed().as_secs_f64();
     let ticks1 = pid.as_deref().and_then(cpu_ticks);
     let busy = common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
-    let first = results.iter().map(|r| r.first_send).min().context("no streams")?;
-    let last = results.iter().map(|r| r.last_ack).max().context("no streams")?;
+    let first = results
+        .iter()
+        .map(|r| r.first_send)
+        .min()
+        .context("no streams")?;
+    let last = results
+        .iter()
+        .map(|r| r.last_ack)
+        .max()
+        .context("no streams")?;
     let total: u64 = results.iter().map(|r| r.events).sum();
     let seconds = (last - first).as_secs_f64();
     let lat: Vec<f64> = results
@@ -410,7 +425,10 @@ pub async fn e2e(
             );
         }
         first_ms = first_ms.min(progress.first().map_or(u64::MAX, |e| e.ts_ms));
-        let exited = evs.iter().find(|e| e.kind == "exited").context("no exited")?;
+        let exited = evs
+            .iter()
+            .find(|e| e.kind == "exited")
+            .context("no exited")?;
         last_ms = last_ms.max(exited.ts_ms);
         total += events;
     }

@@ -18,13 +18,14 @@
 
 use super::common::{self, Summary};
 use anyhow::{bail, Context, Result};
-use drover_protocol::task::Isolation;
+use drover_protocol::task::{Isolation, NetworkPolicy};
 use rand::Rng;
 use std::time::Duration;
 
 #[derive(Debug, serde::Serialize)]
 pub struct LatencyReport {
     pub isolation: String,
+    pub network: String,
     /// Submit → the task's own stamp, ms.
     pub dispatch_ms: Summary,
     /// Submit → `Submitted` answer (the task durable), ms.
@@ -39,20 +40,30 @@ pub struct LatencyReport {
 pub async fn run(
     settings: &drover::cli::settings::Resolved,
     isolation: Isolation,
+    network: NetworkPolicy,
     samples: usize,
 ) -> Result<LatencyReport> {
+    let spec = |name: &str| {
+        let mut s = common::spec(name, &["date", "+%s%N"], isolation, 0);
+        s.network = network;
+        s
+    };
     let mut client = common::connect(settings).await?;
-    let argv = ["date", "+%s%N"];
     // Warm-up: the first task pays for cold caches on both sides.
     for _ in 0..5 {
-        let id = common::submit(&mut client, common::spec("warm", &argv, isolation, 0)).await?;
-        common::wait_completed(&mut client, &id, Duration::from_millis(10), Duration::from_secs(30))
-            .await?;
+        let id = common::submit(&mut client, spec("warm")).await?;
+        common::wait_completed(
+            &mut client,
+            &id,
+            Duration::from_millis(10),
+            Duration::from_secs(30),
+        )
+        .await?;
     }
     let (mut dispatch, mut acks) = (Vec::new(), Vec::new());
     let (mut s1, mut s2, mut s3) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..samples {
-        let spec = common::spec(&format!("lat{i}"), &argv, isolation, 0);
+        let spec = spec(&format!("lat{i}"));
         let t0 = common::realtime_ns();
         let id = common::submit(&mut client, spec).await?;
         let acked = common::realtime_ns();
@@ -75,9 +86,13 @@ pub async fn run(
             .with_context(|| format!("task {id} printed {out:?}, not a timestamp"))?;
         dispatch.push((stamp as f64 - t0 as f64) / 1e6);
         acks.push((acked - t0) as f64 / 1e6);
-        let ts = |kind: &str| events.iter().find(|e| e.kind == kind).map(|e| e.ts_ms as f64);
-        if let (Some(sub), Some(asg), Some(st)) = (ts("submitted"), ts("assigned"), ts("started"))
-        {
+        let ts = |kind: &str| {
+            events
+                .iter()
+                .find(|e| e.kind == kind)
+                .map(|e| e.ts_ms as f64)
+        };
+        if let (Some(sub), Some(asg), Some(st)) = (ts("submitted"), ts("assigned"), ts("started")) {
             s1.push(asg - sub);
             s2.push(st - asg);
             s3.push(stamp as f64 / 1e6 - st);
@@ -89,6 +104,7 @@ pub async fn run(
     client.close().await;
     Ok(LatencyReport {
         isolation: format!("{isolation:?}").to_lowercase(),
+        network: format!("{network:?}").to_lowercase(),
         dispatch_ms: Summary::of(dispatch),
         submit_ack_ms: Summary::of(acks),
         stage_submitted_to_assigned_ms: common::mean(&s1),

@@ -68,7 +68,11 @@ pub async fn drover_run(
     }
     let submit_s = (common::realtime_ns() - start_ns) as f64 / 1e9;
     // Tasks run roughly in submission order: walk them in that order, waiting on each.
-    ids.sort_by_key(|id| id.trim_start_matches('t').parse::<u64>().unwrap_or(u64::MAX));
+    ids.sort_by_key(|id| {
+        id.trim_start_matches('t')
+            .parse::<u64>()
+            .unwrap_or(u64::MAX)
+    });
     let mut client = clients.pop().context("no submitter")?;
     let (mut last_ms, mut failed) = (0u64, 0usize);
     for id in &ids {
@@ -134,7 +138,14 @@ pub fn hq_run(script: &Path, tasks: usize, cores: usize) -> Result<RunResult> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    let parsed: HqOutput = serde_json::from_slice(&out.stdout).with_context(|| {
+    // HyperQueue prints its own tables on stdout; the result is the last line.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    let parsed: HqOutput = serde_json::from_str(last).with_context(|| {
         format!(
             "{} printed no JSON result: {}",
             script.display(),
