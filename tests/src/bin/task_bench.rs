@@ -96,6 +96,10 @@ enum What {
         /// Events per stream (the last is `exited`).
         #[arg(long, default_value_t = 5000)]
         events: u64,
+        /// Unacknowledged events per stream; several values run one after another, each on a
+        /// fresh coordinator [default: 256, the real worker's window].
+        #[arg(long, value_delimiter = ',', default_value = "256")]
+        window: Vec<usize>,
         /// Size of each event's payload, bytes (a stdout chunk).
         #[arg(long, default_value_t = 100)]
         payload_bytes: usize,
@@ -154,6 +158,7 @@ fn run(args: Args) -> Result<()> {
             workers,
             streams,
             events,
+            window,
             payload_bytes,
             e2e_tasks,
             e2e_events,
@@ -162,6 +167,7 @@ fn run(args: Args) -> Result<()> {
             workers.max(1),
             streams.max(1),
             events.max(2),
+            &window,
             payload_bytes,
             e2e_tasks,
             e2e_events,
@@ -264,18 +270,26 @@ fn ingest_main(
     workers: usize,
     streams: usize,
     events: u64,
+    windows: &[usize],
     payload_bytes: usize,
     e2e_tasks: usize,
     e2e_events: u64,
 ) -> Result<serde_json::Value> {
     let mut reports = Vec::new();
-    {
+    for &window in windows {
         let mut fleet = drover_tests::TestFleet::builder()
             .heartbeat_interval_ms(1000)
             .lease_ms(10_000)
             .build();
         fleet.start_coordinator_and_wait();
-        let r = rt.block_on(ingest::sim(&fleet, workers, streams, events, payload_bytes))?;
+        let r = rt.block_on(ingest::sim(
+            &fleet,
+            workers,
+            streams,
+            events,
+            window.max(1),
+            payload_bytes,
+        ))?;
         print_ingest(&r);
         reports.push(r);
     }
@@ -292,16 +306,20 @@ fn ingest_main(
 
 fn print_ingest(r: &ingest::IngestReport) {
     eprintln!(
-        "{}: {} events over {} stream(s) in {:.2} s = {:.0} events/s; payload {} B; coordinator {} cores; machine busy {:.2} cores",
+        "{}: {} events over {} stream(s){} in {:.2} s = {:.0} events/s; payload {} B; coordinator {} cores; machine busy {:.2} cores",
         r.mode,
         r.events,
         r.streams,
+        r.window.map_or(String::new(), |w| format!(" (window {w})")),
         r.seconds,
         r.events_per_s,
         r.payload_bytes,
         r.coordinator_cores.map_or("?".into(), |c| format!("{c:.2}")),
         r.machine_busy_cores
     );
+    if let Some(e) = r.events_per_coordinator_cpu_s {
+        eprintln!("  {e:.0} events per second of coordinator CPU time");
+    }
     if let Some(a) = &r.ack_ms {
         eprintln!("  ack latency {}", a.line("ms"));
     }

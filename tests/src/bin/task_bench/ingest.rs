@@ -5,7 +5,8 @@
 //! certificates, the real worker's TLS config and transport settings) register like a
 //! `drover-worker`, take real assignments for submitted tasks, and for each one open an
 //! attempt stream exactly as worker-agent/src/executor.rs does — `Open`, then `AttemptUp::Event`
-//! frames with seq from 0, at most [`WINDOW`] unacknowledged — ending with an `exited` event so
+//! frames with seq from 0, at most `--window` unacknowledged (256 by default, the real
+//! worker's `MAX_UNACKED`) — ending with an `exited` event so
 //! the task completes. Each event's ack latency is send → the first ack covering its seq.
 //! Throughput = events acknowledged / (first event sent → last ack received), over all streams.
 //!
@@ -30,13 +31,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
 
-/// Unacknowledged events per stream, as the real worker's `MAX_UNACKED`.
-pub const WINDOW: usize = 256;
-
 #[derive(Debug, serde::Serialize)]
 pub struct IngestReport {
     pub mode: String,
     pub streams: usize,
+    /// Unacknowledged events allowed per stream (coordinator-only mode).
+    pub window: Option<usize>,
     pub events: u64,
     pub payload_bytes: usize,
     pub seconds: f64,
@@ -45,6 +45,9 @@ pub struct IngestReport {
     pub ack_ms: Option<Summary>,
     /// The coordinator process's CPU over the window, cores.
     pub coordinator_cores: Option<f64>,
+    /// Events per second of coordinator CPU time: what one whole core would ingest at this
+    /// efficiency (the machine may not have given the coordinator a whole core).
+    pub events_per_coordinator_cpu_s: Option<f64>,
     pub machine_busy_cores: f64,
 }
 
@@ -105,6 +108,7 @@ async fn sim_worker(
     done: Arc<AtomicUsize>,
     total: usize,
     events: u64,
+    window: usize,
     payload: Arc<String>,
 ) -> Result<Vec<StreamResult>> {
     let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
@@ -155,7 +159,7 @@ async fn sim_worker(
             }
             msg = recv.next::<CoordinatorMessage>() => match msg? {
                 Some(CoordinatorMessage::Assign(a)) => {
-                    attempts.spawn(attempt(conn.clone(), a.task_id, a.epoch, events, payload.clone()));
+                    attempts.spawn(attempt(conn.clone(), a.task_id, a.epoch, events, window, payload.clone()));
                 }
                 Some(CoordinatorMessage::HeartbeatAck { .. }) => {}
                 Some(other) => bail!("unexpected message {other:?}"),
@@ -180,12 +184,13 @@ async fn sim_worker(
 }
 
 /// One attempt stream, as the executor streams it: events in seq order with at most
-/// [`WINDOW`] unacknowledged.
+/// `window` unacknowledged.
 async fn attempt(
     conn: quinn::Connection,
     task_id: String,
     epoch: u64,
     events: u64,
+    window: usize,
     payload: Arc<String>,
 ) -> Result<StreamResult> {
     let (mut send, recv) = conn.open_bi().await?;
@@ -199,7 +204,7 @@ async fn attempt(
     )
     .await?;
     let exited = serde_json::json!({ "class": ExitClass::Exited(0) }).to_string();
-    let mut unacked: VecDeque<(u64, Instant)> = VecDeque::with_capacity(WINDOW);
+    let mut unacked: VecDeque<(u64, Instant)> = VecDeque::with_capacity(window);
     let mut latencies_us = Vec::with_capacity(events as usize);
     let (mut next, mut acked) = (0u64, 0u64);
     let first_send = Instant::now();
@@ -220,7 +225,7 @@ async fn attempt(
                 Some(AttemptDown::Fenced { reason }) => bail!("{task_id}/{epoch} fenced: {reason}"),
                 None => bail!("coordinator closed the attempt stream of {task_id}"),
             },
-            _ = std::future::ready(()), if next < events && unacked.len() < WINDOW => {
+            _ = std::future::ready(()), if next < events && unacked.len() < window => {
                 let (kind, body) = if next + 1 == events {
                     ("exited", exited.clone())
                 } else {
@@ -268,6 +273,7 @@ pub async fn sim(
     workers: usize,
     streams: usize,
     events: u64,
+    window: usize,
     payload_bytes: usize,
 ) -> Result<IngestReport> {
     if streams > workers * 60 {
@@ -293,6 +299,7 @@ pub async fn sim(
             done.clone(),
             streams,
             events,
+            window,
             payload.clone(),
         ));
     }
@@ -342,7 +349,11 @@ pub async fn sim(
         .iter()
         .flat_map(|r| r.latencies_us.iter().map(|us| *us as f64 / 1000.0))
         .collect();
-    // Every event stored once: each session holds submitted, assigned, the events, completed.
+    // The submitting connection sat idle through the run (the idle timeout may have closed
+    // it): check on a new one. Every event stored once: each session holds submitted,
+    // assigned, the events, completed.
+    client.close().await;
+    let mut client = common::connect(&settings).await?;
     for id in &ids {
         let r = common::request(
             &mut client,
@@ -367,12 +378,14 @@ pub async fn sim(
     Ok(IngestReport {
         mode: format!("coordinator only ({workers} simulated workers)"),
         streams,
+        window: Some(window),
         events: total,
         payload_bytes: payload.len(),
         seconds,
         events_per_s: total as f64 / seconds,
         ack_ms: Some(Summary::of(lat)),
         coordinator_cores,
+        events_per_coordinator_cpu_s: coordinator_cores.map(|c| total as f64 / (c * wall)),
         machine_busy_cores: busy,
     })
 }
@@ -436,6 +449,10 @@ pub async fn e2e(
     let ticks1 = pid.as_deref().and_then(cpu_ticks);
     let busy = common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
     client.close().await;
+    let coordinator_cores = match (ticks0, ticks1) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / clock_ticks() / wall),
+        _ => None,
+    };
     let seconds = (last_ms.saturating_sub(first_ms)).max(1) as f64 / 1000.0;
     Ok(IngestReport {
         mode: format!(
@@ -443,15 +460,14 @@ pub async fn e2e(
             format!("{isolation:?}").to_lowercase()
         ),
         streams: tasks,
+        window: None,
         events: total,
         payload_bytes: line.len(),
         seconds,
         events_per_s: total as f64 / seconds,
         ack_ms: None,
-        coordinator_cores: match (ticks0, ticks1) {
-            (Some(a), Some(b)) => Some((b - a) as f64 / clock_ticks() / wall),
-            _ => None,
-        },
+        coordinator_cores,
+        events_per_coordinator_cpu_s: coordinator_cores.map(|c| total as f64 / (c * wall)),
         machine_busy_cores: busy,
     })
 }
