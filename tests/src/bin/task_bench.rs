@@ -238,17 +238,20 @@ fn throughput_main(
                 System::Process => Isolation::Process,
             };
             let fleet = common::start_fleet(1);
-            let settings = common::operator_settings(&fleet);
             let r = rt.block_on(throughput::drover_run(
-                &settings, isolation, tasks, submitters,
+                &fleet, isolation, tasks, submitters,
             ))?;
             drop(fleet);
             row.push(r);
         }
         for r in &row {
             eprintln!(
-                "round {round}: {:<22} {:>6} tasks in {:>7.2} s = {:>7.1} tasks/s (submitted in {:.2} s; {} failed; machine busy {:.2} cores)",
-                r.system, r.tasks, r.total_s, r.tasks_per_s, r.submit_s, r.failed, r.machine_busy_cores
+                "round {round}: {:<22} {:>6} tasks in {:>7.2} s = {:>7.1} tasks/s (submitted in {:.2} s; {} failed; machine busy {:.2} cores{})",
+                r.system, r.tasks, r.total_s, r.tasks_per_s, r.submit_s, r.failed, r.machine_busy_cores,
+                match (r.coordinator_cpu_ms_per_task, r.worker_cpu_ms_per_task) {
+                    (Some(c), Some(w)) => format!("; CPU per task: coordinator {c:.2} ms, worker {w:.2} ms"),
+                    _ => String::new(),
+                }
             );
         }
         if let Some(hq) = row.iter().find(|r| r.system.starts_with("hyperqueue")) {

@@ -296,3 +296,36 @@ impl MachineCpu {
         (self.busy - earlier.busy) as f64 / total * nproc as f64
     }
 }
+
+/// The coordinator's pid, found by its config path on the command line.
+pub fn coordinator_pid(config: &std::path::Path) -> Option<String> {
+    pid_by_cmdline(&["serve", &config.to_string_lossy()])
+}
+
+/// The pid of the process whose command line contains every one of `needles`.
+pub fn pid_by_cmdline(needles: &[&str]) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.parse::<u32>().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        needles.iter().all(|n| cmd.contains(n)).then_some(name)
+    })
+}
+
+/// utime + stime of `pid`, in clock ticks.
+pub fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+

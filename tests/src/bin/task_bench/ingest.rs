@@ -247,26 +247,6 @@ async fn attempt(
     })
 }
 
-/// The coordinator's pid, found by its config path on the command line.
-fn coordinator_pid(config: &std::path::Path) -> Option<String> {
-    let needle = config.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        name.parse::<u32>().ok()?;
-        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        (cmd.contains("serve") && cmd.contains(&needle)).then_some(name)
-    })
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 /// Coordinator only: `workers` simulated workers with `streams` attempt streams in all.
 pub async fn sim(
     fleet: &drover_tests::TestFleet,
@@ -317,9 +297,9 @@ pub async fn sim(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let pid = coordinator_pid(&fleet.coordinator_config());
+    let pid = common::coordinator_pid(&fleet.coordinator_config());
     let cpu0 = common::MachineCpu::take();
-    let (t0, ticks0) = (Instant::now(), pid.as_deref().and_then(cpu_ticks));
+    let (t0, ticks0) = (Instant::now(), pid.as_deref().and_then(common::cpu_ticks));
     let mut spec = common::spec("ingest", &["true"], Isolation::Process, 1);
     spec.requirements.labels = vec!["sim".into()];
     let mut ids = Vec::new();
@@ -331,7 +311,7 @@ pub async fn sim(
         results.extend(r.context("simulated worker panicked")??);
     }
     let wall = t0.elapsed().as_secs_f64();
-    let ticks1 = pid.as_deref().and_then(cpu_ticks);
+    let ticks1 = pid.as_deref().and_then(common::cpu_ticks);
     let busy = common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
     let first = results
         .iter()
@@ -372,7 +352,7 @@ pub async fn sim(
     }
     client.close().await;
     let coordinator_cores = match (ticks0, ticks1) {
-        (Some(a), Some(b)) => Some((b - a) as f64 / clock_ticks() / wall),
+        (Some(a), Some(b)) => Some((b - a) as f64 / common::clock_ticks() / wall),
         _ => None,
     };
     Ok(IngestReport {
@@ -390,13 +370,6 @@ pub async fn sim(
     })
 }
 
-fn clock_ticks() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |t| t as f64)
-}
-
 /// End to end: `tasks` real tasks at once on the fleet's real worker(s), each writing
 /// `events` JSON lines to `DROVER_EVENTS_FD`.
 pub async fn e2e(
@@ -409,9 +382,9 @@ pub async fn e2e(
     let mut client = common::connect(&settings).await?;
     let line = r#"{"type":"progress","step":"a step of the task","pct":50}"#;
     let script = format!("yes '{line}' | head -n {events} >&\"$DROVER_EVENTS_FD\"");
-    let pid = coordinator_pid(&fleet.coordinator_config());
+    let pid = common::coordinator_pid(&fleet.coordinator_config());
     let cpu0 = common::MachineCpu::take();
-    let (t0, ticks0) = (Instant::now(), pid.as_deref().and_then(cpu_ticks));
+    let (t0, ticks0) = (Instant::now(), pid.as_deref().and_then(common::cpu_ticks));
     let mut ids = Vec::new();
     for i in 0..tasks {
         let spec = common::spec(&format!("flood{i}"), &["sh", "-c", &script], isolation, 0);
@@ -446,11 +419,11 @@ pub async fn e2e(
         total += events;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let ticks1 = pid.as_deref().and_then(cpu_ticks);
+    let ticks1 = pid.as_deref().and_then(common::cpu_ticks);
     let busy = common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
     client.close().await;
     let coordinator_cores = match (ticks0, ticks1) {
-        (Some(a), Some(b)) => Some((b - a) as f64 / clock_ticks() / wall),
+        (Some(a), Some(b)) => Some((b - a) as f64 / common::clock_ticks() / wall),
         _ => None,
     };
     let seconds = (last_ms.saturating_sub(first_ms)).max(1) as f64 / 1000.0;

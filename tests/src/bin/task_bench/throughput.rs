@@ -33,18 +33,29 @@ pub struct RunResult {
     pub failed: usize,
     /// Cores busy on the whole machine during the run (all processes, out of `nproc`).
     pub machine_busy_cores: f64,
+    /// CPU time of drover's coordinator and worker processes (the worker's children, the tasks
+    /// and sandbox helpers, not included) per task, milliseconds.
+    pub coordinator_cpu_ms_per_task: Option<f64>,
+    pub worker_cpu_ms_per_task: Option<f64>,
 }
 
 pub async fn drover_run(
-    settings: &drover::cli::settings::Resolved,
+    fleet: &drover_tests::TestFleet,
     isolation: Isolation,
     tasks: usize,
     submitters: usize,
 ) -> Result<RunResult> {
+    let settings = &common::operator_settings(fleet);
     let mut clients = Vec::new();
     for _ in 0..submitters {
         clients.push(common::connect(settings).await?);
     }
+    let pids = [
+        common::coordinator_pid(&fleet.coordinator_config()),
+        common::pid_by_cmdline(&["drover-worker", &fleet.worker_config("w1").to_string_lossy()]),
+    ];
+    let ticks = || pids.clone().map(|p| p.as_deref().and_then(common::cpu_ticks));
+    let ticks0 = ticks();
     let cpu0 = common::MachineCpu::take();
     let start_ns = common::realtime_ns();
     let mut set = tokio::task::JoinSet::new();
@@ -93,6 +104,11 @@ pub async fn drover_run(
         last_ms = last_ms.max(ts);
     }
     let busy = common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
+    let ticks1 = ticks();
+    let per_task = |i: usize| match (ticks0[i], ticks1[i]) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / common::clock_ticks() * 1000.0 / tasks as f64),
+        _ => None,
+    };
     for c in clients.into_iter().chain([client]) {
         c.close().await;
     }
@@ -105,6 +121,8 @@ pub async fn drover_run(
         tasks_per_s: tasks as f64 / total_s,
         failed,
         machine_busy_cores: busy,
+        coordinator_cpu_ms_per_task: per_task(0),
+        worker_cpu_ms_per_task: per_task(1),
     })
 }
 
@@ -160,5 +178,7 @@ pub fn hq_run(script: &Path, tasks: usize, cores: usize) -> Result<RunResult> {
         tasks_per_s: tasks as f64 / parsed.total_s,
         failed: 0,
         machine_busy_cores: busy,
+        coordinator_cpu_ms_per_task: None,
+        worker_cpu_ms_per_task: None,
     })
 }
