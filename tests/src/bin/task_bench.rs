@@ -238,9 +238,7 @@ fn throughput_main(
                 System::Process => Isolation::Process,
             };
             let fleet = common::start_fleet(1);
-            let r = rt.block_on(throughput::drover_run(
-                &fleet, isolation, tasks, submitters,
-            ))?;
+            let r = rt.block_on(throughput::drover_run(&fleet, isolation, tasks, submitters))?;
             drop(fleet);
             row.push(r);
         }

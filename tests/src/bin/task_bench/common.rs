@@ -328,4 +328,3 @@ pub fn clock_ticks() -> f64 {
         .flatten()
         .map_or(100.0, |t| t as f64)
 }
-

@@ -410,6 +410,12 @@ pub async fn e2e(
                 progress.len()
             );
         }
+        // Stored once and in order: positions without gaps, the attempt's seq increasing.
+        let in_order = evs.iter().enumerate().all(|(i, e)| e.pos == i as u64)
+            && progress.windows(2).all(|w| w[0].seq < w[1].seq);
+        if !in_order {
+            bail!("task {id}: session out of order or with gaps");
+        }
         first_ms = first_ms.min(progress.first().map_or(u64::MAX, |e| e.ts_ms));
         let exited = evs
             .iter()
