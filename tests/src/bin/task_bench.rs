@@ -169,8 +169,7 @@ fn run(args: Args) -> Result<()> {
             events.max(2),
             &window,
             payload_bytes,
-            e2e_tasks,
-            e2e_events,
+            (e2e_tasks, e2e_events),
         )?,
     };
     eprintln!("task-bench: load at the end {}", common::loadavg());
@@ -273,8 +272,7 @@ fn ingest_main(
     events: u64,
     windows: &[usize],
     payload_bytes: usize,
-    e2e_tasks: usize,
-    e2e_events: u64,
+    (e2e_tasks, e2e_events): (usize, u64),
 ) -> Result<serde_json::Value> {
     let mut reports = Vec::new();
     for &window in windows {
