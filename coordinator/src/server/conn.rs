@@ -16,7 +16,6 @@ use drover_protocol::{
     HelloReply, OperatorRequest, OperatorResponse, Refusal, Role, WorkerMessage,
     SUPPORTED_VERSIONS,
 };
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -481,18 +480,15 @@ async fn attempt_stream(
             return;
         }
     };
-    // Durability is awaited in order beside reading, not before it: the next events reach the
-    // core while earlier ones wait for their group commit, so one stream is not held to one
-    // fsync per event. Acks are cumulative: a durable event acknowledges all before it.
-    let mut pending: VecDeque<(u64, Option<Durable>)> = VecDeque::new();
-    let mut reading = true;
-    loop {
-        if !reading && pending.is_empty() {
-            return;
-        }
-        tokio::select! {
-            frame = recv.next::<AttemptUp>(), if reading && pending.len() < MAX_PIPELINED => {
-                let event = match frame {
+    let (pending_tx, mut pending) =
+        mpsc::channel::<oneshot::Receiver<AttemptReply>>(ATTEMPT_PIPELINE);
+    // Reads events and hands them to the core; ends (dropping `pending_tx`, which lets the
+    // writer drain and stop) when the worker finishes the stream or breaks the rules.
+    let reader = {
+        let (task_id, worker) = (task_id.clone(), worker.clone());
+        async move {
+            loop {
+                let event = match recv.next::<AttemptUp>().await {
                     Ok(Some(AttemptUp::Event(e))) => e,
                     // The connection went away (a worker reconnecting resends on a new stream).
                     Err(e) if !e.is_protocol_violation() => return,
@@ -501,10 +497,7 @@ async fn attempt_stream(
                         conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
                         return;
                     }
-                    Ok(None) => {
-                        reading = false;
-                        continue;
-                    }
+                    Ok(None) => return,
                 };
                 let (reply, answer) = oneshot::channel();
                 let msg = CoreMsg::AttemptEvent {
@@ -514,51 +507,46 @@ async fn attempt_stream(
                     event,
                     reply,
                 };
-                if !core.send(msg).await {
-                    return;
-                }
-                match answer.await {
-                    Ok(AttemptReply::Ack { seq, after }) => pending.push_back((seq, after)),
-                    Ok(AttemptReply::Fenced(reason)) => {
-                        let _ = wire::send(&mut send, &AttemptDown::Fenced { reason }).await;
-                        let _ = send.finish();
-                        return;
-                    }
-                    Err(_) => return,
-                }
-            }
-            // Polls the oldest receiver in place (cancel-safe): it stays queued until it answers.
-            stored = front_durable(&mut pending), if !pending.is_empty() => {
-                let Some((seq, _)) = pending.pop_front() else { continue };
-                if let Err(e) = stored {
-                    // Not durable: no ack. The worker resends after reconnecting.
-                    return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging");
-                }
-                // Only the newest durable event of a run needs acknowledging.
-                if pending.front().is_some_and(|(_, after)| after.is_none()) {
-                    continue;
-                }
-                if wire::send(&mut send, &AttemptDown::Ack { seq }).await.is_err() {
+                if !core.send(msg).await || pending_tx.send(answer).await.is_err() {
                     return;
                 }
             }
         }
+    };
+    // Sends the answers in order, each once its write is durable.
+    let writer = async move {
+        while let Some(answer) = pending.recv().await {
+            let down = match answer.await {
+                Ok(AttemptReply::Ack { seq, after }) => match durable(after).await {
+                    Ok(()) => AttemptDown::Ack { seq },
+                    // Not durable: no ack. The worker resends after reconnecting.
+                    Err(e) => {
+                        return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging")
+                    }
+                },
+                Ok(AttemptReply::Fenced(reason)) => AttemptDown::Fenced { reason },
+                Err(_) => return,
+            };
+            let fenced = matches!(down, AttemptDown::Fenced { .. });
+            if wire::send(&mut send, &down).await.is_err() || fenced {
+                let _ = send.finish();
+                return;
+            }
+        }
+    };
+    let mut writer = std::pin::pin!(writer);
+    tokio::select! {
+        // Fenced, failed, or every answer sent after the reader ended: done.
+        () = &mut writer => return,
+        () = reader => {}
     }
+    writer.await;
 }
 
-/// Waits until the oldest pending event is durable (at once if it needed no write).
-async fn front_durable(pending: &mut VecDeque<(u64, Option<Durable>)>) -> Result<(), String> {
-    match pending.front_mut() {
-        Some((_, Some(rx))) => rx
-            .await
-            .unwrap_or_else(|_| Err("database writer stopped".into())),
-        _ => Ok(()),
-    }
-}
-
-/// Events of one attempt stream accepted by the core and waiting to become durable; past it,
-/// reading waits (the worker's own window, 256, normally keeps it far below).
-const MAX_PIPELINED: usize = 1024;
+/// Events one attempt stream may have read but not yet acknowledged. The real worker keeps at
+/// most 256 unacknowledged; past this bound the stream stops being read and QUIC flow control
+/// holds the peer back.
+const ATTEMPT_PIPELINE: usize = 1024;
 
 #[cfg(test)]
 mod tests {

@@ -267,10 +267,15 @@ impl Core {
                 event,
                 reply,
             } => {
+                // Only the end of an attempt frees capacity (or queues a retry); `started` and
+                // output events change nothing placement sees, so they skip the O(queue) pass.
+                let ends_attempt = event.kind == "exited";
                 let answer = match self.tasks.handle_event(now, &name, &task_id, epoch, event) {
                     EventVerdict::Accept { seq, actions } => {
                         let after = self.apply_tasks(actions);
-                        self.schedule(now);
+                        if ends_attempt {
+                            self.schedule(now);
+                        }
                         AttemptReply::Ack { seq, after }
                     }
                     // Already accepted, but maybe not yet durable (the first copy's batch may

@@ -20,7 +20,7 @@ pub mod session;
 use crate::fleet::WorkerRecord;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
@@ -154,6 +154,36 @@ pub struct Store {
     tx: mpsc::Sender<Command>,
     path: PathBuf,
     blobs: blobs::BlobStore,
+    /// Read-only connections handed back after use: opening one parses the schema, which cost
+    /// more than the read itself when every `Events` request opened its own.
+    readers: Arc<Mutex<Vec<session::Reader>>>,
+}
+
+/// Read-only connections kept for reuse (more are opened when more reads run at once).
+const KEPT_READERS: usize = 4;
+
+/// A read-only connection borrowed from the [`Store`]; goes back to its pool when dropped.
+#[derive(Debug)]
+pub struct PooledReader {
+    reader: Option<session::Reader>,
+    pool: Arc<Mutex<Vec<session::Reader>>>,
+}
+
+impl std::ops::Deref for PooledReader {
+    type Target = session::Reader;
+    fn deref(&self) -> &session::Reader {
+        self.reader.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for PooledReader {
+    fn drop(&mut self) {
+        if let (Some(reader), Ok(mut pool)) = (self.reader.take(), self.pool.lock()) {
+            if pool.len() < KEPT_READERS {
+                pool.push(reader);
+            }
+        }
+    }
 }
 
 /// The writer thread; join it on shutdown so the last batch is committed.
@@ -213,6 +243,7 @@ impl Store {
             tx,
             path,
             blobs: blob_store,
+            readers: Arc::default(),
         };
         Ok((store, StoreThread(thread), loaded))
     }
@@ -266,9 +297,18 @@ impl Store {
         blobs::BlobIndex::open(&self.path)
     }
 
-    /// A read-only connection for session reads beside the writer.
-    pub fn reader(&self) -> Result<session::Reader, StoreError> {
-        session::Reader::open(&self.path)
+    /// A read-only connection for session reads beside the writer (a kept one if any is
+    /// free). Each read runs in its own transaction, so a kept connection sees every commit.
+    pub fn reader(&self) -> Result<PooledReader, StoreError> {
+        let kept = self.readers.lock().ok().and_then(|mut pool| pool.pop());
+        let reader = match kept {
+            Some(r) => r,
+            None => session::Reader::open(&self.path)?,
+        };
+        Ok(PooledReader {
+            reader: Some(reader),
+            pool: self.readers.clone(),
+        })
     }
 }
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""No-op task throughput of HyperQueue, the peer drover's task path is measured against.
+
+Starts a HyperQueue server and one worker with CORES cores (hyperqueue.cluster.LocalCluster,
+both in this process), submits one job of TASKS program tasks running `true` (each asks for
+one core, HyperQueue's default, so CORES run at once), and times from just before the submit
+to the moment the job is finished. stdout/stderr of every task go to files in a temporary
+directory (HyperQueue's default), as drover captures them as events.
+
+Prints one JSON object: {"tasks", "cores", "submit_s", "total_s", "tasks_per_s", "hq_version"}.
+Used by `task-bench throughput` (tests/src/bin/task_bench.rs); runnable alone:
+
+    pip install hyperqueue
+    python3 tests/bench/hq_noop.py --tasks 2000 --cores 2
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=2000, help="no-op tasks to run")
+    parser.add_argument("--cores", type=int, default=2, help="cores of the one worker")
+    args = parser.parse_args()
+    if args.tasks < 1 or args.cores < 1:
+        print("hq_noop.py: --tasks and --cores must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        from hyperqueue import Job
+        from hyperqueue.cluster import LocalCluster, WorkerConfig
+    except ImportError as e:
+        print(f"hq_noop.py: {e}; install HyperQueue with `pip install hyperqueue`", file=sys.stderr)
+        return 69
+
+    with tempfile.TemporaryDirectory(prefix="hq-noop-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "server").mkdir()
+        (tmp / "work").mkdir()
+        with LocalCluster(server_dir=str(tmp / "server")) as cluster:
+            cluster.start_worker(WorkerConfig(cores=args.cores))
+            client = cluster.client()
+            job = Job(default_workdir=str(tmp / "work"))
+            for _ in range(args.tasks):
+                job.program(["true"])
+            start = time.monotonic()
+            submitted = client.submit(job)
+            submit_s = time.monotonic() - start
+            ok = client.wait_for_jobs([submitted], raise_on_error=False)
+            total_s = time.monotonic() - start
+            if not ok:
+                print("hq_noop.py: some HyperQueue tasks failed", file=sys.stderr)
+                return 1
+    print(
+        json.dumps(
+            {
+                "tasks": args.tasks,
+                "cores": args.cores,
+                "submit_s": submit_s,
+                "total_s": total_s,
+                "tasks_per_s": args.tasks / total_s,
+                "hq_version": version("hyperqueue"),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+//! `task-bench`: the task path's speed, measured against the real release binaries.
+//!
+//! Starts a real `drover serve` and real `drover-worker`s on loopback (the end-to-end
+//! harness's `TestFleet`, with the release builds next to this binary) and drives them with
+//! the operator client library the CLI uses:
+//!
+//! - `latency`: dispatch latency, submit → the task's process running in its sandbox;
+//! - `throughput`: N no-op tasks at once, drover with the full sandbox and with
+//!   `isolation = "process"`, against HyperQueue (tests/bench/hq_noop.py), interleaved;
+//! - `ingest`: durable event ingestion, coordinator-only with simulated workers over real
+//!   QUIC + mTLS, and end to end from real tasks writing to `DROVER_EVENTS_FD`.
+//!
+//! Each module's doc defines exactly what it measures. This is a benchmark, not a test: it
+//! asserts nothing about speed (it fails only when the system misbehaves: a task that does not
+//! succeed, an event lost). docs/benchmarks.md ("Task path") records the results.
+//!
+//! ```text
+//! cargo build --release -p drover-coordinator -p drover-worker-agent -p drover-tests
+//! target/release/task-bench latency --samples 300
+//! target/release/task-bench throughput --tasks 2000 --rounds 3
+//! target/release/task-bench ingest
+//! ```
+
+#[path = "task_bench/common.rs"]
+mod common;
+#[path = "task_bench/ingest.rs"]
+mod ingest;
+#[path = "task_bench/latency.rs"]
+mod latency;
+#[path = "task_bench/throughput.rs"]
+mod throughput;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use drover_protocol::task::{Isolation, NetworkPolicy};
+use std::path::PathBuf;
+
+/// Measure drover's task path: dispatch latency, no-op throughput against HyperQueue, and
+/// durable event ingestion.
+#[derive(Debug, Parser)]
+#[command(name = "task-bench", max_term_width = 100)]
+struct Args {
+    /// Directory holding the `drover` and `drover-worker` binaries to measure [default: this
+    /// binary's directory, i.e. target/release].
+    #[arg(long, global = true, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Also print the results as JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum System {
+    Sandbox,
+    Process,
+    Hq,
+}
+
+#[derive(Debug, Subcommand)]
+enum What {
+    /// Submit → the task's first instruction, one task at a time, with the full sandbox and
+    /// with `isolation = "process"`.
+    Latency {
+        /// Samples per isolation mode.
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+    },
+    /// N `true` tasks at once until all completed: drover-sandbox, drover-process, HyperQueue,
+    /// in turn, for several rounds.
+    Throughput {
+        #[arg(long, default_value_t = 2000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Operator connections submitting concurrently.
+        #[arg(long, default_value_t = 8)]
+        submitters: usize,
+        /// The HyperQueue driver [default: tests/bench/hq_noop.py of this source tree].
+        #[arg(long, value_name = "PATH")]
+        hq_script: Option<PathBuf>,
+        /// Which systems to run, in this order each round: `sandbox` (drover, full sandbox),
+        /// `process` (drover, `isolation = "process"`), `hq` (HyperQueue).
+        #[arg(long, value_delimiter = ',', default_value = "sandbox,process,hq")]
+        systems: Vec<System>,
+    },
+    /// Events per second acknowledged after fsync, and the ack latency.
+    Ingest {
+        /// Simulated workers (one QUIC connection each).
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Attempt streams in all (one task each), split over the simulated workers.
+        #[arg(long, default_value_t = 64)]
+        streams: usize,
+        /// Events per stream (the last is `exited`).
+        #[arg(long, default_value_t = 5000)]
+        events: u64,
+        /// Unacknowledged events per stream; several values run one after another, each on a
+        /// fresh coordinator [default: 256, the real worker's window].
+        #[arg(long, value_delimiter = ',', default_value = "256")]
+        window: Vec<usize>,
+        /// Size of each event's payload, bytes (a stdout chunk).
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+        /// Real tasks flooding `DROVER_EVENTS_FD` at once in the end-to-end part (0: skip it).
+        #[arg(long, default_value_t = 1)]
+        e2e_tasks: usize,
+        /// Events each end-to-end task writes.
+        #[arg(long, default_value_t = 20000)]
+        e2e_events: u64,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("task-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn run(args: Args) -> Result<()> {
+    let bins = common::use_binaries(args.bin_dir.as_deref())?;
+    let machine = common::Machine::detect();
+    eprintln!(
+        "task-bench: binaries {}; {} CPUs ({}), kernel {}, load {}",
+        bins.display(),
+        machine.nproc,
+        machine.cpu_model,
+        machine.kernel,
+        machine.loadavg
+    );
+    let rt = runtime()?;
+    let result = match args.what {
+        What::Latency { samples } => latency_main(&rt, samples)?,
+        What::Throughput {
+            tasks,
+            rounds,
+            submitters,
+            hq_script,
+            systems,
+        } => {
+            let script = hq_script.unwrap_or_else(|| {
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/hq_noop.py"))
+            });
+            throughput_main(&rt, tasks, rounds, submitters.max(1), &systems, &script)?
+        }
+        What::Ingest {
+            workers,
+            streams,
+            events,
+            window,
+            payload_bytes,
+            e2e_tasks,
+            e2e_events,
+        } => ingest_main(
+            &rt,
+            workers.max(1),
+            streams.max(1),
+            events.max(2),
+            &window,
+            payload_bytes,
+            (e2e_tasks, e2e_events),
+        )?,
+    };
+    eprintln!("task-bench: load at the end {}", common::loadavg());
+    if args.json {
+        let out = serde_json::json!({ "machine": machine, "load_end": common::loadavg(), "result": result });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+fn latency_main(rt: &tokio::runtime::Runtime, samples: usize) -> Result<serde_json::Value> {
+    let fleet = common::start_fleet(1);
+    let settings = common::operator_settings(&fleet);
+    let baseline = latency::exec_baseline(samples.min(200))?;
+    eprintln!(
+        "exec baseline (date +%s%N spawned directly): {}",
+        baseline.line("ms")
+    );
+    let mut reports = Vec::new();
+    let runs = [
+        (Isolation::Sandbox, NetworkPolicy::None),
+        (Isolation::Sandbox, NetworkPolicy::Host),
+        (Isolation::Process, NetworkPolicy::Host),
+    ];
+    for (isolation, network) in runs {
+        let cpu0 = common::MachineCpu::take();
+        let r = rt.block_on(latency::run(&settings, isolation, network, samples))?;
+        let busy =
+            common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
+        eprintln!(
+            "{} (network {}): dispatch {}\n  submit ack {}\n  stages (means): submitted→assigned {:.2} ms, \
+             assigned→started {:.2} ms, started→stamp {:.2} ms; machine busy {busy:.2} cores",
+            r.isolation,
+            r.network,
+            r.dispatch_ms.line("ms"),
+            r.submit_ack_ms.line("ms"),
+            r.stage_submitted_to_assigned_ms,
+            r.stage_assigned_to_started_ms,
+            r.stage_started_to_stamp_ms
+        );
+        reports.push(serde_json::json!({ "report": r, "machine_busy_cores": busy }));
+    }
+    Ok(serde_json::json!({ "exec_baseline_ms": baseline, "runs": reports }))
+}
+
+fn throughput_main(
+    rt: &tokio::runtime::Runtime,
+    tasks: usize,
+    rounds: usize,
+    submitters: usize,
+    systems: &[System],
+    hq_script: &std::path::Path,
+) -> Result<serde_json::Value> {
+    let cores = common::Machine::detect().nproc;
+    let mut all = Vec::new();
+    for round in 1..=rounds {
+        let mut row = Vec::new();
+        for system in systems {
+            let isolation = match system {
+                System::Hq => {
+                    row.push(throughput::hq_run(hq_script, tasks, cores)?);
+                    continue;
+                }
+                System::Sandbox => Isolation::Sandbox,
+                System::Process => Isolation::Process,
+            };
+            let fleet = common::start_fleet(1);
+            let r = rt.block_on(throughput::drover_run(&fleet, isolation, tasks, submitters))?;
+            drop(fleet);
+            row.push(r);
+        }
+        for r in &row {
+            eprintln!(
+                "round {round}: {:<22} {:>6} tasks in {:>7.2} s = {:>7.1} tasks/s (submitted in {:.2} s; {} failed; machine busy {:.2} cores{})",
+                r.system, r.tasks, r.total_s, r.tasks_per_s, r.submit_s, r.failed, r.machine_busy_cores,
+                match (r.coordinator_cpu_ms_per_task, r.worker_cpu_ms_per_task) {
+                    (Some(c), Some(w)) => format!("; CPU per task: coordinator {c:.2} ms, worker {w:.2} ms"),
+                    _ => String::new(),
+                }
+            );
+        }
+        if let Some(hq) = row.iter().find(|r| r.system.starts_with("hyperqueue")) {
+            for r in row.iter().filter(|r| r.system.starts_with("drover")) {
+                eprintln!(
+                    "round {round}: {} / HyperQueue = {:.2}×",
+                    r.system,
+                    r.tasks_per_s / hq.tasks_per_s
+                );
+            }
+        }
+        all.push(row);
+    }
+    Ok(serde_json::to_value(all)?)
+}
+
+fn ingest_main(
+    rt: &tokio::runtime::Runtime,
+    workers: usize,
+    streams: usize,
+    events: u64,
+    windows: &[usize],
+    payload_bytes: usize,
+    (e2e_tasks, e2e_events): (usize, u64),
+) -> Result<serde_json::Value> {
+    let mut reports = Vec::new();
+    for &window in windows {
+        let mut fleet = drover_tests::TestFleet::builder()
+            .heartbeat_interval_ms(1000)
+            .lease_ms(10_000)
+            .build();
+        fleet.start_coordinator_and_wait();
+        let r = rt.block_on(ingest::sim(
+            &fleet,
+            workers,
+            streams,
+            events,
+            window.max(1),
+            payload_bytes,
+        ))?;
+        print_ingest(&r);
+        reports.push(r);
+    }
+    if e2e_tasks > 0 {
+        let fleet = common::start_fleet(1);
+        for isolation in [Isolation::Sandbox, Isolation::Process] {
+            let r = rt.block_on(ingest::e2e(&fleet, e2e_tasks, e2e_events, isolation))?;
+            print_ingest(&r);
+            reports.push(r);
+        }
+    }
+    Ok(serde_json::to_value(reports)?)
+}
+
+fn print_ingest(r: &ingest::IngestReport) {
+    eprintln!(
+        "{}: {} events over {} stream(s){} in {:.2} s = {:.0} events/s; payload {} B; coordinator {} cores; machine busy {:.2} cores",
+        r.mode,
+        r.events,
+        r.streams,
+        r.window.map_or(String::new(), |w| format!(" (window {w})")),
+        r.seconds,
+        r.events_per_s,
+        r.payload_bytes,
+        r.coordinator_cores.map_or("?".into(), |c| format!("{c:.2}")),
+        r.machine_busy_cores
+    );
+    if let Some(e) = r.events_per_coordinator_cpu_s {
+        eprintln!("  {e:.0} events per second of coordinator CPU time");
+    }
+    if let Some(a) = &r.ack_ms {
+        eprintln!("  ack latency {}", a.line("ms"));
+    }
+}
