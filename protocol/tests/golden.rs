@@ -580,6 +580,13 @@ fn sample_spec() -> TaskSpec {
         priority: -2,
         on_disconnect: Some(drover_protocol::task::OnDisconnect::KeepRunning),
         lost_after_ms: Some(120_000),
+        acceptance: vec![drover_protocol::task::Criterion {
+            name: "tests".into(),
+            command: vec!["make".into(), "test".into()],
+            timeout_ms: 60_000,
+        }],
+        max_iterations: 4,
+        verdict: Some(drover_protocol::task::VerdictSpec { criteria: vec![] }),
     }
 }
 
@@ -597,6 +604,20 @@ fn sample_task_info(state: TaskState, exit: Option<ExitClass>) -> TaskInfo {
         reason: Some("attempt 2 of 3 exited with code 3".into()),
         events: 11,
         spec: sample_spec(),
+        iteration: 2,
+        criteria: vec![drover_protocol::task::CriterionResult {
+            name: "tests".into(),
+            passed: false,
+            exit: Some(1),
+            excerpt: "1 failed".into(),
+        }],
+        verdict: Some(drover_protocol::task::VerdictInfo {
+            epoch: 3,
+            worker: Some("pi-8".into()),
+            work_worker: Some("pi-7".into()),
+            outputs_epoch: Some(2),
+            passed: None,
+        }),
     }
 }
 
@@ -616,6 +637,9 @@ fn coordinator_assign() {
         attempt: 2,
         spec: sample_spec(),
         checkpoint: Some("{\"step\":3}".into()),
+        kind: drover_protocol::AttemptKind::Work,
+        iteration: 2,
+        feedback: Some("{\"iteration\":1,\"failed\":[]}".into()),
     }));
     golden(
         "coordinator_assign",
@@ -626,6 +650,23 @@ fn coordinator_assign() {
          08014001e0d403010103f40302960101808080802003010101c0a907010a7b22\
          73746570223a337d",
     );
+}
+
+#[test]
+fn coordinator_assign_verdict() {
+    let msg = CoordinatorMessage::Assign(Box::new(Assignment {
+        task_id: "t7".into(),
+        epoch: 3,
+        attempt: 2,
+        spec: sample_spec(),
+        checkpoint: None,
+        kind: drover_protocol::AttemptKind::Verdict {
+            outputs_epoch: Some(2),
+        },
+        iteration: 0,
+        feedback: None,
+    }));
+    golden("coordinator_assign_verdict", &msg, "");
 }
 
 #[test]

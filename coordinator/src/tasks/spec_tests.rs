@@ -134,6 +134,9 @@ fn every_field_converts_and_json_matches_toml() {
             priority: 10,
             on_disconnect: None,
             lost_after_ms: None,
+            acceptance: vec![],
+            max_iterations: drover_protocol::task::DEFAULT_MAX_ITERATIONS,
+            verdict: None,
         }
     );
     assert_eq!(json(FULL_JSON).unwrap(), spec);
