@@ -1243,3 +1243,7 @@ mod tests;
 #[cfg(test)]
 #[path = "lifecycle_ops_tests.rs"]
 mod ops_tests;
+
+#[cfg(test)]
+#[path = "lifecycle_acceptance_tests.rs"]
+mod acceptance_tests;

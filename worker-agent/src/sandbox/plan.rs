@@ -83,6 +83,12 @@ pub(crate) fn environment(
         })?;
         env.push(("DROVER_CHECKPOINT_FILE".to_owned(), file.to_owned()));
     }
+    for (name, value) in spec.extra_env {
+        if !name.starts_with(RESERVED_PREFIX) || value.contains('\0') {
+            return Err(bad(name, "drover's own variables start with DROVER_, without NUL"));
+        }
+        env.push((name.clone(), value.clone()));
+    }
     env.sort();
     Ok(env)
 }
@@ -314,6 +320,7 @@ mod tests {
             network: NetworkPolicy::None,
             isolation: Isolation::Sandbox,
             checkpoint_file: None,
+            extra_env: &[],
         }
     }
 
