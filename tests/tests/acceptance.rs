@@ -131,9 +131,17 @@ fn two_iterations_then_satisfied_with_the_events_in_order() {
         "iteration 2 of 3",
         "[iteration 2] answer: passed",
     ] {
-        assert!(stdout.contains(shown), "--follow shows {shown:?}:\n{stdout}");
+        assert!(
+            stdout.contains(shown),
+            "--follow shows {shown:?}:\n{stdout}"
+        );
     }
-    let id = stdout.lines().next().expect("the id first").trim().to_owned();
+    let id = stdout
+        .lines()
+        .next()
+        .expect("the id first")
+        .trim()
+        .to_owned();
     let t = task(&fleet, &id).expect("task show");
     assert_eq!(
         (t.state, t.iteration, t.attempts),
@@ -180,7 +188,10 @@ fn two_iterations_then_satisfied_with_the_events_in_order() {
     assert_eq!(completed[0]["payload"]["state"], "satisfied");
     // The stored output is the fixed one, and `task show` tells the progress.
     let shown = String::from_utf8_lossy(&fleet.cli(&["task", "show", &id]).stdout).into_owned();
-    assert!(shown.contains("Iteration: 2 of max_iterations 3"), "{shown}");
+    assert!(
+        shown.contains("Iteration: 2 of max_iterations 3"),
+        "{shown}"
+    );
     assert!(shown.contains("Criteria:  answer passed"), "{shown}");
 }
 
@@ -235,7 +246,9 @@ command = ["sh", "-c", "cat tries.txt; exit 7"]
     assert_eq!(n, [1, 2, 3], "exactly max_iterations iterations");
     let checks = of_kind(&all, "criterion_checked");
     assert_eq!(checks.len(), 3);
-    assert!(checks.iter().all(|c| c["payload"]["passed"] == false && c["payload"]["exit"] == 7));
+    assert!(checks
+        .iter()
+        .all(|c| c["payload"]["passed"] == false && c["payload"]["exit"] == 7));
     // The same workspace each time: the third check saw all three tries.
     assert!(checks[2]["payload"]["excerpt"]
         .as_str()
@@ -315,19 +328,30 @@ command = ["sh", "-c", "test -s report.json || { echo 'report.json is missing'; 
     assert_eq!(checks[0]["payload"]["passed"], true, "passed on the worker");
     assert_eq!(checks[1]["epoch"], 2);
     assert_eq!(checks[1]["payload"]["verdict"], true);
-    assert_eq!(checks[1]["payload"]["passed"], false, "failed in the verdict");
+    assert_eq!(
+        checks[1]["payload"]["passed"], false,
+        "failed in the verdict"
+    );
     let excerpt = checks[1]["payload"]["excerpt"].as_str().unwrap_or("");
     assert!(excerpt.contains("report.json is missing"), "{excerpt}");
     assert!(
         excerpt.contains("summary.txt"),
         "the verdict saw the stored outputs: {excerpt}"
     );
-    assert_eq!(of_kind(&all, "verdict_outputs_unpacked")[0]["payload"]["files"], 1);
-    assert_eq!(of_kind(&all, "completed")[0]["payload"]["state"], "rejected");
+    assert_eq!(
+        of_kind(&all, "verdict_outputs_unpacked")[0]["payload"]["files"],
+        1
+    );
+    assert_eq!(
+        of_kind(&all, "completed")[0]["payload"]["state"],
+        "rejected"
+    );
     let out = fleet.cli(&["task", "show", &id]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
-        shown.contains(&format!("Verdict:   FAILED on {verdict_worker} (work by {work_worker}")),
+        shown.contains(&format!(
+            "Verdict:   FAILED on {verdict_worker} (work by {work_worker}"
+        )),
         "{shown}"
     );
 }
@@ -379,13 +403,20 @@ command = ["grep", "-qx", "42", "answer.txt"]
         (TaskState::Satisfied, 2, 2),
         "{t:?}"
     );
-    assert_ne!(t.worker.as_deref(), Some(victim.as_str()), "on the other worker");
+    assert_ne!(
+        t.worker.as_deref(),
+        Some(victim.as_str()),
+        "on the other worker"
+    );
     let all = events(&fleet, &id);
     let ended = of_kind(&all, "attempt_ended");
     assert_eq!(ended[0]["payload"]["reason"], "worker_lost");
     let assigned = of_kind(&all, "assigned");
     assert_eq!(assigned.len(), 2);
-    assert_eq!(assigned[1]["payload"]["iteration"], 2, "resumes at iteration 2");
+    assert_eq!(
+        assigned[1]["payload"]["iteration"], 2,
+        "resumes at iteration 2"
+    );
     // Iterations per epoch: 1 and 2 on the first worker, only 2 on its replacement.
     let per_epoch = |epoch: u64| -> Vec<u64> {
         of_kind(&all, "iteration_started")

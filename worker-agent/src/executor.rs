@@ -26,8 +26,8 @@ use crate::sandbox::{AttemptSpec, Sandbox};
 use crate::spool::Spool;
 use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry, StreamEnd};
 use crate::workspace;
-use drover_protocol::task::{ExitClass, Limits, OnDisconnect};
 use drover_protocol::acceptance::Feedback;
+use drover_protocol::task::{ExitClass, Limits, OnDisconnect};
 use drover_protocol::{Assignment, AttemptKind};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -264,7 +264,11 @@ async fn run_process(
                 return;
             }
         }
-        let outcome = match run_main(sandbox, a, &workspace, &limits, checkpoint, &extra_env, &tx, &cancel).await {
+        let outcome = match run_main(
+            sandbox, a, &workspace, &limits, checkpoint, &extra_env, &tx, &cancel,
+        )
+        .await
+        {
             Ok(o) => o,
             Err(why) => {
                 let _ = tx.send(("exited".into(), fail(why))).await;

@@ -616,7 +616,8 @@ fn acceptance_rows(t: &TaskInfo) -> Vec<(&'static str, String)> {
                 "{result} on {} (work by {}, outputs of epoch {})",
                 v.worker.as_deref().unwrap_or("-"),
                 v.work_worker.as_deref().unwrap_or("-"),
-                v.outputs_epoch.map_or("- (none stored)".into(), |e| e.to_string())
+                v.outputs_epoch
+                    .map_or("- (none stored)".into(), |e| e.to_string())
             ),
         ));
     } else if t.spec.verdict.is_some() {
@@ -652,7 +653,9 @@ pub fn tasks_table(list: &[TaskInfo], now_ms: u64) -> String {
 /// `drover task show`; `worker` is the state of the task's worker when known, shown when it
 /// is not `ready` (an attempt on a lost or draining worker is about to move).
 pub fn task_detail(t: &TaskInfo, worker: Option<drover_protocol::WorkerState>) -> String {
-    let retrying = t.state == TaskState::Queued && t.attempts > 0;
+    let retrying = t.state == TaskState::Queued
+        && t.attempts > 0
+        && t.verdict.as_ref().is_none_or(|v| v.epoch > 0);
     let worker_line = match (&t.worker, worker) {
         (Some(w), Some(state)) if state != drover_protocol::WorkerState::Ready => {
             format!("{w} ({state})")

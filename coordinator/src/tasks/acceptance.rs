@@ -130,9 +130,7 @@ impl Progress {
         if spec.acceptance.is_empty() || self.iteration == 0 {
             return (0, None);
         }
-        if self.complete(spec)
-            && !self.current_passed(spec)
-            && self.iteration < spec.max_iterations
+        if self.complete(spec) && !self.current_passed(spec) && self.iteration < spec.max_iterations
         {
             let next = Feedback::from_results(self.iteration, &self.checks)
                 .and_then(|f| serde_json::to_string(&f).ok());

@@ -371,7 +371,11 @@ impl Tasks {
                 submitted_ms: t.submitted_ms,
                 requirements: t.requirements(),
             }];
-            let work_worker = t.progress.verdict.as_ref().and_then(|d| d.work_worker.clone());
+            let work_worker = t
+                .progress
+                .verdict
+                .as_ref()
+                .and_then(|d| d.work_worker.clone());
             let others: Vec<WorkerView> = workers
                 .iter()
                 .filter(|w| Some(&w.name) != work_worker.as_ref())
@@ -807,6 +811,8 @@ impl Tasks {
             .iter()
             .filter_map(|id| self.tasks.get(id))
             .filter(|t| t.state == TaskState::Queued && t.attempts > 0)
+            // A verdict waiting for its first worker is not a retry.
+            .filter(|t| t.progress.verdict.as_ref().is_none_or(|d| d.tries > 0))
             .map(|t| drover_protocol::RetryingTask {
                 id: t.id.clone(),
                 name: t.spec.name.clone(),
@@ -1026,7 +1032,8 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
 fn request_verdict(t: &mut Task, now: u64) -> Vec<NewEvent> {
     let work_worker = t.worker.clone();
     let outputs_epoch = t.progress.outputs_epoch;
-    t.progress.request_verdict(work_worker.clone(), outputs_epoch);
+    t.progress
+        .request_verdict(work_worker.clone(), outputs_epoch);
     t.state = TaskState::Queued;
     t.not_before_ms = now;
     t.reason = Some(verdict_wait_reason(work_worker.as_deref()));
@@ -1034,7 +1041,13 @@ fn request_verdict(t: &mut Task, now: u64) -> Vec<NewEvent> {
         "after_attempt": t.attempts, "iteration": t.progress.iteration,
         "work_worker": work_worker, "outputs_epoch": outputs_epoch,
     });
-    vec![event(t, now, None, "verdict_requested", payload.to_string())]
+    vec![event(
+        t,
+        now,
+        None,
+        "verdict_requested",
+        payload.to_string(),
+    )]
 }
 
 fn verdict_wait_reason(work_worker: Option<&str>) -> String {
@@ -1073,7 +1086,13 @@ fn verdict_over(t: &mut Task, now: u64, outcome: &Outcome) -> Option<Vec<NewEven
         "after_attempt": t.attempts, "reason": why, "not_before_ms": t.not_before_ms,
         "verdict": true,
     });
-    Some(vec![event(t, now, None, "retry_scheduled", payload.to_string())])
+    Some(vec![event(
+        t,
+        now,
+        None,
+        "retry_scheduled",
+        payload.to_string(),
+    )])
 }
 
 /// The delay before the next counted attempt: the backoff, doubled for each earlier one.
@@ -1160,7 +1179,8 @@ fn replay(t: &mut Task, e: &NewEvent) {
                 .and_then(|w| w.as_str())
                 .map(str::to_owned);
             let outputs_epoch = payload.get("outputs_epoch").and_then(|o| o.as_u64());
-            t.progress.request_verdict(work_worker.clone(), outputs_epoch);
+            t.progress
+                .request_verdict(work_worker.clone(), outputs_epoch);
             t.state = TaskState::Queued;
             t.not_before_ms = e.ts_ms;
             t.reason = Some(verdict_wait_reason(work_worker.as_deref()));

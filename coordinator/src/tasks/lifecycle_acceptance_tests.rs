@@ -73,7 +73,11 @@ impl Run {
             task: self.task[0].clone(),
             events: self.events.clone(),
         }]);
-        assert_eq!(rebuilt.list(None), self.tasks.list(None), "replay equals live");
+        assert_eq!(
+            rebuilt.list(None),
+            self.tasks.list(None),
+            "replay equals live"
+        );
     }
 
     fn submit(&mut self, now: u64, spec: TaskSpec) -> String {
@@ -126,18 +130,27 @@ fn two_iterations_then_satisfied_in_one_attempt() {
     let id = r.submit(1, spec(3, false));
     r.schedule(2, &["w1"]);
     assert_eq!(r.assigned[0].1.kind, AttemptKind::Work);
-    assert_eq!((r.assigned[0].1.iteration, &r.assigned[0].1.feedback), (0, &None));
+    assert_eq!(
+        (r.assigned[0].1.iteration, &r.assigned[0].1.feedback),
+        (0, &None)
+    );
     r.send(3, &id, "started", json!({}));
     r.send(4, &id, "iteration_started", json!({"n": 1}));
     r.check(5, &id, 1, false);
     assert_eq!(r.info(&id).iteration, 1);
     assert!(!r.info(&id).criteria[0].passed);
     r.send(6, &id, "iteration_started", json!({"n": 2}));
-    assert!(r.info(&id).criteria.is_empty(), "iteration 2 has checked nothing yet");
+    assert!(
+        r.info(&id).criteria.is_empty(),
+        "iteration 2 has checked nothing yet"
+    );
     r.check(7, &id, 2, true);
     r.send(8, &id, "exited", json!({"class": {"exited": 0}}));
     let t = r.info(&id);
-    assert_eq!((t.state, t.iteration, t.attempts), (TaskState::Satisfied, 2, 1));
+    assert_eq!(
+        (t.state, t.iteration, t.attempts),
+        (TaskState::Satisfied, 2, 1)
+    );
     assert_eq!(t.finished_ms, Some(8));
     assert_eq!(
         r.kinds(),
@@ -167,9 +180,15 @@ fn never_satisfied_fails_with_max_iterations_reached() {
     }
     r.send(6, &id, "exited", json!({"class": {"exited": 0}}));
     let t = r.info(&id);
-    assert_eq!((t.state, t.iteration, t.attempts), (TaskState::Failed, 2, 1));
+    assert_eq!(
+        (t.state, t.iteration, t.attempts),
+        (TaskState::Failed, 2, 1)
+    );
     let reason = t.reason.unwrap();
-    assert!(reason.starts_with("max_iterations_reached: 2 of 2"), "{reason}");
+    assert!(
+        reason.starts_with("max_iterations_reached: 2 of 2"),
+        "{reason}"
+    );
     assert!(reason.contains("tests (exit 1)"), "{reason}");
 }
 
@@ -190,7 +209,10 @@ fn a_lost_worker_mid_iteration_2_resumes_there_with_the_feedback() {
     assert_eq!(r.assigned.len(), 1);
     r.schedule(200, &["w2"]);
     let (w, a) = r.assigned.last().cloned().unwrap();
-    assert_eq!((w.as_str(), a.epoch, a.attempt, a.iteration), ("w2", 2, 2, 2));
+    assert_eq!(
+        (w.as_str(), a.epoch, a.attempt, a.iteration),
+        ("w2", 2, 2, 2)
+    );
     let f: Feedback = serde_json::from_str(a.feedback.as_deref().unwrap()).unwrap();
     assert_eq!((f.iteration, f.failed[0].name.as_str()), (1, "tests"));
     assert_eq!(f.failed[0].excerpt, "iteration 1 output");
@@ -209,7 +231,10 @@ fn a_lost_worker_mid_iteration_2_resumes_there_with_the_feedback() {
     r.check(203, &id, 2, true);
     r.send(204, &id, "exited", json!({"class": {"exited": 0}}));
     let t = r.info(&id);
-    assert_eq!((t.state, t.iteration, t.attempts), (TaskState::Satisfied, 2, 2));
+    assert_eq!(
+        (t.state, t.iteration, t.attempts),
+        (TaskState::Satisfied, 2, 2)
+    );
 }
 
 #[test]
@@ -225,12 +250,23 @@ fn the_verdict_runs_on_another_worker_and_rejects() {
     let t = r.info(&id);
     assert_eq!(t.state, TaskState::Queued);
     let v = t.verdict.unwrap();
-    assert_eq!((v.epoch, v.work_worker.as_deref(), v.outputs_epoch), (0, Some("w1"), Some(1)));
+    assert_eq!(
+        (v.epoch, v.work_worker.as_deref(), v.outputs_epoch),
+        (0, Some("w1"), Some(1))
+    );
     // w1 is the least loaded but did the work: the verdict goes to w2.
     r.schedule(8, &["w1", "w2"]);
     let (w, a) = r.assigned.last().cloned().unwrap();
     assert_eq!(w, "w2");
-    assert_eq!((a.epoch, a.kind), (2, AttemptKind::Verdict { outputs_epoch: Some(1) }));
+    assert_eq!(
+        (a.epoch, a.kind),
+        (
+            2,
+            AttemptKind::Verdict {
+                outputs_epoch: Some(1)
+            }
+        )
+    );
     assert_eq!(r.info(&id).attempts, 1, "a verdict is not a work attempt");
     r.send(9, &id, "started", json!({"kind": "verdict"}));
     r.send(10, &id, "criterion_checked",
@@ -239,11 +275,21 @@ fn the_verdict_runs_on_another_worker_and_rejects() {
     let t = r.info(&id);
     assert_eq!(t.state, TaskState::Rejected);
     assert_eq!(t.verdict.unwrap().passed, Some(false));
-    assert!(t.reason.unwrap().contains("the verdict on w2 failed: tests (exit 1)"));
+    assert!(t
+        .reason
+        .unwrap()
+        .contains("the verdict on w2 failed: tests (exit 1)"));
     assert_eq!(t.iteration, 1, "the verdict's checks are not an iteration");
     assert_eq!(
         &r.kinds()[7..],
-        ["verdict_requested", "assigned", "started", "criterion_checked", "exited", "completed"]
+        [
+            "verdict_requested",
+            "assigned",
+            "started",
+            "criterion_checked",
+            "exited",
+            "completed"
+        ]
     );
 }
 
@@ -267,7 +313,12 @@ fn a_lost_verdict_is_run_again_then_verifies_on_the_only_worker() {
     r.schedule(200, &["w1"]);
     let (w, a) = r.assigned.last().cloned().unwrap();
     assert_eq!((w.as_str(), a.epoch), ("w1", 3));
-    assert_eq!(a.kind, AttemptKind::Verdict { outputs_epoch: None });
+    assert_eq!(
+        a.kind,
+        AttemptKind::Verdict {
+            outputs_epoch: None
+        }
+    );
     r.send(201, &id, "started", json!({}));
     r.send(202, &id, "criterion_checked",
         json!({"iteration": 0, "name": "tests", "passed": true, "exit": 0, "excerpt": "", "verdict": true}));

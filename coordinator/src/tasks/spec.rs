@@ -17,8 +17,8 @@ use super::inputs::{resolve_inputs, InputFile};
 use super::units;
 use super::validate::{invalid, validate_spec, InvalidField};
 use drover_protocol::task::{
-    Criterion, Isolation, Limits, NetworkPolicy, OnDisconnect, Requirements, RetryPolicy,
-    TaskSpec, VerdictSpec, DEFAULT_CRITERION_TIMEOUT_MS, DEFAULT_MAX_ITERATIONS,
+    Criterion, Isolation, Limits, NetworkPolicy, OnDisconnect, Requirements, RetryPolicy, TaskSpec,
+    VerdictSpec, DEFAULT_CRITERION_TIMEOUT_MS, DEFAULT_MAX_ITERATIONS,
 };
 use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;

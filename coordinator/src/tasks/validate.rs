@@ -263,11 +263,17 @@ fn check_acceptance(spec: &TaskSpec) -> Result<(), InvalidField> {
     Ok(())
 }
 
-fn check_criteria(field: &str, list: &[drover_protocol::task::Criterion]) -> Result<(), InvalidField> {
+fn check_criteria(
+    field: &str,
+    list: &[drover_protocol::task::Criterion],
+) -> Result<(), InvalidField> {
     if list.len() > MAX_CRITERIA {
         return Err(invalid(
             field,
-            format!("has {} criteria; at most {MAX_CRITERIA} are allowed", list.len()),
+            format!(
+                "has {} criteria; at most {MAX_CRITERIA} are allowed",
+                list.len()
+            ),
         ));
     }
     for (i, c) in list.iter().enumerate() {
@@ -292,7 +298,10 @@ fn check_criteria(field: &str, list: &[drover_protocol::task::Criterion]) -> Res
             ));
         }
         if c.command.iter().any(|a| a.contains('\0')) {
-            return Err(invalid(format!("{at}.command"), "must not contain NUL bytes"));
+            return Err(invalid(
+                format!("{at}.command"),
+                "must not contain NUL bytes",
+            ));
         }
         if c.timeout_ms == 0 {
             return Err(invalid(

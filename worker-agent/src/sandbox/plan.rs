@@ -85,7 +85,10 @@ pub(crate) fn environment(
     }
     for (name, value) in spec.extra_env {
         if !name.starts_with(RESERVED_PREFIX) || value.contains('\0') {
-            return Err(bad(name, "drover's own variables start with DROVER_, without NUL"));
+            return Err(bad(
+                name,
+                "drover's own variables start with DROVER_, without NUL",
+            ));
         }
         env.push((name.clone(), value.clone()));
     }
