@@ -378,6 +378,31 @@ mod tests {
     }
 
     #[test]
+    fn extra_drover_variables_are_added_and_only_drover_ones() {
+        let limits = Limits::default();
+        let env = BTreeMap::new();
+        let extra = [
+            ("DROVER_ITERATION".to_owned(), "2".to_owned()),
+            (
+                "DROVER_FEEDBACK_FILE".to_owned(),
+                "/w/.drover-feedback.json".to_owned(),
+            ),
+        ];
+        let mut looped = spec(&env, &limits);
+        looped.extra_env = &extra;
+        let got = environment(&looped, Path::new("/w")).expect("env");
+        assert!(got.contains(&("DROVER_ITERATION".into(), "2".into())));
+        assert!(got.contains(&(
+            "DROVER_FEEDBACK_FILE".into(),
+            "/w/.drover-feedback.json".into()
+        )));
+        let bad = [("HOME".to_owned(), "/root".to_owned())];
+        looped.extra_env = &bad;
+        let err = environment(&looped, Path::new("/w")).expect_err("not a DROVER_ name");
+        assert!(matches!(err, SpawnError::BadEnv { .. }), "{err}");
+    }
+
+    #[test]
     fn argv_rules() {
         assert!(matches!(argv(&[]), Err(SpawnError::EmptyCommand)));
         assert!(matches!(
