@@ -677,8 +677,14 @@ pub fn task_detail(t: &TaskInfo, worker: Option<drover_protocol::WorkerState>) -
         (
             "Attempts",
             format!(
-                "{} (epoch {}; retry.max_attempts {})",
-                t.attempts, t.epoch, t.spec.retry.max_attempts
+                "{} (epoch {}{}; retry.max_attempts {})",
+                t.attempts,
+                t.epoch,
+                match &t.verdict {
+                    Some(v) if v.epoch == t.epoch && v.epoch > 0 => ", the verdict's",
+                    _ => "",
+                },
+                t.spec.retry.max_attempts
             ),
         ),
         ("Worker", worker_line),

@@ -1031,7 +1031,8 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
 /// The criteria passed on the worker: record `verdict_requested` and queue the verdict at once.
 fn request_verdict(t: &mut Task, now: u64) -> Vec<NewEvent> {
     let work_worker = t.worker.clone();
-    let outputs_epoch = t.progress.outputs_epoch;
+    // Only what the satisfying attempt stored: an earlier attempt's outputs are not its work.
+    let outputs_epoch = t.progress.outputs_epoch.filter(|e| *e == t.epoch);
     t.progress
         .request_verdict(work_worker.clone(), outputs_epoch);
     t.state = TaskState::Queued;

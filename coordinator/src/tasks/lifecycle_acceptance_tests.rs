@@ -327,3 +327,26 @@ fn a_lost_verdict_is_run_again_then_verifies_on_the_only_worker() {
     assert_eq!((t.state, t.attempts, t.epoch), (TaskState::Verified, 1, 3));
     assert_eq!(t.verdict.unwrap().passed, Some(true));
 }
+
+#[test]
+fn the_verdict_checks_only_what_the_satisfying_attempt_stored() {
+    let mut r = Run::default();
+    let id = r.submit(1, spec(3, true));
+    r.schedule(2, &["w1"]);
+    r.send(3, &id, "started", json!({}));
+    r.send(4, &id, "iteration_started", json!({"n": 1}));
+    r.send(5, &id, "outputs_stored", json!({"files": 1}));
+    r.send(6, &id, "exited", json!({"class": {"exited": 2}}));
+    assert_eq!(r.info(&id).state, TaskState::Queued);
+    r.schedule(200, &["w1"]);
+    r.send(201, &id, "started", json!({}));
+    r.send(202, &id, "iteration_started", json!({"n": 1}));
+    r.check(203, &id, 1, true);
+    r.send(204, &id, "outputs_failed", json!({"error": "disk full"}));
+    r.send(205, &id, "exited", json!({"class": {"exited": 0}}));
+    let v = r.info(&id).verdict.unwrap();
+    assert_eq!(
+        (v.outputs_epoch, v.work_worker.as_deref()),
+        (None, Some("w1"))
+    );
+}
