@@ -11,6 +11,7 @@
 //! - any change to an existing message bumps [`PROTOCOL_VERSION`]; the golden tests in
 //!   `tests/golden.rs` fail on any accidental change.
 
+pub mod acceptance;
 pub mod bytes;
 pub mod frame;
 pub mod handshake;

@@ -201,6 +201,25 @@ pub struct Assignment {
     pub spec: crate::task::TaskSpec,
     /// Payload of the last checkpoint event of earlier attempts, if any.
     pub checkpoint: Option<String>,
+    /// A task's own work, or the independent verdict on it.
+    pub kind: AttemptKind,
+    /// The acceptance loop's iteration to start at (from the session, so an attempt that
+    /// replaces a dead one resumes where it was); 0 or 1 for the first.
+    pub iteration: u32,
+    /// The feedback file of that iteration (JSON [`crate::acceptance::Feedback`]), if it is
+    /// not the first.
+    pub feedback: Option<String>,
+}
+
+/// What an attempt is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptKind {
+    /// Run the task's command (and its acceptance loop).
+    #[default]
+    Work,
+    /// Run only the verdict's criteria, in a workspace holding the outputs that attempt
+    /// `outputs_epoch` stored (fetched like inputs); `None`: an empty workspace.
+    Verdict { outputs_epoch: Option<u64> },
 }
 
 /// A worker's state in the fleet registry.

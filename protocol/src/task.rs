@@ -174,6 +174,66 @@ pub struct TaskSpec {
     /// up (the worker stops it, the coordinator reschedules it); `None`: the worker's default.
     #[serde(default)]
     pub lost_after_ms: Option<u64>,
+    /// Acceptance criteria, run in order in the workspace after the main command exits 0;
+    /// empty: the task is done when its command exits 0 (see [`crate::acceptance`]).
+    #[serde(default)]
+    pub acceptance: Vec<Criterion>,
+    /// Most iterations of the acceptance loop (the first included), at least 1. Default
+    /// [`DEFAULT_MAX_ITERATIONS`]; read only with `acceptance`.
+    #[serde(default = "default_max_iterations")]
+    pub max_iterations: u32,
+    /// An independent check of the declared outputs once the criteria pass on the worker;
+    /// `None`: the worker's own check is the last word (the task ends `satisfied`).
+    #[serde(default)]
+    pub verdict: Option<VerdictSpec>,
+}
+
+/// `max_iterations` when a spec does not say.
+pub const DEFAULT_MAX_ITERATIONS: u32 = 3;
+/// A criterion's timeout when its spec does not say: 10 minutes.
+pub const DEFAULT_CRITERION_TIMEOUT_MS: u64 = 600_000;
+
+fn default_max_iterations() -> u32 {
+    DEFAULT_MAX_ITERATIONS
+}
+
+fn default_criterion_timeout() -> u64 {
+    DEFAULT_CRITERION_TIMEOUT_MS
+}
+
+/// One acceptance criterion: a named command run in the task's workspace, in a fresh sandbox
+/// configured like the task's; it passes when it exits 0 within its timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Criterion {
+    /// Unique within the spec; names the criterion in events and feedback.
+    pub name: String,
+    /// argv, looked up on the task's PATH like the main command.
+    pub command: Vec<String>,
+    /// Wall-clock limit, ms; past it the criterion is killed and fails.
+    #[serde(default = "default_criterion_timeout")]
+    pub timeout_ms: u64,
+}
+
+/// The independent verdict: criteria re-run by the coordinator's choice of worker (another
+/// one when one fits) in a fresh sandbox holding only the task's stored outputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerdictSpec {
+    /// The verdict's criteria; empty: the task's `acceptance` criteria.
+    pub criteria: Vec<Criterion>,
+}
+
+impl TaskSpec {
+    /// The criteria the verdict runs, if the spec asks for a verdict.
+    pub fn verdict_criteria(&self) -> Option<&[Criterion]> {
+        let v = self.verdict.as_ref()?;
+        Some(if v.criteria.is_empty() {
+            &self.acceptance
+        } else {
+            &v.criteria
+        })
+    }
 }
 
 /// What happens to a running attempt when its worker loses the coordinator.
@@ -233,15 +293,24 @@ pub enum TaskState {
     Succeeded,
     Failed,
     Cancelled,
+    /// Every acceptance criterion passed on the worker (no verdict asked for).
+    Satisfied,
+    /// The criteria passed on the worker and the independent verdict passed too.
+    Verified,
+    /// The criteria passed on the worker but the independent verdict failed.
+    Rejected,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 5] = [
+    pub const ALL: [TaskState; 8] = [
         TaskState::Queued,
         TaskState::Running,
         TaskState::Succeeded,
         TaskState::Failed,
         TaskState::Cancelled,
+        TaskState::Satisfied,
+        TaskState::Verified,
+        TaskState::Rejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -251,13 +320,21 @@ impl TaskState {
             TaskState::Succeeded => "succeeded",
             TaskState::Failed => "failed",
             TaskState::Cancelled => "cancelled",
+            TaskState::Satisfied => "satisfied",
+            TaskState::Verified => "verified",
+            TaskState::Rejected => "rejected",
         }
     }
 
     pub fn is_final(self) -> bool {
+        !matches!(self, TaskState::Queued | TaskState::Running)
+    }
+
+    /// A final state that means the work is done: `succeeded`, `satisfied` or `verified`.
+    pub fn is_success(self) -> bool {
         matches!(
             self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+            TaskState::Succeeded | TaskState::Satisfied | TaskState::Verified
         )
     }
 }
@@ -272,7 +349,7 @@ impl core::str::FromStr for TaskState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         TaskState::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            format!("unknown task state {s:?}: expected queued, running, succeeded, failed or cancelled")
+            format!("unknown task state {s:?}: expected queued, running, succeeded, failed, cancelled, satisfied, verified or rejected")
         })
     }
 }
@@ -298,6 +375,41 @@ pub struct TaskInfo {
     /// Events in its session.
     pub events: u64,
     pub spec: TaskSpec,
+    /// Iteration of the acceptance loop reached (1 for the first), counted apart from
+    /// attempts: an attempt that resumes after a failure continues the count. 0 without
+    /// acceptance criteria or before the first iteration.
+    pub iteration: u32,
+    /// The latest result of each criterion in the current iteration, or of the verdict once
+    /// it has checked any, in the order they ran.
+    pub criteria: Vec<CriterionResult>,
+    /// The verdict, once the criteria passed on the worker and the spec asks for one.
+    pub verdict: Option<VerdictInfo>,
+}
+
+/// One criterion's result (`criterion_checked` in the session, and feedback).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CriterionResult {
+    pub name: String,
+    pub passed: bool,
+    /// Its exit code; `None` when it did not exit by itself (timed out, killed, not started).
+    pub exit: Option<i32>,
+    /// The tail of its stdout and stderr, at most [`crate::acceptance::MAX_EXCERPT_BYTES`].
+    pub excerpt: String,
+}
+
+/// Where a task's verdict is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictInfo {
+    /// The epoch of the (latest) verdict attempt; 0 while waiting for a worker.
+    pub epoch: u64,
+    /// The worker it runs or ran on.
+    pub worker: Option<String>,
+    /// The worker whose work it checks.
+    pub work_worker: Option<String>,
+    /// The attempt whose stored outputs it checks; `None`: it stored none.
+    pub outputs_epoch: Option<u64>,
+    /// `None` while it runs; then whether every criterion passed.
+    pub passed: Option<bool>,
 }
 
 /// One stored event of a session (`drover events --json`).

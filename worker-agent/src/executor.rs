@@ -11,16 +11,24 @@
 //! before the process starts; outputs are stored after it ends and before `exited` is sent,
 //! so a task seen `completed` already has its outputs stored.
 //!
+//! Acceptance criteria ([`crate::acceptance`]): when the spec has some, the command runs as
+//! iteration 1 (or where the assignment says to resume), the criteria run after it exits 0,
+//! and while one fails and `max_iterations` allows, the command runs again in the same
+//! workspace with `DROVER_ITERATION` and `DROVER_FEEDBACK_FILE`. Outputs are stored once,
+//! after the loop. A verdict assignment runs only the verdict's criteria.
+//!
 //! An attempt's lifetime follows its `on_disconnect` policy ([`Policy`]): with `kill` it dies
 //! with the connection that started it; with `keep_running` it outlives connections and is
 //! reattached on the next one, until `lost_after` without a connection.
 
+use crate::acceptance::{self, Checks, FEEDBACK_FILE};
 use crate::sandbox::{AttemptSpec, Sandbox};
 use crate::spool::Spool;
 use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry, StreamEnd};
 use crate::workspace;
+use drover_protocol::acceptance::Feedback;
 use drover_protocol::task::{ExitClass, Limits, OnDisconnect};
-use drover_protocol::Assignment;
+use drover_protocol::{Assignment, AttemptKind};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
@@ -165,10 +173,13 @@ async fn run_process(
         .join(format!("{}-{}", a.task_id, a.epoch));
     // The policy goes into the session: the coordinator reads it back to know whether to keep
     // the attempt while its worker is away (and for how long), across its own restarts too.
-    let started = json!({
+    let mut started = json!({
         "attempt": a.attempt, "workspace": workspace, "resumed_from_checkpoint": a.checkpoint.is_some(),
         "on_disconnect": policy.on_disconnect.as_str(), "lost_after_ms": policy.lost_after.as_millis() as u64,
     });
+    if matches!(a.kind, AttemptKind::Verdict { .. }) {
+        started["kind"] = json!("verdict");
+    }
     let _ = tx.send(("started".into(), started.to_string())).await;
     let fail =
         |message: String| json!({ "class": ExitClass::Exited(127), "error": message }).to_string();
@@ -196,6 +207,23 @@ async fn run_process(
             .await;
         return;
     }
+    if let AttemptKind::Verdict { outputs_epoch } = a.kind {
+        let limits = resolved_limits(a);
+        let iteration = [("DROVER_VERDICT".to_owned(), "1".to_owned())];
+        let checks = Checks {
+            sandbox,
+            a,
+            workspace: &workspace,
+            limits: &limits,
+            extra_env: &iteration,
+            cancel: &cancel,
+            tx: &tx,
+        };
+        let conn = transfer_connection(conns, policy).await;
+        let exited = acceptance::run_verdict(conn, &ctx.work_dir, &checks, outputs_epoch).await;
+        let _ = tx.send(("exited".into(), exited)).await;
+        return;
+    }
     if !a.spec.inputs.is_empty() {
         let fetched = match transfer_connection(conns, policy).await {
             Some(conn) => workspace::prepare_inputs(&conn, &ctx.work_dir, a, &workspace, &tx).await,
@@ -218,34 +246,57 @@ async fn run_process(
             return;
         }
     }
-    let spec = AttemptSpec {
-        task_id: &a.task_id,
-        attempt: a.attempt,
-        argv: &a.spec.command,
-        env: &a.spec.env,
-        workspace: &workspace,
-        limits: &limits,
-        network: a.spec.network,
-        isolation: a.spec.isolation,
-        checkpoint_file: a.checkpoint.is_some().then_some(checkpoint_file.as_path()),
-    };
-    let mut attempt = match sandbox.spawn(spec).await {
-        Ok(at) => at,
-        Err(e) => {
+    let checkpoint = a.checkpoint.is_some().then_some(checkpoint_file.as_path());
+    let criteria = &a.spec.acceptance;
+    let mut iteration = a.iteration.max(1);
+    let mut feedback = a.feedback.clone();
+    let feedback_file = workspace.join(FEEDBACK_FILE);
+    let outcome = loop {
+        let mut extra_env = Vec::new();
+        if !criteria.is_empty() {
+            let payload = json!({ "n": iteration, "max": a.spec.max_iterations });
             let _ = tx
-                .send((
-                    "exited".into(),
-                    fail(format!("could not start the task: {e}")),
-                ))
+                .send(("iteration_started".into(), payload.to_string()))
                 .await;
-            return;
+            extra_env.push(("DROVER_ITERATION".to_owned(), iteration.to_string()));
+            if let Err(why) = place_feedback(&feedback_file, feedback.as_deref(), &mut extra_env) {
+                let _ = tx.send(("exited".into(), fail(why))).await;
+                return;
+            }
         }
+        let outcome = match run_main(
+            sandbox, a, &workspace, &limits, checkpoint, &extra_env, &tx, &cancel,
+        )
+        .await
+        {
+            Ok(o) => o,
+            Err(why) => {
+                let _ = tx.send(("exited".into(), fail(why))).await;
+                return;
+            }
+        };
+        if criteria.is_empty() || !outcome.class.is_success() || cancel.is_cancelled() {
+            break outcome;
+        }
+        extra_env.retain(|(k, _)| k == "DROVER_ITERATION");
+        let checks = Checks {
+            sandbox,
+            a,
+            workspace: &workspace,
+            limits: &limits,
+            extra_env: &extra_env,
+            cancel: &cancel,
+            tx: &tx,
+        };
+        let results = checks.run(criteria, iteration, false).await;
+        let passed = results.iter().all(|r| r.passed);
+        if passed || iteration >= a.spec.max_iterations || cancel.is_cancelled() {
+            break outcome;
+        }
+        feedback = Feedback::from_results(iteration, &results)
+            .and_then(|f| serde_json::to_string(&f).ok());
+        iteration += 1;
     };
-    let out = pump_chunks(attempt.stdout.take(), "stdout", tx.clone());
-    let err = pump_chunks(attempt.stderr.take(), "stderr", tx.clone());
-    let events = pump_lines(attempt.events.take(), tx.clone());
-    let wait = attempt.wait(cancel);
-    let (outcome, (), (), ()) = tokio::join!(wait, out, err, events);
     if !a.spec.outputs.is_empty() {
         match transfer_connection(conns, policy).await {
             Some(conn) => workspace::finish_outputs(&conn, &ctx.work_dir, a, &workspace, &tx).await,
@@ -264,6 +315,62 @@ async fn run_process(
         "duration_ms": outcome.duration.as_millis() as u64,
     });
     let _ = tx.send(("exited".into(), exited.to_string())).await;
+}
+
+/// Write the feedback file (or remove a stale one) and name it in the environment.
+fn place_feedback(
+    file: &Path,
+    feedback: Option<&str>,
+    env: &mut Vec<(String, String)>,
+) -> Result<(), String> {
+    let Some(feedback) = feedback else {
+        let _ = std::fs::remove_file(file);
+        return Ok(());
+    };
+    std::fs::write(file, feedback)
+        .map_err(|e| format!("cannot write the feedback to {}: {e}", file.display()))?;
+    let path = file
+        .to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", file.display()))?;
+    env.push(("DROVER_FEEDBACK_FILE".to_owned(), path.to_owned()));
+    Ok(())
+}
+
+/// Spawn the task's command once and pump its output until the whole tree is gone; `Err`
+/// with the message for `exited` when it could not start.
+#[allow(clippy::too_many_arguments)]
+async fn run_main(
+    sandbox: &Sandbox,
+    a: &Assignment,
+    workspace: &Path,
+    limits: &Limits,
+    checkpoint_file: Option<&Path>,
+    extra_env: &[(String, String)],
+    tx: &Emit,
+    cancel: &CancellationToken,
+) -> Result<crate::sandbox::AttemptOutcome, String> {
+    let spec = AttemptSpec {
+        task_id: &a.task_id,
+        attempt: a.attempt,
+        argv: &a.spec.command,
+        env: &a.spec.env,
+        workspace,
+        limits,
+        network: a.spec.network,
+        isolation: a.spec.isolation,
+        checkpoint_file,
+        extra_env,
+    };
+    let mut attempt = sandbox
+        .spawn(spec)
+        .await
+        .map_err(|e| format!("could not start the task: {e}"))?;
+    let out = pump_chunks(attempt.stdout.take(), "stdout", tx.clone());
+    let err = pump_chunks(attempt.stderr.take(), "stderr", tx.clone());
+    let events = pump_lines(attempt.events.take(), tx.clone());
+    let wait = attempt.wait(cancel.clone());
+    let (outcome, (), (), ()) = tokio::join!(wait, out, err, events);
+    Ok(outcome)
 }
 
 /// A memory limit defaults to the memory the task reserves.

@@ -6,6 +6,7 @@
 //! - [`resources`]: what the host has and uses;
 //! - [`sandbox`]: namespaces and cgroup limits for one attempt;
 //! - [`executor`]: runs assigned attempts in the [`sandbox`] and streams their events;
+//!   [`acceptance`]: their acceptance criteria and verdict attempts;
 //! - [`spool`]: each attempt's on-disk spool of events not yet acknowledged;
 //! - [`stream`]: an attempt's events through its spool to the coordinator, across reconnects;
 //! - [`link`]: the connection to the coordinator (handshake, registration, heartbeats,
@@ -19,6 +20,7 @@
 //! The coordinator reuses `pki`, `wire`, `logging` and `notify` from here, so they are written
 //! once and the lean worker binary pulls in nothing it does not need.
 
+pub mod acceptance;
 pub mod archive;
 pub mod config;
 pub mod executor;

@@ -136,7 +136,8 @@ pub enum Command {
     },
     /// List tasks.
     Tasks {
-        /// Only tasks in this state: queued, running, succeeded, failed or cancelled.
+        /// Only tasks in this state: queued, running, succeeded, failed, cancelled,
+        /// satisfied, verified or rejected.
         #[arg(long, value_name = "STATE", value_parser = parse_task_state)]
         state: Option<drover_protocol::task::TaskState>,
         #[command(flatten)]

@@ -33,7 +33,7 @@ pub struct SubmitArgs {
     /// Task spec file, TOML or JSON (docs/task-spec.md; examples in examples/).
     pub spec: PathBuf,
     /// Stream the task's events until it ends, then exit with its status (0 succeeded,
-    /// 1 failed or cancelled).
+    /// satisfied or verified; 1 failed, cancelled or rejected).
     #[arg(long, short = 'f')]
     pub follow: bool,
     /// Print events as JSON lines while following (and the id as JSON).
@@ -214,7 +214,8 @@ pub async fn submit(s: &Resolved, args: SubmitArgs) -> Result<(), CliError> {
     client.close().await;
     let state = result?;
     match state {
-        Some(TaskState::Succeeded) | None => Ok(()),
+        Some(state) if state.is_success() => Ok(()),
+        None => Ok(()),
         Some(other) => Err(CliError::new(exit::FAILURE, format!("task {id} {other}"))),
     }
 }
@@ -279,6 +280,12 @@ fn print_event(e: &SessionEvent, json: bool) {
             .unwrap_or("")
             .trim_end_matches('\n')
             .to_owned(),
+        "iteration_started" => format!(
+            "iteration {} of {}",
+            payload.get("n").and_then(|n| n.as_u64()).unwrap_or(0),
+            payload.get("max").and_then(|n| n.as_u64()).unwrap_or(0)
+        ),
+        "criterion_checked" => criterion_line(&payload),
         _ => payload.to_string(),
     };
     let mut lines = body.lines();
@@ -292,6 +299,32 @@ fn print_event(e: &SessionEvent, json: bool) {
     for more in lines {
         outln!("{:>5}  {:8}  {:4} {:<16} {more}", "", "", "", "");
     }
+}
+
+/// `tests: passed` / `tests: FAILED (exit 1): <last line of its output>`, with `[verdict]`
+/// for the verdict's checks.
+fn criterion_line(p: &serde_json::Value) -> String {
+    let name = p.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+    let scope = match p.get("verdict").and_then(|v| v.as_bool()) {
+        Some(true) => "[verdict] ".to_owned(),
+        _ => format!(
+            "[iteration {}] ",
+            p.get("iteration").and_then(|n| n.as_u64()).unwrap_or(0)
+        ),
+    };
+    if p.get("passed").and_then(|v| v.as_bool()) == Some(true) {
+        return format!("{scope}{name}: passed");
+    }
+    let exit = match p.get("exit").and_then(|e| e.as_i64()) {
+        Some(code) => format!("exit {code}"),
+        None => "no exit".into(),
+    };
+    let last = p
+        .get("excerpt")
+        .and_then(|e| e.as_str())
+        .and_then(|e| e.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("");
+    format!("{scope}{name}: FAILED ({exit}): {last}")
 }
 
 pub async fn events(s: &Resolved, args: EventsArgs) -> Result<(), CliError> {
@@ -546,6 +579,53 @@ pub async fn outputs(s: &Resolved, args: OutputsArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `Iteration`, `Criteria` and `Verdict` lines for a task with acceptance criteria or a verdict.
+fn acceptance_rows(t: &TaskInfo) -> Vec<(&'static str, String)> {
+    let mut rows = Vec::new();
+    if !t.spec.acceptance.is_empty() {
+        rows.push((
+            "Iteration",
+            format!(
+                "{} of max_iterations {} (iterations are counted apart from attempts)",
+                t.iteration, t.spec.max_iterations
+            ),
+        ));
+    }
+    if !t.criteria.is_empty() {
+        let list: Vec<String> = t
+            .criteria
+            .iter()
+            .map(|c| match (c.passed, c.exit) {
+                (true, _) => format!("{} passed", c.name),
+                (false, Some(code)) => format!("{} FAILED (exit {code})", c.name),
+                (false, None) => format!("{} FAILED (no exit)", c.name),
+            })
+            .collect();
+        rows.push(("Criteria", list.join(", ")));
+    }
+    if let Some(v) = &t.verdict {
+        let result = match v.passed {
+            Some(true) => "passed".to_owned(),
+            Some(false) => "FAILED".to_owned(),
+            None if v.epoch == 0 => "waiting for a worker".to_owned(),
+            None => "running".to_owned(),
+        };
+        rows.push((
+            "Verdict",
+            format!(
+                "{result} on {} (work by {}, outputs of epoch {})",
+                v.worker.as_deref().unwrap_or("-"),
+                v.work_worker.as_deref().unwrap_or("-"),
+                v.outputs_epoch
+                    .map_or("- (none stored)".into(), |e| e.to_string())
+            ),
+        ));
+    } else if t.spec.verdict.is_some() {
+        rows.push(("Verdict", "after the criteria pass on the worker".into()));
+    }
+    rows
+}
+
 pub fn tasks_table(list: &[TaskInfo], now_ms: u64) -> String {
     if list.is_empty() {
         return "No tasks match.\n".into();
@@ -573,7 +653,9 @@ pub fn tasks_table(list: &[TaskInfo], now_ms: u64) -> String {
 /// `drover task show`; `worker` is the state of the task's worker when known, shown when it
 /// is not `ready` (an attempt on a lost or draining worker is about to move).
 pub fn task_detail(t: &TaskInfo, worker: Option<drover_protocol::WorkerState>) -> String {
-    let retrying = t.state == TaskState::Queued && t.attempts > 0;
+    let retrying = t.state == TaskState::Queued
+        && t.attempts > 0
+        && t.verdict.as_ref().is_none_or(|v| v.epoch > 0);
     let worker_line = match (&t.worker, worker) {
         (Some(w), Some(state)) if state != drover_protocol::WorkerState::Ready => {
             format!("{w} ({state})")
@@ -595,8 +677,14 @@ pub fn task_detail(t: &TaskInfo, worker: Option<drover_protocol::WorkerState>) -
         (
             "Attempts",
             format!(
-                "{} (epoch {}; retry.max_attempts {})",
-                t.attempts, t.epoch, t.spec.retry.max_attempts
+                "{} (epoch {}{}; retry.max_attempts {})",
+                t.attempts,
+                t.epoch,
+                match &t.verdict {
+                    Some(v) if v.epoch == t.epoch && v.epoch > 0 => ", the verdict's",
+                    _ => "",
+                },
+                t.spec.retry.max_attempts
             ),
         ),
         ("Worker", worker_line),
@@ -619,6 +707,7 @@ pub fn task_detail(t: &TaskInfo, worker: Option<drover_protocol::WorkerState>) -
             r.clone(),
         ));
     }
+    rows.extend(acceptance_rows(t));
     rows.push(("Events", format!("{} (drover events {})", t.events, t.id)));
     rows.iter()
         .map(|(k, v)| format!("{:<11}{v}\n", format!("{k}:")))

@@ -690,6 +690,9 @@ mod tests {
             reason: None,
             events: 3,
             spec,
+            iteration: 0,
+            criteria: vec![],
+            verdict: None,
         }
     }
 

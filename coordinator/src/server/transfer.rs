@@ -1,6 +1,7 @@
 //! Archive transfers on the coordinator's side, one stream each:
 //! - a worker's inputs stream ([`serve_inputs`]): the attempt must be current; its task's
-//!   inputs archive goes down in chunks;
+//!   inputs archive goes down in chunks — or, for a verdict attempt, the outputs archive of
+//!   the attempt it checks (so the verdict sees exactly what was stored);
 //! - a worker's outputs stream ([`receive_outputs`]): the attempt must be current (checked
 //!   before receiving and again, atomically with the write, after); the archive is received
 //!   into the blob store, checked as a tar archive within the outputs limits, made durable,
@@ -71,7 +72,27 @@ pub async fn serve_inputs(
     }
     let store = ctx.store.clone();
     let id = task_id.clone();
-    let row = tokio::task::spawn_blocking(move || store.blob_index()?.inputs(&id)).await;
+    let verdict = task_info(ctx, &task_id)
+        .await
+        .and_then(|t| t.verdict)
+        .filter(|v| v.epoch == epoch);
+    let row = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+        let index = store.blob_index()?;
+        Ok(match verdict {
+            // A verdict's workspace holds the outputs it checks.
+            Some(v) => index
+                .outputs(&id)?
+                .into_iter()
+                .find(|o| Some(o.epoch) == v.outputs_epoch)
+                .map(|o| crate::store::blobs::InputsRow {
+                    task_id: id.clone(),
+                    sha256: o.sha256,
+                    archive_bytes: o.archive_bytes,
+                }),
+            None => index.inputs(&id)?,
+        })
+    })
+    .await;
     let row = match row {
         Ok(Ok(Some(row))) => row,
         Ok(Ok(None)) => {

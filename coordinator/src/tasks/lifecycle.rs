@@ -12,6 +12,13 @@
 //! `retry_scheduled`; attempts rescheduled off a drained worker (`attempt_ended {drained}`)
 //! do not count against `max_attempts` (`retry_scheduled {counted: false}`).
 //!
+//! Acceptance (issue 6, [`super::acceptance`]): the worker's `iteration_started` and
+//! `criterion_checked` events feed the task's [`Progress`]; an `exited(0)` under criteria ends
+//! the task `satisfied`, `failed` (`max_iterations_reached`) or, with a verdict asked for,
+//! records `verdict_requested` and queues a verdict attempt (its own epoch, on another worker
+//! when one fits) whose `exited` ends the task `verified` or `rejected`. Epochs count work
+//! attempts and verdict attempts together.
+//!
 //! Invariants (checked by [`Tasks::sanity_check`]):
 //! - positions of a session are assigned here, from 0, without gaps;
 //! - a worker event is accepted only for the task's current epoch, from the worker that
@@ -31,12 +38,13 @@
 //! restarted coordinator knows it from the session. Detachment itself is not persisted: after
 //! a restart the `lost_after` clock starts again when the worker is found lost.
 
+use super::acceptance::{self, Progress, WorkOutcome};
 use super::oom::{self, OomDecision, OomReport};
 use super::placement::{pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
 use drover_protocol::task::OnDisconnect;
 use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
-use drover_protocol::{Assignment, AttemptEvent, Capacity};
+use drover_protocol::{Assignment, AttemptEvent, AttemptKind, Capacity};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -117,6 +125,8 @@ struct Task {
     keep_running: Option<u64>,
     /// Since when the current attempt's worker is lost (in memory only).
     detached_since: Option<u64>,
+    /// The acceptance loop and verdict, from the session.
+    progress: Progress,
 }
 
 impl Task {
@@ -158,7 +168,13 @@ impl Task {
             checkpoint: None,
             keep_running: None,
             detached_since: None,
+            progress: Progress::default(),
         }
+    }
+
+    /// Whether the task waits for (or runs) its verdict rather than its work.
+    fn in_verdict(&self) -> bool {
+        self.progress.verdict.is_some()
     }
 }
 
@@ -281,11 +297,15 @@ impl Tasks {
 
     /// Place every queued task that fits; each placement is a new epoch.
     pub fn schedule(&mut self, now: u64, workers: &[WorkerView]) -> Vec<TaskAction> {
+        let mut workers = workers.to_vec();
+        let mut actions = self.schedule_verdicts(now, &mut workers);
+        let workers = &workers[..];
         let queue: Vec<QueuedTask<String>> = self
             .order
             .iter()
             .filter_map(|id| self.tasks.get(id))
             .filter(|t| t.state == TaskState::Queued && t.not_before_ms <= now)
+            .filter(|t| !t.in_verdict())
             .map(|t| QueuedTask {
                 id: t.id.clone(),
                 priority: t.spec.priority,
@@ -294,9 +314,8 @@ impl Tasks {
             })
             .collect();
         if queue.is_empty() {
-            return Vec::new();
+            return actions;
         }
-        let mut actions = Vec::new();
         for (id, worker) in pick_next(&queue, workers) {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
@@ -309,13 +328,12 @@ impl Tasks {
             t.reason = None;
             t.keep_running = spec_keep_running(&t.spec);
             t.detached_since = None;
-            let assigned = event(
-                t,
-                now,
-                None,
-                "assigned",
-                json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker }).to_string(),
-            );
+            let (iteration, feedback) = t.progress.resume_point(&t.spec);
+            let mut payload = json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker });
+            if iteration > 1 {
+                payload["iteration"] = json!(iteration);
+            }
+            let assigned = event(t, now, None, "assigned", payload.to_string());
             let assigned = oom::note_memory(assigned, t.memory_bytes);
             actions.push(TaskAction::Append(vec![assigned]));
             actions.push(TaskAction::Assign {
@@ -326,6 +344,82 @@ impl Tasks {
                     attempt: t.attempts,
                     spec: oom::with_memory(&t.spec, t.memory_bytes),
                     checkpoint: t.checkpoint.clone(),
+                    kind: AttemptKind::Work,
+                    iteration,
+                    feedback,
+                }),
+            });
+        }
+        actions
+    }
+
+    /// Place queued verdicts, one at a time, each on a worker other than the one whose work
+    /// it checks when one fits (else on any that fits); `workers`' reservations are updated so
+    /// the work placed after them does not over-commit.
+    fn schedule_verdicts(&mut self, now: u64, workers: &mut [WorkerView]) -> Vec<TaskAction> {
+        let mut actions = Vec::new();
+        for id in &self.order {
+            let Some(t) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            if t.state != TaskState::Queued || t.not_before_ms > now || !t.in_verdict() {
+                continue;
+            }
+            let q = [QueuedTask {
+                id: t.id.clone(),
+                priority: t.spec.priority,
+                submitted_ms: t.submitted_ms,
+                requirements: t.requirements(),
+            }];
+            let work_worker = t
+                .progress
+                .verdict
+                .as_ref()
+                .and_then(|d| d.work_worker.clone());
+            let others: Vec<WorkerView> = workers
+                .iter()
+                .filter(|w| Some(&w.name) != work_worker.as_ref())
+                .cloned()
+                .collect();
+            let picked = pick_next(&q, &others)
+                .into_iter()
+                .next()
+                .or_else(|| pick_next(&q, workers).into_iter().next());
+            let Some((_, worker)) = picked else {
+                continue;
+            };
+            if let Some(w) = workers.iter_mut().find(|w| w.name == worker) {
+                let d = super::placement::demand(&q[0].requirements);
+                w.reserved.cpus += d.cpus;
+                w.reserved.memory_bytes += d.memory_bytes;
+                w.reserved.gpus += d.gpus;
+            }
+            t.epoch += 1;
+            t.next_seq = 0;
+            t.state = TaskState::Running;
+            t.worker = Some(worker.clone());
+            t.reason = None;
+            t.keep_running = spec_keep_running(&t.spec);
+            t.detached_since = None;
+            t.progress.verdict_assigned(t.epoch, Some(worker.clone()));
+            let outputs_epoch = t.progress.verdict.as_ref().and_then(|d| d.outputs_epoch);
+            let payload = json!({
+                "epoch": t.epoch, "attempt": t.attempts, "worker": worker, "kind": "verdict",
+                "outputs_epoch": outputs_epoch, "work_worker": work_worker,
+            });
+            let assigned = event(t, now, None, "assigned", payload.to_string());
+            actions.push(TaskAction::Append(vec![assigned]));
+            actions.push(TaskAction::Assign {
+                worker,
+                assignment: Box::new(Assignment {
+                    task_id: t.id.clone(),
+                    epoch: t.epoch,
+                    attempt: t.attempts,
+                    spec: oom::with_memory(&t.spec, t.memory_bytes),
+                    checkpoint: None,
+                    kind: AttemptKind::Verdict { outputs_epoch },
+                    iteration: 0,
+                    feedback: None,
                 }),
             });
         }
@@ -388,6 +482,7 @@ impl Tasks {
             payload: ev.payload.clone(),
         }];
         t.next_pos += 1;
+        t.progress.apply_worker_event(epoch, &ev.kind, &ev.payload);
         if ev.kind == "checkpoint" {
             t.checkpoint = Some(ev.payload.clone());
         }
@@ -716,6 +811,8 @@ impl Tasks {
             .iter()
             .filter_map(|id| self.tasks.get(id))
             .filter(|t| t.state == TaskState::Queued && t.attempts > 0)
+            // A verdict waiting for its first worker is not a retry.
+            .filter(|t| t.progress.verdict.as_ref().is_none_or(|d| d.tries > 0))
             .map(|t| drover_protocol::RetryingTask {
                 id: t.id.clone(),
                 name: t.spec.name.clone(),
@@ -737,9 +834,10 @@ impl Tasks {
                     t.id
                 );
             }
+            let verdicts = t.progress.verdict.as_ref().map_or(0, |d| d.tries);
             assert!(
-                t.attempts as u64 == t.epoch,
-                "{}: attempts and epochs diverge",
+                u64::from(t.attempts) + u64::from(verdicts) == t.epoch,
+                "{}: work and verdict attempts do not add up to the epochs",
                 t.id
             );
             if t.detached_since.is_some() && t.state == TaskState::Running {
@@ -808,6 +906,10 @@ enum Outcome {
     Fail(String),
     /// Retry at once, not counted against `max_attempts`.
     Drained(String),
+    /// End the task in this final state, with this reason (acceptance and verdict results).
+    Final(TaskState, Option<String>),
+    /// The criteria passed on the worker: queue the verdict.
+    Verdict,
 }
 
 fn class_outcome(class: ExitClass, cancel_requested: bool) -> Outcome {
@@ -822,6 +924,24 @@ fn class_outcome(class: ExitClass, cancel_requested: bool) -> Outcome {
 /// How an `exited` event ends the attempt: as [`class_outcome`] says, except that an OOM kill
 /// follows `retry.on_oom`.
 fn exit_outcome(t: &Task, class: ExitClass, payload: &str) -> Outcome {
+    if t.cancel_requested {
+        return Outcome::Cancelled;
+    }
+    if t.progress.is_verdict_epoch(t.epoch) {
+        return match acceptance::verdict_outcome(&t.spec, &t.progress, class) {
+            Ok((state, reason)) => Outcome::Final(state, reason),
+            Err(why) => Outcome::Retry(why),
+        };
+    }
+    if class.is_success() {
+        return match acceptance::work_outcome(&t.spec, &t.progress) {
+            WorkOutcome::Succeeded => Outcome::Succeeded,
+            WorkOutcome::Satisfied => Outcome::Final(TaskState::Satisfied, None),
+            WorkOutcome::Verdict => Outcome::Verdict,
+            WorkOutcome::MaxIterations(why) => Outcome::Final(TaskState::Failed, Some(why)),
+            WorkOutcome::Incomplete(why) => Outcome::Retry(why),
+        };
+    }
     match class_outcome(class, t.cancel_requested) {
         Outcome::Retry(_) if class == ExitClass::OomKilled => {
             let payload = serde_json::from_str(payload).unwrap_or_default();
@@ -859,8 +979,15 @@ fn resumed(t: &mut Task, now: u64, started: &str) -> Option<NewEvent> {
 
 /// Record the end of the current attempt: completion, or a retry under the task's policy.
 fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
+    if t.in_verdict() {
+        if let Some(events) = verdict_over(t, now, &outcome) {
+            return events;
+        }
+    }
     let (state, reason) = match outcome {
         Outcome::Succeeded => (TaskState::Succeeded, None),
+        Outcome::Final(state, reason) => (state, reason),
+        Outcome::Verdict => return request_verdict(t, now),
         Outcome::Cancelled => (
             TaskState::Cancelled,
             Some("cancelled by an operator".to_owned()),
@@ -899,6 +1026,74 @@ fn attempt_over(t: &mut Task, now: u64, outcome: Outcome) -> Vec<NewEvent> {
         "completed",
         json!({ "state": state, "reason": reason }).to_string(),
     )]
+}
+
+/// The criteria passed on the worker: record `verdict_requested` and queue the verdict at once.
+fn request_verdict(t: &mut Task, now: u64) -> Vec<NewEvent> {
+    let work_worker = t.worker.clone();
+    // Only what the satisfying attempt stored: an earlier attempt's outputs are not its work.
+    let outputs_epoch = t.progress.outputs_epoch.filter(|e| *e == t.epoch);
+    t.progress
+        .request_verdict(work_worker.clone(), outputs_epoch);
+    t.state = TaskState::Queued;
+    t.not_before_ms = now;
+    t.reason = Some(verdict_wait_reason(work_worker.as_deref()));
+    let payload = json!({
+        "after_attempt": t.attempts, "iteration": t.progress.iteration,
+        "work_worker": work_worker, "outputs_epoch": outputs_epoch,
+    });
+    vec![event(
+        t,
+        now,
+        None,
+        "verdict_requested",
+        payload.to_string(),
+    )]
+}
+
+fn verdict_wait_reason(work_worker: Option<&str>) -> String {
+    format!(
+        "the criteria passed on {}; waiting for a worker to run the verdict",
+        work_worker.unwrap_or("its worker")
+    )
+}
+
+/// A verdict attempt that ended without a result (its worker lost, the outputs not fetched):
+/// run it again while `retry.max_attempts` verdict attempts are not used up, else fail.
+/// `None` for outcomes that are not a retry (a result, a cancel).
+fn verdict_over(t: &mut Task, now: u64, outcome: &Outcome) -> Option<Vec<NewEvent>> {
+    let why = match outcome {
+        Outcome::Retry(why)
+        | Outcome::RetryWithMemory(why, _)
+        | Outcome::Fail(why)
+        | Outcome::Drained(why) => why.clone(),
+        _ => return None,
+    };
+    let tries = t.progress.verdict.as_ref().map_or(0, |d| d.tries);
+    if tries >= t.spec.retry.max_attempts {
+        let reason = format!(
+            "the verdict could not run: {tries} verdict attempts ended without a result (last: {why})"
+        );
+        t.state = TaskState::Failed;
+        t.reason = Some(reason.clone());
+        t.finished_ms = Some(now);
+        let payload = json!({ "state": TaskState::Failed, "reason": reason });
+        return Some(vec![event(t, now, None, "completed", payload.to_string())]);
+    }
+    t.state = TaskState::Queued;
+    t.not_before_ms = now + t.spec.retry.backoff_ms;
+    t.reason = Some(format!("retrying the verdict after {why}"));
+    let payload = json!({
+        "after_attempt": t.attempts, "reason": why, "not_before_ms": t.not_before_ms,
+        "verdict": true,
+    });
+    Some(vec![event(
+        t,
+        now,
+        None,
+        "retry_scheduled",
+        payload.to_string(),
+    )])
 }
 
 /// The delay before the next counted attempt: the backoff, doubled for each earlier one.
@@ -940,6 +1135,7 @@ fn replay(t: &mut Task, e: &NewEvent) {
         if e.epoch == t.epoch {
             t.next_seq = e.seq.unwrap_or(0) + 1;
         }
+        t.progress.apply_worker_event(e.epoch, &e.kind, &e.payload);
         if e.kind == "checkpoint" {
             t.checkpoint_at = Some((e.pos, e.epoch, e.seq.unwrap_or(0)));
         }
@@ -974,6 +1170,30 @@ fn replay(t: &mut Task, e: &NewEvent) {
             t.next_seq = 0;
             t.reason = None;
             t.keep_running = spec_keep_running(&t.spec);
+            if payload.get("kind").and_then(|k| k.as_str()) == Some("verdict") {
+                t.progress.verdict_assigned(e.epoch, t.worker.clone());
+            }
+        }
+        "verdict_requested" => {
+            let work_worker = payload
+                .get("work_worker")
+                .and_then(|w| w.as_str())
+                .map(str::to_owned);
+            let outputs_epoch = payload.get("outputs_epoch").and_then(|o| o.as_u64());
+            t.progress
+                .request_verdict(work_worker.clone(), outputs_epoch);
+            t.state = TaskState::Queued;
+            t.not_before_ms = e.ts_ms;
+            t.reason = Some(verdict_wait_reason(work_worker.as_deref()));
+        }
+        "retry_scheduled" if payload.get("verdict").and_then(|v| v.as_bool()) == Some(true) => {
+            t.state = TaskState::Queued;
+            t.not_before_ms = payload
+                .get("not_before_ms")
+                .and_then(|n| n.as_u64())
+                .unwrap_or(0);
+            let why = payload.get("reason").and_then(|r| r.as_str()).unwrap_or("");
+            t.reason = Some(format!("retrying the verdict after {why}"));
         }
         "retry_scheduled" => {
             t.memory_bytes = payload.get("memory_bytes").and_then(|m| m.as_u64());
@@ -1031,6 +1251,9 @@ fn to_info(t: &Task) -> TaskInfo {
         reason,
         events: t.next_pos,
         spec: t.spec.clone(),
+        iteration: t.progress.iteration,
+        criteria: t.progress.shown_criteria(),
+        verdict: t.progress.verdict_info(t.state),
     }
 }
 
@@ -1041,3 +1264,7 @@ mod tests;
 #[cfg(test)]
 #[path = "lifecycle_ops_tests.rs"]
 mod ops_tests;
+
+#[cfg(test)]
+#[path = "lifecycle_acceptance_tests.rs"]
+mod acceptance_tests;

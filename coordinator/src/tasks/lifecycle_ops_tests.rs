@@ -30,6 +30,9 @@ fn spec(max_attempts: u32) -> TaskSpec {
         priority: 0,
         on_disconnect: None,
         lost_after_ms: None,
+        acceptance: vec![],
+        max_iterations: drover_protocol::task::DEFAULT_MAX_ITERATIONS,
+        verdict: None,
     }
 }
 

@@ -6,9 +6,11 @@
 //! - [`inputs`]: the files a spec ships, found and sized against the input limit;
 //! - [`units`]: human sizes and durations (`"2GiB"`, `"1h30m"`) for spec files and messages;
 //! - [`oom`]: what an OOM kill leads to under `retry.on_oom`, and the retry's memory;
+//! - [`acceptance`]: the acceptance loop and the verdict as the session tells them;
 //! - [`placement`]: which ready worker with free capacity takes a task, and in [`wait`] the
 //!   one-line reason when none does. Pure: no I/O, no clock.
 
+pub mod acceptance;
 pub mod inputs;
 pub mod lifecycle;
 pub mod oom;

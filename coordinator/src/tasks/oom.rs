@@ -166,6 +166,9 @@ mod tests {
             priority: 0,
             on_disconnect: None,
             lost_after_ms: None,
+            acceptance: vec![],
+            max_iterations: drover_protocol::task::DEFAULT_MAX_ITERATIONS,
+            verdict: None,
         }
     }
 

@@ -17,7 +17,8 @@ use super::inputs::{resolve_inputs, InputFile};
 use super::units;
 use super::validate::{invalid, validate_spec, InvalidField};
 use drover_protocol::task::{
-    Isolation, Limits, NetworkPolicy, OnDisconnect, Requirements, RetryPolicy, TaskSpec,
+    Criterion, Isolation, Limits, NetworkPolicy, OnDisconnect, Requirements, RetryPolicy, TaskSpec,
+    VerdictSpec, DEFAULT_CRITERION_TIMEOUT_MS, DEFAULT_MAX_ITERATIONS,
 };
 use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
@@ -252,6 +253,46 @@ struct SpecFile {
     #[serde(default)]
     on_disconnect: Option<OnDisconnect>,
     lost_after: Option<Human>,
+    #[serde(default)]
+    acceptance: Vec<CriterionFile>,
+    max_iterations: Option<u32>,
+    verdict: Option<VerdictFile>,
+}
+
+/// One `[[acceptance]]` (or `[[verdict.criteria]]`) entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CriterionFile {
+    name: String,
+    command: Argv,
+    timeout: Option<Human>,
+}
+
+impl CriterionFile {
+    fn into_criterion(self, field: &str) -> Result<Criterion, InvalidField> {
+        Ok(Criterion {
+            name: self.name,
+            command: self.command.0,
+            timeout_ms: match self.timeout {
+                Some(t) => t.duration(&format!("{field}.timeout"))?,
+                None => DEFAULT_CRITERION_TIMEOUT_MS,
+            },
+        })
+    }
+}
+
+/// `[verdict]`: present (even empty) means "run a verdict".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct VerdictFile {
+    criteria: Vec<CriterionFile>,
+}
+
+fn criteria(list: Vec<CriterionFile>, field: &str) -> Result<Vec<Criterion>, InvalidField> {
+    list.into_iter()
+        .enumerate()
+        .map(|(i, c)| c.into_criterion(&format!("{field}[{i}]")))
+        .collect()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -307,6 +348,12 @@ impl RetryFile {
 
 impl SpecFile {
     fn into_task_spec(self, default_name: &str) -> Result<TaskSpec, InvalidField> {
+        if self.max_iterations.is_some() && self.acceptance.is_empty() {
+            return Err(invalid(
+                "max_iterations",
+                "applies only with [[acceptance]] criteria; add some or remove it",
+            ));
+        }
         let limit_defaults = Limits::default();
         let retry_defaults = RetryPolicy::default();
         let r = self.requirements;
@@ -373,6 +420,14 @@ impl SpecFile {
                 .lost_after
                 .map(|d| d.duration("lost_after"))
                 .transpose()?,
+            acceptance: criteria(self.acceptance, "acceptance")?,
+            max_iterations: self.max_iterations.unwrap_or(DEFAULT_MAX_ITERATIONS),
+            verdict: match self.verdict {
+                Some(v) => Some(VerdictSpec {
+                    criteria: criteria(v.criteria, "verdict.criteria")?,
+                }),
+                None => None,
+            },
         })
     }
 }

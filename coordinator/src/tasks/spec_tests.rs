@@ -134,6 +134,9 @@ fn every_field_converts_and_json_matches_toml() {
             priority: 10,
             on_disconnect: None,
             lost_after_ms: None,
+            acceptance: vec![],
+            max_iterations: drover_protocol::task::DEFAULT_MAX_ITERATIONS,
+            verdict: None,
         }
     );
     assert_eq!(json(FULL_JSON).unwrap(), spec);
@@ -495,6 +498,91 @@ fn oom_policy_fields_convert_and_are_checked() {
     assert_eq!(field, "retry.memory_ceiling");
     assert!(matches!(
         toml(&format!("{CMD}[retry]\non_oom = \"sometimes\"\n")),
+        Err(SpecError::Parse { .. })
+    ));
+}
+
+#[test]
+fn acceptance_criteria_and_verdict_convert_and_are_checked() {
+    let spec = toml(&format!(
+        "{CMD}outputs = [\"out/\"]\nmax_iterations = 5\n\
+         [[acceptance]]\nname = \"tests\"\ncommand = [\"cargo\", \"test\"]\ntimeout = \"2m\"\n\
+         [[acceptance]]\nname = \"report\"\ncommand = [\"test\", \"-s\", \"out/r.json\"]\n\
+         [verdict]\n"
+    ))
+    .unwrap();
+    assert_eq!(spec.max_iterations, 5);
+    assert_eq!(spec.acceptance.len(), 2);
+    assert_eq!(spec.acceptance[0].timeout_ms, 120_000);
+    assert_eq!(
+        spec.acceptance[1].timeout_ms,
+        drover_protocol::task::DEFAULT_CRITERION_TIMEOUT_MS
+    );
+    // An empty [verdict] re-runs the acceptance criteria.
+    assert_eq!(spec.verdict_criteria().unwrap(), &spec.acceptance[..]);
+    let j = json(
+        r#"{"command":["true"],"outputs":["o"],"acceptance":[{"name":"a","command":["true"]}],
+            "verdict":{"criteria":[{"name":"v","command":["true"],"timeout":"1s"}]}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        j.max_iterations,
+        drover_protocol::task::DEFAULT_MAX_ITERATIONS
+    );
+    assert_eq!(j.verdict_criteria().unwrap()[0].name, "v");
+    assert_eq!(j.verdict_criteria().unwrap()[0].timeout_ms, 1000);
+
+    let crit = "[[acceptance]]\nname = \"t\"\ncommand = [\"true\"]\n";
+    for (text, want_field, want) in [
+        (
+            format!("{CMD}max_iterations = 2\n"),
+            "max_iterations",
+            "only with [[acceptance]]",
+        ),
+        (
+            format!("{CMD}max_iterations = 0\n{crit}"),
+            "max_iterations",
+            "out of range",
+        ),
+        (
+            format!("{CMD}{crit}{crit}"),
+            "acceptance[1].name",
+            "used twice",
+        ),
+        (
+            format!("{CMD}[[acceptance]]\nname = \"\"\ncommand = [\"true\"]\n"),
+            "acceptance[0].name",
+            "1 to 64 characters",
+        ),
+        (
+            format!("{CMD}[[acceptance]]\nname = \"t\"\ncommand = []\n"),
+            "acceptance[0].command",
+            "must name a program",
+        ),
+        (
+            format!("{CMD}[[acceptance]]\nname = \"t\"\ncommand = [\"true\"]\ntimeout = 0\n"),
+            "acceptance[0].timeout",
+            "more than 0",
+        ),
+        (
+            format!("{CMD}{crit}[verdict]\n"),
+            "verdict",
+            "declares none",
+        ),
+        (
+            format!("{CMD}outputs = [\"o\"]\n[verdict]\n"),
+            "verdict",
+            "no criteria",
+        ),
+    ] {
+        let (field, message) = toml_invalid(&text);
+        assert_eq!(field, want_field, "{text}");
+        assert!(message.contains(want), "{field}: {message}");
+    }
+    assert!(matches!(
+        toml(&format!(
+            "{CMD}[[acceptance]]\nname = \"t\"\ncommand = [\"true\"]\nretries = 2\n"
+        )),
         Err(SpecError::Parse { .. })
     ));
 }

@@ -212,6 +212,7 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), InvalidField> {
         ));
     }
     check_oom_policy(spec)?;
+    check_acceptance(spec)?;
 
     match drover_protocol::encode_frame(spec, MAX_SPEC_BYTES) {
         Ok(_) => Ok(()),
@@ -223,6 +224,93 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), InvalidField> {
             ),
         )),
     }
+}
+
+/// Most acceptance (or verdict) criteria in one spec.
+pub const MAX_CRITERIA: usize = 32;
+/// Most iterations of the acceptance loop.
+pub const MAX_ITERATIONS: u32 = 100;
+
+/// `acceptance`, `max_iterations` and `verdict`: named, unique, runnable criteria; a loop
+/// bound that allows a first iteration; a verdict with criteria and outputs to check.
+fn check_acceptance(spec: &TaskSpec) -> Result<(), InvalidField> {
+    check_criteria("acceptance", &spec.acceptance)?;
+    if !(1..=MAX_ITERATIONS).contains(&spec.max_iterations) {
+        return Err(invalid(
+            "max_iterations",
+            format!(
+                "{} is out of range: use 1 (check once, no retry of the command) to {MAX_ITERATIONS}",
+                spec.max_iterations
+            ),
+        ));
+    }
+    let Some(verdict) = &spec.verdict else {
+        return Ok(());
+    };
+    check_criteria("verdict.criteria", &verdict.criteria)?;
+    if spec.acceptance.is_empty() && verdict.criteria.is_empty() {
+        return Err(invalid(
+            "verdict",
+            "has no criteria to run: add [[acceptance]] criteria (the verdict re-runs them)              or [[verdict.criteria]]",
+        ));
+    }
+    if spec.outputs.is_empty() {
+        return Err(invalid(
+            "verdict",
+            "checks the task's declared outputs, but the spec declares none: add `outputs`              globs for the files the verdict must see",
+        ));
+    }
+    Ok(())
+}
+
+fn check_criteria(
+    field: &str,
+    list: &[drover_protocol::task::Criterion],
+) -> Result<(), InvalidField> {
+    if list.len() > MAX_CRITERIA {
+        return Err(invalid(
+            field,
+            format!(
+                "has {} criteria; at most {MAX_CRITERIA} are allowed",
+                list.len()
+            ),
+        ));
+    }
+    for (i, c) in list.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let name = c.name.trim();
+        if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+            return Err(invalid(
+                format!("{at}.name"),
+                "must be 1 to 64 characters without control characters, e.g. \"tests\"",
+            ));
+        }
+        if list[..i].iter().any(|o| o.name == c.name) {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!("{:?} is used twice; criterion names must be unique", c.name),
+            ));
+        }
+        if c.command.is_empty() || c.command[0].trim().is_empty() {
+            return Err(invalid(
+                format!("{at}.command"),
+                "must name a program, e.g. command = [\"cargo\", \"test\"]",
+            ));
+        }
+        if c.command.iter().any(|a| a.contains('\0')) {
+            return Err(invalid(
+                format!("{at}.command"),
+                "must not contain NUL bytes",
+            ));
+        }
+        if c.timeout_ms == 0 {
+            return Err(invalid(
+                format!("{at}.timeout"),
+                "must be more than 0; use e.g. \"5m\"",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `retry.on_oom` and its knobs: a factor that grows, a ceiling that leaves room to grow,

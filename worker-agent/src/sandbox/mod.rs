@@ -93,6 +93,9 @@ pub struct AttemptSpec<'a> {
     /// The file holding the checkpoint this attempt resumes from (`DROVER_CHECKPOINT_FILE`),
     /// already written by the caller; `None` when there is none.
     pub checkpoint_file: Option<&'a Path>,
+    /// More `DROVER_*` variables set by the caller (`DROVER_ITERATION`,
+    /// `DROVER_FEEDBACK_FILE` under acceptance criteria); names must start with `DROVER_`.
+    pub extra_env: &'a [(String, String)],
 }
 
 /// The worker's sandbox facility; cheap to clone (one shared state).

@@ -83,6 +83,15 @@ pub(crate) fn environment(
         })?;
         env.push(("DROVER_CHECKPOINT_FILE".to_owned(), file.to_owned()));
     }
+    for (name, value) in spec.extra_env {
+        if !name.starts_with(RESERVED_PREFIX) || value.contains('\0') {
+            return Err(bad(
+                name,
+                "drover's own variables start with DROVER_, without NUL",
+            ));
+        }
+        env.push((name.clone(), value.clone()));
+    }
     env.sort();
     Ok(env)
 }
@@ -314,6 +323,7 @@ mod tests {
             network: NetworkPolicy::None,
             isolation: Isolation::Sandbox,
             checkpoint_file: None,
+            extra_env: &[],
         }
     }
 
@@ -365,6 +375,31 @@ mod tests {
         }
         let env = BTreeMap::from([("A".to_owned(), "x\0y".to_owned())]);
         assert!(environment(&spec(&env, &limits), Path::new("/w")).is_err());
+    }
+
+    #[test]
+    fn extra_drover_variables_are_added_and_only_drover_ones() {
+        let limits = Limits::default();
+        let env = BTreeMap::new();
+        let extra = [
+            ("DROVER_ITERATION".to_owned(), "2".to_owned()),
+            (
+                "DROVER_FEEDBACK_FILE".to_owned(),
+                "/w/.drover-feedback.json".to_owned(),
+            ),
+        ];
+        let mut looped = spec(&env, &limits);
+        looped.extra_env = &extra;
+        let got = environment(&looped, Path::new("/w")).expect("env");
+        assert!(got.contains(&("DROVER_ITERATION".into(), "2".into())));
+        assert!(got.contains(&(
+            "DROVER_FEEDBACK_FILE".into(),
+            "/w/.drover-feedback.json".into()
+        )));
+        let bad = [("HOME".to_owned(), "/root".to_owned())];
+        looped.extra_env = &bad;
+        let err = environment(&looped, Path::new("/w")).expect_err("not a DROVER_ name");
+        assert!(matches!(err, SpawnError::BadEnv { .. }), "{err}");
     }
 
     #[test]

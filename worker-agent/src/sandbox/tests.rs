@@ -81,6 +81,7 @@ impl Job {
             network: self.network,
             isolation: self.isolation,
             checkpoint_file: None,
+            extra_env: &[],
         }
     }
 }
