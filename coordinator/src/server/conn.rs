@@ -251,6 +251,7 @@ impl Session {
         tracing::info!(remote = %self.remote, worker = %self.name, software = %self.software, "worker registered");
         // Attempt streams are owned here: they end with the connection.
         let mut streams = JoinSet::new();
+        let mut budget = super::StreamBudget::registered(&self.conn);
         loop {
             tokio::select! {
                 msg = recv.next::<WorkerMessage>() => match msg {
@@ -290,12 +291,16 @@ impl Session {
                         tracing::error!(worker = %self.name, error = %e, "not sending a message whose write failed");
                         continue;
                     }
+                    if matches!(out.msg, CoordinatorMessage::Assign(_)) {
+                        budget.assigning(&self.conn, streams.len());
+                    }
                     if wire::send(send, &out.msg).await.is_err() {
                         return self.closed_cleanly();
                     }
                 }
                 stream = self.conn.accept_bi() => match stream {
                     Ok((s, r)) => {
+                        budget.opened();
                         streams.spawn(attempt_stream(self.conn.clone(), self.name.clone(), self.ctx.core.clone(), s, FramedRecv::new(r)));
                     }
                     Err(_) => return self.closed_cleanly(),
