@@ -354,10 +354,10 @@ impl Session {
                         tracing::error!(worker = %self.name, error = %e, "not sending a message whose write failed");
                         continue;
                     }
-                    if matches!(out.msg, CoordinatorMessage::Assign(_)) {
+                    if matches!(*out.msg, CoordinatorMessage::Assign(_)) {
                         budget.assigning(&self.conn, streams.len());
                     }
-                    if wire::send(send, &out.msg).await.is_err() {
+                    if wire::send(send, &*out.msg).await.is_err() {
                         return self.closed_cleanly();
                     }
                 }
