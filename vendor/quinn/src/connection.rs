@@ -1040,7 +1040,13 @@ impl State {
                             };
                             t
                         }
-                        None => break,
+                        None => {
+                            // drover: free the buffer while there is nothing to send. Kept, it
+                            // stays at the largest burst the connection ever sent (the
+                            // handshake flight), for as long as the connection lives.
+                            self.send_buffer = Vec::new();
+                            break;
+                        }
                     }
                 }
             };
