@@ -36,31 +36,53 @@ impl WireError {
 }
 
 /// Reads whole messages from a receive stream, never buffering past the frame limit.
+///
+/// Reads take quinn's own received segments (`read_chunk`), at most what the decoder wants
+/// next, so there is no per-stream scratch buffer: an idle stream holds only the decoder. A
+/// length prefix over the limit fails in the decoder before a byte of its payload is buffered.
 #[derive(Debug)]
 pub struct FramedRecv {
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    buf: Vec<u8>,
+    /// Bytes pushed into the decoder since it last yielded a message and was empty.
+    since_empty: usize,
 }
+
+/// A decoder that has held a frame larger than this is replaced by a fresh one once it is
+/// empty, so a stream that once carried a large message (a registration, an event chunk) does
+/// not keep the capacity for as long as it lives.
+const KEEP_DECODER_CAPACITY: usize = 1024;
 
 impl FramedRecv {
     pub fn new(recv: quinn::RecvStream) -> Self {
         Self {
             recv,
             decoder: FrameDecoder::new(MAX_FRAME_LEN),
-            buf: vec![0; 16 * 1024],
+            since_empty: 0,
         }
     }
 
     /// The next message, or `None` when the peer finished the stream between frames.
+    ///
+    /// Cancel-safe: dropped between polls, no byte read from the stream is lost (each chunk
+    /// is pushed into the decoder in the same poll that reads it).
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, WireError> {
         loop {
             if let Some(msg) = self.decoder.next::<T>()? {
+                if self.decoder.buffered() == 0 {
+                    if self.since_empty > KEEP_DECODER_CAPACITY {
+                        self.decoder = FrameDecoder::new(MAX_FRAME_LEN);
+                    }
+                    self.since_empty = 0;
+                }
                 return Ok(Some(msg));
             }
-            let want = self.decoder.wanted().min(self.buf.len());
-            match self.recv.read(&mut self.buf[..want]).await? {
-                Some(n) => self.decoder.push(&self.buf[..n])?,
+            let want = self.decoder.wanted();
+            match self.recv.read_chunk(want, true).await? {
+                Some(chunk) => {
+                    self.since_empty += chunk.bytes.len();
+                    self.decoder.push(&chunk.bytes)?;
+                }
                 None if self.decoder.buffered() == 0 => return Ok(None),
                 None => return Err(WireError::Truncated(self.decoder.buffered())),
             }

@@ -16,7 +16,9 @@ use drover_protocol::{
     HelloReply, OperatorRequest, OperatorResponse, Refusal, Role, WorkerMessage,
     SUPPORTED_VERSIONS,
 };
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -35,13 +37,42 @@ pub struct ConnCtx {
 }
 
 /// Serve one incoming connection to its end.
+///
+/// Each phase runs boxed, so the task itself stays a few bytes: the handshake's state is freed
+/// when it ends, and a worker's session holds only what its loop needs. With one task per
+/// worker, this is memory per worker.
 pub async fn serve(incoming: quinn::Incoming, id: ConnId, ctx: ConnCtx) {
+    let Some((session, send, recv, role)) = boxed(handshake(incoming, id, ctx)).await else {
+        return;
+    };
+    match role {
+        Role::Worker => boxed(session.worker(send, recv)).await,
+        Role::Operator => boxed(session.operator(send, recv)).await,
+        Role::Coordinator => unreachable!("check_hello refuses coordinator peers"),
+    }
+}
+
+/// `fut` on the heap, behind a pointer. A plain function, so the future is built in its frame:
+/// one built in an `async fn` (even straight into `Box::pin`) can take room in that
+/// function's own future as well.
+fn boxed<'a, T>(
+    fut: impl Future<Output = T> + Send + 'a,
+) -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
+    Box::pin(fut)
+}
+
+/// TLS identity and the hello exchange; `None` when the connection ended or was refused.
+async fn handshake(
+    incoming: quinn::Incoming,
+    id: ConnId,
+    ctx: ConnCtx,
+) -> Option<(Session, quinn::SendStream, FramedRecv, Role)> {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%remote, reason = %e, "refused connection: TLS handshake failed");
-            return;
+            return None;
         }
     };
     let identity = match peer_identity(&conn) {
@@ -49,30 +80,33 @@ pub async fn serve(incoming: quinn::Incoming, id: ConnId, ctx: ConnCtx) {
         Err(reason) => {
             tracing::warn!(%remote, %reason, "refused connection: bad certificate identity");
             conn.close(close_code::REFUSED.into(), reason.as_bytes());
-            return;
+            return None;
         }
     };
     let (mut send, recv) = match timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%remote, peer = %identity.name, error = %e, "connection closed before its first stream");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::warn!(%remote, peer = %identity.name, "closing connection: no stream opened within 10s");
             conn.close(close_code::PROTOCOL_ERROR.into(), b"handshake timeout");
-            return;
+            return None;
         }
     };
     let mut recv = FramedRecv::new(recv);
     let hello = match timeout(HANDSHAKE_TIMEOUT, recv.next::<Hello>()).await {
         Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => return protocol_error(&conn, remote, &identity.name, &e),
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            protocol_error(&conn, remote, &identity.name, &e);
+            return None;
+        }
         Err(_) => {
             tracing::warn!(%remote, peer = %identity.name, "closing connection: no hello within 10s");
             conn.close(close_code::PROTOCOL_ERROR.into(), b"handshake timeout");
-            return;
+            return None;
         }
     };
     let version = match check_hello(&identity, &hello) {
@@ -91,7 +125,7 @@ pub async fn serve(incoming: quinn::Incoming, id: ConnId, ctx: ConnCtx) {
                 let _ = timeout(Duration::from_secs(2), conn.closed()).await;
             }
             conn.close(close_code::REFUSED.into(), b"refused");
-            return;
+            return None;
         }
     };
     let accepted = HelloReply::Accepted {
@@ -101,7 +135,7 @@ pub async fn serve(incoming: quinn::Incoming, id: ConnId, ctx: ConnCtx) {
     };
     if let Err(e) = wire::send(&mut send, &accepted).await {
         tracing::debug!(%remote, peer = %identity.name, error = %e, "peer left during handshake");
-        return;
+        return None;
     }
     tracing::debug!(%remote, peer = %identity.name, role = %identity.role, version, software = %hello.software, "handshake done");
     let session = Session {
@@ -113,11 +147,7 @@ pub async fn serve(incoming: quinn::Incoming, id: ConnId, ctx: ConnCtx) {
         software: hello.software,
         ctx,
     };
-    match identity.role {
-        Role::Worker => session.worker(send, recv).await,
-        Role::Operator => session.operator(send, recv).await,
-        Role::Coordinator => unreachable!("check_hello refuses coordinator peers"),
-    }
+    Some((session, send, recv, identity.role))
 }
 
 /// The certificate's identity (the TLS layer has already verified the chain and validity).
@@ -161,8 +191,25 @@ struct Session {
     ctx: ConnCtx,
 }
 
+/// How [`Session::register`] ended.
+enum Registered {
+    /// In the registry, on disk; messages for the worker arrive here.
+    Yes(mpsc::Receiver<Outbound>),
+    /// Entered but not stored: the connection is closed and the core must hear it ended.
+    NotStored,
+    /// Never entered (refused, timed out, or the core is gone).
+    No,
+}
+
 /// Outbound messages a worker connection may have queued before it lags too far behind.
 const OUTBOUND_QUEUE: usize = 1024;
+
+/// Send `msg` to the core from a long-lived loop. The send is boxed (a heap allocation per
+/// message) so that the loop's own state does not reserve room for a core message, which is
+/// sized for the largest (a registration with its resource report).
+fn to_core(core: &CoreHandle, msg: CoreMsg) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+    boxed(core.send(msg))
+}
 
 /// Wait for a write to be durable; `Err` names why it is not.
 async fn durable(after: Option<Durable>) -> Result<(), String> {
@@ -176,20 +223,42 @@ async fn durable(after: Option<Durable>) -> Result<(), String> {
 
 impl Session {
     async fn worker(self, mut send: quinn::SendStream, mut recv: FramedRecv) {
+        // Two boxed phases: the registration's state (the resource report, the core message)
+        // is freed before the long-lived loop starts.
+        let clean = match boxed(self.register(&mut recv)).await {
+            Registered::No => return,
+            Registered::NotStored => false,
+            Registered::Yes(outbound_rx) => {
+                boxed(self.worker_loop(&mut send, &mut recv, outbound_rx)).await
+            }
+        };
+        let disconnect = CoreMsg::Disconnect {
+            conn: self.id,
+            name: self.name.clone(),
+            clean,
+        };
+        to_core(&self.ctx.core, disconnect).await;
+    }
+
+    /// Read `Register`, enter the worker in the registry and wait until that is on disk.
+    async fn register(&self, recv: &mut FramedRecv) -> Registered {
         let resources = match timeout(HANDSHAKE_TIMEOUT, recv.next::<WorkerMessage>()).await {
             Ok(Ok(Some(WorkerMessage::Register { resources }))) => resources,
             Ok(Ok(Some(other))) => {
                 tracing::warn!(remote = %self.remote, peer = %self.name, message = ?other, "closing connection: expected Register first");
                 self.conn
                     .close(close_code::PROTOCOL_ERROR.into(), b"expected register");
-                return;
+                return Registered::No;
             }
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => return protocol_error(&self.conn, self.remote, &self.name, &e),
+            Ok(Ok(None)) => return Registered::No,
+            Ok(Err(e)) => {
+                protocol_error(&self.conn, self.remote, &self.name, &e);
+                return Registered::No;
+            }
             Err(_) => {
                 self.conn
                     .close(close_code::PROTOCOL_ERROR.into(), b"register timeout");
-                return;
+                return Registered::No;
             }
         };
         let reg = Registration {
@@ -209,28 +278,22 @@ impl Session {
             reply,
         };
         if !self.ctx.core.send(register).await {
-            return;
+            return Registered::No;
         }
         // Acknowledge only once the registry change is on disk.
         let stored = match stored.await {
             Ok(rx) => durable(Some(rx)).await,
             Err(_) => Err("coordinator shutting down".into()),
         };
-        let clean = match stored {
+        match stored {
             Err(e) => {
                 tracing::error!(peer = %self.name, error = %e, "could not store registration; closing connection");
                 self.conn
                     .close(close_code::SHUTDOWN.into(), b"registry unavailable");
-                false
+                Registered::NotStored
             }
-            Ok(()) => self.worker_loop(&mut send, &mut recv, outbound_rx).await,
-        };
-        let disconnect = CoreMsg::Disconnect {
-            conn: self.id,
-            name: self.name.clone(),
-            clean,
-        };
-        self.ctx.core.send(disconnect).await;
+            Ok(()) => Registered::Yes(outbound_rx),
+        }
     }
 
     /// Heartbeats, outbound messages and attempt streams until the connection ends; returns
@@ -252,12 +315,13 @@ impl Session {
         tracing::info!(remote = %self.remote, worker = %self.name, software = %self.software, "worker registered");
         // Attempt streams are owned here: they end with the connection.
         let mut streams = JoinSet::new();
+        let mut budget = super::StreamBudget::registered(&self.conn);
         loop {
             tokio::select! {
                 msg = recv.next::<WorkerMessage>() => match msg {
                     Ok(Some(WorkerMessage::Heartbeat { seq, usage })) => {
                         let hb = CoreMsg::Heartbeat { conn: self.id, name: self.name.clone(), usage };
-                        if !self.ctx.core.send(hb).await {
+                        if !to_core(&self.ctx.core, hb).await {
                             return false;
                         }
                         if wire::send(send, &CoordinatorMessage::HeartbeatAck { seq }).await.is_err() {
@@ -265,8 +329,10 @@ impl Session {
                         }
                     }
                     Ok(Some(WorkerMessage::Attempts { running })) => {
+                        // Attempts it kept across a reconnect reopen their streams now.
+                        budget.reattaching(&self.conn, running.len(), streams.len());
                         let msg = CoreMsg::Attempts { conn: self.id, name: self.name.clone(), running };
-                        if !self.ctx.core.send(msg).await {
+                        if !to_core(&self.ctx.core, msg).await {
                             return false;
                         }
                     }
@@ -291,12 +357,16 @@ impl Session {
                         tracing::error!(worker = %self.name, error = %e, "not sending a message whose write failed");
                         continue;
                     }
-                    if wire::send(send, &out.msg).await.is_err() {
+                    if matches!(*out.msg, CoordinatorMessage::Assign(_)) {
+                        budget.assigning(&self.conn, streams.len());
+                    }
+                    if wire::send(send, &*out.msg).await.is_err() {
                         return self.closed_cleanly();
                     }
                 }
                 stream = self.conn.accept_bi() => match stream {
                     Ok((s, r)) => {
+                        budget.opened();
                         streams.spawn(attempt_stream(self.conn.clone(), self.name.clone(), self.ctx.clone(), s, FramedRecv::new(r)));
                     }
                     Err(_) => return self.closed_cleanly(),

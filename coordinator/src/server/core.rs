@@ -25,10 +25,11 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use crate::store::Durable;
 
-/// A message for a worker, to be sent once `after` (if any) is durable.
+/// A message for a worker, to be sent once `after` (if any) is durable. Boxed: every worker's
+/// queue keeps a block of 32 slots for its life, and these messages are rare.
 #[derive(Debug)]
 pub struct Outbound {
-    pub msg: CoordinatorMessage,
+    pub msg: Box<CoordinatorMessage>,
     pub after: Option<Durable>,
 }
 
@@ -476,6 +477,7 @@ impl Core {
     fn send_to(&self, worker: &str, msg: CoordinatorMessage, after: Option<Durable>) {
         match self.links.get(worker) {
             Some(link) => {
+                let msg = Box::new(msg);
                 if link.outbound.try_send(Outbound { msg, after }).is_err() {
                     // The connection is going away or badly behind; its lease will decide.
                     tracing::warn!(%worker, "worker's outbound queue is full or closed; message dropped");

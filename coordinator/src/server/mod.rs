@@ -91,16 +91,104 @@ fn reset_key(state_dir: &std::path::Path) -> Result<ring::hmac::Key, ServeError>
 }
 
 /// QUIC transport settings sized for many mostly idle worker connections.
+///
+/// quinn keeps state for every stream a peer may open, so a connection starts with
+/// [`STREAMS_BEFORE_REGISTER`] (the control stream); a worker's connection is raised to what it
+/// needs once it registers ([`StreamBudget`]).
 pub fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
-    t.max_concurrent_bidi_streams(64u32.into());
+    t.max_concurrent_bidi_streams(STREAMS_BEFORE_REGISTER.into());
     t.max_concurrent_uni_streams(0u32.into());
+    t.datagram_receive_buffer_size(None);
     // Small windows: control traffic is tiny, and per-connection memory is what limits fleet size.
     t.stream_receive_window((256u32 * 1024).into());
     t.receive_window((1024u32 * 1024).into());
     t.send_window(1024 * 1024);
     t
+}
+
+/// Bidirectional streams a peer may have open before it registers: its control stream.
+pub const STREAMS_BEFORE_REGISTER: u32 = 1;
+/// Streams a registered worker may open beyond those of the attempts it was assigned: room
+/// for the short-lived transfer streams (inputs fetched before a process starts, outputs
+/// stored after it ends), which each attempt opens beside its event stream.
+const SPARE_STREAMS: u64 = 4;
+
+/// The bidirectional-stream limit of one worker connection: the control stream, a few spare,
+/// and one for every attempt assigned and not finished, raised *before* the assignment is
+/// sent, so a worker never waits to open the stream of an attempt it was given. quinn keeps
+/// a slot for every stream the peer may open, so the limit follows what the worker runs rather
+/// than what it might (tasks may reserve no CPU, so its CPU count is no bound). It only grows.
+#[derive(Debug)]
+pub struct StreamBudget {
+    limit: u64,
+    /// Attempts assigned whose stream the worker has not opened yet.
+    unopened: u64,
+}
+
+impl StreamBudget {
+    /// Raise `conn`'s limit from the handshake's to a registered worker's.
+    pub fn registered(conn: &quinn::Connection) -> Self {
+        let mut budget = Self {
+            limit: u64::from(STREAMS_BEFORE_REGISTER),
+            unopened: 0,
+        };
+        budget.ensure(conn, 1 + SPARE_STREAMS);
+        budget
+    }
+
+    /// An attempt is about to be assigned while `open` attempt streams are open.
+    pub fn assigning(&mut self, conn: &quinn::Connection, open: usize) {
+        self.unopened += 1;
+        let need = 1 + open as u64 + self.unopened + SPARE_STREAMS;
+        self.ensure(conn, need);
+    }
+
+    /// The worker reports `running` attempts it kept across a reconnect, while `open` streams
+    /// are open: each reopens its event stream on this connection.
+    pub fn reattaching(&mut self, conn: &quinn::Connection, running: usize, open: usize) {
+        let need = 1 + open as u64 + running as u64 + self.unopened + SPARE_STREAMS;
+        self.ensure(conn, need);
+    }
+
+    /// The worker opened an attempt stream.
+    pub fn opened(&mut self) {
+        self.unopened = self.unopened.saturating_sub(1);
+    }
+
+    fn ensure(&mut self, conn: &quinn::Connection, need: u64) {
+        if need > self.limit {
+            if let Ok(n) = quinn::VarInt::from_u64(need) {
+                conn.set_max_concurrent_bi_streams(n);
+                self.limit = need;
+            }
+        }
+    }
+}
+
+/// Receive buffer asked for the coordinator's UDP socket. The kernel default (208 KiB) holds
+/// only some 20–30 ms of a 10,000-worker fleet's heartbeats, so a scheduling hiccup drops
+/// datagrams (which QUIC then resends). The kernel caps it at `net.core.rmem_max`; the
+/// memory is the kernel's and is used only while datagrams wait.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// Ask for [`UDP_RECV_BUFFER`]; say what the kernel granted.
+fn socket_buffers(socket: &std::net::UdpSocket) {
+    let granted = quinn::udp::UdpSocketState::new(socket.into()).and_then(|state| {
+        state.set_recv_buffer_size(socket.into(), UDP_RECV_BUFFER)?;
+        state.recv_buffer_size(socket.into())
+    });
+    match granted {
+        // Linux reports twice the size asked for (the doubling covers its bookkeeping).
+        Ok(bytes) if bytes / 2 < UDP_RECV_BUFFER => tracing::info!(
+            granted = bytes / 2,
+            asked = UDP_RECV_BUFFER,
+            "UDP receive buffer capped by net.core.rmem_max; raise it for large fleets"
+        ),
+        Ok(bytes) => tracing::debug!(bytes = bytes / 2, "UDP receive buffer"),
+        Err(e) => tracing::warn!(error = %e, "cannot size the UDP receive buffer"),
+    }
 }
 
 /// A running coordinator. Drop-in for tests: bind, then `run` until `shutdown` fires.
@@ -130,6 +218,7 @@ impl Server {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+        socket_buffers(&socket);
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::new(Arc::new(reset_key)),
             Some(server_config),

@@ -220,6 +220,11 @@ impl Material {
             .with_single_cert(self.chain, self.key)
             .map_err(|source| key_error(&self.files, source))?;
         config.alpn_protocols = vec![ALPN.to_vec()];
+        // No session resumption: a reconnecting worker does a full handshake (one per
+        // reconnect), and every connection would otherwise be sent tickets and leave a session
+        // in a server-side cache.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(config)
     }
 
