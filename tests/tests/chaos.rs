@@ -274,8 +274,8 @@ fn a_worker_sigkilled_mid_task_resumes_elsewhere_from_its_checkpoint() {
         let mut fleet = chaos_fleet(3);
         let mut finals = Vec::new();
         for r in mine {
-            let ck = submit(&fleet, &format!("ck{r}"), &checkpointing_spec("ckpt", 15));
-            let ln = submit(&fleet, &format!("ln{r}"), &lines_spec("lines", 30, ""));
+            let ck = submit(&fleet, &format!("ck{r}"), &checkpointing_spec("ckpt", 30));
+            let ln = submit(&fleet, &format!("ln{r}"), &lines_spec("lines", 40, ""));
             let victim = wait_task(&fleet, &ck, "to run", DEADLINE, |t| t.state == TaskState::Running)
                 .worker
                 .expect("running on a worker");
@@ -293,10 +293,10 @@ fn a_worker_sigkilled_mid_task_resumes_elsewhere_from_its_checkpoint() {
             kills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             finals.extend([ck.clone(), ln.clone()]);
             let sessions = verify(&fleet, &finals, seed);
-            if assert_resumed(&sessions[&ck], &ck, 15, seed) {
+            if assert_resumed(&sessions[&ck], &ck, 30, seed) {
                 resumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            assert_all_lines(&sessions[&ln], &ln, 30, seed);
+            assert_all_lines(&sessions[&ln], &ln, 40, seed);
         }
     });
     eprintln!(
@@ -466,7 +466,7 @@ fn b_worker_partitioned_past_its_lease_is_fenced_when_it_heals() {
         fleet.start_coordinator();
         fleet.start_worker_wrapped(
             "w1",
-            &["ip", "netns", "exec", &ns.name],
+            &["nsenter", &format!("--net=/run/netns/{}", ns.name)],
             &[("DROVER_LOG", ACK_LOG_FILTER)],
         );
         fleet.wait_worker_state("w1", drover_protocol::WorkerState::Ready);
@@ -506,7 +506,7 @@ fn streaming_spec(n: u32, keep_running: bool) -> String {
         ""
     };
     format!(
-        "name = \"stream\"\n{policy}\ncommand = [\"sh\", \"-c\", \"i=0; while [ $i -lt {n} ]; do echo \\\"line $i\\\"; echo \\\"{{\\\\\\\"type\\\\\\\":\\\\\\\"tick\\\\\\\",\\\\\\\"n\\\\\\\":$i}}\\\" >&$DROVER_EVENTS_FD; i=$((i+1)); done\"]\n[retry]\nmax_attempts = 10\nbackoff = \"100ms\"\n"
+        "name = \"stream\"\n{policy}\ncommand = [\"sh\", \"-c\", \"i=0; while [ $i -lt {n} ]; do echo \\\"line $i\\\"; echo \\\"{{\\\\\\\"type\\\\\\\":\\\\\\\"progress\\\\\\\",\\\\\\\"n\\\\\\\":$i}}\\\" >&$DROVER_EVENTS_FD; i=$((i+1)); done\"]\n[retry]\nmax_attempts = 10\nbackoff = \"100ms\"\n"
     )
 }
 
@@ -547,7 +547,7 @@ fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
                 let epoch = last_epoch(events);
                 let ticks: Vec<u64> = events
                     .iter()
-                    .filter(|e| e.epoch == epoch && e.kind == "tick")
+                    .filter(|e| e.epoch == epoch && e.kind == "progress")
                     .filter_map(|e| e.json()["n"].as_u64())
                     .collect();
                 assert_eq!(ticks, (0..u64::from(n)).collect::<Vec<_>>(), "{id}: every event once (seed {seed})");
