@@ -280,7 +280,16 @@ fn a_worker_sigkilled_mid_task_resumes_elsewhere_from_its_checkpoint() {
                 .worker
                 .expect("running on a worker");
             wait_task(&fleet, &ln, "to run", DEADLINE, |t| t.state == TaskState::Running);
-            std::thread::sleep(pause(&mut rng, 150, 1000));
+            // Mid-task for real: the attempt has started and stored 1..10 checkpoints.
+            let progress = rng.gen_range(1..10);
+            fleet.wait_for(DEADLINE, "checkpoints to be stored", || {
+                let sessions = checker::read_sessions(&fleet.db_path()).map_err(|e| e.to_string())?;
+                let n = sessions
+                    .get(&ck)
+                    .map_or(0, |evs| evs.iter().filter(|e| e.kind == "checkpoint").count());
+                if n >= progress { Ok(()) } else { Err(format!("{n} checkpoints")) }
+            });
+            std::thread::sleep(pause(&mut rng, 0, 300));
             fleet.stop_worker(&victim, Signal::SIGKILL);
             if rng.gen_bool(0.5) {
                 // Back at once (it reconnects within the lease) or only after the lease.
@@ -288,7 +297,12 @@ fn a_worker_sigkilled_mid_task_resumes_elsewhere_from_its_checkpoint() {
             }
             start_worker(&mut fleet, &victim);
             let t = wait_succeeded(&fleet, &ck);
-            assert!(t.attempts >= 2, "ck{r}: the killed attempt was retried: {t:?} (seed {seed})");
+            assert!(
+                t.attempts >= 2,
+                "ck{r}: the killed attempt was retried: {t:?} (seed {seed})\n{}\n--- {victim} ---\n{}",
+                fleet.log_tail(),
+                tail(&fleet.worker_log(&victim), 40)
+            );
             wait_succeeded(&fleet, &ln);
             kills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             finals.extend([ck.clone(), ln.clone()]);
@@ -359,7 +373,7 @@ fn c_worker_sigstopped_past_its_lease_is_fenced_when_it_continues() {
         return;
     }
     let seed = seed("c: worker SIGSTOP");
-    in_parallel(3, scaled(6), seed, |f, mine, seed| {
+    in_parallel(3, scaled(9), seed, |f, mine, seed| {
         let mut rng = StdRng::seed_from_u64(seed);
         let fleet = chaos_fleet(2);
         for r in mine {
@@ -446,7 +460,7 @@ fn b_worker_partitioned_past_its_lease_is_fenced_when_it_heals() {
         panic!("`ip` (iproute2) is missing: install it (.ci/run does)");
     }
     let seed = seed("b: worker partition");
-    in_parallel(3, scaled(6), seed, |f, mine, seed| {
+    in_parallel(3, scaled(9), seed, |f, mine, seed| {
         let mut rng = StdRng::seed_from_u64(seed);
         let ns = NetNs::new(f + 1);
         // w1 lives in the namespace and reaches the coordinator over the veth; w2 on loopback.
@@ -571,7 +585,7 @@ fn e_oom_under_retry_with_more_memory_completes_on_a_retry() {
     }
     let seed = seed("e: OOM");
     let fleet = chaos_fleet(1);
-    let ids: Vec<String> = (0..scaled(2))
+    let ids: Vec<String> = (0..scaled(3))
         .map(|i| {
             submit(
                 &fleet,
@@ -603,7 +617,7 @@ fn f_worker_restarted_under_keep_running_finishes_each_task_once() {
         return;
     }
     let seed = seed("f: worker restart under keep_running");
-    in_parallel(2, scaled(4), seed, |_, mine, seed| {
+    in_parallel(2, scaled(6), seed, |_, mine, seed| {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut fleet = chaos_fleet(1);
         let mut finals = Vec::new();

@@ -158,11 +158,20 @@ pub struct Core {
     links: HashMap<String, WorkerLink>,
     tick: Duration,
     heartbeat_ms: u64,
+    probe: bool,
 }
 
 impl Core {
-    /// `heartbeat_ms` is the interval workers are told to heartbeat at.
-    pub fn new(fleet: Fleet, tasks: Tasks, store: Store, clock: Clock, heartbeat_ms: u64) -> Self {
+    /// `heartbeat_ms` is the interval workers are told to heartbeat at; `probe` whether late
+    /// ones get a liveness probe (`CoordinatorConfig::liveness_probe`).
+    pub fn new(
+        fleet: Fleet,
+        tasks: Tasks,
+        store: Store,
+        clock: Clock,
+        heartbeat_ms: u64,
+        probe: bool,
+    ) -> Self {
         // Check leases several times per lease so `lost` shows within a quarter lease of expiry,
         // and late heartbeats within a quarter interval (see `probe::probe`).
         let tick = Duration::from_millis(
@@ -178,6 +187,7 @@ impl Core {
             links: HashMap::new(),
             tick,
             heartbeat_ms,
+            probe,
         }
     }
 
@@ -212,7 +222,12 @@ impl Core {
                 _ = tick.tick() => {
                     let now = self.clock.now_ms();
                     let late_ms = self.heartbeat_ms + self.heartbeat_ms / 2;
-                    for (name, conn, address) in self.fleet.late(now, late_ms, self.heartbeat_ms) {
+                    let late = if self.probe {
+                        self.fleet.late(now, late_ms, self.heartbeat_ms)
+                    } else {
+                        Vec::new()
+                    };
+                    for (name, conn, address) in late {
                         if let Ok(addr) = address.parse::<std::net::SocketAddr>() {
                             let wait = Duration::from_millis(self.heartbeat_ms.clamp(50, 1000));
                             probes.spawn(async move {

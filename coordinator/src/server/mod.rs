@@ -158,8 +158,15 @@ impl Server {
         let tasks = crate::tasks::lifecycle::Tasks::restore(loaded.tasks);
         let core_task =
             tokio::spawn(
-            core::Core::new(fleet, tasks, store.clone(), clock, self.config.heartbeat_interval_ms)
-                .run(core_rx),
+            core::Core::new(
+                fleet,
+                tasks,
+                store.clone(),
+                clock,
+                self.config.heartbeat_interval_ms,
+                self.config.liveness_probe,
+            )
+            .run(core_rx),
         );
         let ctx = conn::ConnCtx {
             core: core_handle,

@@ -36,6 +36,9 @@ struct Args {
     /// Coordinator lease in ms (the coordinator's default: 3000).
     #[arg(long, default_value_t = 3000)]
     lease_ms: u64,
+    /// Turn the coordinator's liveness probe off (`liveness_probe = false`): lease only.
+    #[arg(long)]
+    no_probe: bool,
     /// Seed of the random kill timing (default: random, printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -69,6 +72,13 @@ fn main() -> anyhow::Result<()> {
         .heartbeat_interval_ms(args.heartbeat_ms)
         .lease_ms(args.lease_ms)
         .build();
+    if args.no_probe {
+        let toml = std::fs::read_to_string(fleet.coordinator_config())?;
+        std::fs::write(
+            fleet.coordinator_config(),
+            format!("liveness_probe = false\n{toml}"),
+        )?;
+    }
     fleet.start_coordinator();
     fleet.start_all_workers();
     fleet.wait_all_ready();
@@ -100,11 +110,18 @@ fn main() -> anyhow::Result<()> {
         let started = loop {
             let sessions = read_sessions(&fleet.db_path())?;
             let found = sessions.get(&id).and_then(|evs| {
-                evs.iter()
-                    .find(|e| e.kind == "started" && e.epoch > first_epoch)
-                    .map(|e| e.ts_ms)
+                let started = evs
+                    .iter()
+                    .find(|e| e.kind == "started" && e.epoch > first_epoch)?;
+                let assigned = evs
+                    .iter()
+                    .find(|e| e.kind == "assigned" && e.epoch == started.epoch)?;
+                Some((started.ts_ms, assigned.json()["worker"].as_str()?.to_owned()))
             });
-            if let Some(ts) = found {
+            if let Some((ts, on)) = found {
+                if on == victim {
+                    bail!("run {run}: task {id} restarted on the killed worker {victim}");
+                }
                 break ts;
             }
             if Instant::now() > deadline {
@@ -121,10 +138,11 @@ fn main() -> anyhow::Result<()> {
     }
     samples.sort_unstable();
     println!(
-        "failover over {} runs (heartbeat {} ms, lease {} ms): p50 {} ms, p99 {} ms, max {} ms, min {} ms",
+        "failover over {} runs (heartbeat {} ms, lease {} ms, liveness probe {}): p50 {} ms, p99 {} ms, max {} ms, min {} ms",
         samples.len(),
         args.heartbeat_ms,
         args.lease_ms,
+        if args.no_probe { "off" } else { "on" },
         percentile(&samples, 50.0),
         percentile(&samples, 99.0),
         samples.last().copied().unwrap_or(0),
