@@ -346,6 +346,14 @@ fn assert_fenced(fleet: &TestFleet, id: &str, marker: &str, victim: &str, seed: 
     let first = checker::epochs(events)[0];
     let needle = format!("task={id} ");
     let log = fleet.coordinator_log();
+    // A stalled or cut-off worker still owns its socket: the liveness probe must not have
+    // declared it lost (only the lease may).
+    let probed = format!("worker={victim} ");
+    assert!(
+        !log.lines().any(|l| l.contains("liveness probe") && l.contains(&probed)),
+        "{victim} was declared lost by the liveness probe although its process lives (seed {seed})\n{}",
+        fleet.log_tail()
+    );
     let refused = log.lines().any(|l| {
         l.contains(&needle)
             && (l.contains("refused a stale attempt event")
