@@ -236,7 +236,10 @@ impl Fleet {
         let mut out = Vec::new();
         for w in self.workers.values_mut() {
             let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
+            // Only over a live connection: after a coordinator restart or a dropped connection
+            // the stored address may be stale until the worker registers again.
             if live
+                && w.conn.is_some()
                 && now.saturating_sub(w.record.last_heartbeat_ms) > late_ms
                 && now.saturating_sub(w.probed_ms) >= every_ms
             {
@@ -250,7 +253,7 @@ impl Fleet {
     /// A probe sent to `address` while `conn` was `name`'s connection was answered with "port
     /// unreachable": no process holds the worker's socket any more (it was killed or crashed
     /// while its host stays up). The worker is lost now instead of at its lease's end. Ignored
-    /// if the worker has since reconnected or moved.
+    /// unless `conn` is still the worker's connection at the same address.
     pub fn handle_probe_refused(
         &mut self,
         now: u64,
@@ -262,7 +265,7 @@ impl Fleet {
             return Vec::new();
         };
         let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
-        let same = w.record.address == address && (w.conn.is_none() || w.conn == conn);
+        let same = w.record.address == address && w.conn.is_some() && w.conn == conn;
         if !live || !same {
             return Vec::new();
         }
@@ -567,6 +570,11 @@ pub(crate) mod tests {
         assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Lost));
         assert!(f.tick(5000).is_empty(), "lost once");
         assert!(f.late(5000, 750, 500).is_empty(), "a lost worker is not probed");
+        // Without a live connection (after a restart, or once it dropped) nothing is probed.
+        f.handle_register(6000, reg(3, "w2"));
+        f.handle_disconnect(6100, 3, "w2", false);
+        assert!(f.late(7000, 750, 500).is_empty());
+        assert!(f.handle_probe_refused(7000, None, "w2", "127.0.0.1:5000").is_empty());
         f.sanity_check();
     }
 

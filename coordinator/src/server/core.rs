@@ -230,9 +230,8 @@ impl Core {
                     for (name, conn, address) in late {
                         if let Ok(addr) = address.parse::<std::net::SocketAddr>() {
                             let wait = Duration::from_millis(self.heartbeat_ms.clamp(50, 1000));
-                            probes.spawn(async move {
+                            probes.spawn_blocking(move || {
                                 super::probe::port_closed(addr, wait)
-                                    .await
                                     .then_some((name, conn, address))
                             });
                         }
