@@ -549,10 +549,21 @@ fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
             let ids: Vec<String> = (0..2)
                 .map(|i| submit(&fleet, &format!("s{r}-{i}"), &streaming_spec(n, keep)))
                 .collect();
-            for id in &ids {
-                wait_task(&fleet, id, "to run", DEADLINE, |t| t.state != TaskState::Queued);
-            }
-            std::thread::sleep(pause(&mut rng, 50, 1200));
+            // Streaming for real: both attempts started (a worker can only keep running an
+            // attempt it received), then a random moment of the stream.
+            fleet.wait_for(DEADLINE, "both attempts to start streaming", || {
+                let sessions = checker::read_sessions(&fleet.db_path()).map_err(|e| e.to_string())?;
+                let started = ids
+                    .iter()
+                    .filter(|id| {
+                        sessions
+                            .get(*id)
+                            .is_some_and(|evs| evs.iter().any(|e| e.kind == "started"))
+                    })
+                    .count();
+                if started == ids.len() { Ok(()) } else { Err(format!("{started} started")) }
+            });
+            std::thread::sleep(pause(&mut rng, 0, 1000));
             fleet.stop_coordinator(Signal::SIGKILL);
             // What was acknowledged before the crash is stored, before anything can be resent.
             verify(&fleet, &finals, seed);
@@ -574,7 +585,14 @@ fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
                     .collect();
                 assert_eq!(ticks, (0..u64::from(n)).collect::<Vec<_>>(), "{id}: every event once (seed {seed})");
                 if keep {
-                    assert_eq!(checker::epochs(events).len(), 1, "{id}: keep_running stays in one epoch (seed {seed})");
+                    let kinds: Vec<(u64, &str)> =
+                        events.iter().map(|e| (e.epoch, e.kind.as_str())).filter(|(_, k)| *k != "stdout" && *k != "progress").collect();
+                    assert_eq!(
+                        checker::epochs(events).len(),
+                        1,
+                        "{id}: a started keep_running attempt is reattached, not rerun (seed {seed}): {kinds:?}\n{}",
+                        fleet.log_tail()
+                    );
                 }
             }
             checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

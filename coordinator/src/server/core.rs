@@ -535,8 +535,13 @@ impl Core {
             .map(|info| {
                 let mut view =
                     WorkerView::new(info, reserved.get(&info.name).copied().unwrap_or_default());
-                if !self.links.contains_key(&info.name) && view.state == WorkerState::Ready {
+                let reported = self.links.get(&info.name).is_some_and(|l| l.reported);
+                if !reported && view.state == WorkerState::Ready {
                     // Ready but not connected (after a coordinator restart): nothing can be sent.
+                    // Connected but its first attempts report not yet in: an attempt placed now
+                    // would be missing from that report (built before the assignment arrived)
+                    // and ended as `worker_restarted` — found by the chaos suite (scenario d).
+                    // The report's handler schedules again.
                     view.state = WorkerState::Lost;
                 }
                 view
