@@ -112,7 +112,7 @@ impl Fleet {
                     conn: None,
                     lease_deadline_ms: now + lease_ms,
                     drain_fired: false,
-                probed_ms: 0,
+                    probed_ms: 0,
                 };
                 (w.record.name.clone(), w)
             })
@@ -232,7 +232,12 @@ impl Fleet {
     ///
     /// A late heartbeat alone proves nothing (a busy or stalled worker is late too); the
     /// probe only looks for a positive sign of death — see [`Fleet::handle_probe_refused`].
-    pub fn late(&mut self, now: u64, late_ms: u64, every_ms: u64) -> Vec<(String, Option<ConnId>, String)> {
+    pub fn late(
+        &mut self,
+        now: u64,
+        late_ms: u64,
+        every_ms: u64,
+    ) -> Vec<(String, Option<ConnId>, String)> {
         let mut out = Vec::new();
         for w in self.workers.values_mut() {
             let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
@@ -559,22 +564,34 @@ pub(crate) mod tests {
         f.handle_register(0, reg(1, "w1"));
         assert!(f.late(700, 750, 500).is_empty(), "not late yet");
         let late = f.late(800, 750, 500);
-        assert_eq!(late, vec![("w1".to_owned(), Some(1), "127.0.0.1:5000".to_owned())]);
+        assert_eq!(
+            late,
+            vec![("w1".to_owned(), Some(1), "127.0.0.1:5000".to_owned())]
+        );
         assert!(f.late(900, 750, 500).is_empty(), "probed once per interval");
         assert_eq!(f.late(1300, 750, 500).len(), 1);
         // A refusal for an address or connection the worker no longer has is ignored.
-        assert!(f.handle_probe_refused(1400, Some(1), "w1", "127.0.0.1:6000").is_empty());
-        assert!(f.handle_probe_refused(1400, Some(2), "w1", "127.0.0.1:5000").is_empty());
+        assert!(f
+            .handle_probe_refused(1400, Some(1), "w1", "127.0.0.1:6000")
+            .is_empty());
+        assert!(f
+            .handle_probe_refused(1400, Some(2), "w1", "127.0.0.1:5000")
+            .is_empty());
         assert_eq!(state(&f, "w1"), WorkerState::Ready);
         let a = f.handle_probe_refused(1400, Some(1), "w1", "127.0.0.1:5000");
         assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Lost));
         assert!(f.tick(5000).is_empty(), "lost once");
-        assert!(f.late(5000, 750, 500).is_empty(), "a lost worker is not probed");
+        assert!(
+            f.late(5000, 750, 500).is_empty(),
+            "a lost worker is not probed"
+        );
         // Without a live connection (after a restart, or once it dropped) nothing is probed.
         f.handle_register(6000, reg(3, "w2"));
         f.handle_disconnect(6100, 3, "w2", false);
         assert!(f.late(7000, 750, 500).is_empty());
-        assert!(f.handle_probe_refused(7000, None, "w2", "127.0.0.1:5000").is_empty());
+        assert!(f
+            .handle_probe_refused(7000, None, "w2", "127.0.0.1:5000")
+            .is_empty());
         f.sanity_check();
     }
 

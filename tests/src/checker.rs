@@ -128,12 +128,16 @@ pub fn check(
     }
     for task in final_tasks {
         let Some(events) = sessions.get(task) else {
-            bad.push(format!("{task}: expected a final state, but no session is stored"));
+            bad.push(format!(
+                "{task}: expected a final state, but no session is stored"
+            ));
             continue;
         };
         let completed = events.iter().filter(|e| e.kind == "completed").count();
         if completed != 1 {
-            bad.push(format!("{task}: {completed} `completed` events, want exactly 1"));
+            bad.push(format!(
+                "{task}: {completed} `completed` events, want exactly 1"
+            ));
         }
         if events.last().map(|e| e.kind.as_str()) != Some("completed") {
             bad.push(format!(
@@ -165,7 +169,10 @@ pub fn check(
 fn check_session(task: &str, events: &[StoredEvent], bad: &mut Vec<String>) {
     for (i, e) in events.iter().enumerate() {
         if e.pos != i as u64 {
-            bad.push(format!("{task}: position {} at index {i}: not contiguous from 0", e.pos));
+            bad.push(format!(
+                "{task}: position {} at index {i}: not contiguous from 0",
+                e.pos
+            ));
             return;
         }
     }

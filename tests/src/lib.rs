@@ -1077,7 +1077,10 @@ impl TestFleet {
         );
         let (_, out, err) = self.log_file(name);
         let worker = bin("drover-worker");
-        let mut cmd = command(Path::new(prefix.first().copied().unwrap_or("env")), &self.root);
+        let mut cmd = command(
+            Path::new(prefix.first().copied().unwrap_or("env")),
+            &self.root,
+        );
         cmd.args(prefix.iter().skip(1))
             .arg(worker)
             .arg("--config")

@@ -62,7 +62,12 @@ fn pause(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
 
 /// Run `rounds` rounds spread over `fleets` threads; `round(fleet_index, round_indices, seed)`
 /// runs one thread's share. Panics from any thread fail the test after all have finished.
-fn in_parallel(fleets: usize, rounds: usize, seed: u64, round: impl Fn(usize, Vec<usize>, u64) + Sync) {
+fn in_parallel(
+    fleets: usize,
+    rounds: usize,
+    seed: u64,
+    round: impl Fn(usize, Vec<usize>, u64) + Sync,
+) {
     let round = &round;
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..fleets)
@@ -72,7 +77,10 @@ fn in_parallel(fleets: usize, rounds: usize, seed: u64, round: impl Fn(usize, Ve
             })
             .collect();
         let failed = handles.into_iter().filter_map(|h| h.join().err()).count();
-        assert_eq!(failed, 0, "{failed} fleet(s) failed (seed {seed}); see above");
+        assert_eq!(
+            failed, 0,
+            "{failed} fleet(s) failed (seed {seed}); see above"
+        );
     });
 }
 
@@ -115,13 +123,15 @@ fn wait_task(
     deadline: Duration,
     pred: impl Fn(&TaskInfo) -> bool,
 ) -> TaskInfo {
-    fleet.wait_for(deadline, &format!("task {id} {what}"), || match task(fleet, id) {
-        Ok(t) if pred(&t) => Ok(t),
-        Ok(t) => Err(format!(
-            "{} on {:?} (attempts {}, reason {:?})",
-            t.state, t.worker, t.attempts, t.reason
-        )),
-        Err(e) => Err(e),
+    fleet.wait_for(deadline, &format!("task {id} {what}"), || {
+        match task(fleet, id) {
+            Ok(t) if pred(&t) => Ok(t),
+            Ok(t) => Err(format!(
+                "{} on {:?} (attempts {}, reason {:?})",
+                t.state, t.worker, t.attempts, t.reason
+            )),
+            Err(e) => Err(e),
+        }
     })
 }
 
@@ -139,8 +149,13 @@ fn wait_succeeded(fleet: &TestFleet, id: &str) -> TaskInfo {
 
 /// Run the checker over the whole database; panics with the violations, the seed and the
 /// logs. Returns the sessions for scenario-specific checks.
-fn verify(fleet: &TestFleet, final_tasks: &[String], seed: u64) -> BTreeMap<String, Vec<StoredEvent>> {
-    let sessions = checker::read_sessions(&fleet.db_path()).expect("read the coordinator's database");
+fn verify(
+    fleet: &TestFleet,
+    final_tasks: &[String],
+    seed: u64,
+) -> BTreeMap<String, Vec<StoredEvent>> {
+    let sessions =
+        checker::read_sessions(&fleet.db_path()).expect("read the coordinator's database");
     let acks = checker::merge_acks(
         fleet
             .worker_names
@@ -232,8 +247,15 @@ fn assert_resumed(events: &[StoredEvent], id: &str, steps: u64, seed: u64) -> bo
         .find(|e| e.kind == "resumed" && e.epoch == epoch);
     match last_ckpt {
         None => {
-            assert_eq!(from, Some(0), "task {id}: no checkpoint, starts over (seed {seed})");
-            assert!(resumed.is_none(), "task {id}: `resumed` without a checkpoint");
+            assert_eq!(
+                from,
+                Some(0),
+                "task {id}: no checkpoint, starts over (seed {seed})"
+            );
+            assert!(
+                resumed.is_none(),
+                "task {id}: `resumed` without a checkpoint"
+            );
             false
         }
         Some(c) => {
@@ -246,7 +268,11 @@ fn assert_resumed(events: &[StoredEvent], id: &str, steps: u64, seed: u64) -> bo
                 Some(c.pos),
                 "task {id}: resumed from the last checkpoint (seed {seed})"
             );
-            assert_eq!(from, Some(step), "task {id}: attempt {epoch} started at the checkpoint's step (seed {seed})");
+            assert_eq!(
+                from,
+                Some(step),
+                "task {id}: attempt {epoch} started at the checkpoint's step (seed {seed})"
+            );
             assert_eq!(
                 numbered(events, epoch, "step "),
                 (step..steps).collect::<Vec<_>>(),
@@ -276,18 +302,27 @@ fn a_worker_sigkilled_mid_task_resumes_elsewhere_from_its_checkpoint() {
         for r in mine {
             let ck = submit(&fleet, &format!("ck{r}"), &checkpointing_spec("ckpt", 30));
             let ln = submit(&fleet, &format!("ln{r}"), &lines_spec("lines", 40, ""));
-            let victim = wait_task(&fleet, &ck, "to run", DEADLINE, |t| t.state == TaskState::Running)
-                .worker
-                .expect("running on a worker");
-            wait_task(&fleet, &ln, "to run", DEADLINE, |t| t.state == TaskState::Running);
+            let victim = wait_task(&fleet, &ck, "to run", DEADLINE, |t| {
+                t.state == TaskState::Running
+            })
+            .worker
+            .expect("running on a worker");
+            wait_task(&fleet, &ln, "to run", DEADLINE, |t| {
+                t.state == TaskState::Running
+            });
             // Mid-task for real: the attempt has started and stored 1..10 checkpoints.
             let progress = rng.gen_range(1..10);
             fleet.wait_for(DEADLINE, "checkpoints to be stored", || {
-                let sessions = checker::read_sessions(&fleet.db_path()).map_err(|e| e.to_string())?;
-                let n = sessions
-                    .get(&ck)
-                    .map_or(0, |evs| evs.iter().filter(|e| e.kind == "checkpoint").count());
-                if n >= progress { Ok(()) } else { Err(format!("{n} checkpoints")) }
+                let sessions =
+                    checker::read_sessions(&fleet.db_path()).map_err(|e| e.to_string())?;
+                let n = sessions.get(&ck).map_or(0, |evs| {
+                    evs.iter().filter(|e| e.kind == "checkpoint").count()
+                });
+                if n >= progress {
+                    Ok(())
+                } else {
+                    Err(format!("{n} checkpoints"))
+                }
             });
             std::thread::sleep(pause(&mut rng, 0, 300));
             fleet.stop_worker(&victim, Signal::SIGKILL);
@@ -336,11 +371,20 @@ fn ticking_spec(marker: &str, steps: u32) -> String {
 /// coordinator logs the refusal or the order to kill).
 fn assert_fenced(fleet: &TestFleet, id: &str, marker: &str, victim: &str, seed: u64) {
     let t = wait_succeeded(fleet, id);
-    assert!(t.attempts >= 2, "{id}: moved to another attempt: {t:?} (seed {seed})");
-    assert_ne!(t.worker.as_deref(), Some(victim), "{id}: completed elsewhere (seed {seed})");
-    fleet.wait_for(DEADLINE, "the stale attempt's processes to be killed", || {
-        (!process_with(marker)).then_some(()).ok_or("still running")
-    });
+    assert!(
+        t.attempts >= 2,
+        "{id}: moved to another attempt: {t:?} (seed {seed})"
+    );
+    assert_ne!(
+        t.worker.as_deref(),
+        Some(victim),
+        "{id}: completed elsewhere (seed {seed})"
+    );
+    fleet.wait_for(
+        DEADLINE,
+        "the stale attempt's processes to be killed",
+        || (!process_with(marker)).then_some(()).ok_or("still running"),
+    );
     let sessions = verify(fleet, &[id.to_owned()], seed);
     let events = &sessions[id];
     let first = checker::epochs(events)[0];
@@ -361,7 +405,9 @@ fn assert_fenced(fleet: &TestFleet, id: &str, marker: &str, victim: &str, seed: 
     });
     let wlog = fleet.worker_log(victim);
     let stopped_itself = wlog.lines().any(|l| {
-        l.contains(&needle) && l.contains(&format!("epoch={first} ")) && l.contains("attempt stopped")
+        l.contains(&needle)
+            && l.contains(&format!("epoch={first} "))
+            && l.contains("attempt stopped")
     });
     assert!(
         refused || stopped_itself,
@@ -371,7 +417,11 @@ fn assert_fenced(fleet: &TestFleet, id: &str, marker: &str, victim: &str, seed: 
     );
     eprintln!(
         "{id}: stale attempt {first} {}",
-        if refused { "fenced by the coordinator" } else { "stopped by its worker (link dropped)" }
+        if refused {
+            "fenced by the coordinator"
+        } else {
+            "stopped by its worker (link dropped)"
+        }
     );
 }
 
@@ -387,9 +437,11 @@ fn c_worker_sigstopped_past_its_lease_is_fenced_when_it_continues() {
         for r in mine {
             let marker = format!("chaos-stop-{}-{f}-{r}", std::process::id());
             let id = submit(&fleet, "tick", &ticking_spec(&marker, 40));
-            let victim = wait_task(&fleet, &id, "to run", DEADLINE, |t| t.state == TaskState::Running)
-                .worker
-                .expect("on a worker");
+            let victim = wait_task(&fleet, &id, "to run", DEADLINE, |t| {
+                t.state == TaskState::Running
+            })
+            .worker
+            .expect("on a worker");
             std::thread::sleep(pause(&mut rng, 100, 600));
             let pid = fleet.worker_pid(&victim).expect("victim runs");
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP);
@@ -432,9 +484,24 @@ impl NetNs {
         let peer = format!("dcn{tag}");
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         ip(&["netns", "add", &ns.name]);
-        ip(&["link", "add", &ns.host_dev, "type", "veth", "peer", "name", &peer]);
+        ip(&[
+            "link",
+            "add",
+            &ns.host_dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ]);
         ip(&["link", "set", &peer, "netns", &ns.name]);
-        ip(&["addr", "add", &format!("{}/30", ns.host_addr), "dev", &ns.host_dev]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_addr),
+            "dev",
+            &ns.host_dev,
+        ]);
         ip(&["link", "set", &ns.host_dev, "up"]);
         let inside = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &ns.name, "ip"];
@@ -448,14 +515,23 @@ impl NetNs {
     }
 
     fn link(&self, up: bool) {
-        ip(&["link", "set", &self.host_dev, if up { "up" } else { "down" }]);
+        ip(&[
+            "link",
+            "set",
+            &self.host_dev,
+            if up { "up" } else { "down" },
+        ]);
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_dev]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_dev])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -552,7 +628,8 @@ fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
             // Streaming for real: both attempts started (a worker can only keep running an
             // attempt it received), then a random moment of the stream.
             fleet.wait_for(DEADLINE, "both attempts to start streaming", || {
-                let sessions = checker::read_sessions(&fleet.db_path()).map_err(|e| e.to_string())?;
+                let sessions =
+                    checker::read_sessions(&fleet.db_path()).map_err(|e| e.to_string())?;
                 let started = ids
                     .iter()
                     .filter(|id| {
@@ -561,7 +638,11 @@ fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
                             .is_some_and(|evs| evs.iter().any(|e| e.kind == "started"))
                     })
                     .count();
-                if started == ids.len() { Ok(()) } else { Err(format!("{started} started")) }
+                if started == ids.len() {
+                    Ok(())
+                } else {
+                    Err(format!("{started} started"))
+                }
             });
             std::thread::sleep(pause(&mut rng, 0, 1000));
             fleet.stop_coordinator(Signal::SIGKILL);
@@ -583,10 +664,17 @@ fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
                     .filter(|e| e.epoch == epoch && e.kind == "progress")
                     .filter_map(|e| e.json()["n"].as_u64())
                     .collect();
-                assert_eq!(ticks, (0..u64::from(n)).collect::<Vec<_>>(), "{id}: every event once (seed {seed})");
+                assert_eq!(
+                    ticks,
+                    (0..u64::from(n)).collect::<Vec<_>>(),
+                    "{id}: every event once (seed {seed})"
+                );
                 if keep {
-                    let kinds: Vec<(u64, &str)> =
-                        events.iter().map(|e| (e.epoch, e.kind.as_str())).filter(|(_, k)| *k != "stdout" && *k != "progress").collect();
+                    let kinds: Vec<(u64, &str)> = events
+                        .iter()
+                        .map(|e| (e.epoch, e.kind.as_str()))
+                        .filter(|(_, k)| *k != "stdout" && *k != "progress")
+                        .collect();
                     assert_eq!(
                         checker::epochs(events).len(),
                         1,
@@ -598,7 +686,10 @@ fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
             checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     });
-    eprintln!("d: {} coordinator SIGKILLs during streaming, nothing acknowledged lost (seed {seed})", checked.into_inner());
+    eprintln!(
+        "d: {} coordinator SIGKILLs during streaming, nothing acknowledged lost (seed {seed})",
+        checked.into_inner()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -630,7 +721,10 @@ fn e_oom_under_retry_with_more_memory_completes_on_a_retry() {
         assert_eq!(exits[0].json()["class"], "oom_killed", "{id}");
         assert_eq!(exits[0].json()["memory_limit_bytes"], 40 << 20, "{id}");
         assert_eq!(exits[1].json()["memory_limit_bytes"], 80 << 20, "{id}");
-        assert!(checker::stdout_of(&sessions[id], 2).contains("fits"), "{id}");
+        assert!(
+            checker::stdout_of(&sessions[id], 2).contains("fits"),
+            "{id}"
+        );
     }
 }
 
@@ -653,16 +747,26 @@ fn f_worker_restarted_under_keep_running_finishes_each_task_once() {
                     submit(
                         &fleet,
                         &format!("k{r}-{i}"),
-                        &lines_spec("kept", 30, "on_disconnect = \"keep_running\"\nlost_after = \"60s\""),
+                        &lines_spec(
+                            "kept",
+                            30,
+                            "on_disconnect = \"keep_running\"\nlost_after = \"60s\"",
+                        ),
                     )
                 })
                 .collect();
             for id in &ids {
-                wait_task(&fleet, id, "to run", DEADLINE, |t| t.state == TaskState::Running);
+                wait_task(&fleet, id, "to run", DEADLINE, |t| {
+                    t.state == TaskState::Running
+                });
             }
             std::thread::sleep(pause(&mut rng, 100, 1200));
             // Alternate a clean restart (SIGTERM) and a crash (SIGKILL).
-            let sig = if r % 2 == 0 { Signal::SIGTERM } else { Signal::SIGKILL };
+            let sig = if r % 2 == 0 {
+                Signal::SIGTERM
+            } else {
+                Signal::SIGKILL
+            };
             fleet.stop_worker("w1", sig);
             std::thread::sleep(pause(&mut rng, 0, 800));
             start_worker(&mut fleet, "w1");

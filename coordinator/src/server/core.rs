@@ -174,11 +174,8 @@ impl Core {
     ) -> Self {
         // Check leases several times per lease so `lost` shows within a quarter lease of expiry,
         // and late heartbeats within a quarter interval (see `probe::probe`).
-        let tick = Duration::from_millis(
-            (fleet.lease_ms() / 4)
-                .min(heartbeat_ms / 4)
-                .clamp(50, 1000),
-        );
+        let tick =
+            Duration::from_millis((fleet.lease_ms() / 4).min(heartbeat_ms / 4).clamp(50, 1000));
         Self {
             fleet,
             tasks,

@@ -156,8 +156,7 @@ impl Server {
         let fleet = Fleet::restore(loaded.workers, self.config.lease_ms, clock.now_ms());
         let (core_handle, core_rx) = core::Core::channel();
         let tasks = crate::tasks::lifecycle::Tasks::restore(loaded.tasks);
-        let core_task =
-            tokio::spawn(
+        let core_task = tokio::spawn(
             core::Core::new(
                 fleet,
                 tasks,

@@ -122,7 +122,10 @@ mod tests {
             s.local_addr().expect("addr")
         };
         let wait = Duration::from_millis(300);
-        assert!(port_closed(closed_addr, wait), "nothing listens there any more");
+        assert!(
+            port_closed(closed_addr, wait),
+            "nothing listens there any more"
+        );
         assert!(
             !port_closed(open_addr, wait),
             "a live socket (even one never read) is not refused"

@@ -116,7 +116,10 @@ fn main() -> anyhow::Result<()> {
                 let assigned = evs
                     .iter()
                     .find(|e| e.kind == "assigned" && e.epoch == started.epoch)?;
-                Some((started.ts_ms, assigned.json()["worker"].as_str()?.to_owned()))
+                Some((
+                    started.ts_ms,
+                    assigned.json()["worker"].as_str()?.to_owned(),
+                ))
             });
             if let Some((ts, on)) = found {
                 if on == victim {
@@ -125,7 +128,10 @@ fn main() -> anyhow::Result<()> {
                 break ts;
             }
             if Instant::now() > deadline {
-                bail!("run {run}: task {id} did not start again within 30 s\n{}", fleet.log_tail());
+                bail!(
+                    "run {run}: task {id} did not start again within 30 s\n{}",
+                    fleet.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
