@@ -237,8 +237,7 @@ fn assert_resumed(events: &[StoredEvent], id: &str, steps: u64, seed: u64) -> bo
         .expect("the last epoch was assigned");
     let last_ckpt = events
         .iter()
-        .filter(|e| e.kind == "checkpoint" && e.pos < assigned_pos)
-        .next_back();
+        .rfind(|e| e.kind == "checkpoint" && e.pos < assigned_pos);
     let from = checker::stdout_of(events, epoch)
         .lines()
         .find_map(|l| l.strip_prefix("from ")?.trim().parse::<u64>().ok());
