@@ -475,10 +475,12 @@ fn ip(args: &[&str]) {
 impl NetNs {
     fn new(index: usize) -> Self {
         let tag = format!("{}{index}", std::process::id() % 100_000);
+        // A /30 per (process, fleet), so concurrent test runs on one host do not collide.
+        let net = format!("10.213.{}", (std::process::id() % 60) * 4 + index as u32);
         let ns = NetNs {
             name: format!("drchaos{tag}"),
             host_dev: format!("dch{tag}"),
-            host_addr: format!("10.213.{index}.1"),
+            host_addr: format!("{net}.1"),
         };
         let peer = format!("dcn{tag}");
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
@@ -507,7 +509,7 @@ impl NetNs {
             all.extend_from_slice(args);
             ip(&all);
         };
-        inside(&["addr", "add", &format!("10.213.{index}.2/30"), "dev", &peer]);
+        inside(&["addr", "add", &format!("{net}.2/30"), "dev", &peer]);
         inside(&["link", "set", &peer, "up"]);
         inside(&["link", "set", "lo", "up"]);
         ns
