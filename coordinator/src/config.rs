@@ -26,6 +26,12 @@ pub struct CoordinatorConfig {
     /// A worker that sends no heartbeat for this long is `lost`, in milliseconds. Default 3000.
     /// Raise it for flaky links; it must be at least twice the heartbeat interval.
     pub lease_ms: u64,
+    /// When a worker's heartbeat is 1.5 intervals late, send one datagram to its address from a
+    /// connected socket: an ICMP "port unreachable" answer means no process holds its socket
+    /// any more, and the worker is lost at once instead of at the end of its lease (failover
+    /// in well under a second after a worker dies on a host that stays up). A slow, stalled or
+    /// partitioned worker is never declared lost by it. Default true.
+    pub liveness_probe: bool,
 }
 
 /// Certificate paths. Relative paths are resolved against the config file's directory.
@@ -58,6 +64,7 @@ impl Default for CoordinatorConfig {
             tls: TlsConfig::default(),
             heartbeat_interval_ms: 500,
             lease_ms: 3000,
+            liveness_probe: true,
         }
     }
 }

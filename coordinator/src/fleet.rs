@@ -75,6 +75,8 @@ struct Worker {
     /// The drain deadline was acted on (in memory: after a restart it fires again, which is
     /// harmless because nothing can have been placed on a draining worker since).
     drain_fired: bool,
+    /// When a liveness probe was last started for this worker (see [`Fleet::late`]).
+    probed_ms: u64,
 }
 
 /// A registration from a connection that passed the handshake.
@@ -110,6 +112,7 @@ impl Fleet {
                     conn: None,
                     lease_deadline_ms: now + lease_ms,
                     drain_fired: false,
+                    probed_ms: 0,
                 };
                 (w.record.name.clone(), w)
             })
@@ -146,6 +149,7 @@ impl Fleet {
                 conn: None,
                 lease_deadline_ms: now,
                 drain_fired: false,
+                probed_ms: 0,
             });
         if let Some(old) = w.conn.replace(reg.conn) {
             if old != reg.conn {
@@ -221,6 +225,58 @@ impl Fleet {
             return vec![Action::Persist(w.record.clone())];
         }
         Vec::new()
+    }
+
+    /// Live workers whose last heartbeat is more than `late_ms` old and that were not probed
+    /// in the last `every_ms`: (name, connection, address) to probe. Marks them probed.
+    ///
+    /// A late heartbeat alone proves nothing (a busy or stalled worker is late too); the
+    /// probe only looks for a positive sign of death — see [`Fleet::handle_probe_refused`].
+    pub fn late(
+        &mut self,
+        now: u64,
+        late_ms: u64,
+        every_ms: u64,
+    ) -> Vec<(String, Option<ConnId>, String)> {
+        let mut out = Vec::new();
+        for w in self.workers.values_mut() {
+            let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
+            // Only over a live connection: after a coordinator restart or a dropped connection
+            // the stored address may be stale until the worker registers again.
+            if live
+                && w.conn.is_some()
+                && now.saturating_sub(w.record.last_heartbeat_ms) > late_ms
+                && now.saturating_sub(w.probed_ms) >= every_ms
+            {
+                w.probed_ms = now;
+                out.push((w.record.name.clone(), w.conn, w.record.address.clone()));
+            }
+        }
+        out
+    }
+
+    /// A probe sent to `address` while `conn` was `name`'s connection was answered with "port
+    /// unreachable": no process holds the worker's socket any more (it was killed or crashed
+    /// while its host stays up). The worker is lost now instead of at its lease's end. Ignored
+    /// unless `conn` is still the worker's connection at the same address.
+    pub fn handle_probe_refused(
+        &mut self,
+        now: u64,
+        conn: Option<ConnId>,
+        name: &str,
+        address: &str,
+    ) -> Vec<Action> {
+        let Some(w) = self.workers.get_mut(name) else {
+            return Vec::new();
+        };
+        let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
+        let same = w.record.address == address && w.conn.is_some() && w.conn == conn;
+        if !live || !same {
+            return Vec::new();
+        }
+        w.record.state = WorkerState::Lost;
+        w.record.state_changed_ms = now;
+        vec![Action::Persist(w.record.clone())]
     }
 
     /// Expire leases and drain deadlines. Call at least a few times per lease.
@@ -500,6 +556,43 @@ pub(crate) mod tests {
         assert!(f.tick(6000).is_empty(), "lost is reported once");
         let a = f.handle_heartbeat(7000, 1, "w1", Usage::default());
         assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Ready));
+    }
+
+    #[test]
+    fn late_heartbeat_is_probed_once_per_interval_and_a_refusal_loses_the_worker() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        f.handle_register(0, reg(1, "w1"));
+        assert!(f.late(700, 750, 500).is_empty(), "not late yet");
+        let late = f.late(800, 750, 500);
+        assert_eq!(
+            late,
+            vec![("w1".to_owned(), Some(1), "127.0.0.1:5000".to_owned())]
+        );
+        assert!(f.late(900, 750, 500).is_empty(), "probed once per interval");
+        assert_eq!(f.late(1300, 750, 500).len(), 1);
+        // A refusal for an address or connection the worker no longer has is ignored.
+        assert!(f
+            .handle_probe_refused(1400, Some(1), "w1", "127.0.0.1:6000")
+            .is_empty());
+        assert!(f
+            .handle_probe_refused(1400, Some(2), "w1", "127.0.0.1:5000")
+            .is_empty());
+        assert_eq!(state(&f, "w1"), WorkerState::Ready);
+        let a = f.handle_probe_refused(1400, Some(1), "w1", "127.0.0.1:5000");
+        assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Lost));
+        assert!(f.tick(5000).is_empty(), "lost once");
+        assert!(
+            f.late(5000, 750, 500).is_empty(),
+            "a lost worker is not probed"
+        );
+        // Without a live connection (after a restart, or once it dropped) nothing is probed.
+        f.handle_register(6000, reg(3, "w2"));
+        f.handle_disconnect(6100, 3, "w2", false);
+        assert!(f.late(7000, 750, 500).is_empty());
+        assert!(f
+            .handle_probe_refused(7000, None, "w2", "127.0.0.1:5000")
+            .is_empty());
+        f.sanity_check();
     }
 
     #[test]

@@ -26,6 +26,8 @@
 //! Set `DROVER_E2E_KEEP=1` to keep each fleet's directory (configs, certificates, logs) after
 //! the test, for debugging.
 
+pub mod checker;
+
 use drover::pki::{self, CertPaths, CertRequest, Validity};
 use drover::wire::FramedRecv;
 use drover_protocol::{
@@ -1058,4 +1060,34 @@ pub fn process_with(marker: &str) -> bool {
                 })
                 .unwrap_or(false)
         })
+}
+
+impl TestFleet {
+    /// The coordinator's SQLite database (for [`checker::read_sessions`]).
+    pub fn db_path(&self) -> PathBuf {
+        self.root.join("state").join("drover.db")
+    }
+
+    /// Start worker `name` as `prefix... drover-worker --config ...` (e.g. `ip netns exec NS`),
+    /// with extra environment variables.
+    pub fn start_worker_wrapped(&mut self, name: &str, prefix: &[&str], env: &[(&str, &str)]) {
+        assert!(
+            !self.workers.contains_key(name),
+            "worker {name} is already running"
+        );
+        let (_, out, err) = self.log_file(name);
+        let worker = bin("drover-worker");
+        let mut cmd = command(
+            Path::new(prefix.first().copied().unwrap_or("env")),
+            &self.root,
+        );
+        cmd.args(prefix.iter().skip(1))
+            .arg(worker)
+            .arg("--config")
+            .arg(self.worker_config(name))
+            .envs(env.iter().copied())
+            .stdout(out)
+            .stderr(err);
+        self.workers.insert(name.to_owned(), Guard::spawn(&mut cmd));
+    }
 }

@@ -404,6 +404,9 @@ async fn run(
             },
             reply = next_reply(&mut link) => match reply {
                 Ok(Some(AttemptDown::Ack { seq })) => {
+                    // The worker's view of "acknowledged", for fault-injection checkers
+                    // (DROVER_LOG=drover_worker::acks=debug); off by default.
+                    tracing::debug!(target: "drover_worker::acks", task = %key.0, epoch = key.1, seq, "acked");
                     if let Err(e) = spool.ack(seq) {
                         return StreamEnd::Spool(e);
                     }

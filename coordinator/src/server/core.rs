@@ -158,12 +158,25 @@ pub struct Core {
     clock: Clock,
     links: HashMap<String, WorkerLink>,
     tick: Duration,
+    heartbeat_ms: u64,
+    probe: bool,
 }
 
 impl Core {
-    pub fn new(fleet: Fleet, tasks: Tasks, store: Store, clock: Clock) -> Self {
-        // Check leases several times per lease so `lost` shows within a quarter lease of expiry.
-        let tick = Duration::from_millis((fleet.lease_ms() / 4).clamp(50, 1000));
+    /// `heartbeat_ms` is the interval workers are told to heartbeat at; `probe` whether late
+    /// ones get a liveness probe (`CoordinatorConfig::liveness_probe`).
+    pub fn new(
+        fleet: Fleet,
+        tasks: Tasks,
+        store: Store,
+        clock: Clock,
+        heartbeat_ms: u64,
+        probe: bool,
+    ) -> Self {
+        // Check leases several times per lease so `lost` shows within a quarter lease of expiry,
+        // and late heartbeats within a quarter interval (see `probe::probe`).
+        let tick =
+            Duration::from_millis((fleet.lease_ms() / 4).min(heartbeat_ms / 4).clamp(50, 1000));
         Self {
             fleet,
             tasks,
@@ -171,6 +184,8 @@ impl Core {
             clock,
             links: HashMap::new(),
             tick,
+            heartbeat_ms,
+            probe,
         }
     }
 
@@ -184,14 +199,41 @@ impl Core {
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.recover(self.clock.now_ms());
+        // Liveness probes of workers whose heartbeat is late (owned here, dropped on exit).
+        let mut probes: tokio::task::JoinSet<Option<(String, Option<ConnId>, String)>> =
+            tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
                     None => break,
                 },
+                Some(Ok(refused)) = probes.join_next(), if !probes.is_empty() => {
+                    if let Some((name, conn, address)) = refused {
+                        let now = self.clock.now_ms();
+                        tracing::info!(worker = %name, %address, "liveness probe: the worker's port is closed (its process is gone); declaring it lost before its lease ends");
+                        let actions = self.fleet.handle_probe_refused(now, conn, &name, &address);
+                        self.apply(actions);
+                        self.schedule(now);
+                    }
+                }
                 _ = tick.tick() => {
                     let now = self.clock.now_ms();
+                    let late_ms = self.heartbeat_ms + self.heartbeat_ms / 2;
+                    let late = if self.probe {
+                        self.fleet.late(now, late_ms, self.heartbeat_ms)
+                    } else {
+                        Vec::new()
+                    };
+                    for (name, conn, address) in late {
+                        if let Ok(addr) = address.parse::<std::net::SocketAddr>() {
+                            let wait = Duration::from_millis(self.heartbeat_ms.clamp(50, 1000));
+                            probes.spawn_blocking(move || {
+                                super::probe::port_closed(addr, wait)
+                                    .then_some((name, conn, address))
+                            });
+                        }
+                    }
                     let actions = self.fleet.tick(now);
                     self.apply(actions);
                     if self.tasks.has_detached() {
@@ -497,8 +539,13 @@ impl Core {
             .map(|info| {
                 let mut view =
                     WorkerView::new(info, reserved.get(&info.name).copied().unwrap_or_default());
-                if !self.links.contains_key(&info.name) && view.state == WorkerState::Ready {
+                let reported = self.links.get(&info.name).is_some_and(|l| l.reported);
+                if !reported && view.state == WorkerState::Ready {
                     // Ready but not connected (after a coordinator restart): nothing can be sent.
+                    // Connected but its first attempts report not yet in: an attempt placed now
+                    // would be missing from that report (built before the assignment arrived)
+                    // and ended as `worker_restarted` — found by the chaos suite (scenario d).
+                    // The report's handler schedules again.
                     view.state = WorkerState::Lost;
                 }
                 view

@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod core;
+pub mod probe;
 pub mod transfer;
 
 use crate::clock::Clock;
@@ -244,8 +245,17 @@ impl Server {
         let fleet = Fleet::restore(loaded.workers, self.config.lease_ms, clock.now_ms());
         let (core_handle, core_rx) = core::Core::channel();
         let tasks = crate::tasks::lifecycle::Tasks::restore(loaded.tasks);
-        let core_task =
-            tokio::spawn(core::Core::new(fleet, tasks, store.clone(), clock).run(core_rx));
+        let core_task = tokio::spawn(
+            core::Core::new(
+                fleet,
+                tasks,
+                store.clone(),
+                clock,
+                self.config.heartbeat_interval_ms,
+                self.config.liveness_probe,
+            )
+            .run(core_rx),
+        );
         let ctx = conn::ConnCtx {
             core: core_handle,
             store,
