@@ -26,6 +26,10 @@ pub struct CoordinatorConfig {
     /// A worker that sends no heartbeat for this long is `lost`, in milliseconds. Default 3000.
     /// Raise it for flaky links; it must be at least twice the heartbeat interval.
     pub lease_ms: u64,
+    /// Lifetime of the worker certificates this coordinator signs (enrollment and renewal), in
+    /// seconds. Workers renew at half of it over their link. Default 604800 (7 days); at
+    /// least 10.
+    pub worker_cert_ttl_s: u64,
 }
 
 /// Certificate paths. Relative paths are resolved against the config file's directory.
@@ -38,6 +42,10 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// Its private key. Default `/etc/drover/tls/coordinator.key`.
     pub key: PathBuf,
+    /// The fleet CA's private key, to sign worker certificates (enrollment with join tokens,
+    /// renewal). Unset (default): the coordinator signs nothing; workers need certificates
+    /// made with `drover tls cert create`, and tokens cannot be created.
+    pub ca_key: Option<PathBuf>,
 }
 
 impl Default for TlsConfig {
@@ -46,6 +54,7 @@ impl Default for TlsConfig {
             ca: "/etc/drover/tls/ca.crt".into(),
             cert: "/etc/drover/tls/coordinator.crt".into(),
             key: "/etc/drover/tls/coordinator.key".into(),
+            ca_key: None,
         }
     }
 }
@@ -58,6 +67,7 @@ impl Default for CoordinatorConfig {
             tls: TlsConfig::default(),
             heartbeat_interval_ms: 500,
             lease_ms: 3000,
+            worker_cert_ttl_s: 7 * 24 * 3600,
         }
     }
 }
@@ -100,6 +110,9 @@ impl CoordinatorConfig {
                 &mut cfg.state_dir,
             ],
         );
+        if let Some(k) = cfg.tls.ca_key.as_mut() {
+            resolve_relative(path, [k]);
+        }
         cfg.validate(&path.display().to_string())?;
         Ok(cfg)
     }
@@ -126,7 +139,18 @@ impl CoordinatorConfig {
                 ),
             ));
         }
+        if self.worker_cert_ttl_s < 10 {
+            return Err(invalid(
+                "worker_cert_ttl_s",
+                format!("{} is below the minimum of 10 seconds", self.worker_cert_ttl_s),
+            ));
+        }
         Ok(())
+    }
+
+    /// Lifetime of signed worker certificates.
+    pub fn worker_cert_ttl(&self) -> Duration {
+        Duration::from_secs(self.worker_cert_ttl_s)
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

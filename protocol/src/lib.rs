@@ -12,6 +12,7 @@
 //!   `tests/golden.rs` fail on any accidental change.
 
 pub mod bytes;
+pub mod enroll;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
@@ -24,4 +25,5 @@ pub use frame::{
 pub use handshake::{
     negotiate, Hello, HelloReply, Refusal, Role, VersionRange, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
+pub use enroll::{EnrollReply, EnrollRequest, RevocationReport, TokenInfo};
 pub use messages::*;
