@@ -44,6 +44,15 @@ pub struct WorkerConfig {
     /// the worker stops it (the coordinator reschedules it then), for tasks whose spec does not
     /// say. Default 300000 (5 minutes).
     pub lost_after_ms: u64,
+    /// A join token from `drover token create`: when the certificate in `tls.cert` does not
+    /// exist yet, the worker enrolls with it (makes its key, gets a certificate), then removes
+    /// this key from the config file. Needs `ca_fingerprint`.
+    pub join_token: Option<String>,
+    /// SHA-256 fingerprint of the fleet CA certificate (`drover token create` prints it): the
+    /// only coordinator CA the worker accepts while enrolling.
+    pub ca_fingerprint: Option<String>,
+    /// The name to ask for when enrolling. Default: this host's name.
+    pub name: Option<String>,
     pub tls: TlsPaths,
     /// The file this config was loaded from (not a key): hidden from sandboxed tasks with the
     /// other private paths.
@@ -87,6 +96,9 @@ impl Default for WorkerConfig {
             spool_max_bytes: crate::spool::DEFAULT_SPOOL_BYTES,
             on_disconnect: OnDisconnect::Kill,
             lost_after_ms: DEFAULT_LOST_AFTER_MS,
+            join_token: None,
+            ca_fingerprint: None,
+            name: None,
             tls: TlsPaths::default(),
             file: None,
         }
@@ -173,6 +185,20 @@ impl WorkerConfig {
             return Err(invalid(
                 "lost_after_ms",
                 "must be more than 0, e.g. 300000 for 5 minutes".into(),
+            ));
+        }
+        if let Some(fp) = &cfg.ca_fingerprint {
+            if crate::pki::parse_fingerprint(fp).is_none() {
+                return Err(invalid(
+                    "ca_fingerprint",
+                    format!("{fp:?} is not a SHA-256 fingerprint (64 hex digits, as `drover token create` prints it)"),
+                ));
+            }
+        }
+        if cfg.join_token.is_some() && cfg.ca_fingerprint.is_none() {
+            return Err(invalid(
+                "ca_fingerprint",
+                "is needed with join_token: copy it from `drover token create`".into(),
             ));
         }
         if let Some(bad) = cfg

@@ -21,6 +21,7 @@
 
 pub mod archive;
 pub mod config;
+pub mod enroll;
 pub mod executor;
 pub mod link;
 pub mod logging;

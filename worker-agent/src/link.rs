@@ -93,13 +93,43 @@ impl Backoff {
     }
 }
 
+/// The QUIC client config from the worker's TLS files (loaded and checked again after each
+/// certificate renewal).
+fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, LinkError> {
+    let rustls = pki::client_config(files, Role::Worker)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls)
+        .map_err(|e| LinkError::Quic(e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.stream_receive_window((256u32 * 1024).into());
+    transport.receive_window((1024u32 * 1024).into());
+    transport.send_window(1024 * 1024);
+    client_config.transport_config(Arc::new(transport));
+    Ok(client_config)
+}
+
+/// How long until the certificate in `path` should be renewed: half-way through its
+/// validity window (zero if that has passed; `None` if it cannot be read).
+fn renew_in(path: &std::path::Path) -> Option<Duration> {
+    let (nb, na) = pki::cert_window(path).ok()?;
+    let at = nb + (na - nb) / 2;
+    let left = at - time::OffsetDateTime::now_utc();
+    Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
+}
+
+/// Retry delay after a renewal was refused or went unanswered.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
+
 /// The link's long-lived parts.
 #[derive(Debug)]
 pub struct Link {
     config: WorkerConfig,
     exec: ExecContext,
     endpoint: quinn::Endpoint,
-    client_config: quinn::ClientConfig,
+    /// Replaced after a certificate renewal; used from the next connection on.
+    client_config: std::sync::Mutex<quinn::ClientConfig>,
     name: String,
     /// Attempts running on this worker, whatever the connection.
     registry: Registry,
@@ -116,17 +146,7 @@ impl Link {
             key: config.tls.key.clone(),
         };
         let name = pki::own_identity(&files.cert)?.name;
-        let rustls = pki::client_config(&files, Role::Worker)?;
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls)
-            .map_err(|e| LinkError::Quic(e.to_string()))?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
-        transport.keep_alive_interval(Some(Duration::from_secs(5)));
-        transport.stream_receive_window((256u32 * 1024).into());
-        transport.receive_window((1024u32 * 1024).into());
-        transport.send_window(1024 * 1024);
-        client_config.transport_config(Arc::new(transport));
+        let client_config = client_config(&files)?;
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(LinkError::Socket)?;
         let private = crate::sandbox::private_paths(&config);
@@ -158,7 +178,7 @@ impl Link {
             config,
             exec,
             endpoint,
-            client_config,
+            client_config: std::sync::Mutex::new(client_config),
             name,
             registry: Registry::default(),
             conns: watch::Sender::new(None),
@@ -293,7 +313,14 @@ impl Link {
             .ok_or_else(|| SessionEnd::Resolve(self.config.coordinator.clone()))?;
         let connecting = self
             .endpoint
-            .connect_with(self.client_config.clone(), addr, &self.config.server_name)
+            .connect_with(
+                self.client_config
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+                addr,
+                &self.config.server_name,
+            )
             .map_err(|e| SessionEnd::Connect(e.to_string()))?;
         let conn = match timeout(STEP_TIMEOUT, connecting).await {
             Err(_) => return Err(SessionEnd::Connect("no answer within 10s".into())),
@@ -403,8 +430,25 @@ impl Link {
         let lease = Duration::from_millis(lease_ms);
         let mut last_ack = Instant::now();
         let mut lease_check = tokio::time::interval(lease / 4);
+        // Certificate renewal: a CSR for a new key half-way through the certificate's life;
+        // the key waits in `pending` until the coordinator answers.
+        let renew = tokio::time::sleep(renew_in(&self.config.tls.cert).unwrap_or(Duration::MAX / 4));
+        tokio::pin!(renew);
+        let mut pending: Option<pki::KeyAndCsr> = None;
         loop {
             tokio::select! {
+                _ = &mut renew => {
+                    match pki::make_csr(&self.name) {
+                        Ok(material) => {
+                            tracing::info!(worker = %self.name, "asking the coordinator to renew the certificate");
+                            let msg = WorkerMessage::Renew { csr_pem: material.csr_pem.clone() };
+                            pending = Some(material);
+                            wire::send(&mut send, &msg).await.map_err(|e| lost(&e))?;
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot make a key for renewal"),
+                    }
+                    renew.as_mut().reset(Instant::now() + RENEW_RETRY.max(Duration::from_secs(1)) * 2);
+                }
                 _ = shutdown.cancelled() => return self.goodbye(conn, Some(&mut send)).await,
                 _ = tick.tick() => {
                     seq += 1;
@@ -434,6 +478,20 @@ impl Link {
                         tracing::info!(task = %task_id, epoch, "attempt cancelled by the coordinator");
                         self.registry.cancel(&(task_id, epoch));
                     }
+                    Ok(Some(CoordinatorMessage::Renewed { cert_pem, not_after_ms })) => {
+                        match pending.take() {
+                            Some(material) => {
+                                let next = self.install_renewed(&material, &cert_pem, not_after_ms);
+                                renew.as_mut().reset(Instant::now() + next);
+                            }
+                            None => tracing::warn!("ignoring a renewed certificate nobody asked for"),
+                        }
+                    }
+                    Ok(Some(CoordinatorMessage::RenewRefused { reason })) => {
+                        pending = None;
+                        tracing::error!(worker = %self.name, %reason, retry_in_s = RENEW_RETRY.as_secs(), "the coordinator refused to renew the certificate");
+                        renew.as_mut().reset(Instant::now() + RENEW_RETRY);
+                    }
                     Ok(Some(other)) => tracing::debug!(message = ?other, "ignoring unexpected message"),
                     Ok(None) => return Err(SessionEnd::Lost("coordinator closed the control stream".into())),
                     Err(e) => return Err(lost(&e)),
@@ -445,6 +503,32 @@ impl Link {
                         )));
                     }
                 }
+            }
+        }
+    }
+
+    /// Write the renewed key and certificate over the old ones and use them from the next
+    /// connection on; returns when to renew next.
+    fn install_renewed(&self, material: &pki::KeyAndCsr, cert_pem: &str, not_after_ms: u64) -> Duration {
+        let tls = &self.config.tls;
+        let installed = pki::install_leaf(&tls.key, &material.key_pem, &tls.cert, cert_pem)
+            .map_err(LinkError::from)
+            .and_then(|()| {
+                client_config(&TlsFiles {
+                    ca: tls.ca.clone(),
+                    cert: tls.cert.clone(),
+                    key: tls.key.clone(),
+                })
+            });
+        match installed {
+            Ok(config) => {
+                *self.client_config.lock().unwrap_or_else(|e| e.into_inner()) = config;
+                tracing::info!(worker = %self.name, cert = %tls.cert.display(), not_after_ms, "certificate renewed; used from the next connection on");
+                renew_in(&tls.cert).unwrap_or(RENEW_RETRY)
+            }
+            Err(e) => {
+                tracing::error!(worker = %self.name, error = %e, "cannot install the renewed certificate");
+                RENEW_RETRY
             }
         }
     }
