@@ -142,7 +142,10 @@ impl CoordinatorConfig {
         if self.worker_cert_ttl_s < 10 {
             return Err(invalid(
                 "worker_cert_ttl_s",
-                format!("{} is below the minimum of 10 seconds", self.worker_cert_ttl_s),
+                format!(
+                    "{} is below the minimum of 10 seconds",
+                    self.worker_cert_ttl_s
+                ),
             ));
         }
         Ok(())

@@ -19,11 +19,11 @@ pub mod identity;
 pub mod messages;
 pub mod task;
 
+pub use enroll::{EnrollReply, EnrollRequest, RevocationReport, TokenInfo};
 pub use frame::{
     encode_frame, DecodeError, EncodeError, FrameDecoder, FRAME_HEADER_LEN, MAX_FRAME_LEN,
 };
 pub use handshake::{
     negotiate, Hello, HelloReply, Refusal, Role, VersionRange, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
-pub use enroll::{EnrollReply, EnrollRequest, RevocationReport, TokenInfo};
 pub use messages::*;

@@ -396,11 +396,17 @@ pub enum OperatorRequest {
     /// Every join token not yet expired or used up (answered by [`OperatorResponse::Tokens`]).
     ListTokens,
     /// Make a join token unusable.
-    RevokeToken { id: String },
+    RevokeToken {
+        id: String,
+    },
     /// Refuse a worker's certificates from now on and close its connection.
-    RevokeWorker { name: String },
+    RevokeWorker {
+        name: String,
+    },
     /// Let a revoked worker name enroll again (its old certificates stay refused).
-    ReinstateWorker { name: String },
+    ReinstateWorker {
+        name: String,
+    },
 }
 
 /// A worker's drain, as the registry keeps it (it survives coordinator restarts and the
@@ -523,7 +529,10 @@ pub enum OperatorResponse {
     },
     Tokens(Vec<crate::enroll::TokenInfo>),
     /// After `RevokeToken`.
-    TokenRevoked { id: String, changed: bool },
+    TokenRevoked {
+        id: String,
+        changed: bool,
+    },
     /// After `RevokeWorker` or `ReinstateWorker`.
     Revocation(crate::enroll::RevocationReport),
 }

@@ -31,7 +31,10 @@ fn token(fleet: &TestFleet, extra: &[&str]) -> (String, String) {
     let v: serde_json::Value = fleet.cli_json(&args);
     (
         v["token"].as_str().expect("token").to_owned(),
-        v["ca_fingerprint"].as_str().expect("fingerprint").to_owned(),
+        v["ca_fingerprint"]
+            .as_str()
+            .expect("fingerprint")
+            .to_owned(),
     )
 }
 
@@ -60,7 +63,15 @@ fn join(fleet: &TestFleet, name: &str, token: &str, fp: &str) -> std::process::O
         command(&bin("drover-worker"), fleet.dir())
             .arg("--config")
             .arg(fleet.worker_config(name))
-            .args(["join", "--ca-fingerprint", fp, "--token", token, "--name", name]),
+            .args([
+                "join",
+                "--ca-fingerprint",
+                fp,
+                "--token",
+                token,
+                "--name",
+                name,
+            ]),
         DEADLINE,
     )
 }
@@ -78,11 +89,18 @@ fn enrollment_with_a_token_and_its_refusals() {
     let w = fleet.wait_worker_state("joiner", WorkerState::Ready);
     assert!(w.connected);
     let key = cert_path(&fleet, "joiner", "worker.key");
-    let mode = std::fs::metadata(&key).expect("key file").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&key)
+        .expect("key file")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "{}", key.display());
     let config = std::fs::read_to_string(fleet.worker_config("joiner")).unwrap();
     let secret = tok.split_once('.').unwrap().1;
-    assert!(!config.contains(secret), "the token stayed in the config:\n{config}");
+    assert!(
+        !config.contains(secret),
+        "the token stayed in the config:\n{config}"
+    );
     fleet.wait_log("enrolled a worker");
 
     // The same single-use token again: refused.
@@ -117,7 +135,12 @@ fn enrollment_with_a_token_and_its_refusals() {
     assert!(!cert_path(&fleet, "pinned", "worker.crt").exists());
     // The token was never presented, so it still works.
     let out = join(&fleet, "pinned", &fresh, &fp);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -128,14 +151,20 @@ fn revocation_cuts_a_worker_off_for_good() {
     fleet.start_worker("doomed");
     fleet.wait_worker_state("doomed", WorkerState::Ready);
     let out = fleet.cli(&["worker", "revoke", "doomed"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Cut off within seconds (DEADLINE is a generous bound).
-    wait_for(DEADLINE, "the revoked worker to be disconnected", || {
-        match fleet.worker("doomed") {
+    wait_for(
+        DEADLINE,
+        "the revoked worker to be disconnected",
+        || match fleet.worker("doomed") {
             Ok(w) if !w.connected => Ok(()),
             other => Err(format!("{other:?}")),
-        }
-    });
+        },
+    );
     // It keeps trying and is refused at the handshake.
     fleet.wait_log("refused a revoked certificate");
     let w = fleet.worker("doomed").expect("worker");
@@ -162,27 +191,38 @@ fn certificates_are_renewed_before_expiry() {
     fleet.wait_worker_state("renewer", WorkerState::Ready);
     let cert = cert_path(&fleet, "renewer", "worker.crt");
     let (_, first_expiry) = window(&cert);
-    let (renewed_nb, renewed_na) = wait_for(Duration::from_secs(ttl * 2), "a renewed certificate", || {
-        let (nb, na) = window(&cert);
-        if na > first_expiry {
-            Ok((nb, na))
-        } else {
-            Err(na)
-        }
-    });
+    let (renewed_nb, renewed_na) = wait_for(
+        Duration::from_secs(ttl * 2),
+        "a renewed certificate",
+        || {
+            let (nb, na) = window(&cert);
+            if na > first_expiry {
+                Ok((nb, na))
+            } else {
+                Err(na)
+            }
+        },
+    );
     // Issued (notBefore + a quarter of the lifetime) before the first one expired.
     let issued = renewed_nb + time::Duration::seconds(ttl as i64 / 4);
-    assert!(issued < first_expiry, "renewed at {issued}, first expired {first_expiry}");
+    assert!(
+        issued < first_expiry,
+        "renewed at {issued}, first expired {first_expiry}"
+    );
     assert!(renewed_na > first_expiry);
     fleet.wait_log("renewed a worker certificate");
     // Past the first certificate's expiry, a fresh connection works with the new one.
-    wait_for(Duration::from_secs(ttl * 2), "the first certificate to expire", || {
-        if time::OffsetDateTime::now_utc() > first_expiry {
-            Ok(())
-        } else {
-            Err("not yet")
-        }
-    });
+    wait_for(
+        Duration::from_secs(ttl * 2),
+        "the first certificate to expire",
+        || {
+            if time::OffsetDateTime::now_utc() > first_expiry {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        },
+    );
     fleet.stop_coordinator(Signal::SIGTERM);
     fleet.start_coordinator_and_wait();
     let w = fleet.wait_worker_state("renewer", WorkerState::Ready);

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("{0:?} is not a SHA-256 fingerprint (64 hex digits, as `drover token create` prints it)")]
+    #[error(
+        "{0:?} is not a SHA-256 fingerprint (64 hex digits, as `drover token create` prints it)"
+    )]
     BadFingerprint(String),
     #[error("invalid worker name {0:?}: {rule}; pass --name", rule = drover_protocol::identity::NAME_RULE)]
     BadName(String),
@@ -101,7 +103,9 @@ pub async fn enroll(
         csr_pem: material.csr_pem.clone(),
         software: crate::link::software(),
     };
-    wire::send(&mut send, &req).await.map_err(|e| exchange(&e))?;
+    wire::send(&mut send, &req)
+        .await
+        .map_err(|e| exchange(&e))?;
     let _ = send.finish();
     let mut recv = FramedRecv::new(recv);
     let reply = tokio::time::timeout(Duration::from_secs(15), recv.next::<EnrollReply>()).await;
@@ -110,7 +114,11 @@ pub async fn enroll(
     let (name, cert_pem, ca_pem) = match reply {
         Err(_) => return Err(EnrollError::Exchange("no reply within 15s".into())),
         Ok(Err(e)) => return Err(exchange(&e)),
-        Ok(Ok(None)) => return Err(EnrollError::Exchange("the coordinator sent no reply".into())),
+        Ok(Ok(None)) => {
+            return Err(EnrollError::Exchange(
+                "the coordinator sent no reply".into(),
+            ))
+        }
         Ok(Ok(Some(EnrollReply::Refused { reason }))) => return Err(EnrollError::Refused(reason)),
         Ok(Ok(Some(EnrollReply::Issued {
             name,
@@ -147,7 +155,9 @@ pub fn forget_token(file: &Path) -> std::io::Result<bool> {
         .lines()
         .map(|line| {
             let key = line.trim_start();
-            if key.starts_with("join_token") && key["join_token".len()..].trim_start().starts_with('=') {
+            if key.starts_with("join_token")
+                && key["join_token".len()..].trim_start().starts_with('=')
+            {
                 removed = true;
                 "# join_token: removed after enrolling".to_owned()
             } else {
@@ -176,11 +186,18 @@ mod tests {
     fn forget_token_removes_only_that_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("w.toml");
-        std::fs::write(&p, "coordinator = \"a:1\"\njoin_token = \"abc.def\"\n# join_token = \"x\"\n[tls]\n").unwrap();
+        std::fs::write(
+            &p,
+            "coordinator = \"a:1\"\njoin_token = \"abc.def\"\n# join_token = \"x\"\n[tls]\n",
+        )
+        .unwrap();
         assert!(forget_token(&p).unwrap());
         let t = std::fs::read_to_string(&p).unwrap();
         assert!(!t.contains("abc.def"), "{t}");
-        assert!(t.contains("coordinator = \"a:1\"") && t.contains("[tls]"), "{t}");
+        assert!(
+            t.contains("coordinator = \"a:1\"") && t.contains("[tls]"),
+            "{t}"
+        );
         assert!(!forget_token(&p).unwrap());
     }
 }

@@ -432,7 +432,8 @@ impl Link {
         let mut lease_check = tokio::time::interval(lease / 4);
         // Certificate renewal: a CSR for a new key half-way through the certificate's life;
         // the key waits in `pending` until the coordinator answers.
-        let renew = tokio::time::sleep(renew_in(&self.config.tls.cert).unwrap_or(Duration::MAX / 4));
+        let renew =
+            tokio::time::sleep(renew_in(&self.config.tls.cert).unwrap_or(Duration::MAX / 4));
         tokio::pin!(renew);
         let mut pending: Option<pki::KeyAndCsr> = None;
         loop {
@@ -509,7 +510,12 @@ impl Link {
 
     /// Write the renewed key and certificate over the old ones and use them from the next
     /// connection on; returns when to renew next.
-    fn install_renewed(&self, material: &pki::KeyAndCsr, cert_pem: &str, not_after_ms: u64) -> Duration {
+    fn install_renewed(
+        &self,
+        material: &pki::KeyAndCsr,
+        cert_pem: &str,
+        not_after_ms: u64,
+    ) -> Duration {
         let tls = &self.config.tls;
         let installed = pki::install_leaf(&tls.key, &material.key_pem, &tls.cert, cert_pem)
             .map_err(LinkError::from)

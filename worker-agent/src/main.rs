@@ -76,7 +76,12 @@ fn join(config: &WorkerConfig, ca_fingerprint: &str, token: &str, name: &str) ->
             return 1;
         }
     };
-    match runtime.block_on(drover_worker::enroll::enroll(config, ca_fingerprint, token, name)) {
+    match runtime.block_on(drover_worker::enroll::enroll(
+        config,
+        ca_fingerprint,
+        token,
+        name,
+    )) {
         Ok(name) => {
             println!(
                 "enrolled as {name}: certificate {}, key {}",
@@ -158,9 +163,13 @@ fn main() {
     }
     if config.join_token.is_some() && config.tls.cert.exists() {
         match drover_worker::enroll::forget_token(&args.config) {
-            Ok(true) => tracing::info!(config = %args.config.display(), "removed the used join_token from the config"),
+            Ok(true) => {
+                tracing::info!(config = %args.config.display(), "removed the used join_token from the config")
+            }
             Ok(false) => {}
-            Err(e) => tracing::warn!(config = %args.config.display(), error = %e, "cannot remove join_token from the config; remove it by hand (it is used up)"),
+            Err(e) => {
+                tracing::warn!(config = %args.config.display(), error = %e, "cannot remove join_token from the config; remove it by hand (it is used up)")
+            }
         }
     }
     if let Err(e) = std::fs::create_dir_all(&config.work_dir) {

@@ -95,7 +95,10 @@ pub async fn token(cmd: TokenCommand) -> Result<(), CliError> {
                     outln!("ca fingerprint: {ca_fingerprint}");
                     outln!("id:             {}", info.id);
                     outln!("uses:           {}", info.max_uses);
-                    outln!("expires:        {}", super::output::timestamp(info.expires_ms));
+                    outln!(
+                        "expires:        {}",
+                        super::output::timestamp(info.expires_ms)
+                    );
                     outln!();
                     outln!("On the new worker (as root):");
                     outln!(
@@ -137,7 +140,13 @@ pub async fn token(cmd: TokenCommand) -> Result<(), CliError> {
 }
 
 fn print_tokens(list: &[TokenInfo]) {
-    outln!("{:<14} {:>5} {:<24} {:<16} LABEL", "ID", "USES", "EXPIRES", "NAME");
+    outln!(
+        "{:<14} {:>5} {:<24} {:<16} LABEL",
+        "ID",
+        "USES",
+        "EXPIRES",
+        "NAME"
+    );
     for t in list {
         outln!(
             "{:<14} {:>5} {:<24} {:<16} {}",

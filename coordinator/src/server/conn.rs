@@ -58,6 +58,16 @@ pub async fn serve(incoming: quinn::Incoming, id: ConnId, ctx: ConnCtx) {
             return;
         }
     };
+    // The TLS verifier checks revocation already; this covers a revocation that landed
+    // during the handshake.
+    if let Some(reason) = wire::peer_certs(&conn)
+        .first()
+        .and_then(|c| ctx.trust.refused(c))
+    {
+        tracing::warn!(%remote, peer = %identity.name, %reason, "refused a revoked certificate");
+        conn.close(close_code::REVOKED.into(), b"certificate revoked");
+        return;
+    }
     let (mut send, recv) = match timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -143,7 +153,12 @@ async fn enroll(conn: quinn::Connection, remote: SocketAddr, ctx: ConnCtx) {
         return;
     };
     let mut recv = FramedRecv::new(recv);
-    let req = match timeout(HANDSHAKE_TIMEOUT, recv.next::<drover_protocol::EnrollRequest>()).await {
+    let req = match timeout(
+        HANDSHAKE_TIMEOUT,
+        recv.next::<drover_protocol::EnrollRequest>(),
+    )
+    .await
+    {
         Ok(Ok(Some(req))) => req,
         Ok(Err(e)) => return protocol_error(&conn, remote, "(enrolling)", &e),
         _ => {

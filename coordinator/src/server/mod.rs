@@ -124,11 +124,14 @@ impl Server {
             None => None,
         };
         match &signer {
-            Some(s) => tracing::info!(ca_fingerprint = %s.ca_fingerprint(), "CA key loaded: workers may enroll with join tokens and renew their certificates"),
-            None => tracing::info!("no CA key configured (tls.ca_key): enrollment and certificate renewal are off"),
+            Some(s) => {
+                tracing::info!(ca_fingerprint = %s.ca_fingerprint(), "CA key loaded: workers may enroll with join tokens and renew their certificates")
+            }
+            None => tracing::info!(
+                "no CA key configured (tls.ca_key): enrollment and certificate renewal are off"
+            ),
         }
-        let trust =
-            crate::trust::service::TrustService::new(signer, config.worker_cert_ttl());
+        let trust = crate::trust::service::TrustService::new(signer, config.worker_cert_ttl());
         let tls = pki::server_config_with(&files, Some(trust.revocation_check()))?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| ServeError::Quic(e.to_string()))?;

@@ -67,8 +67,13 @@ pub enum TrustWrite {
     Token(TokenRecord),
     Issued(IssuedRecord),
     /// Revoke a name and every certificate issued to it.
-    RevokeName { name: String, at_ms: u64 },
-    ReinstateName { name: String },
+    RevokeName {
+        name: String,
+        at_ms: u64,
+    },
+    ReinstateName {
+        name: String,
+    },
 }
 
 /// What the store holds, loaded at start-up.
@@ -209,7 +214,11 @@ impl Trust {
             revoked: false,
         };
         self.tokens.insert(id.clone(), rec.clone());
-        (format!("{id}.{secret}"), rec.clone(), TrustWrite::Token(rec))
+        (
+            format!("{id}.{secret}"),
+            rec.clone(),
+            TrustWrite::Token(rec),
+        )
     }
 
     /// Check a presented token from `source` asking for `requested_name`, and count its use.
@@ -245,7 +254,10 @@ impl Trust {
         token: &str,
         requested_name: &str,
     ) -> Result<Redeemed, EnrollRefusal> {
-        let (id, secret) = token.trim().split_once('.').ok_or(EnrollRefusal::NotAccepted)?;
+        let (id, secret) = token
+            .trim()
+            .split_once('.')
+            .ok_or(EnrollRefusal::NotAccepted)?;
         let rec = self.tokens.get(id).ok_or(EnrollRefusal::NotAccepted)?;
         if !constant_time_eq(&rec.hash, &sha256(secret.as_bytes())) {
             return Err(EnrollRefusal::NotAccepted);
@@ -259,7 +271,10 @@ impl Trust {
         if rec.uses >= rec.max_uses {
             return Err(EnrollRefusal::UsedUp);
         }
-        let name = rec.name.clone().unwrap_or_else(|| requested_name.to_owned());
+        let name = rec
+            .name
+            .clone()
+            .unwrap_or_else(|| requested_name.to_owned());
         if !drover_protocol::identity::valid_name(&name) {
             return Err(EnrollRefusal::BadName {
                 name,

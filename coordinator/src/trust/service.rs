@@ -71,6 +71,11 @@ impl TrustService {
         *lock(&self.state) = Trust::restore(loaded, now_ms());
     }
 
+    /// Why the certificate (DER) a peer presented must be refused, if it must.
+    pub fn refused(&self, cert: &rustls::pki_types::CertificateDer<'_>) -> Option<String> {
+        Revocations(self.state.clone()).revoked(cert)
+    }
+
     pub fn revocation_check(&self) -> Arc<dyn RevocationCheck> {
         Arc::new(Revocations(self.state.clone()))
     }
@@ -86,7 +91,13 @@ impl TrustService {
         match self.try_enroll(store, core, remote, &req).await {
             Ok(reply) => reply,
             Err(refusal) => {
-                let token_id = req.token.split('.').next().unwrap_or("").get(..12).unwrap_or("");
+                let token_id = req
+                    .token
+                    .split('.')
+                    .next()
+                    .unwrap_or("")
+                    .get(..12)
+                    .unwrap_or("");
                 tracing::warn!(%remote, token_id, software = %req.software, reason = %refusal, "refused enrollment");
                 EnrollReply::Refused {
                     reason: refusal.to_string(),
@@ -225,16 +236,28 @@ impl TrustService {
                 name,
             } => {
                 let Some(signer) = &self.signer else {
-                    return Some(error(ErrorKind::InvalidRequest, EnrollRefusal::NoCaKey.to_string()));
-                };
-                if let Some(n) = name.as_deref().filter(|n| !drover_protocol::identity::valid_name(n)) {
                     return Some(error(
                         ErrorKind::InvalidRequest,
-                        format!("invalid worker name {n:?}: names must be {}", drover_protocol::identity::NAME_RULE),
+                        EnrollRefusal::NoCaKey.to_string(),
+                    ));
+                };
+                if let Some(n) = name
+                    .as_deref()
+                    .filter(|n| !drover_protocol::identity::valid_name(n))
+                {
+                    return Some(error(
+                        ErrorKind::InvalidRequest,
+                        format!(
+                            "invalid worker name {n:?}: names must be {}",
+                            drover_protocol::identity::NAME_RULE
+                        ),
                     ));
                 }
                 if *ttl_ms == 0 || *max_uses == 0 {
-                    return Some(error(ErrorKind::InvalidRequest, "a token needs a ttl above 0 and at least 1 use".into()));
+                    return Some(error(
+                        ErrorKind::InvalidRequest,
+                        "a token needs a ttl above 0 and at least 1 use".into(),
+                    ));
                 }
                 let (token, rec, write) = lock(&self.state).create_token(
                     now_ms(),
@@ -254,11 +277,16 @@ impl TrustService {
                     ca_fingerprint: signer.ca_fingerprint().to_owned(),
                 }
             }
-            OperatorRequest::ListTokens => OperatorResponse::Tokens(lock(&self.state).tokens(now_ms())),
+            OperatorRequest::ListTokens => {
+                OperatorResponse::Tokens(lock(&self.state).tokens(now_ms()))
+            }
             OperatorRequest::RevokeToken { id } => {
                 let change = lock(&self.state).revoke_token(id);
                 match change {
-                    None => error(ErrorKind::NotFound, format!("no join token {id:?} (drover token list)")),
+                    None => error(
+                        ErrorKind::NotFound,
+                        format!("no join token {id:?} (drover token list)"),
+                    ),
                     Some(write) => {
                         let changed = write.is_some();
                         if let Some(w) = write {
@@ -267,7 +295,10 @@ impl TrustService {
                             }
                             tracing::info!(%operator, token_id = %id, "revoked a join token");
                         }
-                        OperatorResponse::TokenRevoked { id: id.clone(), changed }
+                        OperatorResponse::TokenRevoked {
+                            id: id.clone(),
+                            changed,
+                        }
                     }
                 }
             }
@@ -276,7 +307,10 @@ impl TrustService {
                 let mut writes: Vec<TrustWrite> = write.into_iter().collect();
                 if writes.is_empty() && certificates > 0 {
                     // Certificates issued since an earlier revoke-and-reinstate.
-                    writes.push(TrustWrite::RevokeName { name: name.clone(), at_ms: now_ms() });
+                    writes.push(TrustWrite::RevokeName {
+                        name: name.clone(),
+                        at_ms: now_ms(),
+                    });
                 }
                 if let Err(e) = stored(durable(store.put_trust(writes)).await) {
                     return Some(e);

@@ -13,7 +13,8 @@ fn trust() -> Trust {
 fn token_is_stored_hashed_and_single_use() {
     let mut t = trust();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let (token, rec, write) = t.create_token(1000, 60_000, 1, Some("rack 2".into()), None, &mut rng);
+    let (token, rec, write) =
+        t.create_token(1000, 60_000, 1, Some("rack 2".into()), None, &mut rng);
     let (id, secret) = token.split_once('.').unwrap();
     assert_eq!(id, rec.id);
     assert_eq!(secret.len(), 64);
@@ -54,8 +55,14 @@ fn expired_wrong_and_revoked_tokens_are_refused() {
     );
     let (token2, rec2, _) = t.create_token(0, 100_000, 5, None, None, &mut rng);
     let wrong = format!("{}.{}", rec2.id, "0".repeat(64));
-    assert_eq!(t.redeem(1, ip(), &wrong, "w"), Err(EnrollRefusal::NotAccepted));
-    assert_eq!(t.redeem(1, ip(), "garbage", "w"), Err(EnrollRefusal::NotAccepted));
+    assert_eq!(
+        t.redeem(1, ip(), &wrong, "w"),
+        Err(EnrollRefusal::NotAccepted)
+    );
+    assert_eq!(
+        t.redeem(1, ip(), "garbage", "w"),
+        Err(EnrollRefusal::NotAccepted)
+    );
     assert!(matches!(t.revoke_token(&rec2.id), Some(Some(_))));
     assert_eq!(t.redeem(2, ip(), &token2, "w"), Err(EnrollRefusal::Revoked));
     assert!(t.revoke_token("nope").is_none());
@@ -76,7 +83,10 @@ fn failures_are_rate_limited_per_source() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let (token, _, _) = t.create_token(0, 1_000_000, 1, None, None, &mut rng);
     for _ in 0..2 {
-        assert_eq!(t.redeem(0, ip(), "a.b", "w"), Err(EnrollRefusal::NotAccepted));
+        assert_eq!(
+            t.redeem(0, ip(), "a.b", "w"),
+            Err(EnrollRefusal::NotAccepted)
+        );
     }
     // Even the right token is not looked at while the address is limited.
     assert!(matches!(
@@ -84,7 +94,9 @@ fn failures_are_rate_limited_per_source() {
         Err(EnrollRefusal::RateLimited { .. })
     ));
     // Another address is not limited.
-    assert!(t.redeem(0, IpAddr::from([192, 0, 2, 2]), &token, "w").is_ok());
+    assert!(t
+        .redeem(0, IpAddr::from([192, 0, 2, 2]), &token, "w")
+        .is_ok());
 }
 
 #[test]
@@ -102,7 +114,10 @@ fn revoked_name_is_refused_until_reinstated_and_its_certs_forever() {
     let (changed, certs, write) = t.revoke_name(5, "w1");
     assert!(changed && certs == 1 && write.is_some());
     assert!(t.refusal("w1", "aa").is_some());
-    assert!(t.refusal("w1", "bb").is_some(), "any certificate of the name");
+    assert!(
+        t.refusal("w1", "bb").is_some(),
+        "any certificate of the name"
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let (token, _, _) = t.create_token(0, 1000, 1, None, Some("w1".into()), &mut rng);
     assert!(matches!(
@@ -112,7 +127,10 @@ fn revoked_name_is_refused_until_reinstated_and_its_certs_forever() {
     assert!(!t.revoke_name(7, "w1").0, "second revoke changes nothing");
     assert!(t.reinstate("w1").is_some());
     assert_eq!(t.refusal("w1", "bb"), None);
-    assert!(t.refusal("w1", "aa").is_some(), "old certificates stay refused");
+    assert!(
+        t.refusal("w1", "aa").is_some(),
+        "old certificates stay refused"
+    );
     assert!(t.redeem(8, ip(), &token, "w1").is_ok());
 }
 

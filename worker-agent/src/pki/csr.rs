@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use drover_protocol::Role;
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, KeyPair,
-    SanType,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, KeyPair, SanType,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -217,7 +216,9 @@ pub fn is_enrollment_cert(der: &[u8]) -> bool {
         .next()
         .and_then(|cn| cn.as_str().ok())
         == Some(ENROLL_CN);
-    cn_ok && cert.subject().as_raw() == cert.issuer().as_raw() && cert.verify_signature(None).is_ok()
+    cn_ok
+        && cert.subject().as_raw() == cert.issuer().as_raw()
+        && cert.verify_signature(None).is_ok()
 }
 
 /// Client config for the enrollment connection: presents a self-signed certificate over the
@@ -296,9 +297,10 @@ impl ServerCertVerifier for PinnedCa {
         roots
             .add(ca.clone().into_owned())
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 

@@ -33,12 +33,12 @@ use std::path::PathBuf;
 use drover_protocol::identity::{IdentityError, NAME_RULE};
 use drover_protocol::Role;
 
+pub use csr::{
+    csr_name, enroll_client_config, fingerprint, is_enrollment_cert, make_csr, parse_fingerprint,
+    Issued, KeyAndCsr, Signer, ENROLL_CN,
+};
 pub use files::{cert_not_after, cert_window, install_ca, install_leaf, load_certs, load_key};
 pub use issue::{create_ca, issue_cert};
-pub use csr::{
-    csr_name, enroll_client_config, fingerprint, is_enrollment_cert, make_csr,
-    parse_fingerprint, Issued, KeyAndCsr, Signer, ENROLL_CN,
-};
 pub use tls::{
     client_config, own_identity, peer_identity, peer_role_is_coordinator, server_config,
     server_config_with, RevocationCheck,

@@ -269,6 +269,10 @@ impl Material {
             .with_single_cert(chain, self.key.clone_key())
             .map_err(|source| key_error(&self.files, source))?;
         config.alpn_protocols = vec![ALPN.to_vec(), ENROLL_ALPN.to_vec()];
+        // A resumed TLS session skips the client certificate check, and with it the
+        // revocation check: no resumption, every connection is verified in full.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(config)
     }
 
@@ -366,7 +370,10 @@ impl rustls::server::danger::ClientCertVerifier for FleetClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             Ok(ok) => match self.revocation.revoked(end_entity) {
                 None => Ok(ok),
                 Some(reason) => {
