@@ -128,13 +128,13 @@ pub async fn enroll(
         }))) => (name, cert_pem, ca_pem),
     };
     // The TLS handshake already pinned the CA; check the file we are about to trust too.
+    use rustls::pki_types::pem::PemObject;
     let ca_ok = rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes())
         .filter_map(Result::ok)
         .any(|der| pki::fingerprint(&der) == fingerprint);
     if !ca_ok {
         return Err(EnrollError::CaMismatch);
     }
-    use rustls::pki_types::pem::PemObject;
     pki::install_ca(&config.tls.ca, &ca_pem)?;
     pki::install_leaf(
         &config.tls.key,

@@ -338,3 +338,96 @@ impl ServerCertVerifier for PinnedCa {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{create_ca, CA_CERT_FILE, CA_KEY_FILE};
+
+    fn signer(dir: &Path) -> Signer {
+        create_ca(dir, "t").unwrap();
+        Signer::load(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE)).unwrap()
+    }
+
+    #[test]
+    fn csr_round_trip_signs_a_worker_certificate() {
+        use rustls::pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let m = make_csr("pi-7").unwrap();
+        assert_eq!(csr_name(&m.csr_pem).unwrap(), "pi-7");
+        let now = OffsetDateTime::now_utc();
+        let issued = s
+            .sign_worker(&m.csr_pem, "pi-7", std::time::Duration::from_secs(40), now)
+            .unwrap();
+        // The certificate carries the worker role and the name, for the key in the CSR.
+        let der =
+            rustls::pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let id = drover_protocol::identity::parse_identity(&der).unwrap();
+        assert_eq!((id.name.as_str(), id.role), ("pi-7", Role::Worker));
+        let info = CertInfo::parse(Path::new("x"), &der).unwrap();
+        let key = KeyPair::from_pem(&m.key_pem).unwrap();
+        assert_eq!(info.spki, key.public_key_der());
+        // Short lifetimes are backdated by a quarter, not 5 minutes.
+        assert_eq!(
+            info.not_after.unix_timestamp(),
+            (now + Duration::seconds(40)).unix_timestamp()
+        );
+        assert_eq!(
+            info.not_before.unix_timestamp(),
+            (now - Duration::seconds(10)).unix_timestamp()
+        );
+        assert_eq!(issued.fingerprint, fingerprint(&der));
+    }
+
+    #[test]
+    fn a_tampered_csr_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let m = make_csr("w").unwrap();
+        // A CSR whose signature does not match its key proves nothing: refused.
+        use rustls::pki_types::pem::PemObject;
+        let der =
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(m.csr_pem.as_bytes())
+                .unwrap();
+        let mut bytes = der.as_ref().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        assert!(CertificateSigningRequestParams::from_der(&bytes.into()).is_err());
+        assert!(s
+            .sign_worker(
+                "garbage",
+                "w",
+                std::time::Duration::from_secs(60),
+                OffsetDateTime::now_utc()
+            )
+            .is_err());
+        assert!(csr_name("not a csr").is_err());
+    }
+
+    #[test]
+    fn fingerprints_parse_in_common_spellings() {
+        let fp = "ab".repeat(32);
+        assert_eq!(parse_fingerprint(&fp.to_uppercase()), Some(fp.clone()));
+        let colons: Vec<String> = (0..32).map(|_| "AB".to_owned()).collect();
+        assert_eq!(
+            parse_fingerprint(&format!("sha256:{}", colons.join(":"))),
+            Some(fp)
+        );
+        assert_eq!(parse_fingerprint("abc"), None);
+    }
+
+    #[test]
+    fn enrollment_certificate_is_recognised() {
+        let m = make_csr("w").unwrap();
+        let config = enroll_client_config(&m.key_pem, &"00".repeat(32)).unwrap();
+        assert_eq!(config.alpn_protocols, vec![ENROLL_ALPN.to_vec()]);
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path(), "t").unwrap();
+        let ca = files::load_certs(&dir.path().join(CA_CERT_FILE)).unwrap();
+        assert!(
+            !is_enrollment_cert(&ca[0]),
+            "a CA is not an enrollment certificate"
+        );
+    }
+}
