@@ -524,7 +524,7 @@ pub enum OperatorResponse {
     /// SHA-256 of the fleet CA certificate (DER, lowercase hex) a new worker pins.
     TokenCreated {
         token: String,
-        info: crate::enroll::TokenInfo,
+        info: Box<crate::enroll::TokenInfo>,
         ca_fingerprint: String,
     },
     Tokens(Vec<crate::enroll::TokenInfo>),

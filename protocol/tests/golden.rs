@@ -1097,7 +1097,7 @@ fn enrollment_and_certificate_lifecycle() {
         "operator_token_created",
         &OperatorResponse::TokenCreated {
             token: "0a1b.c2d3".into(),
-            info: info.clone(),
+            info: Box::new(info.clone()),
             ca_fingerprint: "ff".into(),
         },
         "000000290e09306131622e63326433043061316201047261636b00020180d095ffbc31c0ccabffbc3100026666",

@@ -273,7 +273,7 @@ impl TrustService {
                 tracing::info!(%operator, token_id = %rec.id, uses = rec.max_uses, expires_ms = rec.expires_ms, "created a join token");
                 OperatorResponse::TokenCreated {
                     token,
-                    info: rec.info(),
+                    info: Box::new(rec.info()),
                     ca_fingerprint: signer.ca_fingerprint().to_owned(),
                 }
             }
