@@ -149,7 +149,12 @@ fn main() {
         }
     };
     if args.print_config {
-        print!("{}", toml::to_string_pretty(&config).unwrap_or_default());
+        // The join token is a secret: show that one is set, never its value.
+        let mut shown = config.clone();
+        if shown.join_token.is_some() {
+            shown.join_token = Some("<set, not shown>".into());
+        }
+        print!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
         return;
     }
     if !config.tls.cert.exists() {
