@@ -143,6 +143,12 @@ impl WorkerConfig {
             ],
         );
         cfg.file = Some(path.to_path_buf());
+        // An empty value (as in the shipped config with the line uncommented) means unset.
+        for v in [&mut cfg.join_token, &mut cfg.ca_fingerprint, &mut cfg.name] {
+            if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                *v = None;
+            }
+        }
         let invalid = |key, message: String| ConfigError::Invalid {
             path: path.into(),
             key,
