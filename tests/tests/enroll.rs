@@ -223,8 +223,17 @@ fn certificates_are_renewed_before_expiry() {
             }
         },
     );
+    let before = fleet.worker("renewer").expect("worker").registered_ms;
     fleet.stop_coordinator(Signal::SIGTERM);
     fleet.start_coordinator_and_wait();
-    let w = fleet.wait_worker_state("renewer", WorkerState::Ready);
-    assert!(w.connected, "{w:?}");
+    // The registry comes back with the worker as it was; wait for a new registration.
+    let w = wait_for(
+        DEADLINE,
+        "the worker to register again with the renewed certificate",
+        || match fleet.worker("renewer") {
+            Ok(w) if w.connected && w.registered_ms > before => Ok(w),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(w.state, WorkerState::Ready);
 }
