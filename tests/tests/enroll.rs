@@ -237,3 +237,29 @@ fn certificates_are_renewed_before_expiry() {
     );
     assert_eq!(w.state, WorkerState::Ready);
 }
+
+/// The enrollment certificate opens the enrollment exchange and nothing else: on the normal
+/// ALPN it is refused before any message is read.
+#[test]
+fn the_enrollment_certificate_reaches_nothing_else() {
+    let fleet = fleet(3600);
+    let (_, fp) = token(&fleet, &[]);
+    let material = drover::pki::make_csr("sneaky").expect("key");
+    let mut tls = drover::pki::enroll_client_config(&material.key_pem, &fp).expect("tls");
+    tls.alpn_protocols = vec![drover::pki::ALPN.to_vec()];
+    let result = drover_tests::raw_hello(
+        fleet.socket_addr(),
+        tls,
+        &drover_tests::hello(drover_protocol::Role::Worker),
+    );
+    match result {
+        Err(e) => assert_eq!(
+            e.app_close_code(),
+            Some(u64::from(drover_protocol::close_code::REFUSED)),
+            "{e:?}"
+        ),
+        Ok(reply) => panic!("a peer without a fleet certificate got a hello reply: {reply:?}"),
+    }
+    fleet.wait_log("bad certificate identity");
+    assert!(fleet.workers().expect("workers").is_empty());
+}

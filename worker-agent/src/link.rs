@@ -119,8 +119,19 @@ fn renew_in(path: &std::path::Path) -> Option<Duration> {
     Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
-/// Retry delay after a renewal was refused or went unanswered.
+/// Retry delay after a renewal went unanswered or could not be installed.
 const RENEW_RETRY: Duration = Duration::from_secs(5);
+
+/// Retry delay after a refused renewal: a tenth of the certificate's remaining life, between
+/// [`RENEW_RETRY`] and an hour, so a coordinator without a CA key is not asked every 5 s for
+/// months.
+fn refused_retry(path: &std::path::Path) -> Duration {
+    let left = pki::cert_not_after(path)
+        .ok()
+        .and_then(|na| Duration::try_from(na - time::OffsetDateTime::now_utc()).ok())
+        .unwrap_or(Duration::ZERO);
+    (left / 10).clamp(RENEW_RETRY, Duration::from_secs(3600))
+}
 
 /// The link's long-lived parts.
 #[derive(Debug)]
@@ -490,8 +501,9 @@ impl Link {
                     }
                     Ok(Some(CoordinatorMessage::RenewRefused { reason })) => {
                         pending = None;
-                        tracing::error!(worker = %self.name, %reason, retry_in_s = RENEW_RETRY.as_secs(), "the coordinator refused to renew the certificate");
-                        renew.as_mut().reset(Instant::now() + RENEW_RETRY);
+                        let retry = refused_retry(&self.config.tls.cert);
+                        tracing::error!(worker = %self.name, %reason, retry_in_s = retry.as_secs(), "the coordinator refused to renew the certificate");
+                        renew.as_mut().reset(Instant::now() + retry);
                     }
                     Ok(Some(other)) => tracing::debug!(message = ?other, "ignoring unexpected message"),
                     Ok(None) => return Err(SessionEnd::Lost("coordinator closed the control stream".into())),

@@ -91,14 +91,16 @@ impl TrustService {
         match self.try_enroll(store, core, remote, &req).await {
             Ok(reply) => reply,
             Err(refusal) => {
-                let token_id = req
+                // Only the public id (at most 12 characters of whatever was sent) is logged.
+                let token_id: String = req
                     .token
                     .split('.')
                     .next()
                     .unwrap_or("")
-                    .get(..12)
-                    .unwrap_or("");
-                tracing::warn!(%remote, token_id, software = %req.software, reason = %refusal, "refused enrollment");
+                    .chars()
+                    .take(12)
+                    .collect();
+                tracing::warn!(%remote, %token_id, software = %req.software, reason = %refusal, "refused enrollment");
                 EnrollReply::Refused {
                     reason: refusal.to_string(),
                 }
