@@ -192,6 +192,19 @@ mod tests {
     }
 
     #[test]
+    fn ca_key_resolves_and_cert_lifetime_has_a_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "worker_cert_ttl_s = 30\n[tls]\nca_key = \"ca.key\"\n").unwrap();
+        let c = CoordinatorConfig::load(&p).unwrap();
+        assert_eq!(c.tls.ca_key, Some(dir.path().join("ca.key")));
+        assert_eq!(c.worker_cert_ttl(), Duration::from_secs(30));
+        std::fs::write(&p, "worker_cert_ttl_s = 5\n").unwrap();
+        let e = CoordinatorConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("worker_cert_ttl_s"), "{e}");
+    }
+
+    #[test]
     fn lease_must_exceed_two_heartbeats() {
         let c = CoordinatorConfig {
             lease_ms: 600,

@@ -287,6 +287,25 @@ mod tests {
     }
 
     #[test]
+    fn enrollment_keys() {
+        let e = load("join_token = \"a.b\"\n").unwrap_err().to_string();
+        assert!(e.contains("`ca_fingerprint`"), "{e}");
+        let e = load("join_token = \"a.b\"\nca_fingerprint = \"xyz\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`ca_fingerprint`") && e.contains("xyz"), "{e}");
+        let fp = "AB".repeat(32);
+        let c = load(&format!(
+            "join_token = \"a.b\"\nca_fingerprint = \"{fp}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.join_token.as_deref(), Some("a.b"));
+        // Empty values (the shipped config, uncommented) mean unset.
+        let c = load("join_token = \"\"\nca_fingerprint = \"\"\nname = \"\"\n").unwrap();
+        assert_eq!((c.join_token, c.ca_fingerprint, c.name), (None, None, None));
+    }
+
+    #[test]
     fn bad_values_are_named() {
         assert!(load("coordinator = \"nohost\"\n")
             .unwrap_err()
