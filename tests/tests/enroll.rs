@@ -169,6 +169,18 @@ fn revocation_cuts_a_worker_off_for_good() {
     fleet.wait_log("refused a revoked certificate");
     let w = fleet.worker("doomed").expect("worker");
     assert!(!w.connected, "{w:?}");
+    // The worker says why, instead of a bare "connection lost".
+    wait_for(
+        DEADLINE,
+        "the worker to log that it was revoked",
+        || match fleet
+            .worker_log("doomed")
+            .contains("revoked this worker's certificate")
+        {
+            true => Ok(()),
+            false => Err(fleet.worker_log("doomed")),
+        },
+    );
     // Re-enrolling the name needs the operator: a token for it is refused until reinstated.
     let (again, _) = token(&fleet, &["--name", "doomed"]);
     let out = join(&fleet, "doomed-2", &again, &fp);

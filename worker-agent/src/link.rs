@@ -60,6 +60,23 @@ enum SessionEnd {
     NotCoordinator(String),
     #[error("connection lost: {0}")]
     Lost(String),
+    #[error("the coordinator revoked this worker's certificate; it will not be let back in until an operator runs `drover worker reinstate NAME` and it enrolls again with a new token")]
+    Revoked,
+}
+
+/// Whether the coordinator closed `conn` because this worker's certificate is revoked: the
+/// revoke itself (close code `REVOKED`) or a later handshake refused with the TLS alert
+/// `certificate_revoked` (44).
+fn closed_as_revoked(conn: &quinn::Connection) -> bool {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == close_code::REVOKED.into()
+        }
+        Some(quinn::ConnectionError::ConnectionClosed(c)) => {
+            c.error_code == quinn::TransportErrorCode::crypto(44)
+        }
+        _ => false,
+    }
 }
 
 /// Capped exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling up
@@ -248,8 +265,10 @@ impl Link {
             let delay = backoff.next_delay(&mut rng);
             // Say every failure at first, then one in ten, so a long outage does not flood the log.
             if failures <= 3 || failures % 10 == 0 {
-                let level_error =
-                    matches!(end, SessionEnd::Refused(_) | SessionEnd::NotCoordinator(_));
+                let level_error = matches!(
+                    end,
+                    SessionEnd::Refused(_) | SessionEnd::NotCoordinator(_) | SessionEnd::Revoked
+                );
                 if level_error {
                     tracing::error!(coordinator = %self.config.coordinator, attempt = failures, retry_in_ms = delay.as_millis() as u64, "{end}");
                 } else {
@@ -307,6 +326,7 @@ impl Link {
         }
         match served {
             Ok(()) => None,
+            Err(_) if closed_as_revoked(&conn) => Some(SessionEnd::Revoked),
             Err(end) => {
                 conn.close(close_code::PROTOCOL_ERROR.into(), b"reconnecting");
                 Some(end)
