@@ -32,6 +32,10 @@ pub struct CoordinatorConfig {
     /// in well under a second after a worker dies on a host that stays up). A slow, stalled or
     /// partitioned worker is never declared lost by it. Default true.
     pub liveness_probe: bool,
+    /// Lifetime of the worker certificates this coordinator signs (enrollment and renewal), in
+    /// seconds. Workers renew at half of it over their link. Default 604800 (7 days); at
+    /// least 10.
+    pub worker_cert_ttl_s: u64,
 }
 
 /// Certificate paths. Relative paths are resolved against the config file's directory.
@@ -44,6 +48,10 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// Its private key. Default `/etc/drover/tls/coordinator.key`.
     pub key: PathBuf,
+    /// The fleet CA's private key, to sign worker certificates (enrollment with join tokens,
+    /// renewal). Unset (default): the coordinator signs nothing; workers need certificates
+    /// made with `drover tls cert create`, and tokens cannot be created.
+    pub ca_key: Option<PathBuf>,
 }
 
 impl Default for TlsConfig {
@@ -52,6 +60,7 @@ impl Default for TlsConfig {
             ca: "/etc/drover/tls/ca.crt".into(),
             cert: "/etc/drover/tls/coordinator.crt".into(),
             key: "/etc/drover/tls/coordinator.key".into(),
+            ca_key: None,
         }
     }
 }
@@ -65,6 +74,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_ms: 500,
             lease_ms: 3000,
             liveness_probe: true,
+            worker_cert_ttl_s: 7 * 24 * 3600,
         }
     }
 }
@@ -107,6 +117,9 @@ impl CoordinatorConfig {
                 &mut cfg.state_dir,
             ],
         );
+        if let Some(k) = cfg.tls.ca_key.as_mut() {
+            resolve_relative(path, [k]);
+        }
         cfg.validate(&path.display().to_string())?;
         Ok(cfg)
     }
@@ -133,7 +146,21 @@ impl CoordinatorConfig {
                 ),
             ));
         }
+        if self.worker_cert_ttl_s < 10 {
+            return Err(invalid(
+                "worker_cert_ttl_s",
+                format!(
+                    "{} is below the minimum of 10 seconds",
+                    self.worker_cert_ttl_s
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Lifetime of signed worker certificates.
+    pub fn worker_cert_ttl(&self) -> Duration {
+        Duration::from_secs(self.worker_cert_ttl_s)
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -169,6 +196,19 @@ mod tests {
         let c = CoordinatorConfig::load(&p).unwrap();
         assert_eq!(c.state_dir, dir.path().join("state"));
         assert_eq!(c.tls.ca, dir.path().join("ca.crt"));
+    }
+
+    #[test]
+    fn ca_key_resolves_and_cert_lifetime_has_a_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "worker_cert_ttl_s = 30\n[tls]\nca_key = \"ca.key\"\n").unwrap();
+        let c = CoordinatorConfig::load(&p).unwrap();
+        assert_eq!(c.tls.ca_key, Some(dir.path().join("ca.key")));
+        assert_eq!(c.worker_cert_ttl(), Duration::from_secs(30));
+        std::fs::write(&p, "worker_cert_ttl_s = 5\n").unwrap();
+        let e = CoordinatorConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("worker_cert_ttl_s"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod server;
 pub mod store;
 pub mod tasks;
+pub mod trust;
 
 // Lean runtime pieces shared with the worker (logging, sd_notify, framed streams) live in the
 // worker's library so the worker binary stays small and nothing is written twice.

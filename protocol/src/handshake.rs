@@ -13,7 +13,7 @@ pub const PROTOCOL_VERSION: u16 = 4;
 /// Every protocol version this build can speak. v1 (the fleet link without tasks) was never
 /// released; v3 added the OOM policy and `on_disconnect`/`lost_after_ms` to the task spec;
 /// v4 added acceptance criteria, iterations and verdicts to the spec, task info and
-/// assignments. Each changed the encoding of messages every peer exchanges, so the newest is
+/// assignments, and certificate renewal and revocation messages. Each changed the encoding of messages every peer exchanges, so the newest is
 /// the floor: a fleet upgrades coordinator and workers together.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
     min: 4,

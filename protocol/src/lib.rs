@@ -13,12 +13,14 @@
 
 pub mod acceptance;
 pub mod bytes;
+pub mod enroll;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod messages;
 pub mod task;
 
+pub use enroll::{EnrollReply, EnrollRequest, RevocationReport, TokenInfo};
 pub use frame::{
     encode_frame, DecodeError, EncodeError, FrameDecoder, FRAME_HEADER_LEN, MAX_FRAME_LEN,
 };

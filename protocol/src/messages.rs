@@ -101,6 +101,11 @@ pub enum WorkerMessage {
     /// without delivering its events. Attempts the coordinator had assigned to it that are not
     /// listed are over; listed ones that are not current are to be killed.
     Attempts { running: Vec<(String, u64)> },
+    /// Ask for a new certificate before the current one expires: a CSR (PEM) for a new key,
+    /// with the worker's own name. Answered by [`CoordinatorMessage::Renewed`] or
+    /// [`CoordinatorMessage::RenewRefused`]; the new certificate is used from the next
+    /// connection on.
+    Renew { csr_pem: String },
 }
 
 /// Worker → coordinator on an attempt stream: one bidirectional stream per running attempt,
@@ -188,6 +193,10 @@ pub enum CoordinatorMessage {
     Assign(Box<Assignment>),
     /// Stop this attempt (cancelled, or fenced by a newer epoch).
     Cancel { task_id: String, epoch: u64 },
+    /// The renewed certificate (PEM) and its expiry, ms since the Unix epoch.
+    Renewed { cert_pem: String, not_after_ms: u64 },
+    /// Renewal refused (no CA key on the coordinator, bad request); the worker retries later.
+    RenewRefused { reason: String },
 }
 
 /// One attempt to run.
@@ -395,6 +404,28 @@ pub enum OperatorRequest {
     },
     /// What needs an operator's eye: lost and draining workers, retrying tasks.
     Attention,
+    /// Make a join token valid for `ttl_ms` and `max_uses` enrollments; `name` fixes the
+    /// worker name it enrolls. Answered by [`OperatorResponse::TokenCreated`].
+    CreateToken {
+        ttl_ms: u64,
+        max_uses: u32,
+        label: Option<String>,
+        name: Option<String>,
+    },
+    /// Every join token not yet expired or used up (answered by [`OperatorResponse::Tokens`]).
+    ListTokens,
+    /// Make a join token unusable.
+    RevokeToken {
+        id: String,
+    },
+    /// Refuse a worker's certificates from now on and close its connection.
+    RevokeWorker {
+        name: String,
+    },
+    /// Let a revoked worker name enroll again (its old certificates stay refused).
+    ReinstateWorker {
+        name: String,
+    },
 }
 
 /// A worker's drain, as the registry keeps it (it survives coordinator restarts and the
@@ -508,6 +539,21 @@ pub enum OperatorResponse {
     /// The worker's drain after `Drain` or `Undrain`.
     Drain(DrainReport),
     Attention(Attention),
+    /// A new join token: `token` is shown once and never stored; `ca_fingerprint` is the
+    /// SHA-256 of the fleet CA certificate (DER, lowercase hex) a new worker pins.
+    TokenCreated {
+        token: String,
+        info: Box<crate::enroll::TokenInfo>,
+        ca_fingerprint: String,
+    },
+    Tokens(Vec<crate::enroll::TokenInfo>),
+    /// After `RevokeToken`.
+    TokenRevoked {
+        id: String,
+        changed: bool,
+    },
+    /// After `RevokeWorker` or `ReinstateWorker`.
+    Revocation(crate::enroll::RevocationReport),
 }
 
 /// QUIC application close codes. Part of the wire contract.
@@ -522,4 +568,6 @@ pub mod close_code {
     pub const REPLACED: u32 = 3;
     /// The coordinator is shutting down; workers reconnect with backoff.
     pub const SHUTDOWN: u32 = 4;
+    /// The peer's certificate was revoked (`drover worker revoke`); it must not reconnect.
+    pub const REVOKED: u32 = 5;
 }

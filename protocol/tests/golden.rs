@@ -1064,3 +1064,133 @@ fn archive_transfers() {
         "000000040b020506",
     );
 }
+
+#[test]
+fn enrollment_and_certificate_lifecycle() {
+    use drover_protocol::{EnrollReply, EnrollRequest, RevocationReport, TokenInfo};
+    let req = EnrollRequest {
+        versions: SUPPORTED_VERSIONS,
+        token: "0a1b.c2d3".into(),
+        csr_pem: "CSR".into(),
+        software: "w 1".into(),
+    };
+    golden(
+        "enroll_request",
+        &req,
+        "00000014030309306131622e633264330343535203772031",
+    );
+    let issued = EnrollReply::Issued {
+        name: "pi-7".into(),
+        cert_pem: "C".into(),
+        ca_pem: "A".into(),
+        not_after_ms: 1_700_000_000_000,
+    };
+    golden(
+        "enroll_reply_issued",
+        &issued,
+        "00000010000470692d370143014180d095ffbc31",
+    );
+    let refused = EnrollReply::Refused {
+        reason: "no".into(),
+    };
+    golden("enroll_reply_refused", &refused, "0000000401026e6f");
+    golden(
+        "worker_renew",
+        &WorkerMessage::Renew {
+            csr_pem: "CSR".into(),
+        },
+        "000000050403435352",
+    );
+    golden(
+        "coordinator_renewed",
+        &CoordinatorMessage::Renewed {
+            cert_pem: "C".into(),
+            not_after_ms: 1_700_000_000_000,
+        },
+        "0000000904014380d095ffbc31",
+    );
+    golden(
+        "coordinator_renew_refused",
+        &CoordinatorMessage::RenewRefused {
+            reason: "no".into(),
+        },
+        "0000000405026e6f",
+    );
+    let info = TokenInfo {
+        id: "0a1b".into(),
+        label: Some("rack".into()),
+        name: None,
+        max_uses: 2,
+        uses: 1,
+        created_ms: 1_700_000_000_000,
+        expires_ms: 1_700_000_360_000,
+        revoked: false,
+    };
+    golden(
+        "operator_create_token",
+        &OperatorRequest::CreateToken {
+            ttl_ms: 3_600_000,
+            max_uses: 1,
+            label: Some("rack".into()),
+            name: Some("pi-7".into()),
+        },
+        "000000120f80dddb010101047261636b010470692d37",
+    );
+    golden(
+        "operator_list_tokens",
+        &OperatorRequest::ListTokens,
+        "0000000110",
+    );
+    golden(
+        "operator_revoke_token",
+        &OperatorRequest::RevokeToken { id: "0a1b".into() },
+        "00000006110430613162",
+    );
+    golden(
+        "operator_revoke_worker",
+        &OperatorRequest::RevokeWorker {
+            name: "pi-7".into(),
+        },
+        "00000006120470692d37",
+    );
+    golden(
+        "operator_reinstate_worker",
+        &OperatorRequest::ReinstateWorker {
+            name: "pi-7".into(),
+        },
+        "00000006130470692d37",
+    );
+    golden(
+        "operator_token_created",
+        &OperatorResponse::TokenCreated {
+            token: "0a1b.c2d3".into(),
+            info: Box::new(info.clone()),
+            ca_fingerprint: "ff".into(),
+        },
+        "000000290e09306131622e63326433043061316201047261636b00020180d095ffbc31c0ccabffbc3100026666",
+    );
+    golden(
+        "operator_tokens",
+        &OperatorResponse::Tokens(vec![info]),
+        "0000001d0f01043061316201047261636b00020180d095ffbc31c0ccabffbc3100",
+    );
+    golden(
+        "operator_token_revoked",
+        &OperatorResponse::TokenRevoked {
+            id: "0a1b".into(),
+            changed: true,
+        },
+        "0000000710043061316201",
+    );
+    golden(
+        "operator_revocation",
+        &OperatorResponse::Revocation(RevocationReport {
+            name: "pi-7".into(),
+            revoked: true,
+            changed: true,
+            disconnected: true,
+            certificates: 2,
+        }),
+        "0000000a110470692d3701010102",
+    );
+}

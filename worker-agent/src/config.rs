@@ -44,6 +44,15 @@ pub struct WorkerConfig {
     /// the worker stops it (the coordinator reschedules it then), for tasks whose spec does not
     /// say. Default 300000 (5 minutes).
     pub lost_after_ms: u64,
+    /// A join token from `drover token create`: when the certificate in `tls.cert` does not
+    /// exist yet, the worker enrolls with it (makes its key, gets a certificate), then removes
+    /// this key from the config file. Needs `ca_fingerprint`.
+    pub join_token: Option<String>,
+    /// SHA-256 fingerprint of the fleet CA certificate (`drover token create` prints it): the
+    /// only coordinator CA the worker accepts while enrolling.
+    pub ca_fingerprint: Option<String>,
+    /// The name to ask for when enrolling. Default: this host's name.
+    pub name: Option<String>,
     pub tls: TlsPaths,
     /// The file this config was loaded from (not a key): hidden from sandboxed tasks with the
     /// other private paths.
@@ -87,6 +96,9 @@ impl Default for WorkerConfig {
             spool_max_bytes: crate::spool::DEFAULT_SPOOL_BYTES,
             on_disconnect: OnDisconnect::Kill,
             lost_after_ms: DEFAULT_LOST_AFTER_MS,
+            join_token: None,
+            ca_fingerprint: None,
+            name: None,
             tls: TlsPaths::default(),
             file: None,
         }
@@ -131,6 +143,12 @@ impl WorkerConfig {
             ],
         );
         cfg.file = Some(path.to_path_buf());
+        // An empty value (as in the shipped config with the line uncommented) means unset.
+        for v in [&mut cfg.join_token, &mut cfg.ca_fingerprint, &mut cfg.name] {
+            if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                *v = None;
+            }
+        }
         let invalid = |key, message: String| ConfigError::Invalid {
             path: path.into(),
             key,
@@ -173,6 +191,20 @@ impl WorkerConfig {
             return Err(invalid(
                 "lost_after_ms",
                 "must be more than 0, e.g. 300000 for 5 minutes".into(),
+            ));
+        }
+        if let Some(fp) = &cfg.ca_fingerprint {
+            if crate::pki::parse_fingerprint(fp).is_none() {
+                return Err(invalid(
+                    "ca_fingerprint",
+                    format!("{fp:?} is not a SHA-256 fingerprint (64 hex digits, as `drover token create` prints it)"),
+                ));
+            }
+        }
+        if cfg.join_token.is_some() && cfg.ca_fingerprint.is_none() {
+            return Err(invalid(
+                "ca_fingerprint",
+                "is needed with join_token: copy it from `drover token create`".into(),
             ));
         }
         if let Some(bad) = cfg
@@ -252,6 +284,25 @@ mod tests {
         assert!(c.tls.cert.ends_with("w.crt") && c.tls.cert.is_absolute());
         assert_eq!(c.tls.ca, PathBuf::from("/etc/drover/tls/ca.crt"));
         assert_eq!(c.reconnect_max_ms, 10_000);
+    }
+
+    #[test]
+    fn enrollment_keys() {
+        let e = load("join_token = \"a.b\"\n").unwrap_err().to_string();
+        assert!(e.contains("`ca_fingerprint`"), "{e}");
+        let e = load("join_token = \"a.b\"\nca_fingerprint = \"xyz\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`ca_fingerprint`") && e.contains("xyz"), "{e}");
+        let fp = "AB".repeat(32);
+        let c = load(&format!(
+            "join_token = \"a.b\"\nca_fingerprint = \"{fp}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.join_token.as_deref(), Some("a.b"));
+        // Empty values (the shipped config, uncommented) mean unset.
+        let c = load("join_token = \"\"\nca_fingerprint = \"\"\nname = \"\"\n").unwrap();
+        assert_eq!((c.join_token, c.ca_fingerprint, c.name), (None, None, None));
     }
 
     #[test]

@@ -23,6 +23,7 @@
 pub mod acceptance;
 pub mod archive;
 pub mod config;
+pub mod enroll;
 pub mod executor;
 pub mod link;
 pub mod logging;

@@ -60,6 +60,23 @@ enum SessionEnd {
     NotCoordinator(String),
     #[error("connection lost: {0}")]
     Lost(String),
+    #[error("the coordinator revoked this worker's certificate; it will not be let back in until an operator runs `drover worker reinstate NAME` and it enrolls again with a new token")]
+    Revoked,
+}
+
+/// Whether the coordinator closed `conn` because this worker's certificate is revoked: the
+/// revoke itself (close code `REVOKED`) or a later handshake refused with the TLS alert
+/// `certificate_revoked` (44).
+fn closed_as_revoked(conn: &quinn::Connection) -> bool {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == close_code::REVOKED.into()
+        }
+        Some(quinn::ConnectionError::ConnectionClosed(c)) => {
+            c.error_code == quinn::TransportErrorCode::crypto(44)
+        }
+        _ => false,
+    }
 }
 
 /// Capped exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling up
@@ -93,13 +110,54 @@ impl Backoff {
     }
 }
 
+/// The QUIC client config from the worker's TLS files (loaded and checked again after each
+/// certificate renewal).
+fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, LinkError> {
+    let rustls = pki::client_config(files, Role::Worker)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls)
+        .map_err(|e| LinkError::Quic(e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.stream_receive_window((256u32 * 1024).into());
+    transport.receive_window((1024u32 * 1024).into());
+    transport.send_window(1024 * 1024);
+    client_config.transport_config(Arc::new(transport));
+    Ok(client_config)
+}
+
+/// How long until the certificate in `path` should be renewed: half-way through its
+/// validity window (zero if that has passed; `None` if it cannot be read).
+fn renew_in(path: &std::path::Path) -> Option<Duration> {
+    let (nb, na) = pki::cert_window(path).ok()?;
+    let at = nb + (na - nb) / 2;
+    let left = at - time::OffsetDateTime::now_utc();
+    Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
+}
+
+/// Retry delay after a renewal went unanswered or could not be installed.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
+
+/// Retry delay after a refused renewal: a tenth of the certificate's remaining life, between
+/// [`RENEW_RETRY`] and an hour, so a coordinator without a CA key is not asked every 5 s for
+/// months.
+fn refused_retry(path: &std::path::Path) -> Duration {
+    let left = pki::cert_not_after(path)
+        .ok()
+        .and_then(|na| Duration::try_from(na - time::OffsetDateTime::now_utc()).ok())
+        .unwrap_or(Duration::ZERO);
+    (left / 10).clamp(RENEW_RETRY, Duration::from_secs(3600))
+}
+
 /// The link's long-lived parts.
 #[derive(Debug)]
 pub struct Link {
     config: WorkerConfig,
     exec: ExecContext,
     endpoint: quinn::Endpoint,
-    client_config: quinn::ClientConfig,
+    /// Replaced after a certificate renewal; used from the next connection on.
+    client_config: std::sync::Mutex<quinn::ClientConfig>,
     name: String,
     /// Attempts running on this worker, whatever the connection.
     registry: Registry,
@@ -116,17 +174,7 @@ impl Link {
             key: config.tls.key.clone(),
         };
         let name = pki::own_identity(&files.cert)?.name;
-        let rustls = pki::client_config(&files, Role::Worker)?;
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls)
-            .map_err(|e| LinkError::Quic(e.to_string()))?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
-        transport.keep_alive_interval(Some(Duration::from_secs(5)));
-        transport.stream_receive_window((256u32 * 1024).into());
-        transport.receive_window((1024u32 * 1024).into());
-        transport.send_window(1024 * 1024);
-        client_config.transport_config(Arc::new(transport));
+        let client_config = client_config(&files)?;
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(LinkError::Socket)?;
         let private = crate::sandbox::private_paths(&config);
@@ -158,7 +206,7 @@ impl Link {
             config,
             exec,
             endpoint,
-            client_config,
+            client_config: std::sync::Mutex::new(client_config),
             name,
             registry: Registry::default(),
             conns: watch::Sender::new(None),
@@ -217,8 +265,10 @@ impl Link {
             let delay = backoff.next_delay(&mut rng);
             // Say every failure at first, then one in ten, so a long outage does not flood the log.
             if failures <= 3 || failures % 10 == 0 {
-                let level_error =
-                    matches!(end, SessionEnd::Refused(_) | SessionEnd::NotCoordinator(_));
+                let level_error = matches!(
+                    end,
+                    SessionEnd::Refused(_) | SessionEnd::NotCoordinator(_) | SessionEnd::Revoked
+                );
                 if level_error {
                     tracing::error!(coordinator = %self.config.coordinator, attempt = failures, retry_in_ms = delay.as_millis() as u64, "{end}");
                 } else {
@@ -276,6 +326,7 @@ impl Link {
         }
         match served {
             Ok(()) => None,
+            Err(_) if closed_as_revoked(&conn) => Some(SessionEnd::Revoked),
             Err(end) => {
                 conn.close(close_code::PROTOCOL_ERROR.into(), b"reconnecting");
                 Some(end)
@@ -293,7 +344,14 @@ impl Link {
             .ok_or_else(|| SessionEnd::Resolve(self.config.coordinator.clone()))?;
         let connecting = self
             .endpoint
-            .connect_with(self.client_config.clone(), addr, &self.config.server_name)
+            .connect_with(
+                self.client_config
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+                addr,
+                &self.config.server_name,
+            )
             .map_err(|e| SessionEnd::Connect(e.to_string()))?;
         let conn = match timeout(STEP_TIMEOUT, connecting).await {
             Err(_) => return Err(SessionEnd::Connect("no answer within 10s".into())),
@@ -403,8 +461,26 @@ impl Link {
         let lease = Duration::from_millis(lease_ms);
         let mut last_ack = Instant::now();
         let mut lease_check = tokio::time::interval(lease / 4);
+        // Certificate renewal: a CSR for a new key half-way through the certificate's life;
+        // the key waits in `pending` until the coordinator answers.
+        let renew =
+            tokio::time::sleep(renew_in(&self.config.tls.cert).unwrap_or(Duration::MAX / 4));
+        tokio::pin!(renew);
+        let mut pending: Option<pki::KeyAndCsr> = None;
         loop {
             tokio::select! {
+                _ = &mut renew => {
+                    match pki::make_csr(&self.name) {
+                        Ok(material) => {
+                            tracing::info!(worker = %self.name, "asking the coordinator to renew the certificate");
+                            let msg = WorkerMessage::Renew { csr_pem: material.csr_pem.clone() };
+                            pending = Some(material);
+                            wire::send(&mut send, &msg).await.map_err(|e| lost(&e))?;
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot make a key for renewal"),
+                    }
+                    renew.as_mut().reset(Instant::now() + RENEW_RETRY.max(Duration::from_secs(1)) * 2);
+                }
                 _ = shutdown.cancelled() => return self.goodbye(conn, Some(&mut send)).await,
                 _ = tick.tick() => {
                     seq += 1;
@@ -434,6 +510,21 @@ impl Link {
                         tracing::info!(task = %task_id, epoch, "attempt cancelled by the coordinator");
                         self.registry.cancel(&(task_id, epoch));
                     }
+                    Ok(Some(CoordinatorMessage::Renewed { cert_pem, not_after_ms })) => {
+                        match pending.take() {
+                            Some(material) => {
+                                let next = self.install_renewed(&material, &cert_pem, not_after_ms);
+                                renew.as_mut().reset(Instant::now() + next);
+                            }
+                            None => tracing::warn!("ignoring a renewed certificate nobody asked for"),
+                        }
+                    }
+                    Ok(Some(CoordinatorMessage::RenewRefused { reason })) => {
+                        pending = None;
+                        let retry = refused_retry(&self.config.tls.cert);
+                        tracing::error!(worker = %self.name, %reason, retry_in_s = retry.as_secs(), "the coordinator refused to renew the certificate");
+                        renew.as_mut().reset(Instant::now() + retry);
+                    }
                     Ok(Some(other)) => tracing::debug!(message = ?other, "ignoring unexpected message"),
                     Ok(None) => return Err(SessionEnd::Lost("coordinator closed the control stream".into())),
                     Err(e) => return Err(lost(&e)),
@@ -445,6 +536,37 @@ impl Link {
                         )));
                     }
                 }
+            }
+        }
+    }
+
+    /// Write the renewed key and certificate over the old ones and use them from the next
+    /// connection on; returns when to renew next.
+    fn install_renewed(
+        &self,
+        material: &pki::KeyAndCsr,
+        cert_pem: &str,
+        not_after_ms: u64,
+    ) -> Duration {
+        let tls = &self.config.tls;
+        let installed = pki::install_leaf(&tls.key, &material.key_pem, &tls.cert, cert_pem)
+            .map_err(LinkError::from)
+            .and_then(|()| {
+                client_config(&TlsFiles {
+                    ca: tls.ca.clone(),
+                    cert: tls.cert.clone(),
+                    key: tls.key.clone(),
+                })
+            });
+        match installed {
+            Ok(config) => {
+                *self.client_config.lock().unwrap_or_else(|e| e.into_inner()) = config;
+                tracing::info!(worker = %self.name, cert = %tls.cert.display(), not_after_ms, "certificate renewed; used from the next connection on");
+                renew_in(&tls.cert).unwrap_or(RENEW_RETRY)
+            }
+            Err(e) => {
+                tracing::error!(worker = %self.name, error = %e, "cannot install the renewed certificate");
+                RENEW_RETRY
             }
         }
     }

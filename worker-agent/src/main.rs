@@ -37,6 +37,64 @@ struct Args {
     /// Write the drover-worker(1) man page into DIR and exit (used by packaging).
     #[arg(long, hide = true, value_name = "DIR")]
     manpage_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Sub {
+    /// Join a fleet with a join token (`drover token create`): make this worker's key here,
+    /// get a certificate from the coordinator, and install it with the CA certificate at the
+    /// config's tls.cert, tls.key (mode 0600) and tls.ca paths. Then start the service.
+    /// Exits 0 when enrolled, 69 when the coordinator cannot be reached, 77 when it refuses.
+    Join {
+        /// The coordinator's address, host:port [default: `coordinator` from the config].
+        #[arg(long, value_name = "HOST:PORT")]
+        coordinator: Option<String>,
+        /// SHA-256 fingerprint of the fleet CA, as `drover token create` prints it.
+        #[arg(long, value_name = "FP")]
+        ca_fingerprint: String,
+        /// The join token. Also read from the environment variable DROVER_JOIN_TOKEN, which
+        /// keeps it out of the process list.
+        #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The name to ask for [default: this host's name; a token made with --name wins].
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// Enroll (see `drover-worker join`); returns the exit status.
+fn join(config: &WorkerConfig, ca_fingerprint: &str, token: &str, name: &str) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("drover-worker: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(drover_worker::enroll::enroll(
+        config,
+        ca_fingerprint,
+        token,
+        name,
+    )) {
+        Ok(name) => {
+            println!(
+                "enrolled as {name}: certificate {}, key {}",
+                config.tls.cert.display(),
+                config.tls.key.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("drover-worker: enrollment failed: {e}");
+            e.exit_code()
+        }
+    }
 }
 
 fn main() {
@@ -56,6 +114,33 @@ fn main() {
         return;
     }
     drover_worker::logging::init("drover-worker", "info");
+    if let Some(Sub::Join {
+        coordinator,
+        ca_fingerprint,
+        token,
+        name,
+    }) = &args.command
+    {
+        // The config file is optional here: without one, the default paths are used.
+        let mut config = if args.config.exists() {
+            match WorkerConfig::load(&args.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("drover-worker: {e}");
+                    std::process::exit(64);
+                }
+            }
+        } else {
+            WorkerConfig::default()
+        };
+        if let Some(c) = coordinator {
+            config.coordinator = c.clone();
+        }
+        let name = name
+            .clone()
+            .unwrap_or_else(|| drover_worker::enroll::default_name(&config));
+        std::process::exit(join(&config, ca_fingerprint, token, &name));
+    }
     let config = match WorkerConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -64,8 +149,33 @@ fn main() {
         }
     };
     if args.print_config {
-        print!("{}", toml::to_string_pretty(&config).unwrap_or_default());
+        // The join token is a secret: show that one is set, never its value.
+        let mut shown = config.clone();
+        if shown.join_token.is_some() {
+            shown.join_token = Some("<set, not shown>".into());
+        }
+        print!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
         return;
+    }
+    if !config.tls.cert.exists() {
+        if let (Some(token), Some(fp)) = (&config.join_token, &config.ca_fingerprint) {
+            let name = drover_worker::enroll::default_name(&config);
+            let code = join(&config, fp, token, &name);
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+    }
+    if config.join_token.is_some() && config.tls.cert.exists() {
+        match drover_worker::enroll::forget_token(&args.config) {
+            Ok(true) => {
+                tracing::info!(config = %args.config.display(), "removed the used join_token from the config")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(config = %args.config.display(), error = %e, "cannot remove join_token from the config; remove it by hand (it is used up)")
+            }
+        }
     }
     if let Err(e) = std::fs::create_dir_all(&config.work_dir) {
         eprintln!(

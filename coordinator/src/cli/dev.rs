@@ -349,7 +349,7 @@ fn write_configs(dir: &Path, addr: &str, workers: &[String]) -> Result<(), CliEr
     write(
         "coordinator.toml",
         format!(
-            "# Written by `drover dev`; rewritten on every start.\nlisten = \"{addr}\"\nstate_dir = \"state\"\n\n[tls]\nca = \"tls/ca.crt\"\ncert = \"tls/coordinator.crt\"\nkey = \"tls/coordinator.key\"\n"
+            "# Written by `drover dev`; rewritten on every start.\nlisten = \"{addr}\"\nstate_dir = \"state\"\n\n[tls]\nca = \"tls/ca.crt\"\ncert = \"tls/coordinator.crt\"\nkey = \"tls/coordinator.key\"\n# The dev CA's key: lets `drover token create` enroll more workers into the dev fleet.\nca_key = \"tls/ca.key\"\n"
         ),
     )?;
     write(

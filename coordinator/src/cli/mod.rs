@@ -44,6 +44,7 @@ pub mod output;
 pub mod run;
 pub mod settings;
 pub mod tasks;
+pub mod trust;
 
 use clap::{Args, Parser, Subcommand};
 use drover_protocol::{Role, WorkerState};
@@ -126,6 +127,10 @@ pub enum Command {
     /// Fleet PKI: the CA and certificates for coordinators, workers and operators.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Join tokens, with which new workers enroll themselves (needs `tls.ca_key` on the
+    /// coordinator).
+    #[command(subcommand)]
+    Token(trust::TokenCommand),
     /// Submit a task spec, with its inputs packed and sent along; prints the task id (with
     /// --follow, streams its events).
     Submit {
@@ -248,6 +253,27 @@ pub enum WorkerCommand {
     /// Latest resource report, age of last heartbeat, version and address of one worker.
     Show {
         /// The worker's name (its certificate name).
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Revoke a worker: close its connection now and refuse its certificates from then on
+    /// (checked at every TLS handshake, kept across restarts). The name cannot enroll again
+    /// until `drover worker reinstate NAME`.
+    Revoke {
+        /// The worker's name.
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Let a revoked worker name enroll again (with a new token made with --name NAME); the
+    /// certificates it had stay refused.
+    Reinstate {
+        /// The worker's name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,

@@ -41,6 +41,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             super::tasks::outputs(&settings::resolve(&conn)?, args).await
         }
         Command::Tls(cmd) => tls(cmd),
+        Command::Token(cmd) => super::trust::token(cmd).await,
+        Command::Worker(WorkerCommand::Revoke { name, conn, json }) => {
+            super::trust::revocation(name, true, conn, json.json).await
+        }
+        Command::Worker(WorkerCommand::Reinstate { name, conn, json }) => {
+            super::trust::revocation(name, false, conn, json.json).await
+        }
         Command::Manpages { dir } => {
             std::fs::create_dir_all(&dir)?;
             // One page per visible (sub)command: drover.1, drover-serve.1, drover-tls-ca-create.1 ...

@@ -34,6 +34,8 @@ pub struct ConnCtx {
     pub store: Store,
     pub heartbeat_interval_ms: u64,
     pub lease_ms: u64,
+    /// Join tokens, certificate signing and revocation.
+    pub trust: crate::trust::service::TrustService,
 }
 
 /// Serve one incoming connection to its end.
@@ -75,6 +77,10 @@ async fn handshake(
             return None;
         }
     };
+    if is_enrollment(&conn) {
+        boxed(enroll(conn, remote, ctx)).await;
+        return None;
+    }
     let identity = match peer_identity(&conn) {
         Ok(id) => id,
         Err(reason) => {
@@ -83,6 +89,16 @@ async fn handshake(
             return None;
         }
     };
+    // The TLS verifier checks revocation already; this covers a revocation that landed
+    // during the handshake.
+    if let Some(reason) = wire::peer_certs(&conn)
+        .first()
+        .and_then(|c| ctx.trust.refused(c))
+    {
+        tracing::warn!(%remote, peer = %identity.name, %reason, "refused a revoked certificate");
+        conn.close(close_code::REVOKED.into(), b"certificate revoked");
+        return None;
+    }
     let (mut send, recv) = match timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -148,6 +164,45 @@ async fn handshake(
         ctx,
     };
     Some((session, send, recv, identity.role))
+}
+
+/// Whether the peer negotiated the enrollment ALPN: then the connection may only enroll,
+/// whatever certificate it presented.
+fn is_enrollment(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == crate::pki::ENROLL_ALPN)
+}
+
+/// An enrollment connection: one stream, one [`drover_protocol::EnrollRequest`], one reply.
+async fn enroll(conn: quinn::Connection, remote: SocketAddr, ctx: ConnCtx) {
+    let stream = timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await;
+    let Ok(Ok((mut send, recv))) = stream else {
+        conn.close(close_code::PROTOCOL_ERROR.into(), b"enrollment timeout");
+        return;
+    };
+    let mut recv = FramedRecv::new(recv);
+    let req = match timeout(
+        HANDSHAKE_TIMEOUT,
+        recv.next::<drover_protocol::EnrollRequest>(),
+    )
+    .await
+    {
+        Ok(Ok(Some(req))) => req,
+        Ok(Err(e)) => return protocol_error(&conn, remote, "(enrolling)", &e),
+        _ => {
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"enrollment timeout");
+            return;
+        }
+    };
+    let reply = ctx.trust.enroll(&ctx.store, &ctx.core, remote, req).await;
+    if wire::send(&mut send, &reply).await.is_ok() {
+        let _ = send.finish();
+        // The worker closes once it has the reply.
+        let _ = timeout(Duration::from_secs(2), conn.closed()).await;
+    }
+    conn.close(close_code::GOODBYE.into(), b"enrollment done");
 }
 
 /// The certificate's identity (the TLS layer has already verified the chain and validity).
@@ -341,6 +396,12 @@ impl Session {
                         self.conn.close(close_code::GOODBYE.into(), b"goodbye");
                         return true;
                     }
+                    Ok(Some(WorkerMessage::Renew { csr_pem })) => {
+                        let answer = self.ctx.trust.renew(&self.ctx.store, &self.name, &csr_pem).await;
+                        if wire::send(send, &answer).await.is_err() {
+                            return self.closed_cleanly();
+                        }
+                    }
                     Ok(Some(WorkerMessage::Register { .. })) => {
                         tracing::warn!(worker = %self.name, "closing connection: second Register on one connection");
                         self.conn.close(close_code::PROTOCOL_ERROR.into(), b"duplicate register");
@@ -430,22 +491,30 @@ impl Session {
                     );
                     return;
                 }
-                req => {
-                    let (reply, answer) = oneshot::channel();
-                    if !self.ctx.core.send(CoreMsg::Operator { req, reply }).await {
-                        return;
+                req => match self
+                    .ctx
+                    .trust
+                    .operator(&self.ctx.store, &self.ctx.core, &self.name, &req)
+                    .await
+                {
+                    Some(answer) => answer,
+                    None => {
+                        let (reply, answer) = oneshot::channel();
+                        if !self.ctx.core.send(CoreMsg::Operator { req, reply }).await {
+                            return;
+                        }
+                        let Ok((answer, after)) = answer.await else {
+                            return;
+                        };
+                        match durable(after).await {
+                            Ok(()) => answer,
+                            Err(e) => OperatorResponse::Error {
+                                kind: ErrorKind::Internal,
+                                message: e,
+                            },
+                        }
                     }
-                    let Ok((answer, after)) = answer.await else {
-                        return;
-                    };
-                    match durable(after).await {
-                        Ok(()) => answer,
-                        Err(e) => OperatorResponse::Error {
-                            kind: ErrorKind::Internal,
-                            message: e,
-                        },
-                    }
-                }
+                },
             };
             if wire::send(&mut send, &answer).await.is_err() {
                 return;

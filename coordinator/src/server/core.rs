@@ -98,6 +98,18 @@ pub enum CoreMsg {
         row: OutputsRow,
         reply: oneshot::Sender<Result<Durable, String>>,
     },
+    /// Is there a worker with this name in the registry (enrollment keeps names unique)?
+    NameKnown {
+        name: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Close the worker's live connection, if any (revocation); answers whether there was one.
+    CloseWorker {
+        name: String,
+        code: u32,
+        reason: &'static [u8],
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// The fencing rule for archive transfers, the same as for events: `Ok(attempt number)` only
@@ -363,6 +375,22 @@ impl Core {
                     .current_attempt(&name, &row.task_id, row.epoch)
                     .map(|_| self.store.put_outputs(row));
                 let _ = reply.send(answer);
+            }
+            CoreMsg::NameKnown { name, reply } => {
+                let _ = reply.send(self.fleet.info(now, &name).is_some());
+            }
+            CoreMsg::CloseWorker {
+                name,
+                code,
+                reason,
+                reply,
+            } => {
+                let link = self.links.get(&name);
+                if let Some(link) = link {
+                    tracing::warn!(worker = %name, close_code = code, reason = %String::from_utf8_lossy(reason), "closing the worker's connection");
+                    link.conn.close(code.into(), reason);
+                }
+                let _ = reply.send(link.is_some());
             }
         }
     }
@@ -713,6 +741,14 @@ impl Core {
             OperatorRequest::SubmitWithInputs { .. } | OperatorRequest::Chunk { .. } => error(
                 ErrorKind::Internal,
                 "archive transfers are handled by the connection, not the core".into(),
+            ),
+            OperatorRequest::CreateToken { .. }
+            | OperatorRequest::ListTokens
+            | OperatorRequest::RevokeToken { .. }
+            | OperatorRequest::RevokeWorker { .. }
+            | OperatorRequest::ReinstateWorker { .. } => error(
+                ErrorKind::Internal,
+                "tokens and revocations are handled by the trust service, not the core".into(),
             ),
         }
     }

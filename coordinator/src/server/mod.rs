@@ -197,6 +197,7 @@ fn socket_buffers(socket: &std::net::UdpSocket) {
 pub struct Server {
     endpoint: quinn::Endpoint,
     config: CoordinatorConfig,
+    trust: crate::trust::service::TrustService,
 }
 
 impl Server {
@@ -207,7 +208,20 @@ impl Server {
             cert: config.tls.cert.clone(),
             key: config.tls.key.clone(),
         };
-        let tls = pki::server_config(&files)?;
+        let signer = match &config.tls.ca_key {
+            Some(key) => Some(pki::Signer::load(&config.tls.ca, key)?),
+            None => None,
+        };
+        match &signer {
+            Some(s) => {
+                tracing::info!(ca_fingerprint = %s.ca_fingerprint(), "CA key loaded: workers may enroll with join tokens and renew their certificates")
+            }
+            None => tracing::info!(
+                "no CA key configured (tls.ca_key): enrollment and certificate renewal are off"
+            ),
+        }
+        let trust = crate::trust::service::TrustService::new(signer, config.worker_cert_ttl());
+        let tls = pki::server_config_with(&files, Some(trust.revocation_check()))?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| ServeError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -227,7 +241,11 @@ impl Server {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(bind)?;
-        Ok(Self { endpoint, config })
+        Ok(Self {
+            endpoint,
+            config,
+            trust,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -242,6 +260,7 @@ impl Server {
             workers = loaded.workers.len(), tasks = loaded.tasks.len(),
             state_dir = %self.config.state_dir.display(), "state loaded"
         );
+        self.trust.restore(loaded.trust);
         let fleet = Fleet::restore(loaded.workers, self.config.lease_ms, clock.now_ms());
         let (core_handle, core_rx) = core::Core::channel();
         let tasks = crate::tasks::lifecycle::Tasks::restore(loaded.tasks);
@@ -261,6 +280,7 @@ impl Server {
             store,
             heartbeat_interval_ms: self.config.heartbeat_interval_ms,
             lease_ms: self.config.lease_ms,
+            trust: self.trust.clone(),
         };
         tracing::info!(listen = %self.local_addr(), "coordinator listening");
         crate::notify::ready();

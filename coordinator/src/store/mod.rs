@@ -16,6 +16,7 @@
 pub mod blobs;
 pub mod registry;
 pub mod session;
+pub mod trust;
 
 use crate::fleet::WorkerRecord;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -89,6 +90,33 @@ const MIGRATIONS: &[&str] = &[
     // 3 -> 4: a worker's drain (issue 5), kept until undrained. NULL since: not drained.
     "ALTER TABLE workers ADD COLUMN drain_since_ms INTEGER;
     ALTER TABLE workers ADD COLUMN drain_deadline_ms INTEGER;",
+    // 4 -> 5: enrollment and the certificate lifecycle (issue 8). Join tokens keep only the
+    // SHA-256 of their secret; issued_certs lists what this coordinator signed (revoked_ms set
+    // when revoked); revoked_workers holds names refused until reinstated.
+    "CREATE TABLE join_tokens (
+        id TEXT PRIMARY KEY NOT NULL,
+        hash BLOB NOT NULL,
+        label TEXT,
+        name TEXT,
+        max_uses INTEGER NOT NULL,
+        uses INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        revoked INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE issued_certs (
+        fingerprint TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        not_after_ms INTEGER NOT NULL,
+        issued_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+    ) STRICT;
+    CREATE INDEX issued_certs_name ON issued_certs (name);
+    CREATE TABLE revoked_workers (
+        name TEXT PRIMARY KEY NOT NULL,
+        revoked_ms INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +157,7 @@ enum Command {
     /// A task and its inputs archive's row, in one transaction.
     PutTaskWithInputs(session::NewTask, blobs::InputsRow, Reply),
     PutOutputs(blobs::OutputsRow, Reply),
+    Trust(Vec<crate::trust::TrustWrite>, Reply),
 }
 
 impl Command {
@@ -138,7 +167,8 @@ impl Command {
             | Command::PutTask(_, r)
             | Command::AppendEvents(_, r)
             | Command::PutTaskWithInputs(_, _, r)
-            | Command::PutOutputs(_, r) => r,
+            | Command::PutOutputs(_, r)
+            | Command::Trust(_, r) => r,
         }
     }
 }
@@ -201,6 +231,7 @@ impl StoreThread {
 pub struct Loaded {
     pub workers: Vec<WorkerRecord>,
     pub tasks: Vec<session::StoredTask>,
+    pub trust: crate::trust::LoadedTrust,
 }
 
 impl Store {
@@ -229,6 +260,7 @@ impl Store {
         let loaded = Loaded {
             workers: registry::load_workers(&conn, &path)?,
             tasks: session::load_tasks(&conn, &path)?,
+            trust: trust::load(&conn, &path, crate::clock::wall_ms())?,
         };
         let (tx, rx) = mpsc::channel();
         let thread_path = path.clone();
@@ -285,6 +317,11 @@ impl Store {
     /// Queue the row of an attempt's (already durable) outputs archive.
     pub fn put_outputs(&self, row: blobs::OutputsRow) -> Durable {
         self.submit(|r| Command::PutOutputs(row, r))
+    }
+
+    /// Queue changes to join tokens, issued certificates and revocations.
+    pub fn put_trust(&self, writes: Vec<crate::trust::TrustWrite>) -> Durable {
+        self.submit(|r| Command::Trust(writes, r))
     }
 
     /// The archive files beside the database.
@@ -378,6 +415,7 @@ fn commit_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<()
                 blobs::put_inputs(&tx, inputs)?;
             }
             Command::PutOutputs(row, _) => blobs::put_outputs(&tx, row)?,
+            Command::Trust(writes, _) => trust::apply(&tx, writes)?,
         }
     }
     tx.commit()

@@ -49,6 +49,13 @@ pub fn cert_not_after(path: &Path) -> Result<OffsetDateTime, PkiError> {
     Ok(CertInfo::parse(path, &certs[0])?.not_after)
 }
 
+/// The validity window `(notBefore, notAfter)` of the certificate in `path` (its first).
+pub fn cert_window(path: &Path) -> Result<(OffsetDateTime, OffsetDateTime), PkiError> {
+    let certs = load_certs(path)?;
+    let info = CertInfo::parse(path, &certs[0])?;
+    Ok((info.not_before, info.not_after))
+}
+
 /// The parts of a parsed certificate this module looks at.
 #[derive(Debug)]
 pub(super) struct CertInfo {
@@ -132,6 +139,32 @@ pub(super) fn write_new(
     }
     sync_parent(path);
     Ok(())
+}
+
+/// Install a key (mode 0600) and its certificate (0644) made elsewhere (enrollment, renewal),
+/// replacing what is there: each file is written to a temporary file and renamed over the old
+/// one, the key first. Missing parent directories are created (0755).
+pub fn install_leaf(
+    key: &Path,
+    key_pem: &str,
+    cert: &Path,
+    cert_pem: &str,
+) -> Result<(), PkiError> {
+    for p in [key, cert] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            ensure_dir(dir, 0o755)?;
+        }
+    }
+    write_new(key, key_pem.as_bytes(), KEY_MODE, true)?;
+    write_new(cert, cert_pem.as_bytes(), CERT_MODE, true)
+}
+
+/// Install the fleet CA certificate (0644), replacing what is there.
+pub fn install_ca(path: &Path, pem: &str) -> Result<(), PkiError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        ensure_dir(dir, 0o755)?;
+    }
+    write_new(path, pem.as_bytes(), CERT_MODE, true)
 }
 
 /// Create `dir` (and missing parents) if needed; a directory this creates gets `mode`.

@@ -157,19 +157,23 @@ pub fn issue_cert(
 }
 
 /// The fleet CA loaded for signing.
-struct Ca {
-    cert_path: PathBuf,
-    info: CertInfo,
-    key: KeyPair,
+pub(super) struct Ca {
+    pub(super) cert_path: PathBuf,
+    pub(super) info: CertInfo,
+    pub(super) key: KeyPair,
     /// rcgen signs with an issuer `Certificate`; only its subject name and key identifier
     /// method are used, so one rebuilt from the CA's CN and key serves.
-    issuer: rcgen::Certificate,
+    pub(super) issuer: rcgen::Certificate,
 }
 
 impl Ca {
     fn load(dir: &Path) -> Result<Self, PkiError> {
-        let cert_path = dir.join(CA_CERT_FILE);
-        let key_path = dir.join(CA_KEY_FILE);
+        Self::load_files(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))
+    }
+
+    /// Load the CA certificate (its first certificate) and its key from two files.
+    pub(super) fn load_files(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
+        let (cert_path, key_path) = (cert_path.to_path_buf(), key_path.to_path_buf());
         let certs = files::load_certs(&cert_path)?;
         let info = CertInfo::parse(&cert_path, &certs[0])?;
         if !info.is_ca {
@@ -215,7 +219,7 @@ impl Ca {
     }
 }
 
-fn check_name(name: &str) -> Result<(), PkiError> {
+pub(super) fn check_name(name: &str) -> Result<(), PkiError> {
     if valid_name(name) {
         Ok(())
     } else {
@@ -267,7 +271,7 @@ fn ca_params(cn: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) ->
     params
 }
 
-fn leaf_params(
+pub(super) fn leaf_params(
     req: &CertRequest,
     sans: Vec<SanType>,
     not_before: OffsetDateTime,
@@ -306,7 +310,7 @@ fn random_serial() -> SerialNumber {
 }
 
 /// The SANs of a leaf for `req`, role URI first, without duplicates.
-fn leaf_sans(req: &CertRequest) -> Result<Vec<SanType>, PkiError> {
+pub(super) fn leaf_sans(req: &CertRequest) -> Result<Vec<SanType>, PkiError> {
     let mut sans = vec![SanType::URI(ia5(&role_uri(req.role))?)];
     if req.role == Role::Coordinator {
         sans.push(SanType::DnsName(ia5(COORDINATOR_SERVER_NAME)?));

@@ -17,8 +17,10 @@
 //!   nothing depends on a process-wide default provider.
 //!
 //! Layout: `files` holds file I/O (PEM loading, mode-aware writing), `issue` creates the CA
-//! and issues leaves, `tls` builds the rustls configs and checks peer identities.
+//! and issues leaves, `csr` makes and signs certificate signing requests (enrollment,
+//! renewal), `tls` builds the rustls configs and checks peer identities.
 
+mod csr;
 mod files;
 mod issue;
 mod tls;
@@ -31,10 +33,15 @@ use std::path::PathBuf;
 use drover_protocol::identity::{IdentityError, NAME_RULE};
 use drover_protocol::Role;
 
-pub use files::{cert_not_after, load_certs, load_key};
+pub use csr::{
+    csr_name, enroll_client_config, fingerprint, is_enrollment_cert, make_csr, parse_fingerprint,
+    Issued, KeyAndCsr, Signer, ENROLL_CN,
+};
+pub use files::{cert_not_after, cert_window, install_ca, install_leaf, load_certs, load_key};
 pub use issue::{create_ca, issue_cert};
 pub use tls::{
     client_config, own_identity, peer_identity, peer_role_is_coordinator, server_config,
+    server_config_with, RevocationCheck,
 };
 
 /// File name of the CA certificate inside a CA directory.
@@ -43,6 +50,8 @@ pub const CA_CERT_FILE: &str = "ca.crt";
 pub const CA_KEY_FILE: &str = "ca.key";
 /// ALPN protocol id every drover connection negotiates.
 pub const ALPN: &[u8] = b"drover/1";
+/// ALPN protocol id of the enrollment connection (join token + CSR, nothing else).
+pub const ENROLL_ALPN: &[u8] = b"drover-enroll/1";
 /// Lifetime of a new fleet CA, in days (about ten years).
 pub const CA_VALIDITY_DAYS: u32 = 3650;
 /// How far in the past a new certificate's `notBefore` is placed, so that peers whose clocks
@@ -211,6 +220,11 @@ pub enum PkiError {
     NoPeerCertificate,
     #[error("the peer's certificate carries no usable drover identity: {0}")]
     PeerIdentity(#[source] IdentityError),
+    #[error("the certificate signing request is not valid: {source}")]
+    BadCsr {
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("the peer {name:?} has role {role}, not coordinator; check the coordinator address")]
     PeerNotCoordinator { name: String, role: Role },
 }

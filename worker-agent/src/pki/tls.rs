@@ -20,7 +20,7 @@ use rustls::{CertificateError, ClientConfig, RootCertStore, ServerConfig};
 use time::OffsetDateTime;
 
 use super::files::{self, CertInfo};
-use super::{PkiError, TlsFiles, ALPN};
+use super::{PkiError, TlsFiles, ALPN, ENROLL_ALPN};
 
 /// Server config for the coordinator: requires a client certificate chaining to the fleet CA
 /// (none, another CA's or an expired one fails the handshake), presents the coordinator
@@ -30,9 +30,31 @@ use super::{PkiError, TlsFiles, ALPN};
 /// [`COORDINATOR_SERVER_NAME`] under the CA in `files.ca`, or has expired. The role of each
 /// client is read after the handshake with [`peer_identity`].
 pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, PkiError> {
+    server_config_with(files, None)
+}
+
+/// Decides whether a client certificate that chains to the fleet CA is revoked.
+pub trait RevocationCheck: std::fmt::Debug + Send + Sync {
+    /// `Some(reason)` if the certificate (DER) must be refused.
+    fn revoked(&self, cert: &CertificateDer<'_>) -> Option<String>;
+}
+
+/// [`server_config`] with a revocation check run on every client certificate during the
+/// handshake (a revoked one fails it with `certificate revoked`), and enrollment: the config
+/// also offers ALPN [`ENROLL_ALPN`], accepts the self-signed enrollment certificate
+/// ([`super::is_enrollment_cert`]) that new workers present, and sends the CA certificate
+/// after its own so a new worker can check it against its pinned fingerprint. A connection
+/// with the enrollment certificate carries no identity, so it can do nothing but enroll.
+pub fn server_config_with(
+    files: &TlsFiles,
+    revocation: Option<Arc<dyn RevocationCheck>>,
+) -> Result<ServerConfig, PkiError> {
     let own = Material::load(files)?;
     own.check(Role::Coordinator, OffsetDateTime::now_utc())?;
-    own.server_config()
+    match revocation {
+        None => own.server_config(),
+        Some(r) => own.enrolling_server_config(r),
+    }
 }
 
 /// Client config for workers and the CLI: trusts only the fleet CA, presents the own
@@ -228,6 +250,37 @@ impl Material {
         Ok(config)
     }
 
+    fn enrolling_server_config(
+        self,
+        revocation: Arc<dyn RevocationCheck>,
+    ) -> Result<ServerConfig, PkiError> {
+        let provider = provider();
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .build()
+                .map_err(|source| self.verifier_error(source))?;
+        let verifier = FleetClientVerifier { inner, revocation };
+        let mut chain = self.chain.clone();
+        let leaf_issuer = CertInfo::parse(&self.files.cert, &chain[0])?.issuer;
+        if let Some((ca, _)) = self.cas.iter().find(|(_, i)| i.subject == leaf_issuer) {
+            if !chain.contains(ca) {
+                chain.push(ca.clone());
+            }
+        }
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|source| PkiError::Tls { source })?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_single_cert(chain, self.key.clone_key())
+            .map_err(|source| key_error(&self.files, source))?;
+        config.alpn_protocols = vec![ALPN.to_vec(), ENROLL_ALPN.to_vec()];
+        // A resumed TLS session skips the client certificate check, and with it the
+        // revocation check: no resumption, every connection is verified in full.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(config)
+    }
+
     pub(super) fn client_config(self) -> Result<ClientConfig, PkiError> {
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -300,4 +353,66 @@ pub fn own_identity(path: &Path) -> Result<PeerIdentity, PkiError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// The coordinator's client verifier: the fleet CA's (webpki) plus the revocation check, and
+/// the self-signed enrollment certificate let through (it names no one; see
+/// [`server_config_with`]).
+#[derive(Debug)]
+struct FleetClientVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    revocation: Arc<dyn RevocationCheck>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for FleetClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(ok) => match self.revocation.revoked(end_entity) {
+                None => Ok(ok),
+                Some(reason) => {
+                    tracing::warn!(%reason, "refused a revoked certificate");
+                    Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+                }
+            },
+            Err(e) if super::csr::is_enrollment_cert(end_entity) => {
+                tracing::debug!(error = %e, "client presents an enrollment certificate");
+                Ok(rustls::server::danger::ClientCertVerified::assertion())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
