@@ -1077,7 +1077,7 @@ fn enrollment_and_certificate_lifecycle() {
     golden(
         "enroll_request",
         &req,
-        "00000014030309306131622e633264330343535203772031",
+        "00000014040409306131622e633264330343535203772031",
     );
     let issued = EnrollReply::Issued {
         name: "pi-7".into(),
