@@ -18,9 +18,11 @@
 //! Running tasks needs the sandbox (namespaces and cgroups), so these tests need root; without
 //! it they print a loud SKIPPED line and pass. CI runs as root.
 
-use drover_protocol::task::{TaskInfo, TaskState};
+use drover_protocol::task::TaskState;
 use drover_protocol::WorkerState;
-use drover_tests::{signal, TestFleet, DEADLINE};
+use drover_tests::{
+    kinds, root_or_skip, signal, submit, task, wait_state, write_spec, TestFleet, DEADLINE,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -29,49 +31,6 @@ use std::time::Duration;
 
 /// Long enough for a task to finish after a restart on this busy 2-core machine.
 const FINISH: Duration = Duration::from_secs(60);
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("*** SKIPPED {test}: running tasks needs root (namespaces, cgroups); CI runs it as root ***");
-    false
-}
-
-fn write_spec(fleet: &TestFleet, name: &str, toml: &str) -> PathBuf {
-    let path = fleet.dir().join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("write spec");
-    path
-}
-
-fn submit(fleet: &TestFleet, spec: &Path) -> String {
-    let out = fleet.cli(&["submit", spec.to_str().expect("utf-8 path")]);
-    assert!(
-        out.status.success(),
-        "submit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn task(fleet: &TestFleet, id: &str) -> Result<TaskInfo, String> {
-    fleet.try_cli_json(&["task", "show", id, "--json"])
-}
-
-fn wait_state(fleet: &TestFleet, id: &str, want: TaskState, deadline: Duration) -> TaskInfo {
-    fleet.wait_for(
-        deadline,
-        &format!("task {id} to be {want}"),
-        || match task(fleet, id) {
-            Ok(t) if t.state == want => Ok(t),
-            Ok(t) => Err(format!(
-                "{} (attempts {}, reason {:?})",
-                t.state, t.attempts, t.reason
-            )),
-            Err(e) => Err(e),
-        },
-    )
-}
 
 fn try_events(fleet: &TestFleet, id: &str) -> Result<Vec<Value>, String> {
     let out = fleet.cli(&["events", id, "--json"]);
@@ -116,13 +75,6 @@ fn events_in_slices(fleet: &TestFleet, id: &str, step: u64) -> Vec<Value> {
             return all;
         }
     }
-}
-
-fn kinds(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
-        .collect()
 }
 
 /// What must hold of any session, whatever happened during it.
