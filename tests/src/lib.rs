@@ -30,8 +30,8 @@ pub mod checker;
 pub mod session;
 
 pub use session::{
-    events, kinds, of_kind, root_or_skip, root_or_skip_because, submit, task, wait_state,
-    write_spec,
+    check_session, events, kinds, of_kind, root_or_skip, root_or_skip_because, submit, task,
+    wait_state, write_spec,
 };
 
 use drover::pki::{self, CertPaths, CertRequest, Validity};

@@ -92,3 +92,49 @@ pub fn kinds(events: &[Value]) -> Vec<String> {
 pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()
 }
+
+/// The checker of a session read through the CLI: what must hold of any session, whatever
+/// happened during it. Positions contiguous from 0; `epoch` grows at each `assigned`; worker
+/// seqs contiguous from 0 within each epoch, with no event of a superseded epoch stored;
+/// exactly one `completed`, and it is last.
+pub fn check_session(events: &[Value]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(
+            e["pos"].as_u64(),
+            Some(i as u64),
+            "positions contiguous from 0"
+        );
+    }
+    let mut next_seq: std::collections::BTreeMap<u64, u64> = Default::default();
+    let mut current_epoch = 0;
+    for e in events {
+        let epoch = e["epoch"].as_u64().unwrap_or(0);
+        if e["kind"] == "assigned" {
+            assert!(epoch > current_epoch, "epochs only grow");
+            current_epoch = epoch;
+        }
+        if let Some(seq) = e["seq"].as_u64() {
+            assert_eq!(
+                epoch, current_epoch,
+                "worker event of a superseded epoch stored: {e}"
+            );
+            let want = next_seq.entry(epoch).or_insert(0);
+            assert_eq!(
+                seq, *want,
+                "seq contiguous within epoch {epoch}, no duplicates"
+            );
+            *want += 1;
+        }
+    }
+    let k = kinds(events);
+    assert_eq!(
+        k.iter().filter(|k| *k == "completed").count(),
+        1,
+        "exactly one completion: {k:?}"
+    );
+    assert_eq!(
+        k.last().map(String::as_str),
+        Some("completed"),
+        "completion is last"
+    );
+}

@@ -21,11 +21,11 @@
 use drover_protocol::task::TaskState;
 use drover_protocol::WorkerState;
 use drover_tests::{
-    kinds, root_or_skip, signal, submit, task, wait_state, write_spec, TestFleet, DEADLINE,
+    check_session, kinds, process_with, root_or_skip, signal, submit, task, wait_state, write_spec,
+    TestFleet, DEADLINE,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -77,49 +77,6 @@ fn events_in_slices(fleet: &TestFleet, id: &str, step: u64) -> Vec<Value> {
     }
 }
 
-/// What must hold of any session, whatever happened during it.
-fn check_session(events: &[Value]) {
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(
-            e["pos"].as_u64(),
-            Some(i as u64),
-            "positions contiguous from 0"
-        );
-    }
-    let mut next_seq: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut current_epoch = 0;
-    for e in events {
-        let epoch = e["epoch"].as_u64().unwrap_or(0);
-        if e["kind"] == "assigned" {
-            assert!(epoch > current_epoch, "epochs only grow");
-            current_epoch = epoch;
-        }
-        if let Some(seq) = e["seq"].as_u64() {
-            assert_eq!(
-                epoch, current_epoch,
-                "worker event of a superseded epoch stored: {e}"
-            );
-            let want = next_seq.entry(epoch).or_insert(0);
-            assert_eq!(
-                seq, *want,
-                "seq contiguous within epoch {epoch}, no duplicates"
-            );
-            *want += 1;
-        }
-    }
-    let k = kinds(events);
-    assert_eq!(
-        k.iter().filter(|k| *k == "completed").count(),
-        1,
-        "one completion: {k:?}"
-    );
-    assert_eq!(
-        k.last().map(String::as_str),
-        Some("completed"),
-        "completion is last"
-    );
-}
-
 /// Everything the attempt printed on stdout, in session order.
 fn stdout_of(events: &[Value]) -> String {
     events
@@ -152,23 +109,6 @@ fn wait_count(fleet: &TestFleet, ws: &Path, at_least: u64, what: &str) -> u64 {
         let n = count(ws);
         (n >= at_least).then_some(n).ok_or(n)
     })
-}
-
-/// Is any process on the host running with `marker` in its command line?
-fn process_with(marker: &str) -> bool {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c)
-                        .replace('\0', " ")
-                        .contains(marker)
-                })
-                .unwrap_or(false)
-        })
 }
 
 /// Prints `line N` and a `progress` event per step until a `stop` file appears in its

@@ -12,11 +12,11 @@
 use drover_protocol::task::TaskState;
 use drover_protocol::{DrainReport, WorkerState};
 use drover_tests::{
-    events, kinds, of_kind, root_or_skip, submit, task, wait_state, write_spec, TestFleet, DEADLINE,
+    check_session, events, kinds, of_kind, process_with, root_or_skip, submit, task, wait_state,
+    write_spec, TestFleet, DEADLINE,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
@@ -28,63 +28,6 @@ fn stdout_of(events: &[Value], epoch: u64) -> String {
         .filter(|e| e["kind"] == "stdout" && e["epoch"] == epoch)
         .map(|e| e["payload"]["data"].as_str().unwrap_or("").to_owned())
         .collect()
-}
-
-/// The checker: what must hold of any session, whatever happened during it.
-fn check_session(events: &[Value]) {
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(
-            e["pos"].as_u64(),
-            Some(i as u64),
-            "positions contiguous from 0: {events:#?}"
-        );
-    }
-    let mut next_seq: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut current_epoch = 0;
-    for e in events {
-        let epoch = e["epoch"].as_u64().unwrap_or(0);
-        if e["kind"] == "assigned" {
-            assert!(epoch > current_epoch, "epochs only grow");
-            current_epoch = epoch;
-        }
-        if let Some(seq) = e["seq"].as_u64() {
-            assert_eq!(
-                epoch, current_epoch,
-                "worker event of a superseded epoch stored: {e}"
-            );
-            let want = next_seq.entry(epoch).or_insert(0);
-            assert_eq!(seq, *want, "seq contiguous within epoch {epoch}");
-            *want += 1;
-        }
-    }
-    let k = kinds(events);
-    assert_eq!(
-        k.iter().filter(|k| *k == "completed").count(),
-        1,
-        "exactly one completion: {k:?}"
-    );
-    assert_eq!(
-        k.last().map(String::as_str),
-        Some("completed"),
-        "completion is last"
-    );
-}
-
-/// Is any process on the host running with `marker` in its command line?
-fn process_with(marker: &str) -> bool {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c)
-                        .replace('\0', " ")
-                        .contains(marker)
-                })
-                .unwrap_or(false)
-        })
 }
 
 fn status_json(fleet: &TestFleet) -> Result<Value, String> {

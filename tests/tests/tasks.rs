@@ -10,48 +10,11 @@
 
 use drover_protocol::task::TaskState;
 use drover_tests::{
-    events, kinds, root_or_skip, submit, task, wait_state, write_spec, TestFleet, DEADLINE,
+    check_session, events, kinds, root_or_skip, submit, task, wait_state, write_spec, TestFleet,
+    DEADLINE,
 };
 use nix::sys::signal::Signal;
-use serde_json::Value;
-use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// The checker: what must hold of any session, whatever happened during it.
-fn check_session(events: &[Value]) {
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(
-            e["pos"].as_u64(),
-            Some(i as u64),
-            "positions contiguous from 0: {events:#?}"
-        );
-    }
-    let mut next_seq: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut current_epoch = 0;
-    for e in events {
-        let epoch = e["epoch"].as_u64().unwrap_or(0);
-        if e["kind"] == "assigned" {
-            assert!(epoch > current_epoch, "epochs only grow");
-            current_epoch = epoch;
-        }
-        if let Some(seq) = e["seq"].as_u64() {
-            assert_eq!(
-                epoch, current_epoch,
-                "worker event of a superseded epoch stored: {e}"
-            );
-            let want = next_seq.entry(epoch).or_insert(0);
-            assert_eq!(seq, *want, "seq contiguous within epoch {epoch}");
-            *want += 1;
-        }
-    }
-    let completed = kinds(events).iter().filter(|k| *k == "completed").count();
-    assert_eq!(completed, 1, "exactly one completion: {:?}", kinds(events));
-    assert_eq!(
-        kinds(events).last().map(String::as_str),
-        Some("completed"),
-        "completion is last"
-    );
-}
 
 #[test]
 fn task_runs_sandboxed_and_its_session_reads_back_by_position() {
