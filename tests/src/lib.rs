@@ -27,6 +27,12 @@
 //! the test, for debugging.
 
 pub mod checker;
+pub mod session;
+
+pub use session::{
+    check_session, events, kinds, of_kind, root_or_skip, root_or_skip_because, submit, task,
+    wait_state, write_spec,
+};
 
 use drover::pki::{self, CertPaths, CertRequest, Validity};
 use drover::wire::FramedRecv;

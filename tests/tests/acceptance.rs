@@ -15,41 +15,10 @@
 //! it they print a loud SKIPPED line and pass. CI runs as root.
 
 use drover_protocol::task::{TaskInfo, TaskState};
-use drover_tests::{TestFleet, DEADLINE};
+use drover_tests::{events, of_kind, root_or_skip, submit, task, write_spec, TestFleet, DEADLINE};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!(
-        "*** SKIPPED {test}: running tasks needs root (namespaces, cgroups); CI runs it as root ***"
-    );
-    false
-}
-
-fn write_spec(fleet: &TestFleet, name: &str, toml: &str) -> PathBuf {
-    let path = fleet.dir().join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("write spec");
-    path
-}
-
-fn submit(fleet: &TestFleet, spec: &Path) -> String {
-    let out = fleet.cli(&["submit", spec.to_str().expect("utf-8 path")]);
-    assert!(
-        out.status.success(),
-        "submit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn task(fleet: &TestFleet, id: &str) -> Result<TaskInfo, String> {
-    fleet.try_cli_json(&["task", "show", id, "--json"])
-}
 
 fn wait_final(fleet: &TestFleet, id: &str, deadline: Duration) -> TaskInfo {
     fleet.wait_for(deadline, &format!("task {id} to end"), || {
@@ -64,20 +33,6 @@ fn wait_final(fleet: &TestFleet, id: &str, deadline: Duration) -> TaskInfo {
     })
 }
 
-/// The whole session as JSON values.
-fn events(fleet: &TestFleet, id: &str) -> Vec<Value> {
-    let out = fleet.cli(&["events", id, "--json"]);
-    assert!(
-        out.status.success(),
-        "events failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
-}
-
 /// Kinds of the session without the chatter (output chunks).
 fn kinds(events: &[Value]) -> Vec<String> {
     events
@@ -85,10 +40,6 @@ fn kinds(events: &[Value]) -> Vec<String> {
         .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
         .filter(|k| k != "stdout" && k != "stderr")
         .collect()
-}
-
-fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["kind"] == kind).collect()
 }
 
 /// The spec of a task that writes 41 first and 42 once the feedback names its criterion.
@@ -148,7 +99,7 @@ fn two_iterations_then_satisfied_with_the_events_in_order() {
         (TaskState::Satisfied, 2, 1),
         "{t:?}"
     );
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     assert_eq!(
         kinds(&all),
         [
@@ -238,7 +189,7 @@ command = ["sh", "-c", "cat tries.txt; exit 7"]
         reason.starts_with("max_iterations_reached: 3 of 3"),
         "{reason}"
     );
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     let n: Vec<u64> = of_kind(&all, "iteration_started")
         .iter()
         .filter_map(|e| e["payload"]["n"].as_u64())
@@ -292,7 +243,7 @@ command = ["sh", "-c", "test -s report.json || { echo 'report.json is missing'; 
     assert_eq!((t.attempts, t.iteration), (1, 1));
     let v = t.verdict.clone().expect("a verdict");
     assert_eq!(v.passed, Some(false));
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     assert_eq!(
         kinds(&all),
         [
@@ -408,7 +359,7 @@ command = ["grep", "-qx", "42", "answer.txt"]
         Some(victim.as_str()),
         "on the other worker"
     );
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     let ended = of_kind(&all, "attempt_ended");
     assert_eq!(ended[0]["payload"]["reason"], "worker_lost");
     let assigned = of_kind(&all, "assigned");

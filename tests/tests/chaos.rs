@@ -15,7 +15,7 @@
 
 use drover_protocol::task::{TaskInfo, TaskState};
 use drover_tests::checker::{self, StoredEvent, ACK_LOG_FILTER};
-use drover_tests::{process_with, tail, TestFleet, DEADLINE};
+use drover_tests::{process_with, root_or_skip_because, tail, task, TestFleet, DEADLINE};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,14 +26,6 @@ use std::time::Duration;
 
 /// Longest a task may take to finish after a fault, on this busy 2-core machine.
 const FINISH: Duration = Duration::from_secs(90);
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("*** SKIPPED {test}: fault injection needs root (namespaces, cgroups, ip netns); CI runs it as root ***");
-    false
-}
 
 /// The scenario's base seed: `DROVER_CHAOS_SEED`, else random; printed for replay.
 fn seed(scenario: &str) -> u64 {
@@ -109,10 +101,6 @@ fn submit(fleet: &TestFleet, name: &str, toml: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn task(fleet: &TestFleet, id: &str) -> Result<TaskInfo, String> {
-    fleet.try_cli_json(&["task", "show", id, "--json"])
 }
 
 /// Wait until task `id` satisfies `pred`.
@@ -287,7 +275,10 @@ fn assert_resumed(events: &[StoredEvent], id: &str, steps: u64, seed: u64) -> bo
 
 #[test]
 fn a_worker_sigkilled_mid_task_resumes_elsewhere_from_its_checkpoint() {
-    if !root_or_skip("a_worker_sigkilled_mid_task_resumes_elsewhere_from_its_checkpoint") {
+    if !root_or_skip_because(
+        "a_worker_sigkilled_mid_task_resumes_elsewhere_from_its_checkpoint",
+        "fault injection needs root (namespaces, cgroups, ip netns)",
+    ) {
         return;
     }
     let seed = seed("a: worker SIGKILL");
@@ -426,7 +417,10 @@ fn assert_fenced(fleet: &TestFleet, id: &str, marker: &str, victim: &str, seed: 
 
 #[test]
 fn c_worker_sigstopped_past_its_lease_is_fenced_when_it_continues() {
-    if !root_or_skip("c_worker_sigstopped_past_its_lease_is_fenced_when_it_continues") {
+    if !root_or_skip_because(
+        "c_worker_sigstopped_past_its_lease_is_fenced_when_it_continues",
+        "fault injection needs root (namespaces, cgroups, ip netns)",
+    ) {
         return;
     }
     let seed = seed("c: worker SIGSTOP");
@@ -538,7 +532,10 @@ impl Drop for NetNs {
 
 #[test]
 fn b_worker_partitioned_past_its_lease_is_fenced_when_it_heals() {
-    if !root_or_skip("b_worker_partitioned_past_its_lease_is_fenced_when_it_heals") {
+    if !root_or_skip_because(
+        "b_worker_partitioned_past_its_lease_is_fenced_when_it_heals",
+        "fault injection needs root (namespaces, cgroups, ip netns)",
+    ) {
         return;
     }
     if Command::new("ip").arg("-V").output().is_err() {
@@ -611,7 +608,10 @@ fn streaming_spec(n: u32, keep_running: bool) -> String {
 
 #[test]
 fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
-    if !root_or_skip("d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged") {
+    if !root_or_skip_because(
+        "d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged",
+        "fault injection needs root (namespaces, cgroups, ip netns)",
+    ) {
         return;
     }
     let seed = seed("d: coordinator SIGKILL");
@@ -698,7 +698,10 @@ fn d_coordinator_sigkilled_while_streaming_loses_nothing_acknowledged() {
 
 #[test]
 fn e_oom_under_retry_with_more_memory_completes_on_a_retry() {
-    if !root_or_skip("e_oom_under_retry_with_more_memory_completes_on_a_retry") {
+    if !root_or_skip_because(
+        "e_oom_under_retry_with_more_memory_completes_on_a_retry",
+        "fault injection needs root (namespaces, cgroups, ip netns)",
+    ) {
         return;
     }
     let seed = seed("e: OOM");
@@ -734,7 +737,10 @@ fn e_oom_under_retry_with_more_memory_completes_on_a_retry() {
 
 #[test]
 fn f_worker_restarted_under_keep_running_finishes_each_task_once() {
-    if !root_or_skip("f_worker_restarted_under_keep_running_finishes_each_task_once") {
+    if !root_or_skip_because(
+        "f_worker_restarted_under_keep_running_finishes_each_task_once",
+        "fault injection needs root (namespaces, cgroups, ip netns)",
+    ) {
         return;
     }
     let seed = seed("f: worker restart under keep_running");

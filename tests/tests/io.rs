@@ -8,31 +8,16 @@
 //! it they print a loud SKIPPED line and pass. CI runs as root.
 
 use drover_protocol::task::{TaskInfo, TaskState};
-use drover_tests::{TestFleet, DEADLINE};
+use drover_tests::{events, of_kind, root_or_skip, submit, TestFleet, DEADLINE};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("*** SKIPPED {test}: running tasks needs root (namespaces, cgroups); CI runs it as root ***");
-    false
-}
 
 fn text(out: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn submit(fleet: &TestFleet, spec: &Path) -> String {
-    let out = fleet.cli(&["submit", spec.to_str().expect("utf-8 path")]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "submit failed: {stderr}");
-    stdout.trim().to_owned()
 }
 
 fn wait_final(fleet: &TestFleet, id: &str) -> TaskInfo {
@@ -43,20 +28,6 @@ fn wait_final(fleet: &TestFleet, id: &str) -> TaskInfo {
             Err(e) => Err(e),
         }
     })
-}
-
-fn events(fleet: &TestFleet, id: &str) -> Vec<Value> {
-    let out = fleet.cli(&["events", id, "--json"]);
-    assert!(out.status.success(), "{}", text(&out).1);
-    text(&out)
-        .0
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
-}
-
-fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["kind"] == kind).collect()
 }
 
 fn kinds_of_epoch(events: &[Value], epoch: u64) -> Vec<String> {
@@ -129,7 +100,7 @@ fn inputs_ship_fresh_per_attempt_and_outputs_come_back_byte_identical() {
     );
     let id = stdout.trim().to_owned();
     let t = wait_final(&fleet, &id);
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     assert_eq!(
         (t.state, t.attempts),
         (TaskState::Succeeded, 2),
@@ -293,7 +264,7 @@ fn outputs_that_match_nothing_still_complete_and_say_so() {
     let id = submit(&fleet, &spec);
     let t = wait_final(&fleet, &id);
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     let stored = of_kind(&all, "outputs_stored");
     assert_eq!(stored.len(), 1, "{all:#?}");
     let p = &stored[0]["payload"];
@@ -435,7 +406,7 @@ fn an_attempt_whose_inputs_cannot_be_had_fails_with_the_reason() {
     fleet.start_all_workers();
     let t = wait_final(&fleet, &id);
     assert_eq!(t.state, TaskState::Failed, "{t:?}");
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     let exited = of_kind(&all, "exited");
     let error = exited[0]["payload"]["error"].as_str().unwrap_or("");
     assert!(

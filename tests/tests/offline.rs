@@ -18,60 +18,19 @@
 //! Running tasks needs the sandbox (namespaces and cgroups), so these tests need root; without
 //! it they print a loud SKIPPED line and pass. CI runs as root.
 
-use drover_protocol::task::{TaskInfo, TaskState};
+use drover_protocol::task::TaskState;
 use drover_protocol::WorkerState;
-use drover_tests::{signal, TestFleet, DEADLINE};
+use drover_tests::{
+    check_session, kinds, process_with, root_or_skip, signal, submit, task, wait_state, write_spec,
+    TestFleet, DEADLINE,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Long enough for a task to finish after a restart on this busy 2-core machine.
 const FINISH: Duration = Duration::from_secs(60);
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("*** SKIPPED {test}: running tasks needs root (namespaces, cgroups); CI runs it as root ***");
-    false
-}
-
-fn write_spec(fleet: &TestFleet, name: &str, toml: &str) -> PathBuf {
-    let path = fleet.dir().join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("write spec");
-    path
-}
-
-fn submit(fleet: &TestFleet, spec: &Path) -> String {
-    let out = fleet.cli(&["submit", spec.to_str().expect("utf-8 path")]);
-    assert!(
-        out.status.success(),
-        "submit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn task(fleet: &TestFleet, id: &str) -> Result<TaskInfo, String> {
-    fleet.try_cli_json(&["task", "show", id, "--json"])
-}
-
-fn wait_state(fleet: &TestFleet, id: &str, want: TaskState, deadline: Duration) -> TaskInfo {
-    fleet.wait_for(
-        deadline,
-        &format!("task {id} to be {want}"),
-        || match task(fleet, id) {
-            Ok(t) if t.state == want => Ok(t),
-            Ok(t) => Err(format!(
-                "{} (attempts {}, reason {:?})",
-                t.state, t.attempts, t.reason
-            )),
-            Err(e) => Err(e),
-        },
-    )
-}
 
 fn try_events(fleet: &TestFleet, id: &str) -> Result<Vec<Value>, String> {
     let out = fleet.cli(&["events", id, "--json"]);
@@ -118,56 +77,6 @@ fn events_in_slices(fleet: &TestFleet, id: &str, step: u64) -> Vec<Value> {
     }
 }
 
-fn kinds(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
-        .collect()
-}
-
-/// What must hold of any session, whatever happened during it.
-fn check_session(events: &[Value]) {
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(
-            e["pos"].as_u64(),
-            Some(i as u64),
-            "positions contiguous from 0"
-        );
-    }
-    let mut next_seq: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut current_epoch = 0;
-    for e in events {
-        let epoch = e["epoch"].as_u64().unwrap_or(0);
-        if e["kind"] == "assigned" {
-            assert!(epoch > current_epoch, "epochs only grow");
-            current_epoch = epoch;
-        }
-        if let Some(seq) = e["seq"].as_u64() {
-            assert_eq!(
-                epoch, current_epoch,
-                "worker event of a superseded epoch stored: {e}"
-            );
-            let want = next_seq.entry(epoch).or_insert(0);
-            assert_eq!(
-                seq, *want,
-                "seq contiguous within epoch {epoch}, no duplicates"
-            );
-            *want += 1;
-        }
-    }
-    let k = kinds(events);
-    assert_eq!(
-        k.iter().filter(|k| *k == "completed").count(),
-        1,
-        "one completion: {k:?}"
-    );
-    assert_eq!(
-        k.last().map(String::as_str),
-        Some("completed"),
-        "completion is last"
-    );
-}
-
 /// Everything the attempt printed on stdout, in session order.
 fn stdout_of(events: &[Value]) -> String {
     events
@@ -200,23 +109,6 @@ fn wait_count(fleet: &TestFleet, ws: &Path, at_least: u64, what: &str) -> u64 {
         let n = count(ws);
         (n >= at_least).then_some(n).ok_or(n)
     })
-}
-
-/// Is any process on the host running with `marker` in its command line?
-fn process_with(marker: &str) -> bool {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c)
-                        .replace('\0', " ")
-                        .contains(marker)
-                })
-                .unwrap_or(false)
-        })
 }
 
 /// Prints `line N` and a `progress` event per step until a `stop` file appears in its

@@ -9,84 +9,17 @@
 //! Running tasks needs the sandbox (namespaces and cgroups), so these tests need root; without
 //! it they print a loud SKIPPED line and pass. CI runs as root.
 
-use drover_protocol::task::{TaskInfo, TaskState};
+use drover_protocol::task::TaskState;
 use drover_protocol::{DrainReport, WorkerState};
-use drover_tests::{TestFleet, DEADLINE};
+use drover_tests::{
+    check_session, events, kinds, of_kind, process_with, root_or_skip, submit, task, wait_state,
+    write_spec, TestFleet, DEADLINE,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("*** SKIPPED {test}: running tasks needs root (namespaces, cgroups); CI runs it as root ***");
-    false
-}
-
-fn write_spec(fleet: &TestFleet, name: &str, toml: &str) -> PathBuf {
-    let path = fleet.dir().join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("write spec");
-    path
-}
-
-fn submit(fleet: &TestFleet, spec: &Path) -> String {
-    let out = fleet.cli(&["submit", spec.to_str().expect("utf-8 path")]);
-    assert!(
-        out.status.success(),
-        "submit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn task(fleet: &TestFleet, id: &str) -> Result<TaskInfo, String> {
-    fleet.try_cli_json(&["task", "show", id, "--json"])
-}
-
-fn wait_state(fleet: &TestFleet, id: &str, want: TaskState, deadline: Duration) -> TaskInfo {
-    fleet.wait_for(
-        deadline,
-        &format!("task {id} to be {want}"),
-        || match task(fleet, id) {
-            Ok(t) if t.state == want => Ok(t),
-            Ok(t) => Err(format!(
-                "{} (attempts {}, reason {:?})",
-                t.state, t.attempts, t.reason
-            )),
-            Err(e) => Err(e),
-        },
-    )
-}
-
-/// The whole session as JSON lines.
-fn events(fleet: &TestFleet, id: &str) -> Vec<Value> {
-    let out = fleet.cli(&["events", id, "--json"]);
-    assert!(
-        out.status.success(),
-        "events failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
-}
-
-fn kinds(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
-        .collect()
-}
-
-fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["kind"] == kind).collect()
-}
 
 /// Everything a task printed on stdout in attempt `epoch`.
 fn stdout_of(events: &[Value], epoch: u64) -> String {
@@ -95,63 +28,6 @@ fn stdout_of(events: &[Value], epoch: u64) -> String {
         .filter(|e| e["kind"] == "stdout" && e["epoch"] == epoch)
         .map(|e| e["payload"]["data"].as_str().unwrap_or("").to_owned())
         .collect()
-}
-
-/// The checker: what must hold of any session, whatever happened during it.
-fn check_session(events: &[Value]) {
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(
-            e["pos"].as_u64(),
-            Some(i as u64),
-            "positions contiguous from 0: {events:#?}"
-        );
-    }
-    let mut next_seq: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut current_epoch = 0;
-    for e in events {
-        let epoch = e["epoch"].as_u64().unwrap_or(0);
-        if e["kind"] == "assigned" {
-            assert!(epoch > current_epoch, "epochs only grow");
-            current_epoch = epoch;
-        }
-        if let Some(seq) = e["seq"].as_u64() {
-            assert_eq!(
-                epoch, current_epoch,
-                "worker event of a superseded epoch stored: {e}"
-            );
-            let want = next_seq.entry(epoch).or_insert(0);
-            assert_eq!(seq, *want, "seq contiguous within epoch {epoch}");
-            *want += 1;
-        }
-    }
-    let k = kinds(events);
-    assert_eq!(
-        k.iter().filter(|k| *k == "completed").count(),
-        1,
-        "exactly one completion: {k:?}"
-    );
-    assert_eq!(
-        k.last().map(String::as_str),
-        Some("completed"),
-        "completion is last"
-    );
-}
-
-/// Is any process on the host running with `marker` in its command line?
-fn process_with(marker: &str) -> bool {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c)
-                        .replace('\0', " ")
-                        .contains(marker)
-                })
-                .unwrap_or(false)
-        })
 }
 
 fn status_json(fleet: &TestFleet) -> Result<Value, String> {
@@ -187,7 +63,7 @@ backoff = "100ms"
     );
     let id = submit(&fleet, &spec);
     let first = fleet.wait_for(DEADLINE, "both checkpoints to be stored", || {
-        let all = events(&fleet, &id);
+        let all = events(&fleet, &id, &[]);
         if of_kind(&all, "checkpoint").len() == 2 {
             task(&fleet, &id)
         } else {
@@ -200,7 +76,7 @@ backoff = "100ms"
     let t = wait_state(&fleet, &id, TaskState::Succeeded, Duration::from_secs(40));
     assert_eq!(t.attempts, 2, "{t:?}");
     assert_ne!(t.worker.as_deref(), Some(victim.as_str()));
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     check_session(&all);
     let out = stdout_of(&all, 2);
     let read = out
@@ -277,7 +153,7 @@ memory_ceiling = "256MiB"
 
     let t = wait_state(&fleet, &id, TaskState::Succeeded, Duration::from_secs(40));
     assert_eq!(t.attempts, 2, "{t:?}");
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     check_session(&all);
     let exits = of_kind(&all, "exited");
     assert_eq!(exits[0]["payload"]["class"], "oom_killed");
@@ -382,7 +258,7 @@ fn drain_moves_a_long_task_at_its_deadline_undrain_reverses_and_it_survives_a_re
         (2, Some(other.as_str())),
         "{t:?}"
     );
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     check_session(&all);
     assert_eq!(
         of_kind(&all, "attempt_ended")[0]["payload"]["reason"],

@@ -15,7 +15,9 @@
 
 use drover_protocol::task::{TaskInfo, TaskState};
 use drover_protocol::WorkerState;
-use drover_tests::{proc_status_bytes, process_with, TestFleet, DEADLINE};
+use drover_tests::{
+    events, proc_status_bytes, process_with, root_or_skip, task, wait_state, TestFleet, DEADLINE,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,16 +29,6 @@ const FLEET_PARENT: &str = "/var/tmp";
 const FLOOD_DEADLINE: Duration = Duration::from_secs(170);
 /// Memory either daemon may reach (peak RSS) while a task floods it.
 const MEMORY_BOUND: u64 = 200 * 1024 * 1024;
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!(
-        "*** SKIPPED {test}: running tasks needs root (namespaces, cgroups); CI runs it as root ***"
-    );
-    false
-}
 
 fn fleet_builder() -> drover_tests::FleetBuilder {
     TestFleet::builder().in_dir(Path::new(FLEET_PARENT))
@@ -79,25 +71,6 @@ fn submit(fleet: &TestFleet, name: &str, spec: &Value) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn task(fleet: &TestFleet, id: &str) -> Result<TaskInfo, String> {
-    fleet.try_cli_json(&["task", "show", id, "--json"])
-}
-
-fn wait_state(fleet: &TestFleet, id: &str, want: TaskState, deadline: Duration) -> TaskInfo {
-    fleet.wait_for(
-        deadline,
-        &format!("task {id} to be {want}"),
-        || match task(fleet, id) {
-            Ok(t) if t.state == want => Ok(t),
-            Ok(t) => Err(format!(
-                "{} (attempts {}, reason {:?})",
-                t.state, t.attempts, t.reason
-            )),
-            Err(e) => Err(e),
-        },
-    )
-}
-
 /// Wait until the task ends (any final state) and return it.
 fn wait_final(fleet: &TestFleet, id: &str, deadline: Duration) -> TaskInfo {
     fleet.wait_for(deadline, &format!("task {id} to end"), || {
@@ -107,20 +80,6 @@ fn wait_final(fleet: &TestFleet, id: &str, deadline: Duration) -> TaskInfo {
             Err(e) => Err(e),
         }
     })
-}
-
-/// The whole session, one JSON value per event.
-fn events(fleet: &TestFleet, id: &str) -> Vec<Value> {
-    let out = fleet.cli(&["events", id, "--json"]);
-    assert!(
-        out.status.success(),
-        "events {id} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
 }
 
 /// The concatenated `data` of the session's events of `kind` (stdout or stderr).
@@ -146,7 +105,7 @@ fn exit_class(events: &[Value]) -> Value {
 fn run(fleet: &TestFleet, name: &str, spec: &Value) -> (TaskInfo, Vec<Value>) {
     let id = submit(fleet, name, spec);
     let t = wait_final(fleet, &id, DEADLINE);
-    let all = events(fleet, &id);
+    let all = events(fleet, &id, &[]);
     (t, all)
 }
 
@@ -258,7 +217,7 @@ echo end"#,
     );
     let id = submit(&fleet, "writer", &sh_spec("writer", &script));
     let t = wait_final(&fleet, &id, DEADLINE);
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     assert_eq!(t.state, TaskState::Succeeded, "{t:?} {all:#?}");
     let stdout = output(&all, "stdout");
     assert_eq!(
@@ -414,7 +373,7 @@ fn memory_hog_is_oom_killed_while_its_neighbour_completes() {
     hog["limits"] = json!({ "memory": "64MiB" });
     let hog = submit(&fleet, "hog", &hog);
     let t = wait_final(&fleet, &hog, DEADLINE);
-    let all = events(&fleet, &hog);
+    let all = events(&fleet, &hog, &[]);
     assert_eq!(t.state, TaskState::Failed, "{t:?}");
     assert_eq!(exit_class(&all), json!("oom_killed"), "{all:#?}");
     assert!(!output(&all, "stdout").contains("not-killed"));
@@ -431,7 +390,7 @@ fn memory_hog_is_oom_killed_while_its_neighbour_completes() {
     );
     std::fs::write(workspace_of(&neighbour).join("go"), b"").expect("go");
     wait_state(&fleet, &neighbour, TaskState::Succeeded, DEADLINE);
-    assert!(output(&events(&fleet, &neighbour), "stdout").contains("survived"));
+    assert!(output(&events(&fleet, &neighbour, &[]), "stdout").contains("survived"));
     let w = fleet.wait_worker_state("w1", WorkerState::Ready);
     assert!(w.connected);
     // And it still runs work.
@@ -476,7 +435,10 @@ fn daemons_sigterm_ignorers_and_overtime_tasks_leave_nothing_behind() {
     std::fs::write(fleet.dir().join(format!("work/w1/tasks/{id}-1/go")), b"").expect("go");
     let t = wait_final(&fleet, &id, DEADLINE);
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
-    assert_eq!(exit_class(&events(&fleet, &id)), json!({ "exited": 0 }));
+    assert_eq!(
+        exit_class(&events(&fleet, &id, &[])),
+        json!({ "exited": 0 })
+    );
     wait_gone(&fleet, &daemon, "the daemonizing task");
 
     // 2. A task whose processes all ignore SIGTERM, cancelled.
@@ -490,7 +452,7 @@ fn daemons_sigterm_ignorers_and_overtime_tasks_leave_nothing_behind() {
     assert!(out.status.success(), "{out:?}");
     let t = wait_final(&fleet, &id, DEADLINE);
     assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
-    assert_eq!(exit_class(&events(&fleet, &id)), json!("cancelled"));
+    assert_eq!(exit_class(&events(&fleet, &id, &[])), json!("cancelled"));
     wait_gone(&fleet, &stubborn, "the cancelled task");
 
     // 3. A task past its wall time, with a background child.
@@ -501,7 +463,7 @@ fn daemons_sigterm_ignorers_and_overtime_tasks_leave_nothing_behind() {
     wait_running_marker(&fleet, &overtime);
     let t = wait_final(&fleet, &id, DEADLINE);
     assert_eq!(t.state, TaskState::Failed, "{t:?}");
-    assert_eq!(exit_class(&events(&fleet, &id)), json!("timed_out"));
+    assert_eq!(exit_class(&events(&fleet, &id, &[])), json!("timed_out"));
     wait_gone(&fleet, &overtime, "the timed-out task");
 }
 
@@ -570,7 +532,7 @@ fn hundred_megabytes_of_output_are_stored_once_in_order_with_bounded_memory() {
     eprintln!("100 MB task ran in {:?}", started.elapsed());
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
     let read = std::time::Instant::now();
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     eprintln!("read back {} events in {:?}", all.len(), read.elapsed());
     check_order(&all);
     let stdout = output(&all, "stdout");
@@ -599,7 +561,7 @@ fn a_million_task_events_are_stored_once_in_order_with_bounded_memory() {
     eprintln!("1M-event task ran in {:?}", started.elapsed());
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
     let read = std::time::Instant::now();
-    let all = events(&fleet, &id);
+    let all = events(&fleet, &id, &[]);
     eprintln!("read back {} events in {:?}", all.len(), read.elapsed());
     check_order(&all);
     let progress: Vec<u64> = all

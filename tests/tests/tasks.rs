@@ -8,115 +8,13 @@
 //! Running tasks needs the sandbox (namespaces and cgroups), so these tests need root; without
 //! it they print a loud SKIPPED line and pass. CI runs as root.
 
-use drover_protocol::task::{TaskInfo, TaskState};
-use drover_tests::{TestFleet, DEADLINE};
+use drover_protocol::task::TaskState;
+use drover_tests::{
+    check_session, events, kinds, root_or_skip, submit, task, wait_state, write_spec, TestFleet,
+    DEADLINE,
+};
 use nix::sys::signal::Signal;
-use serde_json::Value;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("*** SKIPPED {test}: running tasks needs root (namespaces, cgroups); CI runs it as root ***");
-    false
-}
-
-fn write_spec(fleet: &TestFleet, name: &str, toml: &str) -> PathBuf {
-    let path = fleet.dir().join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("write spec");
-    path
-}
-
-fn submit(fleet: &TestFleet, spec: &Path) -> String {
-    let out = fleet.cli(&["submit", spec.to_str().expect("utf-8 path")]);
-    assert!(
-        out.status.success(),
-        "submit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn task(fleet: &TestFleet, id: &str) -> Result<TaskInfo, String> {
-    fleet.try_cli_json(&["task", "show", id, "--json"])
-}
-
-fn wait_state(fleet: &TestFleet, id: &str, want: TaskState, deadline: Duration) -> TaskInfo {
-    fleet.wait_for(
-        deadline,
-        &format!("task {id} to be {want}"),
-        || match task(fleet, id) {
-            Ok(t) if t.state == want => Ok(t),
-            Ok(t) => Err(format!(
-                "{} (attempts {}, reason {:?})",
-                t.state, t.attempts, t.reason
-            )),
-            Err(e) => Err(e),
-        },
-    )
-}
-
-/// The whole session as JSON lines.
-fn events(fleet: &TestFleet, id: &str, extra: &[&str]) -> Vec<Value> {
-    let mut args = vec!["events", id, "--json"];
-    args.extend_from_slice(extra);
-    let out = fleet.cli(&args);
-    assert!(
-        out.status.success(),
-        "events failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
-}
-
-fn kinds(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
-        .collect()
-}
-
-/// The checker: what must hold of any session, whatever happened during it.
-fn check_session(events: &[Value]) {
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(
-            e["pos"].as_u64(),
-            Some(i as u64),
-            "positions contiguous from 0: {events:#?}"
-        );
-    }
-    let mut next_seq: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut current_epoch = 0;
-    for e in events {
-        let epoch = e["epoch"].as_u64().unwrap_or(0);
-        if e["kind"] == "assigned" {
-            assert!(epoch > current_epoch, "epochs only grow");
-            current_epoch = epoch;
-        }
-        if let Some(seq) = e["seq"].as_u64() {
-            assert_eq!(
-                epoch, current_epoch,
-                "worker event of a superseded epoch stored: {e}"
-            );
-            let want = next_seq.entry(epoch).or_insert(0);
-            assert_eq!(seq, *want, "seq contiguous within epoch {epoch}");
-            *want += 1;
-        }
-    }
-    let completed = kinds(events).iter().filter(|k| *k == "completed").count();
-    assert_eq!(completed, 1, "exactly one completion: {:?}", kinds(events));
-    assert_eq!(
-        kinds(events).last().map(String::as_str),
-        Some("completed"),
-        "completion is last"
-    );
-}
 
 #[test]
 fn task_runs_sandboxed_and_its_session_reads_back_by_position() {
