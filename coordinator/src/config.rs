@@ -36,6 +36,10 @@ pub struct CoordinatorConfig {
     /// seconds. Workers renew at half of it over their link. Default 604800 (7 days); at
     /// least 10.
     pub worker_cert_ttl_s: u64,
+    /// The 32-byte key that encrypts stored task secrets (`drover secret set`); made (mode
+    /// 0600) on first start if missing. Back it up with the database: without it the stored
+    /// secrets cannot be read. Default `<state_dir>/secrets.key`.
+    pub secrets_key: Option<PathBuf>,
 }
 
 /// Certificate paths. Relative paths are resolved against the config file's directory.
@@ -75,6 +79,7 @@ impl Default for CoordinatorConfig {
             lease_ms: 3000,
             liveness_probe: true,
             worker_cert_ttl_s: 7 * 24 * 3600,
+            secrets_key: None,
         }
     }
 }
@@ -120,6 +125,9 @@ impl CoordinatorConfig {
         if let Some(k) = cfg.tls.ca_key.as_mut() {
             resolve_relative(path, [k]);
         }
+        if let Some(k) = cfg.secrets_key.as_mut() {
+            resolve_relative(path, [k]);
+        }
         cfg.validate(&path.display().to_string())?;
         Ok(cfg)
     }
@@ -156,6 +164,13 @@ impl CoordinatorConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Where the secrets key is.
+    pub fn secrets_key_path(&self) -> PathBuf {
+        self.secrets_key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(crate::secrets::KEY_FILE))
     }
 
     /// Lifetime of signed worker certificates.

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod fleet;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod tasks;

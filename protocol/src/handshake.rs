@@ -8,15 +8,17 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Every protocol version this build can speak. v1 (the fleet link without tasks) was never
 /// released; v3 added the OOM policy and `on_disconnect`/`lost_after_ms` to the task spec;
 /// v4 added acceptance criteria, iterations and verdicts to the spec, task info and
-/// assignments, and certificate renewal and revocation messages. Each changed the encoding of messages every peer exchanges, so the newest is
+/// assignments, and certificate renewal and revocation messages; v5 added the egress proxy
+/// network, egress hosts and secret grants to the spec, secret values to assignments and the
+/// secret requests. Each changed the encoding of messages every peer exchanges, so the newest is
 /// the floor: a fleet upgrades coordinator and workers together.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
-    min: 4,
+    min: 5,
     max: PROTOCOL_VERSION,
 };
 

@@ -18,6 +18,7 @@ pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod messages;
+pub mod secrets;
 pub mod task;
 
 pub use enroll::{EnrollReply, EnrollRequest, RevocationReport, TokenInfo};
@@ -28,3 +29,4 @@ pub use handshake::{
     negotiate, Hello, HelloReply, Refusal, Role, VersionRange, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 pub use messages::*;
+pub use secrets::{Secret, SecretGrant, SecretInfo, SecretScheme, SecretValue};

@@ -218,6 +218,9 @@ pub struct Assignment {
     /// The feedback file of that iteration (JSON [`crate::acceptance::Feedback`]), if it is
     /// not the first.
     pub feedback: Option<String>,
+    /// The values of the secrets the spec grants, for the worker's egress proxy (work
+    /// attempts only; never spooled, logged or shown to the task).
+    pub secrets: Vec<crate::secrets::SecretValue>,
 }
 
 /// What an attempt is for.
@@ -426,6 +429,18 @@ pub enum OperatorRequest {
     ReinstateWorker {
         name: String,
     },
+    /// Store a secret (encrypted at rest), replacing one of the same name. Answered by
+    /// [`OperatorResponse::SecretSet`]; the value is never sent back by any request.
+    SetSecret {
+        name: String,
+        value: crate::secrets::Secret,
+    },
+    /// Names and dates of the stored secrets (answered by [`OperatorResponse::Secrets`]).
+    ListSecrets,
+    /// Forget a secret; tasks that grant it fail to start from then on.
+    RemoveSecret {
+        name: String,
+    },
 }
 
 /// A worker's drain, as the registry keeps it (it survives coordinator restarts and the
@@ -554,6 +569,17 @@ pub enum OperatorResponse {
     },
     /// After `RevokeWorker` or `ReinstateWorker`.
     Revocation(crate::enroll::RevocationReport),
+    /// After `SetSecret`: `created` is false when an existing secret was replaced.
+    SecretSet {
+        info: crate::secrets::SecretInfo,
+        created: bool,
+    },
+    Secrets(Vec<crate::secrets::SecretInfo>),
+    /// After `RemoveSecret`.
+    SecretRemoved {
+        name: String,
+        changed: bool,
+    },
 }
 
 /// QUIC application close codes. Part of the wire contract.

@@ -79,6 +79,11 @@ pub enum NetworkPolicy {
     None,
     /// The host's network.
     Host,
+    /// A new network namespace whose only way out is the worker's egress proxy on
+    /// `127.0.0.1:3128` (`HTTP_PROXY`/`HTTPS_PROXY` point at it): HTTP(S) to the hosts of the
+    /// spec's `egress` list, with the credentials its `secrets` grant added on the way out.
+    /// Sandbox isolation only.
+    Proxy,
 }
 
 /// How strongly an attempt is isolated.
@@ -186,6 +191,14 @@ pub struct TaskSpec {
     /// `None`: the worker's own check is the last word (the task ends `satisfied`).
     #[serde(default)]
     pub verdict: Option<VerdictSpec>,
+    /// With `network = proxy`: the hosts the proxy lets the attempt reach — `host` (ports 443
+    /// and 80), `host:port`, or `*.domain` (any name under it); lowercase.
+    #[serde(default)]
+    pub egress: Vec<String>,
+    /// Secrets the egress proxy adds to requests for the hosts each grant names; the task
+    /// never sees their values.
+    #[serde(default)]
+    pub secrets: Vec<crate::secrets::SecretGrant>,
 }
 
 /// `max_iterations` when a spec does not say.

@@ -37,6 +37,8 @@ pub struct Checks<'a> {
     pub extra_env: &'a [(String, String)],
     pub cancel: &'a CancellationToken,
     pub tx: &'a Emit,
+    /// `network = proxy`: the attempt's egress proxy (criteria go out through it too).
+    pub egress: Option<&'a crate::egress::Egress>,
 }
 
 impl Checks<'_> {
@@ -84,6 +86,7 @@ impl Checks<'_> {
             isolation: self.a.spec.isolation,
             checkpoint_file: None,
             extra_env: self.extra_env,
+            egress: self.egress,
         };
         let failed = |why: String| CriterionResult {
             name: c.name.clone(),

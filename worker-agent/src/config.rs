@@ -54,6 +54,7 @@ pub struct WorkerConfig {
     /// The name to ask for when enrolling. Default: this host's name.
     pub name: Option<String>,
     pub tls: TlsPaths,
+    pub egress: EgressConfig,
     /// The file this config was loaded from (not a key): hidden from sandboxed tasks with the
     /// other private paths.
     #[serde(skip)]
@@ -71,6 +72,27 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     /// Default `/etc/drover/tls/worker.key`.
     pub key: PathBuf,
+}
+
+/// The egress proxy of `network = "proxy"` tasks (see docs/operations.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// PEM files of the certificate authorities the proxy trusts for upstream hosts; a host
+    /// that cannot prove its name with one of them gets no request (and no credential).
+    /// Default: Debian's system bundle, `/etc/ssl/certs/ca-certificates.crt`.
+    pub upstream_ca: Vec<PathBuf>,
+}
+
+/// Where Debian (and Ubuntu) keep the system's trusted roots.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            upstream_ca: vec![SYSTEM_CA_BUNDLE.into()],
+        }
+    }
 }
 
 impl Default for TlsPaths {
@@ -100,6 +122,7 @@ impl Default for WorkerConfig {
             ca_fingerprint: None,
             name: None,
             tls: TlsPaths::default(),
+            egress: EgressConfig::default(),
             file: None,
         }
     }
@@ -140,7 +163,9 @@ impl WorkerConfig {
                 &mut cfg.tls.cert,
                 &mut cfg.tls.key,
                 &mut cfg.work_dir,
-            ],
+            ]
+            .into_iter()
+            .chain(cfg.egress.upstream_ca.iter_mut()),
         );
         cfg.file = Some(path.to_path_buf());
         // An empty value (as in the shipped config with the line uncommented) means unset.

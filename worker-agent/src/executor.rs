@@ -22,15 +22,18 @@
 //! reattached on the next one, until `lost_after` without a connection.
 
 use crate::acceptance::{self, Checks, FEEDBACK_FILE};
+use crate::egress::{self, Egress};
+use crate::redact::{Redactor, StreamRedactor};
 use crate::sandbox::{AttemptSpec, Sandbox};
 use crate::spool::Spool;
 use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry, StreamEnd};
 use crate::workspace;
 use drover_protocol::acceptance::Feedback;
-use drover_protocol::task::{ExitClass, Limits, OnDisconnect};
+use drover_protocol::task::{ExitClass, Limits, NetworkPolicy, OnDisconnect};
 use drover_protocol::{Assignment, AttemptKind};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +68,8 @@ pub struct ExecContext {
     /// Defaults for specs that do not choose.
     pub on_disconnect: OnDisconnect,
     pub lost_after_ms: u64,
+    /// How the egress proxy of `network = proxy` attempts verifies upstream hosts.
+    pub egress_upstream: crate::egress::Upstream,
 }
 
 impl ExecContext {
@@ -122,7 +127,28 @@ pub async fn run_attempt(
         }
     };
     let (tx, rx) = mpsc::channel(64);
-    let process = run_process(&ctx, &conns, &a, policy, tx, cancel.clone());
+    // Every event passes the attempt's secrets' redactor before it is spooled; stdout and
+    // stderr are also masked as streams in `pump_chunks` (a value split across reads).
+    let redactor = Arc::new(Redactor::new(
+        a.secrets
+            .iter()
+            .map(|s| (s.name.as_str(), s.value.expose())),
+    ));
+    let (rx, masking) = if redactor.is_empty() {
+        (rx, None)
+    } else {
+        let (masked_tx, masked_rx) = mpsc::channel(64);
+        (
+            masked_rx,
+            Some(mask_events(rx, masked_tx, redactor.clone())),
+        )
+    };
+    let masking = async {
+        if let Some(m) = masking {
+            m.await;
+        }
+    };
+    let process = run_process(&ctx, &conns, &a, policy, tx, cancel.clone(), redactor);
     let stream = async {
         let end = stream::stream_events(&key, spool, rx, conns.clone(), policy, &registry).await;
         if !end.is_done() {
@@ -131,7 +157,7 @@ pub async fn run_attempt(
         }
         end
     };
-    let ((), end) = tokio::join!(process, stream);
+    let ((), (), end) = tokio::join!(process, masking, stream);
     if matches!(end, StreamEnd::Spool(_)) {
         // Its remaining events are lost with the spool: have the coordinator retry it.
         registry.abandon(&key);
@@ -159,6 +185,19 @@ async fn transfer_connection(conns: &ConnWatch, policy: Policy) -> Option<quinn:
         .flatten()
 }
 
+/// Mask secret values in every event's payload between the producers and the spool.
+async fn mask_events(mut rx: mpsc::Receiver<(String, String)>, tx: Emit, redactor: Arc<Redactor>) {
+    while let Some((kind, payload)) = rx.recv().await {
+        let payload = match redactor.redact_str(&payload) {
+            std::borrow::Cow::Borrowed(_) => payload,
+            std::borrow::Cow::Owned(masked) => masked,
+        };
+        if tx.send((kind, payload)).await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn run_process(
     ctx: &ExecContext,
     conns: &ConnWatch,
@@ -166,6 +205,7 @@ async fn run_process(
     policy: Policy,
     tx: Emit,
     cancel: CancellationToken,
+    redactor: Arc<Redactor>,
 ) {
     let workspace = ctx
         .work_dir
@@ -207,6 +247,37 @@ async fn run_process(
             .await;
         return;
     }
+    let egress = if a.spec.network == NetworkPolicy::Proxy {
+        // A verdict goes out through the proxy too, but with no credentials: it checks
+        // outputs, it does not act for the task.
+        let work = matches!(a.kind, AttemptKind::Work);
+        let mut spec = a.spec.clone();
+        if !work {
+            spec.secrets.clear();
+        }
+        match Egress::new(
+            &a.task_id,
+            &spec,
+            &a.secrets,
+            ctx.egress_upstream.clone(),
+            tx.clone(),
+            &workspace,
+        ) {
+            Ok(e) => {
+                for event in egress::granted_events(&spec) {
+                    let _ = tx.send(event).await;
+                }
+                Some(e)
+            }
+            Err(why) => {
+                let _ = tx.send(("exited".into(), fail(why))).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let egress = egress.as_ref();
     if let AttemptKind::Verdict { outputs_epoch } = a.kind {
         let limits = resolved_limits(a);
         let iteration = [("DROVER_VERDICT".to_owned(), "1".to_owned())];
@@ -218,6 +289,7 @@ async fn run_process(
             extra_env: &iteration,
             cancel: &cancel,
             tx: &tx,
+            egress,
         };
         let conn = transfer_connection(conns, policy).await;
         let exited = acceptance::run_verdict(conn, &ctx.work_dir, &checks, outputs_epoch).await;
@@ -264,11 +336,17 @@ async fn run_process(
                 return;
             }
         }
-        let outcome = match run_main(
-            sandbox, a, &workspace, &limits, checkpoint, &extra_env, &tx, &cancel,
-        )
-        .await
-        {
+        let run = Run {
+            sandbox,
+            a,
+            workspace: &workspace,
+            limits: &limits,
+            checkpoint_file: checkpoint,
+            extra_env: &extra_env,
+            egress,
+            redactor: &redactor,
+        };
+        let outcome = match run_main(run, &tx, &cancel).await {
             Ok(o) => o,
             Err(why) => {
                 let _ = tx.send(("exited".into(), fail(why))).await;
@@ -287,6 +365,7 @@ async fn run_process(
             extra_env: &extra_env,
             cancel: &cancel,
             tx: &tx,
+            egress,
         };
         let results = checks.run(criteria, iteration, false).await;
         let passed = results.iter().all(|r| r.passed);
@@ -336,19 +415,35 @@ fn place_feedback(
     Ok(())
 }
 
+/// What one run of the task's command needs.
+struct Run<'a> {
+    sandbox: &'a Sandbox,
+    a: &'a Assignment,
+    workspace: &'a Path,
+    limits: &'a Limits,
+    checkpoint_file: Option<&'a Path>,
+    extra_env: &'a [(String, String)],
+    egress: Option<&'a Egress>,
+    redactor: &'a Arc<Redactor>,
+}
+
 /// Spawn the task's command once and pump its output until the whole tree is gone; `Err`
 /// with the message for `exited` when it could not start.
-#[allow(clippy::too_many_arguments)]
 async fn run_main(
-    sandbox: &Sandbox,
-    a: &Assignment,
-    workspace: &Path,
-    limits: &Limits,
-    checkpoint_file: Option<&Path>,
-    extra_env: &[(String, String)],
+    run: Run<'_>,
     tx: &Emit,
     cancel: &CancellationToken,
 ) -> Result<crate::sandbox::AttemptOutcome, String> {
+    let Run {
+        sandbox,
+        a,
+        workspace,
+        limits,
+        checkpoint_file,
+        extra_env,
+        egress,
+        redactor,
+    } = run;
     let spec = AttemptSpec {
         task_id: &a.task_id,
         attempt: a.attempt,
@@ -360,13 +455,14 @@ async fn run_main(
         isolation: a.spec.isolation,
         checkpoint_file,
         extra_env,
+        egress,
     };
     let mut attempt = sandbox
         .spawn(spec)
         .await
         .map_err(|e| format!("could not start the task: {e}"))?;
-    let out = pump_chunks(attempt.stdout.take(), "stdout", tx.clone());
-    let err = pump_chunks(attempt.stderr.take(), "stderr", tx.clone());
+    let out = pump_chunks(attempt.stdout.take(), "stdout", tx.clone(), redactor);
+    let err = pump_chunks(attempt.stderr.take(), "stderr", tx.clone(), redactor);
     let events = pump_lines(attempt.events.take(), tx.clone());
     let wait = attempt.wait(cancel.clone());
     let (outcome, (), (), ()) = tokio::join!(wait, out, err, events);
@@ -382,20 +478,43 @@ fn resolved_limits(a: &Assignment) -> Limits {
     limits
 }
 
-async fn pump_chunks<R: AsyncRead + Unpin>(pipe: Option<R>, kind: &str, tx: Emit) {
+async fn pump_chunks<R: AsyncRead + Unpin>(
+    pipe: Option<R>,
+    kind: &str,
+    tx: Emit,
+    redactor: &Arc<Redactor>,
+) {
     let Some(mut pipe) = pipe else { return };
+    let mut masker = (!redactor.is_empty()).then(|| StreamRedactor::new(redactor.clone()));
     let mut buf = vec![0u8; CHUNK_BYTES];
+    let send = |bytes: &[u8]| {
+        let payload = json!({ "data": String::from_utf8_lossy(bytes) }).to_string();
+        tx.send((kind.to_owned(), payload))
+    };
     loop {
         match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => break,
             Ok(n) => {
-                let payload = json!({ "data": String::from_utf8_lossy(&buf[..n]) }).to_string();
+                let masked;
+                let chunk = match &mut masker {
+                    Some(m) => {
+                        masked = m.push(&buf[..n]);
+                        if masked.is_empty() {
+                            continue;
+                        }
+                        &masked[..]
+                    }
+                    None => &buf[..n],
+                };
                 // A full channel blocks here, so the task blocks on its own write: backpressure.
-                if tx.send((kind.to_owned(), payload)).await.is_err() {
+                if send(chunk).await.is_err() {
                     return;
                 }
             }
         }
+    }
+    if let Some(rest) = masker.map(|mut m| m.finish()).filter(|r| !r.is_empty()) {
+        let _ = send(&rest).await;
     }
 }
 

@@ -23,6 +23,7 @@
 pub mod acceptance;
 pub mod archive;
 pub mod config;
+pub mod egress;
 pub mod enroll;
 pub mod executor;
 pub mod link;
@@ -30,6 +31,7 @@ pub mod logging;
 pub mod notify;
 pub mod outputs;
 pub mod pki;
+pub mod redact;
 pub mod resources;
 pub mod sandbox;
 pub mod spool;

@@ -201,7 +201,12 @@ impl Link {
             spool_max_bytes: config.spool_max_bytes,
             on_disconnect: config.on_disconnect,
             lost_after_ms: config.lost_after_ms,
+            egress_upstream: crate::egress::tls::upstream_config(&config.egress.upstream_ca)
+                .map_err(|e| e.to_string()),
         };
+        if let Err(e) = &exec.egress_upstream {
+            tracing::warn!(error = %e, "network = \"proxy\" tasks can reach no HTTPS host");
+        }
         Ok(Self {
             config,
             exec,

@@ -42,6 +42,7 @@ pub mod dev;
 pub mod ops;
 pub mod output;
 pub mod run;
+pub mod secret;
 pub mod settings;
 pub mod tasks;
 pub mod trust;
@@ -131,6 +132,10 @@ pub enum Command {
     /// coordinator).
     #[command(subcommand)]
     Token(trust::TokenCommand),
+    /// Secrets that task specs grant for a use (the worker's egress proxy adds them to
+    /// requests for the hosts a grant names); stored encrypted, never shown again.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Submit a task spec, with its inputs packed and sent along; prints the task id (with
     /// --follow, streams its events).
     Submit {

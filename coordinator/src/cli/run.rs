@@ -42,6 +42,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Tls(cmd) => tls(cmd),
         Command::Token(cmd) => super::trust::token(cmd).await,
+        Command::Secret(cmd) => super::secret::secret(cmd).await,
         Command::Worker(WorkerCommand::Revoke { name, conn, json }) => {
             super::trust::revocation(name, true, conn, json.json).await
         }

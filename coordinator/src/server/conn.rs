@@ -36,6 +36,8 @@ pub struct ConnCtx {
     pub lease_ms: u64,
     /// Join tokens, certificate signing and revocation.
     pub trust: crate::trust::service::TrustService,
+    /// Stored task secrets: operator requests, and masking worker events.
+    pub secrets: crate::secrets::Secrets,
 }
 
 /// Serve one incoming connection to its end.
@@ -491,6 +493,19 @@ impl Session {
                     );
                     return;
                 }
+                req @ (OperatorRequest::SetSecret { .. }
+                | OperatorRequest::ListSecrets
+                | OperatorRequest::RemoveSecret { .. }) => {
+                    match self
+                        .ctx
+                        .secrets
+                        .operator(&self.ctx.store, &self.name, &req)
+                        .await
+                    {
+                        Some(answer) => answer,
+                        None => continue,
+                    }
+                }
                 req => match self
                     .ctx
                     .trust
@@ -520,6 +535,16 @@ impl Session {
                 return;
             }
         }
+    }
+}
+
+/// Mask stored secret values in a worker's event (a no-op while none is stored).
+fn mask(redactor: &drover_worker::redact::Redactor, event: &mut drover_protocol::AttemptEvent) {
+    if redactor.is_empty() {
+        return;
+    }
+    if let std::borrow::Cow::Owned(masked) = redactor.redact_str(&event.payload) {
+        event.payload = masked;
     }
 }
 
@@ -625,9 +650,10 @@ async fn attempt_stream(
     // writer drain and stop) when the worker finishes the stream or breaks the rules.
     let reader = {
         let (task_id, worker) = (task_id.clone(), worker.clone());
+        let secrets = ctx.secrets.clone();
         async move {
             loop {
-                let event = match recv.next::<AttemptUp>().await {
+                let mut event = match recv.next::<AttemptUp>().await {
                     Ok(Some(AttemptUp::Event(e))) => e,
                     // The connection went away (a worker reconnecting resends on a new stream).
                     Err(e) if !e.is_protocol_violation() => return,
@@ -638,6 +664,9 @@ async fn attempt_stream(
                     }
                     Ok(None) => return,
                 };
+                // The worker masked its attempt's own secrets; this masks every stored one,
+                // whatever the worker did.
+                mask(&secrets.redactor(), &mut event);
                 let (reply, answer) = oneshot::channel();
                 let msg = CoreMsg::AttemptEvent {
                     name: worker.clone(),

@@ -16,8 +16,8 @@ use crate::tasks::lifecycle::{EventVerdict, TaskAction, Tasks, WorkerGone};
 use crate::tasks::{validate_spec, WorkerView};
 use drover_protocol::task::{TaskInfo, TaskSpec, TaskState};
 use drover_protocol::{
-    close_code, AttemptEvent, CoordinatorMessage, ErrorKind, OperatorRequest, OperatorResponse,
-    Usage, WorkerState,
+    close_code, AttemptEvent, AttemptKind, CoordinatorMessage, ErrorKind, OperatorRequest,
+    OperatorResponse, Usage, WorkerState,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -172,6 +172,8 @@ pub struct Core {
     tick: Duration,
     heartbeat_ms: u64,
     probe: bool,
+    /// Checked at submit; their values go into assignments that grant them.
+    secrets: crate::secrets::Secrets,
 }
 
 impl Core {
@@ -184,6 +186,7 @@ impl Core {
         clock: Clock,
         heartbeat_ms: u64,
         probe: bool,
+        secrets: crate::secrets::Secrets,
     ) -> Self {
         // Check leases several times per lease so `lost` shows within a quarter lease of expiry,
         // and late heartbeats within a quarter interval (see `probe::probe`).
@@ -198,6 +201,7 @@ impl Core {
             tick,
             heartbeat_ms,
             probe,
+            secrets,
         }
     }
 
@@ -420,6 +424,12 @@ impl Core {
         if let Err(e) = validate_spec(&spec) {
             return error(format!("invalid task spec: {e}"));
         }
+        if let Some(name) = self.secrets.missing(&spec) {
+            return error(format!(
+                "the spec grants secret {name:?}, which is not stored; store it first: \
+                 printf %s \"$VALUE\" | drover secret set {name}"
+            ));
+        }
         match (&inputs, spec.inputs.is_empty()) {
             (None, false) => return error(
                 "the spec lists inputs but no inputs archive came with it; `drover submit` packs \
@@ -522,8 +532,15 @@ impl Core {
             match action {
                 TaskAction::PutTask(t) => last = Some(self.store.put_task(t)),
                 TaskAction::Append(events) => last = Some(self.store.append_events(events)),
-                TaskAction::Assign { worker, assignment } => {
+                TaskAction::Assign {
+                    worker,
+                    mut assignment,
+                } => {
                     tracing::info!(task = %assignment.task_id, epoch = assignment.epoch, %worker, "assigning attempt");
+                    // Values only for the task's own work: a verdict checks, it does not act.
+                    if assignment.kind == AttemptKind::Work {
+                        assignment.secrets = self.secrets.values_for(&assignment.spec);
+                    }
                     let after = last.take();
                     self.send_to(&worker, CoordinatorMessage::Assign(assignment), after);
                 }
@@ -749,6 +766,12 @@ impl Core {
             | OperatorRequest::ReinstateWorker { .. } => error(
                 ErrorKind::Internal,
                 "tokens and revocations are handled by the trust service, not the core".into(),
+            ),
+            OperatorRequest::SetSecret { .. }
+            | OperatorRequest::ListSecrets
+            | OperatorRequest::RemoveSecret { .. } => error(
+                ErrorKind::Internal,
+                "secrets are handled by the connection, not the core".into(),
             ),
         }
     }

@@ -37,6 +37,8 @@ pub enum ServeError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}; set `secrets_key` in the config to use another file")]
+    SecretsKey(#[from] crate::secrets::KeyError),
     #[error("cannot listen on {addr}: {source}; is another coordinator running, or pick another `listen` address")]
     Bind {
         addr: SocketAddr,
@@ -48,7 +50,7 @@ impl ServeError {
     /// Exit code for the daemon: 64 for configuration the operator must fix, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ServeError::Tls(_) | ServeError::Quic(_) => 64,
+            ServeError::Tls(_) | ServeError::Quic(_) | ServeError::SecretsKey(_) => 64,
             _ => 1,
         }
     }
@@ -198,6 +200,7 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     config: CoordinatorConfig,
     trust: crate::trust::service::TrustService,
+    secrets: crate::secrets::Secrets,
 }
 
 impl Server {
@@ -220,6 +223,8 @@ impl Server {
                 "no CA key configured (tls.ca_key): enrollment and certificate renewal are off"
             ),
         }
+        let secrets_key = crate::secrets::SecretsKey::load_or_create(&config.secrets_key_path())?;
+        let secrets = crate::secrets::Secrets::restore(secrets_key, Vec::new());
         let trust = crate::trust::service::TrustService::new(signer, config.worker_cert_ttl());
         let tls = pki::server_config_with(&files, Some(trust.revocation_check()))?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
@@ -245,6 +250,7 @@ impl Server {
             endpoint,
             config,
             trust,
+            secrets,
         })
     }
 
@@ -261,6 +267,8 @@ impl Server {
             state_dir = %self.config.state_dir.display(), "state loaded"
         );
         self.trust.restore(loaded.trust);
+        self.secrets.load(loaded.secrets);
+        let secrets = self.secrets.clone();
         let fleet = Fleet::restore(loaded.workers, self.config.lease_ms, clock.now_ms());
         let (core_handle, core_rx) = core::Core::channel();
         let tasks = crate::tasks::lifecycle::Tasks::restore(loaded.tasks);
@@ -272,6 +280,7 @@ impl Server {
                 clock,
                 self.config.heartbeat_interval_ms,
                 self.config.liveness_probe,
+                secrets.clone(),
             )
             .run(core_rx),
         );
@@ -281,6 +290,7 @@ impl Server {
             heartbeat_interval_ms: self.config.heartbeat_interval_ms,
             lease_ms: self.config.lease_ms,
             trust: self.trust.clone(),
+            secrets,
         };
         tracing::info!(listen = %self.local_addr(), "coordinator listening");
         crate::notify::ready();

@@ -15,6 +15,7 @@
 
 pub mod blobs;
 pub mod registry;
+pub mod secrets;
 pub mod session;
 pub mod trust;
 
@@ -117,6 +118,16 @@ const MIGRATIONS: &[&str] = &[
         name TEXT PRIMARY KEY NOT NULL,
         revoked_ms INTEGER NOT NULL
     ) STRICT;",
+    // 5 -> 6: task secrets (issue 8), AES-256-GCM ciphertexts under the secrets key; the
+    // name is the associated data.
+    "CREATE TABLE secrets (
+        name TEXT PRIMARY KEY NOT NULL,
+        nonce BLOB NOT NULL,
+        ciphertext BLOB NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        version INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +169,7 @@ enum Command {
     PutTaskWithInputs(session::NewTask, blobs::InputsRow, Reply),
     PutOutputs(blobs::OutputsRow, Reply),
     Trust(Vec<crate::trust::TrustWrite>, Reply),
+    Secrets(Vec<crate::secrets::SecretWrite>, Reply),
 }
 
 impl Command {
@@ -168,7 +180,8 @@ impl Command {
             | Command::AppendEvents(_, r)
             | Command::PutTaskWithInputs(_, _, r)
             | Command::PutOutputs(_, r)
-            | Command::Trust(_, r) => r,
+            | Command::Trust(_, r)
+            | Command::Secrets(_, r) => r,
         }
     }
 }
@@ -232,6 +245,7 @@ pub struct Loaded {
     pub workers: Vec<WorkerRecord>,
     pub tasks: Vec<session::StoredTask>,
     pub trust: crate::trust::LoadedTrust,
+    pub secrets: Vec<crate::secrets::StoredSecret>,
 }
 
 impl Store {
@@ -261,6 +275,7 @@ impl Store {
             workers: registry::load_workers(&conn, &path)?,
             tasks: session::load_tasks(&conn, &path)?,
             trust: trust::load(&conn, &path, crate::clock::wall_ms())?,
+            secrets: secrets::load(&conn, &path)?,
         };
         let (tx, rx) = mpsc::channel();
         let thread_path = path.clone();
@@ -322,6 +337,11 @@ impl Store {
     /// Queue changes to join tokens, issued certificates and revocations.
     pub fn put_trust(&self, writes: Vec<crate::trust::TrustWrite>) -> Durable {
         self.submit(|r| Command::Trust(writes, r))
+    }
+
+    /// Queue changes to the secrets table.
+    pub fn put_secrets(&self, writes: Vec<crate::secrets::SecretWrite>) -> Durable {
+        self.submit(|r| Command::Secrets(writes, r))
     }
 
     /// The archive files beside the database.
@@ -416,6 +436,7 @@ fn commit_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<()
             }
             Command::PutOutputs(row, _) => blobs::put_outputs(&tx, row)?,
             Command::Trust(writes, _) => trust::apply(&tx, writes)?,
+            Command::Secrets(writes, _) => secrets::apply(&tx, writes)?,
         }
     }
     tx.commit()

@@ -347,6 +347,9 @@ impl Tasks {
                     kind: AttemptKind::Work,
                     iteration,
                     feedback,
+                    // Filled by the runtime when it sends the assignment (the values are
+                    // not this state machine's to hold).
+                    secrets: Vec::new(),
                 }),
             });
         }
@@ -420,6 +423,7 @@ impl Tasks {
                     kind: AttemptKind::Verdict { outputs_epoch },
                     iteration: 0,
                     feedback: None,
+                    secrets: Vec::new(),
                 }),
             });
         }

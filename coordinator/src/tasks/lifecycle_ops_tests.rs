@@ -33,6 +33,8 @@ fn spec(max_attempts: u32) -> TaskSpec {
         acceptance: vec![],
         max_iterations: drover_protocol::task::DEFAULT_MAX_ITERATIONS,
         verdict: None,
+        egress: Vec::new(),
+        secrets: Vec::new(),
     }
 }
 

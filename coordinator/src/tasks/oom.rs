@@ -169,6 +169,8 @@ mod tests {
             acceptance: vec![],
             max_iterations: drover_protocol::task::DEFAULT_MAX_ITERATIONS,
             verdict: None,
+            egress: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 

@@ -20,6 +20,7 @@ use drover_protocol::task::{
     Criterion, Isolation, Limits, NetworkPolicy, OnDisconnect, Requirements, RetryPolicy, TaskSpec,
     VerdictSpec, DEFAULT_CRITERION_TIMEOUT_MS, DEFAULT_MAX_ITERATIONS,
 };
+use drover_protocol::{SecretGrant, SecretScheme};
 use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -257,6 +258,62 @@ struct SpecFile {
     acceptance: Vec<CriterionFile>,
     max_iterations: Option<u32>,
     verdict: Option<VerdictFile>,
+    #[serde(default)]
+    egress: Vec<String>,
+    #[serde(default)]
+    secrets: Vec<SecretFile>,
+}
+
+/// One `[[secrets]]` grant.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretFile {
+    name: String,
+    hosts: Vec<String>,
+    header: Option<String>,
+    #[serde(default)]
+    scheme: SchemeFile,
+    username: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SchemeFile {
+    #[default]
+    Bearer,
+    Basic,
+    Raw,
+}
+
+impl SecretFile {
+    fn into_grant(self, field: &str) -> Result<SecretGrant, InvalidField> {
+        let scheme =
+            match (self.scheme, self.username) {
+                (SchemeFile::Basic, Some(username)) => SecretScheme::Basic { username },
+                (SchemeFile::Basic, None) => return Err(invalid(
+                    format!("{field}.username"),
+                    "is needed with scheme = \"basic\" (git hosts take e.g. \"x-access-token\")",
+                )),
+                (_, Some(_)) => {
+                    return Err(invalid(
+                        format!("{field}.username"),
+                        "applies only with scheme = \"basic\"; remove it or set that scheme",
+                    ))
+                }
+                (SchemeFile::Bearer, None) => SecretScheme::Bearer,
+                (SchemeFile::Raw, None) => SecretScheme::Raw,
+            };
+        Ok(SecretGrant {
+            name: self.name,
+            hosts: self
+                .hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .collect(),
+            header: self.header.unwrap_or_else(|| "Authorization".to_owned()),
+            scheme,
+        })
+    }
 }
 
 /// One `[[acceptance]]` (or `[[verdict.criteria]]`) entry.
@@ -428,6 +485,17 @@ impl SpecFile {
                 }),
                 None => None,
             },
+            egress: self
+                .egress
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .collect(),
+            secrets: self
+                .secrets
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| s.into_grant(&format!("secrets[{i}]")))
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -137,6 +137,8 @@ fn every_field_converts_and_json_matches_toml() {
             acceptance: vec![],
             max_iterations: drover_protocol::task::DEFAULT_MAX_ITERATIONS,
             verdict: None,
+            egress: Vec::new(),
+            secrets: Vec::new(),
         }
     );
     assert_eq!(json(FULL_JSON).unwrap(), spec);

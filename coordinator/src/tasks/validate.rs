@@ -213,6 +213,7 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), InvalidField> {
     }
     check_oom_policy(spec)?;
     check_acceptance(spec)?;
+    check_egress(spec)?;
 
     match drover_protocol::encode_frame(spec, MAX_SPEC_BYTES) {
         Ok(_) => Ok(()),
@@ -224,6 +225,97 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), InvalidField> {
             ),
         )),
     }
+}
+
+/// Most `egress` hosts, and most `secrets` grants, in one spec.
+pub const MAX_EGRESS_HOSTS: usize = 64;
+pub const MAX_SECRET_GRANTS: usize = 16;
+
+/// `network = "proxy"`, `egress` and `secrets`: hosts the proxy can match, grants of valid
+/// names for hosts inside the egress list, in headers that can carry them.
+fn check_egress(spec: &TaskSpec) -> Result<(), InvalidField> {
+    use drover_protocol::task::{Isolation, NetworkPolicy};
+    use drover_protocol::SecretScheme;
+    use drover_worker::egress::policy::parse_rule;
+    let proxied = spec.network == NetworkPolicy::Proxy;
+    if proxied && spec.isolation != Isolation::Sandbox {
+        return Err(invalid(
+            "network",
+            "\"proxy\" needs isolation = \"sandbox\" (a process-isolated task shares the \
+             worker's network, so nothing would hold it to the proxy)",
+        ));
+    }
+    if !proxied && !spec.egress.is_empty() {
+        return Err(invalid(
+            "egress",
+            "applies only with network = \"proxy\"; set it, or remove egress",
+        ));
+    }
+    if !proxied && !spec.secrets.is_empty() {
+        return Err(invalid(
+            "secrets",
+            "are used by the egress proxy: set network = \"proxy\" and list the hosts in egress",
+        ));
+    }
+    if spec.egress.len() > MAX_EGRESS_HOSTS {
+        return Err(invalid(
+            "egress",
+            format!(
+                "lists {} hosts; at most {MAX_EGRESS_HOSTS}",
+                spec.egress.len()
+            ),
+        ));
+    }
+    let mut allowed = Vec::new();
+    for (i, host) in spec.egress.iter().enumerate() {
+        allowed.push(parse_rule(host).map_err(|e| invalid(format!("egress[{i}]"), e))?);
+    }
+    if spec.secrets.len() > MAX_SECRET_GRANTS {
+        return Err(invalid(
+            "secrets",
+            format!("grants {}; at most {MAX_SECRET_GRANTS}", spec.secrets.len()),
+        ));
+    }
+    for (i, g) in spec.secrets.iter().enumerate() {
+        let at = format!("secrets[{i}]");
+        drover_protocol::secrets::check_secret_name(&g.name)
+            .map_err(|e| invalid(format!("{at}.name"), e))?;
+        if g.hosts.is_empty() {
+            return Err(invalid(
+                format!("{at}.hosts"),
+                "is empty: name the hosts whose requests get this secret, e.g. [\"api.github.com\"]",
+            ));
+        }
+        for (j, h) in g.hosts.iter().enumerate() {
+            let field = format!("{at}.hosts[{j}]");
+            let rule = parse_rule(h).map_err(|e| invalid(field.clone(), e))?;
+            if !allowed.iter().any(|a| rule.within(a)) {
+                return Err(invalid(
+                    field,
+                    format!("{h:?} is not covered by egress; add it to egress too"),
+                ));
+            }
+        }
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if g.header.is_empty() || !g.header.chars().all(token) {
+            return Err(invalid(
+                format!("{at}.header"),
+                format!(
+                    "{:?} is not an HTTP header name, e.g. \"Authorization\"",
+                    g.header
+                ),
+            ));
+        }
+        if let SecretScheme::Basic { username } = &g.scheme {
+            if username.contains(':') || username.chars().any(char::is_control) {
+                return Err(invalid(
+                    format!("{at}.username"),
+                    "must not contain ':' or control characters",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Most acceptance (or verdict) criteria in one spec.

@@ -36,7 +36,13 @@
 //! File descriptors in every helper: 0-2 stdio (set by std), [`EVENTS_FD`] the events pipe (the
 //! only one the task inherits besides stdio), 4 the setup pipe (close-on-exec: it reaches EOF in
 //! the parent once the task has exec'd, or carries an error record), 5 the status pipe (S and I
-//! only). Everything else inherited from the worker is closed first thing.
+//! only), 6 a socket to the worker (S only, `network = proxy`). Everything else inherited from
+//! the worker is closed first thing.
+//!
+//! With `network = proxy`, S brings up `lo` in the new network namespace, listens on
+//! 127.0.0.1:3128 there, and sends that listening socket to the worker over fd 6 (SCM_RIGHTS)
+//! before the task exists: the worker's egress proxy serves it from outside, and the
+//! namespace has no other way out.
 //!
 //! Records on the setup and status pipes are [`RECORD_LEN`] bytes: a tag, a step, an index, a
 //! pad byte, then an i32 (errno or wait status) in little endian.
@@ -56,6 +62,7 @@ use nix::libc::{self, c_char, c_int, c_void};
 pub(crate) const EVENTS_FD: RawFd = 3;
 const SETUP_FD: RawFd = 4;
 const STATUS_FD: RawFd = 5;
+const PROXY_FD: RawFd = 6;
 /// Most paths an attempt binds back over its masks (the workspace and kept files).
 pub(crate) const MAX_REBINDS: usize = 4;
 /// Device nodes of the sandbox's /dev, bound from the host's; [`NULL_DEVICE`] also masks files.
@@ -122,6 +129,9 @@ pub(crate) struct ChildPlan {
     pub(crate) events_fd: RawFd,
     /// Present with sandbox isolation.
     pub(crate) status_fd: Option<RawFd>,
+    /// The worker's end is kept; S sends the proxy's listening socket over this one
+    /// (`network = proxy` only).
+    pub(crate) proxy_fd: Option<RawFd>,
     /// `None`: process isolation.
     pub(crate) sandbox: Option<SandboxSetup>,
 }
@@ -130,6 +140,8 @@ pub(crate) struct ChildPlan {
 #[derive(Debug)]
 pub(crate) struct SandboxSetup {
     pub(crate) unshare_flags: c_int,
+    /// `network = proxy`: bring up `lo`, listen on 127.0.0.1:`proxy_port`, send the socket.
+    pub(crate) proxy_port: Option<u16>,
     /// `/proc/self/uid_map` and `gid_map` contents when a user namespace is made.
     pub(crate) id_maps: Option<(Vec<u8>, Vec<u8>)>,
     pub(crate) hostname: Vec<u8>,
@@ -238,10 +250,12 @@ pub(crate) enum Step {
     ReadOnly,
     MountDev,
     Mask,
+    Loopback,
+    ProxySocket,
 }
 
 impl Step {
-    const ALL: [Step; 24] = [
+    const ALL: [Step; 26] = [
         Step::JoinCgroup,
         Step::Setpgid,
         Step::Unshare,
@@ -266,6 +280,8 @@ impl Step {
         Step::ReadOnly,
         Step::MountDev,
         Step::Mask,
+        Step::Loopback,
+        Step::ProxySocket,
     ];
 
     fn from_u8(v: u8) -> Option<Step> {
@@ -323,6 +339,11 @@ impl Step {
             Step::Exec => "exec the command".to_owned(),
             Step::DropCaps => {
                 "drop capabilities (the worker needs CAP_SETPCAP for that)".to_owned()
+            }
+            Step::Loopback => "bring up lo in the sandbox's network namespace".to_owned(),
+            Step::ProxySocket => {
+                "make the egress proxy's socket on 127.0.0.1 in the sandbox and hand it to the worker"
+                    .to_owned()
             }
         }
     }
@@ -399,6 +420,16 @@ fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         }
         if let Err(e) = write_path(c"/proc/self/gid_map", gid_map) {
             fail(Step::GidMap, 0, e);
+        }
+    }
+    if let Some(port) = setup.proxy_port {
+        check(Step::Loopback, loopback_up());
+        let listener = check_fd(Step::ProxySocket, 0, proxy_listener(port));
+        check_at(Step::ProxySocket, 1, send_fd(PROXY_FD, listener));
+        // SAFETY: closing descriptors this process owns; the worker holds its own copy now.
+        unsafe {
+            libc::close(listener);
+            libc::close(PROXY_FD);
         }
     }
     // Without this, the mounts below would propagate back to the host's mount namespace.
@@ -850,6 +881,10 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         Some(fd) => Some(scratch(fd)?),
         None => None,
     };
+    let proxy = match plan.proxy_fd {
+        Some(fd) => Some(scratch(fd)?),
+        None => None,
+    };
     // SAFETY: plain fd syscalls; sources (>= SCRATCH_FD) never equal targets (< SCRATCH_FD).
     unsafe {
         Errno::result(libc::dup3(setup, SETUP_FD, libc::O_CLOEXEC))?;
@@ -858,8 +893,13 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         if let Some(status) = status {
             Errno::result(libc::dup3(status, STATUS_FD, libc::O_CLOEXEC))?;
         }
+        if let Some(proxy) = proxy {
+            Errno::result(libc::dup3(proxy, PROXY_FD, libc::O_CLOEXEC))?;
+        }
     }
-    let first_free = if status.is_some() {
+    let first_free = if proxy.is_some() {
+        PROXY_FD + 1
+    } else if status.is_some() {
         STATUS_FD + 1
     } else {
         STATUS_FD
@@ -974,6 +1014,129 @@ fn set_attributes(path: &CStr, set: u64, clear: u64, recursive: bool) -> c_int {
 }
 
 /// An O_PATH descriptor of `path`, or -1.
+/// `struct ifreq` with the flags member of its union, padded to the largest size it has.
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; 16],
+    flags: libc::c_short,
+    pad: [u8; 22],
+}
+
+/// `ip link set lo up` in the current network namespace; 0 or -1 with errno.
+fn loopback_up() -> c_int {
+    // SAFETY: socket with integer arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return -1;
+    }
+    let mut req = IfReqFlags {
+        name: [0; 16],
+        flags: 0,
+        pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: `req` is a live, properly sized ifreq for these two requests.
+    let r = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req as *mut IfReqFlags) < 0 {
+            -1
+        } else {
+            req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req as *const IfReqFlags)
+        }
+    };
+    let errno = Errno::last();
+    // SAFETY: closing the socket made above.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        Errno::set_raw(errno as i32);
+        return -1;
+    }
+    0
+}
+
+/// A TCP socket listening on 127.0.0.1:`port`; the descriptor, or -1 with errno.
+fn proxy_listener(port: u16) -> c_int {
+    // SAFETY: plain socket syscalls on a live local address structure.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return -1;
+        }
+        let one: c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const c_int).cast::<c_void>(),
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        );
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) < 0
+            || libc::listen(fd, 128) < 0
+        {
+            let errno = Errno::last();
+            libc::close(fd);
+            Errno::set_raw(errno as i32);
+            return -1;
+        }
+        fd
+    }
+}
+
+/// Send descriptor `fd` over the Unix socket `chan` (SCM_RIGHTS, one data byte).
+fn send_fd(chan: RawFd, fd: RawFd) -> c_int {
+    // Room for one descriptor's control message, aligned for cmsghdr.
+    let mut control = [0u64; 4];
+    let mut byte = [b'P'];
+    // SAFETY: every pointer refers to a live local; the CMSG macros compute offsets inside
+    // `control`, which is larger than CMSG_SPACE(sizeof(int)).
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast::<c_void>(),
+            iov_len: 1,
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast::<c_void>();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as _;
+        ptr::copy_nonoverlapping(
+            (&fd as *const c_int).cast::<u8>(),
+            libc::CMSG_DATA(cmsg),
+            std::mem::size_of::<c_int>(),
+        );
+        if libc::sendmsg(chan, &msg, libc::MSG_NOSIGNAL) < 0 {
+            -1
+        } else {
+            0
+        }
+    }
+}
+
+/// Take ownership of a descriptor the kernel just gave this process (received with
+/// SCM_RIGHTS), so it is closed when dropped.
+pub(crate) fn owned_fd(fd: RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the caller passes a descriptor that was just installed in this process and
+    // that nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
 fn open_path(path: &CStr) -> c_int {
     // SAFETY: valid NUL-terminated path.
     unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) }

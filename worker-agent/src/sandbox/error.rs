@@ -116,4 +116,11 @@ pub enum SpawnError {
         errno: Errno,
         searched: String,
     },
+    #[error(
+        "network `proxy` needs isolation `sandbox` (a process-isolated task shares the \
+         worker's network, so nothing would hold it to the proxy)"
+    )]
+    ProxyNeedsSandbox,
+    #[error("network `proxy`: {0}")]
+    Proxy(String),
 }

@@ -8,7 +8,8 @@
 //!
 //! Per attempt, with `isolation = sandbox`:
 //! - new pid, mount, uts, ipc and cgroup namespaces, and a network namespace with only `lo` for
-//!   `network = none`; a user namespace only when the worker is not root (root needs none to
+//!   `network = none` — or, for `network = proxy`, with only `lo` and on it the listening
+//!   socket of the worker's egress proxy (see [`crate::egress`]); a user namespace only when the worker is not root (root needs none to
 //!   create the others, and a one-to-one map of root would add nothing);
 //! - the host's file systems read-only, nosuid and nodev; a fresh /proc for the new pid
 //!   namespace, a read-only /sys (so /sys/class/net shows the sandbox's interfaces), a minimal
@@ -96,6 +97,9 @@ pub struct AttemptSpec<'a> {
     /// More `DROVER_*` variables set by the caller (`DROVER_ITERATION`,
     /// `DROVER_FEEDBACK_FILE` under acceptance criteria); names must start with `DROVER_`.
     pub extra_env: &'a [(String, String)],
+    /// `network = proxy`: the attempt's egress proxy, which serves the sandbox's socket and
+    /// whose variables ([`crate::egress::Egress::env`]) the task gets.
+    pub egress: Option<&'a crate::egress::Egress>,
 }
 
 /// The worker's sandbox facility; cheap to clone (one shared state).
@@ -229,6 +233,15 @@ impl Sandbox {
         if sandboxed && !self.inner.namespaces {
             return Err(SpawnError::NamespacesUnavailable);
         }
+        let proxied = spec.network == NetworkPolicy::Proxy;
+        if proxied && !sandboxed {
+            return Err(SpawnError::ProxyNeedsSandbox);
+        }
+        if proxied && spec.egress.is_none() {
+            return Err(SpawnError::Proxy(
+                "no egress proxy was set up for the attempt".into(),
+            ));
+        }
         let workspace = workspace(spec.workspace)?;
         let env = plan::environment(&spec, &workspace)?;
         let argv = plan::argv(spec.argv)?;
@@ -272,6 +285,11 @@ impl Sandbox {
         } else {
             None
         };
+        let proxy_chan = if proxied {
+            Some(proxy_socket_pair()?)
+        } else {
+            None
+        };
         let c = |p: &Path| {
             plan::c_path(p).map_err(|_| SpawnError::Workspace {
                 path: p.to_path_buf(),
@@ -287,6 +305,7 @@ impl Sandbox {
             setup_fd: setup_w.as_raw_fd(),
             events_fd: events_w.as_raw_fd(),
             status_fd: status.as_ref().map(|(_, w)| w.as_raw_fd()),
+            proxy_fd: proxy_chan.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
             sandbox: sandboxed
                 .then(|| self.sandbox_setup(&spec, &workspace))
                 .transpose()?,
@@ -313,6 +332,10 @@ impl Sandbox {
         let status_r = status.map(|(r, w)| {
             drop(w);
             r
+        });
+        let proxy_chan = proxy_chan.map(|(ours, theirs)| {
+            drop(theirs);
+            ours
         });
 
         let mut setup =
@@ -364,6 +387,20 @@ impl Sandbox {
                 },
             });
         }
+        if let (Some(chan), Some(egress)) = (proxy_chan, spec.egress) {
+            // S sent the socket before it forked the task's init, so it is there by now.
+            let served = receive_listener(&chan).and_then(|l| {
+                egress
+                    .serve(l)
+                    .map_err(|e| format!("cannot serve the proxy socket: {e}"))
+            });
+            if let Err(why) = served {
+                drop(process.start_kill());
+                let _ = process.wait().await;
+                guard.finish().await;
+                return Err(SpawnError::Proxy(why));
+            }
+        }
         let events =
             pipe::Receiver::from_owned_fd(events_r).map_err(|source| SpawnError::Pipe {
                 what: "events",
@@ -396,7 +433,7 @@ impl Sandbox {
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWPID
             | libc::CLONE_NEWCGROUP;
-        if spec.network == NetworkPolicy::None {
+        if spec.network != NetworkPolicy::Host {
             flags |= libc::CLONE_NEWNET;
         }
         let id_maps = self.inner.user_namespace.then(|| {
@@ -426,7 +463,7 @@ impl Sandbox {
                 .canonicalize()
                 .ok()
                 .filter(|p| p != Path::new("/etc/resolv.conf")),
-            NetworkPolicy::None => None,
+            NetworkPolicy::None | NetworkPolicy::Proxy => None,
         };
         let keep: Vec<PathBuf> = resolv
             .into_iter()
@@ -465,10 +502,11 @@ impl Sandbox {
             .collect::<Result<_, SpawnError>>()?;
         Ok(SandboxSetup {
             unshare_flags: flags,
+            proxy_port: (spec.network == NetworkPolicy::Proxy).then_some(crate::egress::PROXY_PORT),
             // sysfs may only be mounted by the owner of the network namespace, and inside a
             // user namespace the host's /sys cannot be bound without its locked sub-mounts.
             sys: match (spec.network, self.inner.user_namespace) {
-                (NetworkPolicy::None, _) => SysMount::Fresh,
+                (NetworkPolicy::None | NetworkPolicy::Proxy, _) => SysMount::Fresh,
                 (NetworkPolicy::Host, false) => SysMount::Rebind,
                 (NetworkPolicy::Host, true) => SysMount::Keep,
             },
@@ -588,6 +626,65 @@ fn workspace(path: &Path) -> Result<PathBuf, SpawnError> {
         });
     }
     Ok(canonical)
+}
+
+/// A close-on-exec Unix socket pair (ours, the helper's) for the proxy's listening socket.
+fn proxy_socket_pair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let err = |e: nix::errno::Errno| SpawnError::Pipe {
+        what: "proxy socket",
+        source: e.into(),
+    };
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )
+    .map_err(err)?;
+    let above_stdio = |fd: OwnedFd| -> Result<OwnedFd, SpawnError> {
+        if fd.as_raw_fd() > 2 {
+            Ok(fd)
+        } else {
+            fd.try_clone().map_err(|source| SpawnError::Pipe {
+                what: "proxy socket",
+                source,
+            })
+        }
+    };
+    Ok((above_stdio(ours)?, above_stdio(theirs)?))
+}
+
+/// The listening socket the sandbox's outer helper sent over `chan`.
+fn receive_listener(chan: &OwnedFd) -> Result<std::net::TcpListener, String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        chan.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("the sandbox sent no proxy socket: {e}"))?;
+    for cmsg in msg
+        .cmsgs()
+        .map_err(|e| format!("bad control message: {e}"))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            if let Some(&fd) = fds.first() {
+                // The kernel made `fd` ours (close-on-exec) with this message; nothing else
+                // holds the number.
+                let owned = child::owned_fd(fd);
+                for extra in &fds[1..] {
+                    drop(child::owned_fd(*extra));
+                }
+                return Ok(std::net::TcpListener::from(owned));
+            }
+        }
+    }
+    Err("the sandbox's message carried no socket".into())
 }
 
 /// A close-on-exec pipe whose ends are clear of the stdio numbers (a daemon started with fd 0

@@ -83,6 +83,14 @@ pub(crate) fn environment(
         })?;
         env.push(("DROVER_CHECKPOINT_FILE".to_owned(), file.to_owned()));
     }
+    if let Some(egress) = spec.egress {
+        // The task's own declaration of one of them wins (it may want another proxy chain).
+        for (name, value) in egress.env() {
+            if !spec.env.contains_key(name) {
+                env.push((name.clone(), value.clone()));
+            }
+        }
+    }
     for (name, value) in spec.extra_env {
         if !name.starts_with(RESERVED_PREFIX) || value.contains('\0') {
             return Err(bad(
@@ -324,6 +332,7 @@ mod tests {
             isolation: Isolation::Sandbox,
             checkpoint_file: None,
             extra_env: &[],
+            egress: None,
         }
     }
 

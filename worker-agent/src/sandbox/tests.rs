@@ -82,6 +82,7 @@ impl Job {
             isolation: self.isolation,
             checkpoint_file: None,
             extra_env: &[],
+            egress: None,
         }
     }
 }
