@@ -28,6 +28,7 @@
 
 pub mod checker;
 pub mod session;
+pub mod upstream;
 
 pub use session::{
     check_session, events, kinds, of_kind, root_or_skip, root_or_skip_because, submit, task,
