@@ -27,6 +27,7 @@
 //! the test, for debugging.
 
 pub mod checker;
+pub mod host;
 pub mod session;
 
 pub use session::{
@@ -586,6 +587,24 @@ impl TestFleet {
                 tail(&self.worker_log(name), 30)
             )
         })
+    }
+
+    /// Wait (bounded by `deadline`) for worker `name` to exit by itself (killed by the kernel,
+    /// say) and return its exit status; the worker then counts as stopped. Panics at the
+    /// deadline, with the tail of its log.
+    pub fn wait_worker_exit(&mut self, name: &str, deadline: Duration) -> ExitStatus {
+        let guard = self
+            .workers
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("worker {name} is not running"));
+        let Some(status) = wait_exit(&mut guard.child, deadline) else {
+            panic!(
+                "worker {name} is still running after {deadline:?}\n{}",
+                tail(&self.worker_log(name), 30)
+            );
+        };
+        self.workers.remove(name);
+        status
     }
 
     /// The process of a running worker.
