@@ -13,6 +13,8 @@
 //!   protocol version, malformed frames). Its TLS config is built here, not with
 //!   `drover::pki::client_config`, because that one checks the own certificate first.
 //! - [`wait_for`] / [`TestFleet::wait_for`]: bounded polling.
+//! - [`host::HostCgroup`]: a simulated worker host (a memory cgroup of the test's own) for the
+//!   fault-injection suite; [`checker`]: its independent checker of the database.
 //!
 //! Rules the tests follow (and the harness makes easy):
 //! - correctness never depends on a fixed sleep: every "eventually" is a [`wait_for`] with a
