@@ -13,6 +13,8 @@
 //!   protocol version, malformed frames). Its TLS config is built here, not with
 //!   `drover::pki::client_config`, because that one checks the own certificate first.
 //! - [`wait_for`] / [`TestFleet::wait_for`]: bounded polling.
+//! - [`host::HostCgroup`]: a simulated worker host (a memory cgroup of the test's own) for the
+//!   fault-injection suite; [`checker`]: its independent checker of the database.
 //!
 //! Rules the tests follow (and the harness makes easy):
 //! - correctness never depends on a fixed sleep: every "eventually" is a [`wait_for`] with a
@@ -27,6 +29,7 @@
 //! the test, for debugging.
 
 pub mod checker;
+pub mod host;
 pub mod session;
 pub mod upstream;
 
@@ -587,6 +590,24 @@ impl TestFleet {
                 tail(&self.worker_log(name), 30)
             )
         })
+    }
+
+    /// Wait (bounded by `deadline`) for worker `name` to exit by itself (killed by the kernel,
+    /// say) and return its exit status; the worker then counts as stopped. Panics at the
+    /// deadline, with the tail of its log.
+    pub fn wait_worker_exit(&mut self, name: &str, deadline: Duration) -> ExitStatus {
+        let guard = self
+            .workers
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("worker {name} is not running"));
+        let Some(status) = wait_exit(&mut guard.child, deadline) else {
+            panic!(
+                "worker {name} is still running after {deadline:?}\n{}",
+                tail(&self.worker_log(name), 30)
+            );
+        };
+        self.workers.remove(name);
+        status
     }
 
     /// The process of a running worker.

@@ -1,5 +1,5 @@
 //! Acceptance criteria, the self-evaluation loop and the independent verdict, end to end with
-//! the real binaries (issue 6): exactly its four acceptance points.
+//! the real binaries (issue 6): its four acceptance points, then the docs' example.
 //!
 //! - a task that needs two iterations (it reads `DROVER_FEEDBACK_FILE` and fixes its output)
 //!   ends `satisfied` after exactly 2, with the events in order, and `submit --follow` shows
@@ -9,7 +9,14 @@
 //! - a task whose criteria pass on its worker but whose declared outputs lack what they check
 //!   is `rejected` by the verdict, which ran on the other worker;
 //! - a worker SIGKILLed during iteration 2 is replaced and the task resumes at iteration 2 on
-//!   the other worker, with the feedback of iteration 1.
+//!   the other worker, with the feedback of iteration 1 (`task show` tells the iteration while
+//!   it runs).
+//!
+//! And the docs' own example and the other half of the verdict point:
+//! - `examples/agent.toml`, the coding-agent example of docs/task-spec.md, ends `verified`
+//!   with the session, `--follow` lines and `task show` lines the docs show;
+//! - a task whose declared output is there but wrong (the "agent" made its own test pass
+//!   instead of fixing the code) passes on its worker and is `rejected` by the verdict.
 //!
 //! Running tasks needs the sandbox (namespaces and cgroups), so these tests need root; without
 //! it they print a loud SKIPPED line and pass. CI runs as root.
@@ -347,6 +354,15 @@ command = ["grep", "-qx", "42", "answer.txt"]
             _ => Err(format!("{} at iteration {}", t.state, t.iteration)),
         }
     });
+    // `task show` tells the progress while it runs, not only at the end.
+    let shown = String::from_utf8_lossy(&fleet.cli(&["task", "show", &id]).stdout).into_owned();
+    assert!(
+        shown.contains("Iteration: 2 of max_iterations 3"),
+        "{shown}"
+    );
+    // Criteria show the current iteration's results (docs/task-spec.md): none yet, as this
+    // attempt's iteration 2 never gets to its checks.
+    assert!(!shown.contains("Criteria:"), "{shown}");
     fleet.stop_worker(&victim, Signal::SIGKILL);
     let t = wait_final(&fleet, &id, Duration::from_secs(40));
     assert_eq!(
@@ -382,4 +398,179 @@ command = ["grep", "-qx", "42", "answer.txt"]
     assert_eq!(checks.len(), 2, "iteration 1 failed, iteration 2 passed");
     assert_eq!(checks[1]["epoch"], 2);
     assert_eq!(checks[1]["payload"]["passed"], true);
+}
+
+/// Kinds of the session of `examples/agent.toml` as docs/task-spec.md lists them ("The session
+/// of the example"), with the `submitted` that every session starts with.
+const AGENT_SESSION: [&str; 19] = [
+    "submitted",
+    "assigned",
+    "started",
+    "inputs_unpacked",
+    "iteration_started",
+    "criterion_checked",
+    "criterion_checked",
+    "iteration_started",
+    "criterion_checked",
+    "criterion_checked",
+    "outputs_stored",
+    "exited",
+    "verdict_requested",
+    "assigned",
+    "started",
+    "verdict_outputs_unpacked",
+    "criterion_checked",
+    "exited",
+    "completed",
+];
+
+#[test]
+fn the_coding_agent_example_of_the_docs_runs_as_documented() {
+    if !root_or_skip("the_coding_agent_example_of_the_docs_runs_as_documented") {
+        return;
+    }
+    let fleet = TestFleet::started(2);
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
+    let out = fleet.cli(&["submit", example.to_str().expect("utf-8"), "--follow"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "submit --follow exits 0 for verified: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for shown in [
+        "iteration 1 of 3",
+        "[iteration 1] tests: FAILED (exit 1): FAIL: add 2 3 gave 6, want 5",
+        "[iteration 1] output: passed",
+        "iteration 2 of 3",
+        "[iteration 2] tests: passed",
+        "[verdict] add: passed",
+    ] {
+        assert!(
+            stdout.contains(shown),
+            "--follow shows {shown:?}:\n{stdout}"
+        );
+    }
+    let id = stdout
+        .lines()
+        .next()
+        .expect("the id first")
+        .trim()
+        .to_owned();
+    let t = task(&fleet, &id).expect("task show");
+    assert_eq!(
+        (t.state, t.iteration, t.attempts),
+        (TaskState::Verified, 2, 1),
+        "{t:?}"
+    );
+    let all = events(&fleet, &id, &[]);
+    assert_eq!(kinds(&all), AGENT_SESSION, "the session the docs show");
+    let feedback_fixed = of_kind(&all, "criterion_checked")
+        .iter()
+        .map(|c| {
+            (
+                c["payload"]["name"].as_str().unwrap_or("").to_owned(),
+                c["payload"]["passed"] == true,
+            )
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        feedback_fixed,
+        [
+            ("tests".to_owned(), false),
+            ("output".to_owned(), true),
+            ("tests".to_owned(), true),
+            ("output".to_owned(), true),
+            ("add".to_owned(), true),
+        ]
+    );
+    let assigned = of_kind(&all, "assigned");
+    let (work, verdict) = (
+        assigned[0]["payload"]["worker"].as_str().expect("worker"),
+        assigned[1]["payload"]["worker"].as_str().expect("worker"),
+    );
+    assert_ne!(work, verdict, "the verdict ran on the other worker");
+    let shown = String::from_utf8_lossy(&fleet.cli(&["task", "show", &id]).stdout).into_owned();
+    for line in [
+        "Iteration: 2 of max_iterations 3".to_owned(),
+        "Criteria:  add passed".to_owned(),
+        format!("Verdict:   passed on {verdict} (work by {work}, outputs of epoch 1)"),
+    ] {
+        assert!(shown.contains(&line), "task show has {line:?}:\n{shown}");
+    }
+}
+
+#[test]
+fn criteria_gamed_on_the_worker_are_rejected_by_the_verdict_on_the_wrong_output() {
+    if !root_or_skip("criteria_gamed_on_the_worker_are_rejected_by_the_verdict_on_the_wrong_output")
+    {
+        return;
+    }
+    let fleet = TestFleet::started(2);
+    // The declared output is there but wrong: the "agent" made its own test pass instead of
+    // fixing the code. The worker's criterion passes; the verdict checks the output itself.
+    let spec = write_spec(
+        &fleet,
+        "gamer",
+        r#"
+name = "gamer"
+command = ["sh", "-c", """
+mkdir -p out
+echo 'echo $(($2 + $3 + 1))' > out/calc.sh
+echo 'exit 0' > test.sh
+"""]
+outputs = ["out/"]
+
+[[acceptance]]
+name = "tests"
+command = ["sh", "test.sh"]
+
+[verdict]
+[[verdict.criteria]]
+name = "add"
+command = ["sh", "-c", "got=$(sh out/calc.sh add 2 3); test \"$got\" = 5 || { echo \"out/calc.sh: add 2 3 gave $got, want 5\"; exit 1; }"]
+"#,
+    );
+    let out = fleet.cli(&["submit", spec.to_str().expect("utf-8"), "--follow"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "submit --follow exits 1 for rejected: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for shown in [
+        "[iteration 1] tests: passed",
+        "[verdict] add: FAILED (exit 1): out/calc.sh: add 2 3 gave 6, want 5",
+    ] {
+        assert!(
+            stdout.contains(shown),
+            "--follow shows {shown:?}:\n{stdout}"
+        );
+    }
+    let id = stdout.lines().next().expect("the id").trim().to_owned();
+    let t = wait_final(&fleet, &id, DEADLINE);
+    assert_eq!(
+        (t.state, t.iteration, t.attempts),
+        (TaskState::Rejected, 1, 1),
+        "{t:?}"
+    );
+    let all = events(&fleet, &id, &[]);
+    let checks = of_kind(&all, "criterion_checked");
+    assert_eq!(checks.len(), 2, "one on the worker, one in the verdict");
+    assert_eq!(checks[0]["payload"]["passed"], true, "passed on the worker");
+    assert_eq!(checks[1]["payload"]["verdict"], true);
+    assert_eq!(
+        checks[1]["payload"]["passed"], false,
+        "wrong in the verdict"
+    );
+    assert_eq!(
+        of_kind(&all, "verdict_outputs_unpacked")[0]["payload"]["files"],
+        1,
+        "the output was there (wrong, not missing)"
+    );
+    assert_eq!(
+        of_kind(&all, "completed")[0]["payload"]["state"],
+        "rejected"
+    );
 }

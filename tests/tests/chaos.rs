@@ -1,6 +1,8 @@
 //! The fault-injection suite of issue 5, with the real binaries: workers SIGKILLed, partitioned
 //! (own network namespace, link cut), stalled (SIGSTOP) and restarted; the coordinator
-//! SIGKILLed during heavy streaming; tasks OOM-killed. After every round the independent checker
+//! SIGKILLed during heavy streaming; tasks OOM-killed; the worker daemon itself OOM-killed by
+//! the kernel (its own memory cgroup, tests/src/host.rs); a worker's whole host dying (link
+//! down and every process killed at once). After every round the independent checker
 //! (`drover_tests::checker`) reads the coordinator's SQLite database directly and the workers'
 //! ack logs, and fails the test on any violation: a worker-acknowledged event missing, a seq gap
 //! or duplicate, a second completion, a stale epoch's event stored.
@@ -10,16 +12,20 @@
 //! the number of rounds for longer local runs. Rounds of one scenario run on several fleets at
 //! once (each fleet in its own thread, with its own port, directory and processes).
 //!
+//! Scenarios a–h; the table in docs/reliability.md says what each injects and checks.
+//!
 //! Needs root (namespaces, cgroups, `ip netns`); without it each test prints a loud SKIPPED
 //! line and passes. CI runs as root. Results and counts: docs/reliability.md.
 
 use drover_protocol::task::{TaskInfo, TaskState};
 use drover_tests::checker::{self, StoredEvent, ACK_LOG_FILTER};
+use drover_tests::host::HostCgroup;
 use drover_tests::{process_with, root_or_skip_because, tail, task, TestFleet, DEADLINE};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -176,6 +182,12 @@ fn last_epoch(events: &[StoredEvent]) -> u64 {
 /// A task that counts to `steps`, checkpointing after each step and resuming from the
 /// checkpoint file it is given.
 fn checkpointing_spec(name: &str, steps: u32) -> String {
+    checkpointing_spec_with(name, steps, "", name)
+}
+
+/// [`checkpointing_spec`] running the shell snippet `hook` in each step, before its checkpoint;
+/// `$0` is `marker`, so the task's processes can be found on the host.
+fn checkpointing_spec_with(name: &str, steps: u32, hook: &str, marker: &str) -> String {
     format!(
         r#"name = "{name}"
 command = ["sh", "-c", '''
@@ -184,11 +196,12 @@ if [ -n "$DROVER_CHECKPOINT_FILE" ]; then i=$(sed -n 's/.*"step":\([0-9]*\).*/\1
 echo "from $i"
 while [ "$i" -lt {steps} ]; do
   echo "step $i"
+  {hook}
   i=$((i+1))
   echo "{{\"type\":\"checkpoint\",\"step\":$i}}" >&$DROVER_EVENTS_FD
   sleep 0.1
 done
-''']
+''', "{marker}"]
 [retry]
 max_attempts = 10
 backoff = "100ms"
@@ -455,6 +468,8 @@ struct NetNs {
     name: String,
     host_dev: String,
     host_addr: String,
+    /// `--net=/run/netns/<name>`, for `nsenter`.
+    net_arg: String,
 }
 
 fn ip(args: &[&str]) {
@@ -466,15 +481,25 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// Namespaces one test process may have at once (scenarios b and h run side by side: b uses
+/// indices 0..3, h 3..6).
+const NETNS_PER_PROCESS: usize = 6;
+
 impl NetNs {
     fn new(index: usize) -> Self {
+        assert!(index < NETNS_PER_PROCESS, "netns index {index}");
         let tag = format!("{}{index}", std::process::id() % 100_000);
-        // A /30 per (process, fleet), so concurrent test runs on one host do not collide.
-        let net = format!("10.213.{}", (std::process::id() % 60) * 4 + index as u32);
+        // A /30 of its own per (process, index), so concurrent test runs on one host do not
+        // collide.
+        let net = format!(
+            "10.213.{}",
+            (std::process::id() % 40) * NETNS_PER_PROCESS as u32 + index as u32
+        );
         let ns = NetNs {
             name: format!("drchaos{tag}"),
             host_dev: format!("dch{tag}"),
             host_addr: format!("{net}.1"),
+            net_arg: format!("--net=/run/netns/drchaos{tag}"),
         };
         let peer = format!("dcn{tag}");
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
@@ -509,6 +534,12 @@ impl NetNs {
         ns
     }
 
+    /// The command prefix that runs a program in the namespace (`nsenter` execs it: the pid
+    /// the test holds is the program's own).
+    fn nsenter(&self) -> Vec<&str> {
+        vec!["nsenter", self.net_arg.as_str()]
+    }
+
     fn link(&self, up: bool) {
         ip(&[
             "link",
@@ -530,6 +561,25 @@ impl Drop for NetNs {
     }
 }
 
+/// A fleet of 2 workers (not started) whose w1 is to live in `ns` and reach the coordinator
+/// over the veth (the coordinator listens on every address); w2 stays on loopback.
+fn netns_fleet(ns: &NetNs) -> TestFleet {
+    let fleet = TestFleet::new(2);
+    let toml = std::fs::read_to_string(fleet.coordinator_config()).expect("coordinator.toml");
+    std::fs::write(
+        fleet.coordinator_config(),
+        toml.replace("listen = \"127.0.0.1:", "listen = \"0.0.0.0:"),
+    )
+    .expect("rewrite coordinator.toml");
+    let w1 = std::fs::read_to_string(fleet.worker_config("w1")).expect("w1.toml");
+    std::fs::write(
+        fleet.worker_config("w1"),
+        w1.replace("127.0.0.1:", &format!("{}:", ns.host_addr)),
+    )
+    .expect("rewrite w1.toml");
+    fleet
+}
+
 #[test]
 fn b_worker_partitioned_past_its_lease_is_fenced_when_it_heals() {
     if !root_or_skip_because(
@@ -544,27 +594,10 @@ fn b_worker_partitioned_past_its_lease_is_fenced_when_it_heals() {
     let seed = seed("b: worker partition");
     in_parallel(3, scaled(9), seed, |f, mine, seed| {
         let mut rng = StdRng::seed_from_u64(seed);
-        let ns = NetNs::new(f + 1);
-        // w1 lives in the namespace and reaches the coordinator over the veth; w2 on loopback.
-        let mut fleet = TestFleet::new(2);
-        let toml = std::fs::read_to_string(fleet.coordinator_config()).expect("coordinator.toml");
-        std::fs::write(
-            fleet.coordinator_config(),
-            toml.replace("listen = \"127.0.0.1:", "listen = \"0.0.0.0:"),
-        )
-        .expect("rewrite coordinator.toml");
-        let w1 = std::fs::read_to_string(fleet.worker_config("w1")).expect("w1.toml");
-        std::fs::write(
-            fleet.worker_config("w1"),
-            w1.replace("127.0.0.1:", &format!("{}:", ns.host_addr)),
-        )
-        .expect("rewrite w1.toml");
+        let ns = NetNs::new(f);
+        let mut fleet = netns_fleet(&ns);
         fleet.start_coordinator();
-        fleet.start_worker_wrapped(
-            "w1",
-            &["nsenter", &format!("--net=/run/netns/{}", ns.name)],
-            &[("DROVER_LOG", ACK_LOG_FILTER)],
-        );
+        fleet.start_worker_wrapped("w1", &ns.nsenter(), &[("DROVER_LOG", ACK_LOG_FILTER)]);
         fleet.wait_worker_state("w1", drover_protocol::WorkerState::Ready);
         for r in mine {
             let marker = format!("chaos-part-{}-{f}-{r}", std::process::id());
@@ -787,4 +820,349 @@ fn f_worker_restarted_under_keep_running_finishes_each_task_once() {
             }
         }
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared by g and h: a worker on a simulated host (tests/src/host.rs) and what its death left.
+
+/// Wall clock in Unix-epoch milliseconds (the coordinator stamps events with the same clock).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Start worker `name` in `host`'s cgroup, after `inner` (e.g. `nsenter` into a namespace).
+fn start_worker_on_host(fleet: &mut TestFleet, name: &str, host: &HostCgroup, inner: &[&str]) {
+    let mut prefix = host.wrapper();
+    prefix.extend(inner.iter().map(|s| (*s).to_owned()));
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    let mut env = vec![("DROVER_LOG", ACK_LOG_FILTER)];
+    env.extend(host.worker_env());
+    fleet.start_worker_wrapped(name, &prefix, &env);
+}
+
+/// Wait until task `id` has stored at least `n` checkpoints; returns the sessions.
+fn wait_checkpoints(fleet: &TestFleet, id: &str, n: usize) -> BTreeMap<String, Vec<StoredEvent>> {
+    fleet.wait_for(
+        DEADLINE,
+        &format!("{n} checkpoints of {id} to be stored"),
+        || {
+            let sessions = checker::read_sessions(&fleet.db_path()).map_err(|e| e.to_string())?;
+            let have = sessions.get(id).map_or(0, |evs| {
+                evs.iter().filter(|e| e.kind == "checkpoint").count()
+            });
+            if have >= n {
+                Ok(sessions)
+            } else {
+                Err(format!("{have} checkpoints"))
+            }
+        },
+    )
+}
+
+/// Lines of the coordinator's log saying the liveness probe declared `worker` lost.
+fn probe_verdicts(fleet: &TestFleet, worker: &str) -> usize {
+    let needle = format!("worker={worker} ");
+    fleet
+        .coordinator_log()
+        .lines()
+        .filter(|l| l.contains("liveness probe") && l.contains(&needle))
+        .count()
+}
+
+/// After a worker died with the task `id` running (its first attempt): the task completed once,
+/// on another worker, resumed from its last checkpoint; the dead attempt ended `worker_lost`,
+/// the way a lost lease ends it. Returns the failover time, from `fault_ms` to the coordinator
+/// assigning the next attempt.
+fn assert_failed_over(fleet: &TestFleet, id: &str, victim: &str, fault_ms: u64, seed: u64) -> u64 {
+    let t = wait_succeeded(fleet, id);
+    assert_ne!(
+        t.worker.as_deref(),
+        Some(victim),
+        "{id}: completed on another worker (seed {seed})"
+    );
+    let sessions = verify(fleet, &[id.to_owned()], seed);
+    let events = &sessions[id];
+    assert!(
+        assert_resumed(events, id, 30, seed),
+        "{id}: resumed from a checkpoint (seed {seed})"
+    );
+    let epochs = checker::epochs(events);
+    assert!(epochs.len() >= 2, "{id}: retried: {epochs:?} (seed {seed})");
+    let ended = events
+        .iter()
+        .find(|e| e.kind == "attempt_ended" && e.epoch == epochs[0])
+        .unwrap_or_else(|| panic!("{id}: the dead attempt {} ended (seed {seed})", epochs[0]));
+    assert_eq!(
+        ended.json()["reason"],
+        "worker_lost",
+        "{id}: the dead worker's attempt ended as for a lost lease (seed {seed}): {}",
+        ended.payload
+    );
+    let next = events
+        .iter()
+        .find(|e| e.kind == "assigned" && e.epoch == epochs[1])
+        .expect("the next attempt was assigned");
+    next.ts_ms.saturating_sub(fault_ms)
+}
+
+/// Wait until the attempt cgroups a dead worker (`pid`) left in `host` are gone (the worker's
+/// next start removes them) and no process of the task (`marker`) is left.
+fn assert_host_cleaned(fleet: &TestFleet, host: &HostCgroup, pid: i32, marker: &str) {
+    let prefix = format!("drover-{pid}-");
+    fleet.wait_for(
+        DEADLINE,
+        "the dead worker's attempt cgroups to be removed",
+        || {
+            let left: Vec<String> = host
+                .children()
+                .into_iter()
+                .filter(|c| c.starts_with(&prefix))
+                .collect();
+            left.is_empty().then_some(()).ok_or(left)
+        },
+    );
+    fleet.wait_for(DEADLINE, "the dead attempt's processes to be gone", || {
+        (!process_with(marker)).then_some(()).ok_or("still running")
+    });
+}
+
+/// `min / p50 / p90 / max` of `ms`, for the record (never asserted).
+fn distribution(mut ms: Vec<u64>) -> String {
+    ms.sort_unstable();
+    if ms.is_empty() {
+        return "no samples".into();
+    }
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "n={} min {} ms, p50 {} ms, p90 {} ms, max {} ms",
+        ms.len(),
+        ms[0],
+        at(0.5),
+        at(0.9),
+        ms[ms.len() - 1]
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// g. The kernel's OOM killer kills the worker daemon itself.
+
+/// Memory of the simulated host in g: room for a debug-build worker (about 30 MiB) and a small
+/// task, not for the 512 MiB the task asks for at once.
+const HOST_MEMORY: u64 = 192 << 20;
+
+/// The checkpointing task of g: in the step after the file `oom-now` appears in its workspace
+/// it allocates 512 MiB in one go (`dd` fills its whole buffer). The test drops the file there;
+/// a retry's fresh workspace has none, so the retry just counts on.
+fn hungry_spec(marker: &str) -> String {
+    checkpointing_spec_with(
+        "hungry",
+        30,
+        "if [ -e oom-now ]; then echo allocating; dd if=/dev/zero of=/dev/null bs=512M count=1 2>/dev/null; fi",
+        marker,
+    )
+}
+
+#[test]
+fn g_worker_oom_killed_by_the_kernel_fails_over_like_a_lost_lease() {
+    if !root_or_skip_because(
+        "g_worker_oom_killed_by_the_kernel_fails_over_like_a_lost_lease",
+        "fault injection needs root (namespaces, cgroups, ip netns)",
+    ) {
+        return;
+    }
+    let seed = seed("g: kernel OOM kills the worker");
+    let probed = std::sync::atomic::AtomicUsize::new(0);
+    let logged = std::sync::atomic::AtomicUsize::new(0);
+    let failovers = std::sync::Mutex::new(Vec::new());
+    in_parallel(3, scaled(9), seed, |f, mine, seed| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        // Declared before the fleet, so it is removed after the fleet's processes are killed.
+        let host = HostCgroup::new(
+            &format!("oom-{}-{f}", std::process::id()),
+            Some(HOST_MEMORY),
+        );
+        let mut fleet = TestFleet::new(2);
+        fleet.start_coordinator();
+        start_worker_on_host(&mut fleet, "w1", &host, &[]);
+        fleet.wait_worker_state("w1", drover_protocol::WorkerState::Ready);
+        for r in mine {
+            let marker = format!("chaos-oom-{}-{f}-{r}", std::process::id());
+            // Only w1 is up when the task is placed, so it runs there.
+            if fleet.worker_pid("w2").is_some() {
+                fleet.stop_worker("w2", Signal::SIGTERM);
+            }
+            let id = submit(&fleet, &format!("hungry{r}"), &hungry_spec(&marker));
+            wait_task(&fleet, &id, "to run on w1", DEADLINE, |t| {
+                t.state == TaskState::Running && t.worker.as_deref() == Some("w1")
+            });
+            start_worker(&mut fleet, "w2");
+            fleet.wait_worker_state("w2", drover_protocol::WorkerState::Ready);
+            let sessions = wait_checkpoints(&fleet, &id, rng.gen_range(1..10));
+            let started = sessions[&id]
+                .iter()
+                .rfind(|e| e.kind == "started")
+                .expect("the attempt started");
+            let workspace = PathBuf::from(
+                started.json()["workspace"]
+                    .as_str()
+                    .expect("`started` names the workspace"),
+            );
+            std::thread::sleep(pause(&mut rng, 0, 300));
+            let pid = fleet.worker_pid("w1").expect("w1 runs");
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            assert_eq!(comm.trim(), "drover-worker", "w1's pid is the daemon's");
+            // The OOM killer takes the process with the highest badness (memory use plus
+            // oom_score_adj thousandths of the limit): the worker at 1000 outranks any task at 0
+            // whatever their sizes. The tasks were forked before, with the worker's old score;
+            // put them at 0 in case the test runs with a score of its own.
+            std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000")
+                .expect("set the worker's oom_score_adj");
+            for task_pid in host.pids().into_iter().filter(|&p| p != pid) {
+                let _ = std::fs::write(format!("/proc/{task_pid}/oom_score_adj"), "0");
+            }
+            let kills_before = host.worker_oom_kills();
+            std::fs::write(workspace.join("oom-now"), "").expect("drop the trigger file");
+            let status = fleet.wait_worker_exit("w1", DEADLINE);
+            let died_ms = wall_ms();
+            assert_eq!(
+                status.signal(),
+                Some(Signal::SIGKILL as i32),
+                "w1 was killed (seed {seed}): {status:?}\n{}",
+                tail(&fleet.worker_log("w1"), 30)
+            );
+            assert_eq!(
+                host.worker_oom_kills() - kills_before,
+                1,
+                "the kernel's OOM killer killed the worker daemon (its cgroup's oom_kill counter, \
+                 {}) (seed {seed})",
+                host.dir().display()
+            );
+            // The kernel's own account, when its log is readable.
+            let needle = format!("task=drover-worker,pid={pid},");
+            if let Ok(out) = Command::new("dmesg").output() {
+                if String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|l| l.contains(&needle) && l.contains("CONSTRAINT_MEMCG"))
+                {
+                    logged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let probes_before = probe_verdicts(&fleet, "w1");
+            wait_task(&fleet, &id, "to run on w2", FINISH, |t| {
+                t.attempts >= 2 && t.worker.as_deref() == Some("w2")
+            });
+            if probe_verdicts(&fleet, "w1") > probes_before {
+                probed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            // The daemon comes back (systemd's Restart=), in the same host, at a random moment.
+            std::thread::sleep(pause(&mut rng, 0, 1000));
+            start_worker_on_host(&mut fleet, "w1", &host, &[]);
+            let ms = assert_failed_over(&fleet, &id, "w1", died_ms, seed);
+            failovers.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+            assert_host_cleaned(&fleet, &host, pid, &marker);
+            fleet.wait_worker_state("w1", drover_protocol::WorkerState::Ready);
+        }
+    });
+    let failovers = failovers.into_inner().unwrap_or_else(|e| e.into_inner());
+    eprintln!(
+        "g: {} workers OOM-killed by the kernel (oom_kill counter +1 each, the kernel log named \
+         the worker in {}), every task completed once elsewhere from its checkpoint; declared \
+         lost by the liveness probe in {} of them, by the lease in the rest; failover (worker \
+         death to next attempt assigned): {} (seed {seed})",
+        failovers.len(),
+        logged.into_inner(),
+        probed.into_inner(),
+        distribution(failovers.clone())
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// h. A worker's host dies: no process left, no answer on the network.
+
+#[test]
+fn h_worker_host_dies_and_its_task_fails_over_on_the_lease() {
+    if !root_or_skip_because(
+        "h_worker_host_dies_and_its_task_fails_over_on_the_lease",
+        "fault injection needs root (namespaces, cgroups, ip netns)",
+    ) {
+        return;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        panic!("`ip` (iproute2) is missing: install it (.ci/run does)");
+    }
+    let seed = seed("h: host death");
+    let failovers = std::sync::Mutex::new(Vec::new());
+    in_parallel(3, scaled(9), seed, |f, mine, seed| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let ns = NetNs::new(3 + f);
+        let host = HostCgroup::new(&format!("host-{}-{f}", std::process::id()), None);
+        let mut fleet = netns_fleet(&ns);
+        fleet.start_coordinator();
+        start_worker_on_host(&mut fleet, "w1", &host, &ns.nsenter());
+        fleet.wait_worker_state("w1", drover_protocol::WorkerState::Ready);
+        for r in mine {
+            let marker = format!("chaos-host-{}-{f}-{r}", std::process::id());
+            if fleet.worker_pid("w2").is_some() {
+                fleet.stop_worker("w2", Signal::SIGTERM);
+            }
+            let id = submit(
+                &fleet,
+                &format!("doomed{r}"),
+                &checkpointing_spec_with("doomed", 30, "", &marker),
+            );
+            wait_task(&fleet, &id, "to run on w1", DEADLINE, |t| {
+                t.state == TaskState::Running && t.worker.as_deref() == Some("w1")
+            });
+            start_worker(&mut fleet, "w2");
+            fleet.wait_worker_state("w2", drover_protocol::WorkerState::Ready);
+            wait_checkpoints(&fleet, &id, rng.gen_range(1..10));
+            std::thread::sleep(pause(&mut rng, 0, 300));
+            let pid = fleet.worker_pid("w1").expect("w1 runs");
+            // The host dies: its link first, so nothing it could still send (an ICMP "port
+            // unreachable" included) gets out, then at once every process on it.
+            let fault_ms = wall_ms();
+            ns.link(false);
+            let killed = host.kill_all();
+            let status = fleet.wait_worker_exit("w1", DEADLINE);
+            assert_eq!(
+                status.signal(),
+                Some(Signal::SIGKILL as i32),
+                "w1 died with its host: {status:?}"
+            );
+            assert!(
+                killed >= 2,
+                "the worker and its task's processes were on the host: {killed} killed"
+            );
+            wait_task(&fleet, &id, "to run on w2", FINISH, |t| {
+                t.attempts >= 2 && t.worker.as_deref() == Some("w2")
+            });
+            // The host reboots: link back, a fresh worker with the same disk.
+            std::thread::sleep(pause(&mut rng, 0, 1000));
+            ns.link(true);
+            start_worker_on_host(&mut fleet, "w1", &host, &ns.nsenter());
+            let ms = assert_failed_over(&fleet, &id, "w1", fault_ms, seed);
+            failovers.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+            // A dead host answers nothing: only the lease may have declared w1 lost.
+            assert_eq!(
+                probe_verdicts(&fleet, "w1"),
+                0,
+                "the liveness probe declared a dead host's worker lost: something answered for \
+                 it (seed {seed})\n{}",
+                fleet.log_tail()
+            );
+            assert_host_cleaned(&fleet, &host, pid, &marker);
+            fleet.wait_worker_state("w1", drover_protocol::WorkerState::Ready);
+        }
+    });
+    let failovers = failovers.into_inner().unwrap_or_else(|e| e.into_inner());
+    eprintln!(
+        "h: {} worker hosts died (link down, every process SIGKILLed), every task completed once \
+         elsewhere from its checkpoint, never declared lost by the probe; failover (host death \
+         to next attempt assigned, lease {} ms): {} (seed {seed})",
+        failovers.len(),
+        drover_tests::LEASE_MS,
+        distribution(failovers.clone())
+    );
 }
