@@ -2,7 +2,9 @@
 //!
 //! Input layout: the first byte picks the chunk size (1..=256) the rest is pushed in; the rest
 //! is the byte stream. The stream is decoded once as each message type, draining after every
-//! push until `None` or an error, and once more rotating through all six types frame by frame.
+//! push until `None` or an error, and once more rotating through all ten types frame by frame:
+//! the control stream (`WorkerMessage`, `CoordinatorMessage`), attempt streams (`AttemptUp`,
+//! `AttemptDown`), operator streams, the handshake and enrollment.
 //!
 //! Besides "no panic, no runaway allocation" (libFuzzer's `-rss_limit_mb`/`-malloc_limit_mb`),
 //! it checks the decoder's contract:
@@ -15,8 +17,9 @@
 use std::fmt::Debug;
 
 use drover_protocol::{
-    encode_frame, CoordinatorMessage, DecodeError, FrameDecoder, Hello, HelloReply,
-    OperatorRequest, OperatorResponse, WorkerMessage, FRAME_HEADER_LEN,
+    encode_frame, AttemptDown, AttemptUp, CoordinatorMessage, DecodeError, EnrollReply,
+    EnrollRequest, FrameDecoder, Hello, HelloReply, OperatorRequest, OperatorResponse,
+    WorkerMessage, FRAME_HEADER_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 use serde::{de::DeserializeOwned, Serialize};
@@ -35,6 +38,10 @@ fuzz_target!(|data: &[u8]| {
     drain_all::<OperatorResponse>(stream, chunk);
     drain_all::<Hello>(stream, chunk);
     drain_all::<HelloReply>(stream, chunk);
+    drain_all::<AttemptUp>(stream, chunk);
+    drain_all::<AttemptDown>(stream, chunk);
+    drain_all::<EnrollRequest>(stream, chunk);
+    drain_all::<EnrollReply>(stream, chunk);
     rotate(stream, chunk);
 });
 
@@ -68,13 +75,17 @@ fn rotate(stream: &[u8], chunk: usize) {
             return;
         }
         loop {
-            let got = match frame % 6 {
+            let got = match frame % 10 {
                 0 => next_checked::<WorkerMessage>(&mut decoder),
                 1 => next_checked::<CoordinatorMessage>(&mut decoder),
                 2 => next_checked::<OperatorRequest>(&mut decoder),
                 3 => next_checked::<OperatorResponse>(&mut decoder),
                 4 => next_checked::<Hello>(&mut decoder),
-                _ => next_checked::<HelloReply>(&mut decoder),
+                5 => next_checked::<HelloReply>(&mut decoder),
+                6 => next_checked::<AttemptUp>(&mut decoder),
+                7 => next_checked::<AttemptDown>(&mut decoder),
+                8 => next_checked::<EnrollRequest>(&mut decoder),
+                _ => next_checked::<EnrollReply>(&mut decoder),
             };
             match got {
                 Ok(true) => frame += 1,

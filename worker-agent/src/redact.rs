@@ -45,22 +45,35 @@ struct Pattern {
 impl Redactor {
     /// A redactor for `(name, value)` pairs; empty values are ignored.
     pub fn new<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a str)>) -> Redactor {
-        let mut patterns: Vec<Pattern> = Vec::new();
+        let mut named: Vec<(&str, Vec<u8>)> = Vec::new();
         for (name, value) in secrets {
             if value.is_empty() {
                 continue;
             }
-            let replacement: Arc<str> = format!("[REDACTED:{name}]").into();
             for form in forms(value.as_bytes()) {
-                if patterns.iter().any(|p| p.bytes == form) {
-                    continue;
+                if !named.iter().any(|(_, f)| *f == form) {
+                    named.push((name, form));
                 }
-                patterns.push(Pattern {
-                    fail: failure(&form),
-                    bytes: form,
-                    replacement: replacement.clone(),
-                });
             }
+        }
+        let all: Vec<&[u8]> = named.iter().map(|(_, f)| f.as_slice()).collect();
+        let marker = Marker::choose(&all, named.iter().map(|(n, _)| *n));
+        let mut replacements: Vec<(&str, Arc<str>)> = Vec::new();
+        let mut patterns: Vec<Pattern> = Vec::new();
+        for (name, form) in named {
+            let replacement = match replacements.iter().find(|(n, _)| *n == name) {
+                Some((_, r)) => r.clone(),
+                None => {
+                    let r: Arc<str> = marker.text(name).into();
+                    replacements.push((name, r.clone()));
+                    r
+                }
+            };
+            patterns.push(Pattern {
+                fail: failure(&form),
+                bytes: form,
+                replacement,
+            });
         }
         let ac = (!patterns.is_empty()).then(|| {
             AhoCorasick::builder()
@@ -173,6 +186,45 @@ impl StreamRedactor {
     /// Bytes held back now.
     pub fn pending(&self) -> usize {
         self.carry.len()
+    }
+}
+
+/// How masked values are written. Normally `[REDACTED:<name>]`; the delimiters change when a
+/// value holds them, so that a replacement and the text around it can never form a value
+/// again (a value starting with `]` right after `[REDACTED:x` would otherwise reappear): every
+/// occurrence of a value in the output would have to contain a delimiter (which no value
+/// holds) or lie inside a replacement (which none does).
+#[derive(Debug, Clone, Copy)]
+enum Marker {
+    Delimited(u8, u8),
+    /// A run of one byte no value holds (when every delimiter pair is taken).
+    Fill(u8),
+}
+
+impl Marker {
+    fn choose<'n>(forms: &[&[u8]], names: impl Iterator<Item = &'n str> + Clone) -> Marker {
+        let used = |c: u8| forms.iter().any(|f| f.contains(&c));
+        let inside = |text: &str| {
+            forms
+                .iter()
+                .any(|f| text.as_bytes().windows(f.len()).any(|w| w == *f))
+        };
+        for (open, close) in [(b'[', b']'), (b'<', b'>'), (b'{', b'}'), (b'(', b')')] {
+            let m = Marker::Delimited(open, close);
+            if !used(open) && !used(close) && !names.clone().any(|n| inside(&m.text(n))) {
+                return m;
+            }
+        }
+        Marker::Fill((b'!'..=b'~').find(|c| !used(*c)).unwrap_or(b'*'))
+    }
+
+    fn text(self, name: &str) -> String {
+        match self {
+            Marker::Delimited(open, close) => {
+                format!("{}REDACTED:{name}{}", open as char, close as char)
+            }
+            Marker::Fill(c) => (c as char).to_string().repeat(8),
+        }
     }
 }
 
@@ -311,6 +363,24 @@ mod tests {
         assert_eq!(out, b"prompt> ");
         assert_eq!(s.pending(), 6);
         assert_eq!(s.finish(), b"ghp_S3");
+    }
+
+    #[test]
+    fn a_replacement_never_forms_the_value_again() {
+        // Found by fuzz/fuzz_targets/redact.rs: "[REDACTED:s" + "]ce..." was the value again.
+        let secret = "]ce\x05\x05ret-va";
+        let r = Redactor::new([("s", secret)]);
+        let text = format!("\x02s{secret}ce\x05\x05ret-vanoise");
+        let out = r.redact_str(&text);
+        assert!(!out.contains(secret), "{out:?}");
+        assert!(out.contains("<REDACTED:s>"), "{out:?}");
+        // A value that is a replacement's inside, and one holding every delimiter.
+        for secret in ["REDACTED:s", "[]<>{}()REDACTED"] {
+            let r = Redactor::new([("s", secret)]);
+            let text = format!("a{secret}{secret}b");
+            let out = r.redact_str(&text);
+            assert!(!out.contains(secret), "{secret}: {out:?}");
+        }
     }
 
     #[test]
