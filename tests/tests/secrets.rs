@@ -290,6 +290,14 @@ echo "== end"
         "{seen:?}"
     );
 
+    let shown = fleet.cli(&["task", "show", &t.id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains(&format!("Secrets:   gh for {}", upstream.host()))
+            && shown.contains(&format!("Network:   proxy to {}", upstream.host())),
+        "{shown}"
+    );
+
     // Nothing from inside finds it, and nothing went around the proxy.
     assert!(!session.contains(&secret), "the secret is in the session");
     assert!(

@@ -691,6 +691,18 @@ pub fn task_detail(t: &TaskInfo, worker: Option<drover_protocol::WorkerState>) -
         ("Submitted", timestamp(t.submitted_ms)),
         ("Command", t.spec.command.join(" ")),
     ];
+    if t.spec.network == drover_protocol::task::NetworkPolicy::Proxy {
+        rows.push(("Network", format!("proxy to {}", t.spec.egress.join(", "))));
+    }
+    if !t.spec.secrets.is_empty() {
+        let grants: Vec<String> = t
+            .spec
+            .secrets
+            .iter()
+            .map(|g| format!("{} for {}", g.name, g.hosts.join(", ")))
+            .collect();
+        rows.push(("Secrets", grants.join("; ")));
+    }
     if let Some(f) = t.finished_ms {
         rows.push(("Finished", timestamp(f)));
     }

@@ -588,3 +588,76 @@ fn acceptance_criteria_and_verdict_convert_and_are_checked() {
         Err(SpecError::Parse { .. })
     ));
 }
+
+#[test]
+fn egress_and_secret_grants_convert_and_are_checked() {
+    let spec = toml(&format!(
+        "{CMD}network = \"proxy\"\negress = [\"API.GitHub.com\", \"*.example.com:8443\"]\n\
+         [[secrets]]\nname = \"gh\"\nhosts = [\"api.github.com\"]\n\
+         [[secrets]]\nname = \"git\"\nhosts = [\"a.example.com:8443\"]\nheader = \"X-Token\"\n\
+         scheme = \"basic\"\nusername = \"x-access-token\"\n"
+    ))
+    .unwrap();
+    assert_eq!(spec.network, NetworkPolicy::Proxy);
+    assert_eq!(spec.egress, ["api.github.com", "*.example.com:8443"]);
+    assert_eq!(spec.secrets[0].header, "Authorization");
+    assert_eq!(spec.secrets[0].scheme, SecretScheme::Bearer);
+    assert_eq!(
+        spec.secrets[1].scheme,
+        SecretScheme::Basic {
+            username: "x-access-token".into()
+        }
+    );
+    let grant = "[[secrets]]\nname = \"gh\"\nhosts = [\"api.github.com\"]\n";
+    for (text, field, needle) in [
+        (
+            format!("{CMD}network = \"proxy\"\nisolation = \"process\"\n"),
+            "network",
+            "sandbox",
+        ),
+        (format!("{CMD}egress = [\"a.example\"]\n"), "egress", "proxy"),
+        (format!("{CMD}{grant}"), "secrets", "proxy"),
+        (
+            format!("{CMD}network = \"proxy\"\negress = [\"https://a.example\"]\n"),
+            "egress[0]",
+            "URL",
+        ),
+        (
+            format!("{CMD}network = \"proxy\"\negress = [\"other.example\"]\n{grant}"),
+            "secrets[0].hosts[0]",
+            "not covered by egress",
+        ),
+        (
+            format!(
+                "{CMD}network = \"proxy\"\negress = [\"api.github.com\"]\n{grant}scheme = \"basic\"\n"
+            ),
+            "secrets[0].username",
+            "needed",
+        ),
+        (
+            format!(
+                "{CMD}network = \"proxy\"\negress = [\"api.github.com\"]\n{grant}username = \"u\"\n"
+            ),
+            "secrets[0].username",
+            "only with",
+        ),
+        (
+            format!(
+                "{CMD}network = \"proxy\"\negress = [\"api.github.com\"]\n{grant}header = \"Bad Header\"\n"
+            ),
+            "secrets[0].header",
+            "not an HTTP header",
+        ),
+        (
+            format!(
+                "{CMD}network = \"proxy\"\negress = [\"api.github.com\"]\n[[secrets]]\nname = \"a b\"\nhosts = [\"api.github.com\"]\n"
+            ),
+            "secrets[0].name",
+            "not a valid secret name",
+        ),
+    ] {
+        let (f, message) = toml_invalid(&text);
+        assert_eq!(f, field, "{text}: {message}");
+        assert!(message.contains(needle), "{text}: {message}");
+    }
+}
