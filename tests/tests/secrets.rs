@@ -201,16 +201,16 @@ fn seed_repo(upstream: &Upstream, home: &Path) {
     );
 }
 
-#[test]
-fn a_granted_secret_works_through_the_proxy_and_is_found_nowhere() {
-    if !root_or_skip("a_granted_secret_works_through_the_proxy_and_is_found_nowhere") {
-        return;
-    }
+/// A started one-worker fleet whose proxy trusts a fresh upstream (with `project.git` when
+/// `git`), and a canary secret stored as `gh`: (fleet, its directory, upstream, secret).
+fn proxied_fleet(git: bool) -> (TestFleet, PathBuf, Upstream, String) {
     let secret = canary();
     let mut fleet = new_fleet();
     let fleet_dir = fleet.dir().canonicalize().expect("fleet dir");
     let upstream = Upstream::start(&fleet_dir, &secret);
-    seed_repo(&upstream, &fleet_dir);
+    if git {
+        seed_repo(&upstream, &fleet_dir);
+    }
     fleet_for(&upstream.ca_file, &mut fleet);
     let out = set_secret(&fleet, "gh", &secret);
     assert!(
@@ -219,6 +219,15 @@ fn a_granted_secret_works_through_the_proxy_and_is_found_nowhere() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&secret));
+    (fleet, fleet_dir, upstream, secret)
+}
+
+#[test]
+fn a_granted_secret_works_through_the_proxy_and_is_found_nowhere() {
+    if !root_or_skip("a_granted_secret_works_through_the_proxy_and_is_found_nowhere") {
+        return;
+    }
+    let (mut fleet, fleet_dir, upstream, secret) = proxied_fleet(true);
 
     let worker_pid = fleet.worker_process("w1").id();
     let state = fleet_dir.join("state");
@@ -362,12 +371,7 @@ fn a_secret_reflected_by_an_upstream_is_masked_in_every_form() {
     if !root_or_skip("a_secret_reflected_by_an_upstream_is_masked_in_every_form") {
         return;
     }
-    let secret = canary();
-    let mut fleet = new_fleet();
-    let fleet_dir = fleet.dir().canonicalize().expect("fleet dir");
-    let upstream = Upstream::start(&fleet_dir, &secret);
-    fleet_for(&upstream.ca_file, &mut fleet);
-    assert!(set_secret(&fleet, "gh", &secret).status.success());
+    let (fleet, fleet_dir, upstream, secret) = proxied_fleet(false);
     // A careless upstream echoes the Authorization header; the task prints it as it is,
     // base64-encoded, split across two writes a moment apart, to stderr, and in a structured
     // event. Every form must be masked before anything is stored.
