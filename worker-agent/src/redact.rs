@@ -121,16 +121,14 @@ impl Redactor {
         }
     }
 
-    /// The longest tail of `bytes` that is a proper prefix of some pattern (what must wait
-    /// for more input before it can be emitted).
+    /// The longest tail of `bytes` that is a proper prefix of some pattern (where a value
+    /// may begin that more input could complete).
     fn hold_len(&self, bytes: &[u8]) -> usize {
         self.patterns
             .iter()
             .map(|p| {
                 let window = &bytes[bytes.len().saturating_sub(p.bytes.len() - 1)..];
-                let k = kmp_suffix_state(&p.bytes, &p.fail, window);
-                // A whole match cannot be left here: the caller cut matches out first.
-                k.min(p.bytes.len() - 1)
+                kmp_suffix_state(&p.bytes, &p.fail, window).min(p.bytes.len() - 1)
             })
             .max()
             .unwrap_or(0)
@@ -153,15 +151,25 @@ impl StreamRedactor {
     }
 
     /// Take the next chunk; returns the bytes that can be emitted now (possibly none).
+    ///
+    /// The result is exactly what masking the whole stream at once would give: everything
+    /// from the first position where a value could still begin (the longest tail that is a
+    /// proper prefix of one) is held back. A match found before that point is final, since no
+    /// longer value can start at its position (that would make the tail from there such a
+    /// prefix), and no earlier one can still be completed.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
         let Some(ac) = &self.redactor.ac else {
             return chunk.to_vec();
         };
         let mut buf = std::mem::take(&mut self.carry);
         buf.extend_from_slice(chunk);
+        let cutoff = buf.len() - self.redactor.hold_len(&buf);
         let mut out = Vec::with_capacity(buf.len());
         let mut last = 0;
         for m in ac.find_iter(&buf) {
+            if m.start() >= cutoff {
+                break;
+            }
             out.extend_from_slice(&buf[last..m.start()]);
             out.extend_from_slice(
                 self.redactor.patterns[m.pattern().as_usize()]
@@ -170,10 +178,9 @@ impl StreamRedactor {
             );
             last = m.end();
         }
-        let tail = &buf[last..];
-        let hold = self.redactor.hold_len(tail);
-        out.extend_from_slice(&tail[..tail.len() - hold]);
-        self.carry = tail[tail.len() - hold..].to_vec();
+        let held = cutoff.max(last);
+        out.extend_from_slice(&buf[last..held]);
+        self.carry = buf[held..].to_vec();
         out
     }
 
@@ -380,6 +387,23 @@ mod tests {
             let text = format!("a{secret}{secret}b");
             let out = r.redact_str(&text);
             assert!(!out.contains(secret), "{secret}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn streaming_takes_the_longer_form_as_one_shot_does() {
+        // Found by fuzz/fuzz_targets/redact.rs: the value is a prefix of its own JSON-escaped
+        // form, and a cut right after the value made the stream take the shorter match.
+        let secret = format!("s{}", "\\".repeat(8));
+        let r = Arc::new(Redactor::new([("t", secret.as_str())]));
+        let text = format!("ab{}{} tail", secret, "\\".repeat(12));
+        let one_shot = r.redact_bytes(text.as_bytes()).into_owned();
+        for cut in 0..=text.len() {
+            let mut s = StreamRedactor::new(r.clone());
+            let mut out = s.push(&text.as_bytes()[..cut]);
+            out.extend(s.push(&text.as_bytes()[cut..]));
+            out.extend(s.finish());
+            assert_eq!(out, one_shot, "cut at {cut}");
         }
     }
 
