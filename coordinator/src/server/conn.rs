@@ -5,7 +5,8 @@
 //! A peer that breaks the protocol (malformed or oversized frame, wrong first message) has its
 //! connection closed with [`close_code::PROTOCOL_ERROR`]; nothing else is affected.
 
-use super::core::{software, AttemptReply, CoreHandle, CoreMsg, Durable, Outbound};
+use super::core::{software, AttemptReply, CoreHandle, CoreMsg, Durable};
+use super::outbound::OutboundRx;
 use super::transfer;
 use crate::fleet::{ConnId, Registration};
 use crate::store::Store;
@@ -249,7 +250,7 @@ struct Session {
 /// How [`Session::register`] ended.
 enum Registered {
     /// In the registry, on disk; messages for the worker arrive here.
-    Yes(mpsc::Receiver<Outbound>),
+    Yes(OutboundRx),
     /// Entered but not stored: the connection is closed and the core must hear it ended.
     NotStored,
     /// Never entered (refused, timed out, or the core is gone).
@@ -324,7 +325,7 @@ impl Session {
             protocol_version: self.version,
             resources,
         };
-        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let (outbound, outbound_rx) = super::outbound::queue(OUTBOUND_QUEUE);
         let (reply, stored) = oneshot::channel();
         let register = CoreMsg::Register {
             reg,
@@ -357,7 +358,7 @@ impl Session {
         &self,
         send: &mut quinn::SendStream,
         recv: &mut FramedRecv,
-        mut outbound: mpsc::Receiver<Outbound>,
+        mut outbound: OutboundRx,
     ) -> bool {
         let registered = CoordinatorMessage::Registered {
             name: self.name.clone(),
@@ -375,7 +376,7 @@ impl Session {
             tokio::select! {
                 msg = recv.next::<WorkerMessage>() => match msg {
                     Ok(Some(WorkerMessage::Heartbeat { seq, usage })) => {
-                        let hb = CoreMsg::Heartbeat { conn: self.id, name: self.name.clone(), usage };
+                        let hb = CoreMsg::Heartbeat { conn: self.id, usage };
                         if !to_core(&self.ctx.core, hb).await {
                             return false;
                         }
@@ -413,7 +414,7 @@ impl Session {
                         return !e.is_protocol_violation() && self.closed_cleanly();
                     }
                 },
-                Some(out) = outbound.recv() => {
+                out = outbound.recv() => {
                     if let Err(e) = durable(out.after).await {
                         tracing::error!(worker = %self.name, error = %e, "not sending a message whose write failed");
                         continue;

@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod core;
+pub mod outbound;
 pub mod probe;
 pub mod transfer;
 
