@@ -39,13 +39,21 @@ pub struct ConnCtx {
     pub trust: crate::trust::service::TrustService,
 }
 
-/// Serve one incoming connection to its end.
+/// Serve one incoming connection to its end. `handshake_slot` is held until the TLS handshake
+/// and the hello are done (see [`super::MAX_HANDSHAKES`]).
 ///
 /// Each phase runs boxed, so the task itself stays a few bytes: the handshake's state is freed
 /// when it ends, and a worker's session holds only what its loop needs. With one task per
 /// worker, this is memory per worker.
-pub async fn serve(incoming: quinn::Incoming, id: ConnId, ctx: ConnCtx) {
-    let Some((session, send, recv, role)) = boxed(handshake(incoming, id, ctx)).await else {
+pub async fn serve(
+    incoming: quinn::Incoming,
+    id: ConnId,
+    ctx: ConnCtx,
+    handshake_slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let shaken = boxed(handshake(incoming, id, ctx)).await;
+    drop(handshake_slot);
+    let Some((session, send, recv, role)) = shaken else {
         return;
     };
     match role {
