@@ -9,16 +9,24 @@
 //! - a worker in `down` has no connection;
 //! - every state change produces exactly one [`Action::Persist`] of the new record;
 //! - a worker with a drain on record is never `ready`: it is `draining` while connected (the
-//!   drain survives reconnects, lost leases and coordinator restarts) until undrained.
+//!   drain survives reconnects, lost leases and coordinator restarts) until undrained;
+//! - the name and connection indexes point at the worker with that name and connection.
 //!
 //! Drain: [`Fleet::handle_drain`] records the drain (and its deadline) with the worker;
 //! placement skips `draining` workers; [`Fleet::tick`] returns [`Action::DrainDeadline`] once
 //! when the deadline passes, and the runtime reschedules what still runs there.
+//!
+//! Memory: the registry holds every worker for the coordinator's life, so an entry is kept
+//! small (see [`Worker`]): the resource report is stored encoded in one allocation and decoded
+//! only for the operator's view and placement, the software version is shared between
+//! workers, and a heartbeat finds its worker by connection id in a hash map rather than by
+//! name in an ordered map.
 
 use drover_protocol::{
     Capacity, DrainInfo, FleetSummary, ResourceReport, StateCounts, Usage, WorkerInfo, WorkerState,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 /// Identifies one QUIC connection for the lifetime of the process.
 pub type ConnId = u64;
@@ -66,9 +74,23 @@ pub struct DrainChange {
     pub changed: bool,
 }
 
+/// One worker in the registry: a [`WorkerRecord`]'s fields in a compact form, plus its live
+/// connection, usage and lease. About 0.6 KB with its allocations, against 1.3 KB for a
+/// `WorkerRecord` with its report's dozen strings (docs/benchmarks.md).
 #[derive(Debug)]
 struct Worker {
-    record: WorkerRecord,
+    name: Arc<str>,
+    state: WorkerState,
+    address: Box<str>,
+    /// Shared with every worker running the same software (see [`Fleet::versions`]).
+    version: Arc<str>,
+    protocol_version: u16,
+    first_seen_ms: u64,
+    registered_ms: u64,
+    state_changed_ms: u64,
+    last_heartbeat_ms: u64,
+    report: Report,
+    drain: Option<DrainInfo>,
     usage: Usage,
     conn: Option<ConnId>,
     lease_deadline_ms: u64,
@@ -77,6 +99,70 @@ struct Worker {
     drain_fired: bool,
     /// When a liveness probe was last started for this worker (see [`Fleet::late`]).
     probed_ms: u64,
+}
+
+/// A resource report as the registry keeps it: postcard-encoded in one allocation, with the
+/// totals the fleet summary adds up on every status request kept decoded beside it.
+#[derive(Debug)]
+struct Report {
+    encoded: Box<[u8]>,
+    cpus: u32,
+    gpus: u32,
+    memory_total_bytes: u64,
+}
+
+impl Report {
+    fn new(r: &ResourceReport) -> Self {
+        Self {
+            // Encoding a plain struct into a growable buffer cannot fail.
+            encoded: postcard::to_allocvec(r)
+                .unwrap_or_default()
+                .into_boxed_slice(),
+            cpus: r.cpu_count,
+            gpus: u32::try_from(r.gpus.len()).unwrap_or(u32::MAX),
+            memory_total_bytes: r.memory_total_bytes,
+        }
+    }
+
+    fn decode(&self) -> ResourceReport {
+        postcard::from_bytes(&self.encoded)
+            .expect("the registry decodes the resource report it encoded itself")
+    }
+}
+
+impl Worker {
+    fn record(&self) -> WorkerRecord {
+        WorkerRecord {
+            name: self.name.to_string(),
+            state: self.state,
+            address: self.address.to_string(),
+            version: self.version.to_string(),
+            protocol_version: self.protocol_version,
+            first_seen_ms: self.first_seen_ms,
+            registered_ms: self.registered_ms,
+            state_changed_ms: self.state_changed_ms,
+            last_heartbeat_ms: self.last_heartbeat_ms,
+            resources: self.report.decode(),
+            drain: self.drain,
+        }
+    }
+
+    fn persist(&self) -> Action {
+        Action::Persist(self.record())
+    }
+
+    fn live(&self) -> bool {
+        matches!(self.state, WorkerState::Ready | WorkerState::Draining)
+    }
+
+    /// The state of a worker that is connected and heartbeating: `draining` if drained.
+    fn live_state(&self) -> WorkerState {
+        if self.drain.is_some() {
+            WorkerState::Draining
+        } else {
+            WorkerState::Ready
+        }
+    }
 }
 
 /// A registration from a connection that passed the handshake.
@@ -93,7 +179,16 @@ pub struct Registration {
 /// The registry.
 #[derive(Debug)]
 pub struct Fleet {
-    workers: BTreeMap<String, Worker>,
+    /// Every worker ever registered (there is no removal), each boxed so that the vector's
+    /// spare capacity costs a pointer per slot, not a whole entry.
+    #[allow(clippy::vec_box)] // On purpose, as said above.
+    workers: Vec<Box<Worker>>,
+    /// Slot in `workers` by name, in name order (listings are sorted by name).
+    by_name: BTreeMap<Arc<str>, usize>,
+    /// Slot in `workers` by live connection: the heartbeat path.
+    by_conn: HashMap<ConnId, usize>,
+    /// Software version strings, one copy each.
+    versions: HashSet<Arc<str>>,
     lease_ms: u64,
 }
 
@@ -102,56 +197,102 @@ impl Fleet {
     /// previous coordinator stopped get a fresh lease: they are `lost` only if they do not
     /// reconnect within it.
     pub fn restore(records: Vec<WorkerRecord>, lease_ms: u64, now: u64) -> Self {
-        let workers = records
-            .into_iter()
-            .map(|record| {
-                let usage = usage_from(&record.resources);
-                let w = Worker {
-                    record,
-                    usage,
-                    conn: None,
-                    lease_deadline_ms: now + lease_ms,
-                    drain_fired: false,
-                    probed_ms: 0,
-                };
-                (w.record.name.clone(), w)
-            })
-            .collect();
-        Self { workers, lease_ms }
+        let mut fleet = Self {
+            workers: Vec::with_capacity(records.len()),
+            by_name: BTreeMap::new(),
+            by_conn: HashMap::new(),
+            versions: HashSet::new(),
+            lease_ms,
+        };
+        for r in records {
+            let usage = usage_from(&r.resources);
+            let version = fleet.intern(r.version);
+            let name: Arc<str> = r.name.into();
+            let slot = fleet.workers.len();
+            fleet.workers.push(Box::new(Worker {
+                name: name.clone(),
+                state: r.state,
+                address: r.address.into(),
+                version,
+                protocol_version: r.protocol_version,
+                first_seen_ms: r.first_seen_ms,
+                registered_ms: r.registered_ms,
+                state_changed_ms: r.state_changed_ms,
+                last_heartbeat_ms: r.last_heartbeat_ms,
+                report: Report::new(&r.resources),
+                drain: r.drain,
+                usage,
+                conn: None,
+                lease_deadline_ms: now + lease_ms,
+                drain_fired: false,
+                probed_ms: 0,
+            }));
+            fleet.by_name.insert(name, slot);
+        }
+        fleet
     }
 
     pub fn lease_ms(&self) -> u64 {
         self.lease_ms
     }
 
+    fn intern(&mut self, version: String) -> Arc<str> {
+        if let Some(v) = self.versions.get(version.as_str()) {
+            return v.clone();
+        }
+        let v: Arc<str> = version.into();
+        self.versions.insert(v.clone());
+        v
+    }
+
+    fn get(&self, name: &str) -> Option<&Worker> {
+        self.by_name.get(name).map(|&slot| &*self.workers[slot])
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Worker> {
+        self.by_name.get(name).map(|&slot| &mut *self.workers[slot])
+    }
+
+    /// Workers in name order.
+    fn sorted(&self) -> impl Iterator<Item = &Worker> {
+        self.by_name.values().map(|&slot| &*self.workers[slot])
+    }
+
     /// A worker completed its handshake and registered.
     pub fn handle_register(&mut self, now: u64, reg: Registration) -> Vec<Action> {
         let mut actions = Vec::new();
         let usage = usage_from(&reg.resources);
-        let w = self
-            .workers
-            .entry(reg.name.clone())
-            .or_insert_with(|| Worker {
-                record: WorkerRecord {
-                    name: reg.name.clone(),
+        let version = self.intern(reg.version);
+        let slot = match self.by_name.get(reg.name.as_str()) {
+            Some(&slot) => slot,
+            None => {
+                let name: Arc<str> = reg.name.into();
+                let slot = self.workers.len();
+                self.workers.push(Box::new(Worker {
+                    name: name.clone(),
                     state: WorkerState::Down,
-                    address: String::new(),
-                    version: String::new(),
+                    address: Box::default(),
+                    version: version.clone(),
                     protocol_version: reg.protocol_version,
                     first_seen_ms: now,
                     registered_ms: now,
                     state_changed_ms: now,
                     last_heartbeat_ms: now,
-                    resources: reg.resources.clone(),
+                    report: Report::new(&reg.resources),
                     drain: None,
-                },
-                usage,
-                conn: None,
-                lease_deadline_ms: now,
-                drain_fired: false,
-                probed_ms: 0,
-            });
+                    usage,
+                    conn: None,
+                    lease_deadline_ms: now,
+                    drain_fired: false,
+                    probed_ms: 0,
+                }));
+                self.by_name.insert(name, slot);
+                slot
+            }
+        };
+        let w = &mut self.workers[slot];
         if let Some(old) = w.conn.replace(reg.conn) {
+            self.by_conn.remove(&old);
             if old != reg.conn {
                 actions.push(Action::Close {
                     conn: old,
@@ -159,46 +300,38 @@ impl Fleet {
                 });
             }
         }
-        let r = &mut w.record;
-        let state = live_state(r);
-        if r.state != state {
-            r.state_changed_ms = now;
+        self.by_conn.insert(reg.conn, slot);
+        let state = w.live_state();
+        if w.state != state {
+            w.state_changed_ms = now;
         }
-        r.state = state;
-        r.address = reg.address;
-        r.version = reg.version;
-        r.protocol_version = reg.protocol_version;
-        r.registered_ms = now;
-        r.last_heartbeat_ms = now;
-        r.resources = reg.resources;
+        w.state = state;
+        w.address = reg.address.into();
+        w.version = version;
+        w.protocol_version = reg.protocol_version;
+        w.registered_ms = now;
+        w.last_heartbeat_ms = now;
+        w.report = Report::new(&reg.resources);
         w.usage = usage;
         w.lease_deadline_ms = now + self.lease_ms;
-        actions.push(Action::Persist(r.clone()));
+        actions.push(w.persist());
         actions
     }
 
     /// A heartbeat arrived on `conn`. Heartbeats from a replaced connection are ignored.
-    pub fn handle_heartbeat(
-        &mut self,
-        now: u64,
-        conn: ConnId,
-        name: &str,
-        usage: Usage,
-    ) -> Vec<Action> {
-        let Some(w) = self.workers.get_mut(name) else {
+    pub fn handle_heartbeat(&mut self, now: u64, conn: ConnId, usage: Usage) -> Vec<Action> {
+        let Some(&slot) = self.by_conn.get(&conn) else {
             return Vec::new();
         };
-        if w.conn != Some(conn) {
-            return Vec::new();
-        }
+        let w = &mut self.workers[slot];
         w.usage = usage;
-        w.record.last_heartbeat_ms = now;
+        w.last_heartbeat_ms = now;
         w.lease_deadline_ms = now + self.lease_ms;
-        if w.record.state == WorkerState::Lost {
+        if w.state == WorkerState::Lost {
             // Stalled past its lease (SIGSTOP, a long partition) but the connection survived.
-            w.record.state = live_state(&w.record);
-            w.record.state_changed_ms = now;
-            return vec![Action::Persist(w.record.clone())];
+            w.state = w.live_state();
+            w.state_changed_ms = now;
+            return vec![w.persist()];
         }
         Vec::new()
     }
@@ -212,23 +345,30 @@ impl Fleet {
         name: &str,
         clean: bool,
     ) -> Vec<Action> {
-        let Some(w) = self.workers.get_mut(name) else {
+        let Some(w) = self.get_mut(name) else {
             return Vec::new();
         };
         if w.conn != Some(conn) {
             return Vec::new();
         }
         w.conn = None;
-        if clean && w.record.state != WorkerState::Down {
-            w.record.state = WorkerState::Down;
-            w.record.state_changed_ms = now;
-            return vec![Action::Persist(w.record.clone())];
+        let persist = clean && w.state != WorkerState::Down;
+        if persist {
+            w.state = WorkerState::Down;
+            w.state_changed_ms = now;
         }
-        Vec::new()
+        let actions = if persist {
+            vec![w.persist()]
+        } else {
+            Vec::new()
+        };
+        self.by_conn.remove(&conn);
+        actions
     }
 
     /// Live workers whose last heartbeat is more than `late_ms` old and that were not probed
-    /// in the last `every_ms`: (name, connection, address) to probe. Marks them probed.
+    /// in the last `every_ms`: (name, connection, address) to probe, at most `limit` of them.
+    /// Marks them probed; the others are found again at a later call.
     ///
     /// A late heartbeat alone proves nothing (a busy or stalled worker is late too); the
     /// probe only looks for a positive sign of death — see [`Fleet::handle_probe_refused`].
@@ -237,19 +377,22 @@ impl Fleet {
         now: u64,
         late_ms: u64,
         every_ms: u64,
+        limit: usize,
     ) -> Vec<(String, Option<ConnId>, String)> {
         let mut out = Vec::new();
-        for w in self.workers.values_mut() {
-            let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
+        for w in &mut self.workers {
+            if out.len() >= limit {
+                break;
+            }
             // Only over a live connection: after a coordinator restart or a dropped connection
             // the stored address may be stale until the worker registers again.
-            if live
+            if w.live()
                 && w.conn.is_some()
-                && now.saturating_sub(w.record.last_heartbeat_ms) > late_ms
+                && now.saturating_sub(w.last_heartbeat_ms) > late_ms
                 && now.saturating_sub(w.probed_ms) >= every_ms
             {
                 w.probed_ms = now;
-                out.push((w.record.name.clone(), w.conn, w.record.address.clone()));
+                out.push((w.name.to_string(), w.conn, w.address.to_string()));
             }
         }
         out
@@ -266,38 +409,36 @@ impl Fleet {
         name: &str,
         address: &str,
     ) -> Vec<Action> {
-        let Some(w) = self.workers.get_mut(name) else {
+        let Some(w) = self.get_mut(name) else {
             return Vec::new();
         };
-        let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
-        let same = w.record.address == address && w.conn.is_some() && w.conn == conn;
-        if !live || !same {
+        let same = &*w.address == address && w.conn.is_some() && w.conn == conn;
+        if !w.live() || !same {
             return Vec::new();
         }
-        w.record.state = WorkerState::Lost;
-        w.record.state_changed_ms = now;
-        vec![Action::Persist(w.record.clone())]
+        w.state = WorkerState::Lost;
+        w.state_changed_ms = now;
+        vec![w.persist()]
     }
 
     /// Expire leases and drain deadlines. Call at least a few times per lease.
     pub fn tick(&mut self, now: u64) -> Vec<Action> {
         let mut actions = Vec::new();
-        for w in self.workers.values_mut() {
-            let live = matches!(w.record.state, WorkerState::Ready | WorkerState::Draining);
-            if live && now >= w.lease_deadline_ms {
-                w.record.state = WorkerState::Lost;
-                w.record.state_changed_ms = now;
-                actions.push(Action::Persist(w.record.clone()));
+        for &slot in self.by_name.values() {
+            let w = &mut self.workers[slot];
+            if w.live() && now >= w.lease_deadline_ms {
+                w.state = WorkerState::Lost;
+                w.state_changed_ms = now;
+                actions.push(w.persist());
             }
             let due = w
-                .record
                 .drain
                 .and_then(|d| d.deadline_ms)
                 .is_some_and(|d| now >= d);
             if due && !w.drain_fired {
                 w.drain_fired = true;
                 actions.push(Action::DrainDeadline {
-                    name: w.record.name.clone(),
+                    name: w.name.to_string(),
                 });
             }
         }
@@ -314,12 +455,11 @@ impl Fleet {
         deadline_in_ms: Option<u64>,
     ) -> Result<(DrainChange, Vec<Action>), UnknownWorker> {
         let w = self
-            .workers
             .get_mut(name)
             .ok_or_else(|| UnknownWorker(name.to_owned()))?;
-        let previous = w.record.state;
+        let previous = w.state;
         let deadline_ms = deadline_in_ms.map(|d| now.saturating_add(d));
-        let drain = match w.record.drain {
+        let drain = match w.drain {
             // Already draining: keep when it started, take the new deadline.
             Some(d) => DrainInfo {
                 since_ms: d.since_ms,
@@ -330,21 +470,21 @@ impl Fleet {
                 deadline_ms,
             },
         };
-        let changed = w.record.drain != Some(drain);
-        w.record.drain = Some(drain);
+        let changed = w.drain != Some(drain);
+        w.drain = Some(drain);
         w.drain_fired = false;
-        if w.record.state == WorkerState::Ready {
-            w.record.state = WorkerState::Draining;
-            w.record.state_changed_ms = now;
+        if w.state == WorkerState::Ready {
+            w.state = WorkerState::Draining;
+            w.state_changed_ms = now;
         }
         let change = DrainChange {
             previous,
-            state: w.record.state,
-            drain: w.record.drain,
+            state: w.state,
+            drain: w.drain,
             changed,
         };
         let actions = if changed {
-            vec![Action::Persist(w.record.clone())]
+            vec![w.persist()]
         } else {
             Vec::new()
         };
@@ -359,24 +499,23 @@ impl Fleet {
         name: &str,
     ) -> Result<(DrainChange, Vec<Action>), UnknownWorker> {
         let w = self
-            .workers
             .get_mut(name)
             .ok_or_else(|| UnknownWorker(name.to_owned()))?;
-        let previous = w.record.state;
-        let changed = w.record.drain.take().is_some() || previous == WorkerState::Draining;
+        let previous = w.state;
+        let changed = w.drain.take().is_some() || previous == WorkerState::Draining;
         w.drain_fired = false;
-        if w.record.state == WorkerState::Draining {
-            w.record.state = WorkerState::Ready;
-            w.record.state_changed_ms = now;
+        if w.state == WorkerState::Draining {
+            w.state = WorkerState::Ready;
+            w.state_changed_ms = now;
         }
         let change = DrainChange {
             previous,
-            state: w.record.state,
+            state: w.state,
             drain: None,
             changed,
         };
         let actions = if changed {
-            vec![Action::Persist(w.record.clone())]
+            vec![w.persist()]
         } else {
             Vec::new()
         };
@@ -385,12 +524,12 @@ impl Fleet {
 
     /// The drain on record for `name`, if any.
     pub fn drain(&self, name: &str) -> Option<DrainInfo> {
-        self.workers.get(name).and_then(|w| w.record.drain)
+        self.get(name).and_then(|w| w.drain)
     }
 
     /// The operator's view of one worker.
     pub fn info(&self, now: u64, name: &str) -> Option<WorkerInfo> {
-        self.workers.get(name).map(|w| to_info(w, now))
+        self.get(name).map(|w| to_info(w, w.report.decode(), now))
     }
 
     /// Workers matching the filters, sorted by name.
@@ -400,11 +539,13 @@ impl Fleet {
         state: Option<WorkerState>,
         label: Option<&str>,
     ) -> Vec<WorkerInfo> {
-        self.workers
-            .values()
-            .filter(|w| state.is_none_or(|s| w.record.state == s))
-            .filter(|w| label.is_none_or(|l| w.record.resources.labels.iter().any(|x| x == l)))
-            .map(|w| to_info(w, now))
+        self.sorted()
+            .filter(|w| state.is_none_or(|s| w.state == s))
+            .filter_map(|w| {
+                let resources = w.report.decode();
+                let labelled = label.is_none_or(|l| resources.labels.iter().any(|x| x == l));
+                labelled.then(|| to_info(w, resources, now))
+            })
             .collect()
     }
 
@@ -413,24 +554,24 @@ impl Fleet {
         let mut counts = StateCounts::default();
         let mut total = Capacity::default();
         let mut free = Capacity::default();
-        for w in self.workers.values() {
-            let r = &w.record.resources;
-            match w.record.state {
+        for w in &self.workers {
+            let r = &w.report;
+            match w.state {
                 WorkerState::Ready => counts.ready += 1,
                 WorkerState::Draining => counts.draining += 1,
                 WorkerState::Lost => counts.lost += 1,
                 WorkerState::Down => counts.down += 1,
             }
-            if matches!(w.record.state, WorkerState::Ready | WorkerState::Draining) {
-                total.cpus += u64::from(r.cpu_count);
+            if w.live() {
+                total.cpus += u64::from(r.cpus);
                 total.memory_bytes += r.memory_total_bytes;
-                total.gpus += r.gpus.len() as u64;
+                total.gpus += u64::from(r.gpus);
             }
-            if w.record.state == WorkerState::Ready {
+            if w.state == WorkerState::Ready {
                 // Nothing reserves capacity yet; task placement subtracts its reservations here.
-                free.cpus += u64::from(r.cpu_count);
+                free.cpus += u64::from(r.cpus);
                 free.memory_bytes += w.usage.memory_available_bytes;
-                free.gpus += r.gpus.len() as u64;
+                free.gpus += u64::from(r.gpus);
             }
         }
         FleetSummary {
@@ -444,28 +585,26 @@ impl Fleet {
 
     /// Check the invariants in the module doc; panics with the broken one.
     pub fn sanity_check(&self) {
-        for (name, w) in &self.workers {
-            assert_eq!(name, &w.record.name);
-            if w.record.state == WorkerState::Down {
+        assert_eq!(self.by_name.len(), self.workers.len());
+        for (name, &slot) in &self.by_name {
+            let w = &self.workers[slot];
+            assert_eq!(name, &w.name);
+            if w.state == WorkerState::Down {
                 assert!(w.conn.is_none(), "{name}: down with an open connection");
             }
-            if w.record.drain.is_some() {
-                assert_ne!(
-                    w.record.state,
-                    WorkerState::Ready,
-                    "{name}: ready while drained"
-                );
+            if w.drain.is_some() {
+                assert_ne!(w.state, WorkerState::Ready, "{name}: ready while drained");
+            }
+            if let Some(conn) = w.conn {
+                assert_eq!(self.by_conn.get(&conn), Some(&slot), "{name}: conn index");
             }
         }
-    }
-}
-
-/// The state of a worker that is connected and heartbeating: `draining` if drained.
-fn live_state(r: &WorkerRecord) -> WorkerState {
-    if r.drain.is_some() {
-        WorkerState::Draining
-    } else {
-        WorkerState::Ready
+        let connected = self.workers.iter().filter(|w| w.conn.is_some()).count();
+        assert_eq!(
+            self.by_conn.len(),
+            connected,
+            "stale connection index entries"
+        );
     }
 }
 
@@ -478,21 +617,20 @@ fn usage_from(r: &ResourceReport) -> Usage {
     }
 }
 
-fn to_info(w: &Worker, now: u64) -> WorkerInfo {
-    let r = &w.record;
+fn to_info(w: &Worker, resources: ResourceReport, now: u64) -> WorkerInfo {
     WorkerInfo {
-        name: r.name.clone(),
-        state: r.state,
+        name: w.name.to_string(),
+        state: w.state,
         connected: w.conn.is_some(),
-        address: r.address.clone(),
-        version: r.version.clone(),
-        protocol_version: r.protocol_version,
-        first_seen_ms: r.first_seen_ms,
-        registered_ms: r.registered_ms,
-        state_changed_ms: r.state_changed_ms,
-        last_heartbeat_ms: r.last_heartbeat_ms,
-        last_heartbeat_age_ms: now.saturating_sub(r.last_heartbeat_ms),
-        resources: r.resources.clone(),
+        address: w.address.to_string(),
+        version: w.version.to_string(),
+        protocol_version: w.protocol_version,
+        first_seen_ms: w.first_seen_ms,
+        registered_ms: w.registered_ms,
+        state_changed_ms: w.state_changed_ms,
+        last_heartbeat_ms: w.last_heartbeat_ms,
+        last_heartbeat_age_ms: now.saturating_sub(w.last_heartbeat_ms),
+        resources,
         usage: w.usage,
     }
 }
@@ -543,9 +681,7 @@ pub(crate) mod tests {
         let mut f = Fleet::restore(vec![], 3000, 0);
         let a = f.handle_register(1000, reg(1, "w1"));
         assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Ready));
-        assert!(f
-            .handle_heartbeat(2000, 1, "w1", Usage::default())
-            .is_empty());
+        assert!(f.handle_heartbeat(2000, 1, Usage::default()).is_empty());
         assert!(
             f.tick(4999).is_empty(),
             "lease runs from the last heartbeat"
@@ -554,7 +690,7 @@ pub(crate) mod tests {
         assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Lost));
         f.sanity_check();
         assert!(f.tick(6000).is_empty(), "lost is reported once");
-        let a = f.handle_heartbeat(7000, 1, "w1", Usage::default());
+        let a = f.handle_heartbeat(7000, 1, Usage::default());
         assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Ready));
     }
 
@@ -562,14 +698,17 @@ pub(crate) mod tests {
     fn late_heartbeat_is_probed_once_per_interval_and_a_refusal_loses_the_worker() {
         let mut f = Fleet::restore(vec![], 3000, 0);
         f.handle_register(0, reg(1, "w1"));
-        assert!(f.late(700, 750, 500).is_empty(), "not late yet");
-        let late = f.late(800, 750, 500);
+        assert!(f.late(700, 750, 500, 64).is_empty(), "not late yet");
+        let late = f.late(800, 750, 500, 64);
         assert_eq!(
             late,
             vec![("w1".to_owned(), Some(1), "127.0.0.1:5000".to_owned())]
         );
-        assert!(f.late(900, 750, 500).is_empty(), "probed once per interval");
-        assert_eq!(f.late(1300, 750, 500).len(), 1);
+        assert!(
+            f.late(900, 750, 500, 64).is_empty(),
+            "probed once per interval"
+        );
+        assert_eq!(f.late(1300, 750, 500, 64).len(), 1);
         // A refusal for an address or connection the worker no longer has is ignored.
         assert!(f
             .handle_probe_refused(1400, Some(1), "w1", "127.0.0.1:6000")
@@ -582,16 +721,65 @@ pub(crate) mod tests {
         assert!(matches!(&a[..], [Action::Persist(r)] if r.state == WorkerState::Lost));
         assert!(f.tick(5000).is_empty(), "lost once");
         assert!(
-            f.late(5000, 750, 500).is_empty(),
+            f.late(5000, 750, 500, 64).is_empty(),
             "a lost worker is not probed"
         );
         // Without a live connection (after a restart, or once it dropped) nothing is probed.
         f.handle_register(6000, reg(3, "w2"));
         f.handle_disconnect(6100, 3, "w2", false);
-        assert!(f.late(7000, 750, 500).is_empty());
+        assert!(f.late(7000, 750, 500, 64).is_empty());
         assert!(f
             .handle_probe_refused(7000, None, "w2", "127.0.0.1:5000")
             .is_empty());
+        f.sanity_check();
+    }
+
+    #[test]
+    fn late_returns_at_most_the_limit_and_the_rest_later() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        for i in 0..5 {
+            f.handle_register(0, reg(i, &format!("w{i}")));
+        }
+        assert_eq!(f.late(800, 750, 500, 2).len(), 2);
+        assert_eq!(
+            f.late(800, 750, 500, 2).len(),
+            2,
+            "the next two, not the same"
+        );
+        assert_eq!(f.late(800, 750, 500, 2).len(), 1);
+        assert!(
+            f.late(800, 750, 500, 2).is_empty(),
+            "each probed once per interval"
+        );
+        assert!(f.late(800, 750, 500, 0).is_empty());
+    }
+
+    #[test]
+    fn the_compact_entry_gives_back_what_was_registered() {
+        let mut f = Fleet::restore(vec![], 3000, 0);
+        let mut r = reg(1, "w");
+        r.resources.gpus = vec![drover_protocol::Gpu {
+            vendor: drover_protocol::GpuVendor::Nvidia,
+            model: "L4".into(),
+            memory_bytes: Some(24 << 30),
+        }];
+        let sent = r.resources.clone();
+        let Some(Action::Persist(rec)) = f.handle_register(5, r).pop() else {
+            panic!("registration persists")
+        };
+        assert_eq!(rec.resources, sent);
+        assert_eq!(rec.address, "127.0.0.1:5000");
+        assert_eq!(rec.version, "drover-worker 0.1.0");
+        let info = f.info(5, "w").expect("registered");
+        assert_eq!(info.resources, sent);
+        assert_eq!(f.summary(5, "v").total.gpus, 1);
+        // Every worker on the same software shares one copy of its version string.
+        f.handle_register(6, reg(2, "x"));
+        assert_eq!(f.versions.len(), 1);
+        // A restored registry holds the same.
+        let g = Fleet::restore(vec![rec.clone()], 3000, 10);
+        assert_eq!(g.info(10, "w").map(|i| i.resources), Some(sent));
+        g.sanity_check();
         f.sanity_check();
     }
 
@@ -629,9 +817,7 @@ pub(crate) mod tests {
         assert_eq!(info.state, WorkerState::Ready);
         assert_eq!(info.first_seen_ms, 0);
         // The old connection's late heartbeat and disconnect are ignored.
-        assert!(f
-            .handle_heartbeat(6100, 1, "w", Usage::default())
-            .is_empty());
+        assert!(f.handle_heartbeat(6100, 1, Usage::default()).is_empty());
         assert!(f.handle_disconnect(6100, 1, "w", true).is_empty());
         assert_eq!(state(&f, "w"), WorkerState::Ready);
         f.sanity_check();
@@ -697,14 +883,14 @@ pub(crate) mod tests {
             })
         );
         f.sanity_check();
-        f.handle_heartbeat(2500, 1, "w", Usage::default());
-        f.handle_heartbeat(5000, 1, "w", Usage::default());
+        f.handle_heartbeat(2500, 1, Usage::default());
+        f.handle_heartbeat(5000, 1, Usage::default());
         assert!(f.tick(5999).is_empty(), "deadline not reached");
         assert_eq!(
             f.tick(6000),
             vec![Action::DrainDeadline { name: "w".into() }]
         );
-        f.handle_heartbeat(7000, 1, "w", Usage::default());
+        f.handle_heartbeat(7000, 1, Usage::default());
         assert!(f.tick(7000).is_empty(), "the deadline fires once");
         assert_eq!(
             state(&f, "w"),
@@ -739,7 +925,7 @@ pub(crate) mod tests {
         // Lost, then revived by a heartbeat on the same connection: draining, not ready.
         f.tick(3000);
         assert_eq!(state(&f, "w"), WorkerState::Lost);
-        let rec = persisted(&f.handle_heartbeat(3500, 1, "w", Usage::default()));
+        let rec = persisted(&f.handle_heartbeat(3500, 1, Usage::default()));
         assert_eq!(rec.state, WorkerState::Draining);
         // Reconnects on a new connection: still draining.
         let a = f.handle_register(4000, reg(2, "w"));

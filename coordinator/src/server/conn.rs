@@ -5,7 +5,8 @@
 //! A peer that breaks the protocol (malformed or oversized frame, wrong first message) has its
 //! connection closed with [`close_code::PROTOCOL_ERROR`]; nothing else is affected.
 
-use super::core::{software, AttemptReply, CoreHandle, CoreMsg, Durable, Outbound};
+use super::core::{software, AttemptReply, CoreHandle, CoreMsg, Durable};
+use super::outbound::OutboundRx;
 use super::transfer;
 use crate::fleet::{ConnId, Registration};
 use crate::store::Store;
@@ -40,13 +41,21 @@ pub struct ConnCtx {
     pub secrets: crate::secrets::Secrets,
 }
 
-/// Serve one incoming connection to its end.
+/// Serve one incoming connection to its end. `handshake_slot` is held until the TLS handshake
+/// and the hello are done (see [`super::MAX_HANDSHAKES`]).
 ///
 /// Each phase runs boxed, so the task itself stays a few bytes: the handshake's state is freed
 /// when it ends, and a worker's session holds only what its loop needs. With one task per
 /// worker, this is memory per worker.
-pub async fn serve(incoming: quinn::Incoming, id: ConnId, ctx: ConnCtx) {
-    let Some((session, send, recv, role)) = boxed(handshake(incoming, id, ctx)).await else {
+pub async fn serve(
+    incoming: quinn::Incoming,
+    id: ConnId,
+    ctx: ConnCtx,
+    handshake_slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let shaken = boxed(handshake(incoming, id, ctx)).await;
+    drop(handshake_slot);
+    let Some((session, send, recv, role)) = shaken else {
         return;
     };
     match role {
@@ -251,11 +260,24 @@ struct Session {
 /// How [`Session::register`] ended.
 enum Registered {
     /// In the registry, on disk; messages for the worker arrive here.
-    Yes(mpsc::Receiver<Outbound>),
+    Yes(OutboundRx),
     /// Entered but not stored: the connection is closed and the core must hear it ended.
     NotStored,
     /// Never entered (refused, timed out, or the core is gone).
     No,
+}
+
+/// How many heartbeats one `HeartbeatAck` answers: enough that a worker hears at least three
+/// acks per lease, so its self-check (it drops a connection with no ack for a whole lease)
+/// keeps two intervals of slack, and never fewer than one. 3 with the defaults (1 s, 10 s), 2
+/// with the LAN ones (500 ms, 3 s).
+///
+/// Every ack is a datagram out and, for the worker's QUIC ACK of it, one more in; a heartbeat
+/// that is not acknowledged costs the heartbeat and the coordinator's delayed QUIC ACK. At one
+/// ack in three the coordinator handles 2.3 datagrams per heartbeat instead of 3. The lease
+/// itself is renewed by every heartbeat, acknowledged or not.
+fn heartbeats_per_ack(heartbeat_ms: u64, lease_ms: u64) -> u64 {
+    (lease_ms / heartbeat_ms.max(1).saturating_mul(3)).max(1)
 }
 
 /// Outbound messages a worker connection may have queued before it lags too far behind.
@@ -326,7 +348,7 @@ impl Session {
             protocol_version: self.version,
             resources,
         };
-        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let (outbound, outbound_rx) = super::outbound::queue(OUTBOUND_QUEUE);
         let (reply, stored) = oneshot::channel();
         let register = CoreMsg::Register {
             reg,
@@ -359,7 +381,7 @@ impl Session {
         &self,
         send: &mut quinn::SendStream,
         recv: &mut FramedRecv,
-        mut outbound: mpsc::Receiver<Outbound>,
+        mut outbound: OutboundRx,
     ) -> bool {
         let registered = CoordinatorMessage::Registered {
             name: self.name.clone(),
@@ -372,16 +394,21 @@ impl Session {
         tracing::info!(remote = %self.remote, worker = %self.name, software = %self.software, "worker registered");
         // Attempt streams are owned here: they end with the connection.
         let mut streams = JoinSet::new();
+        let per_ack = heartbeats_per_ack(self.ctx.heartbeat_interval_ms, self.ctx.lease_ms);
+        // Heartbeats since the last one acknowledged (the first is acknowledged at once).
+        let mut unacked = 0u64;
         let mut budget = super::StreamBudget::registered(&self.conn);
         loop {
             tokio::select! {
                 msg = recv.next::<WorkerMessage>() => match msg {
                     Ok(Some(WorkerMessage::Heartbeat { seq, usage })) => {
-                        let hb = CoreMsg::Heartbeat { conn: self.id, name: self.name.clone(), usage };
+                        let hb = CoreMsg::Heartbeat { conn: self.id, usage };
                         if !to_core(&self.ctx.core, hb).await {
                             return false;
                         }
-                        if wire::send(send, &CoordinatorMessage::HeartbeatAck { seq }).await.is_err() {
+                        let ack = unacked == 0;
+                        unacked = (unacked + 1) % per_ack;
+                        if ack && wire::send(send, &CoordinatorMessage::HeartbeatAck { seq }).await.is_err() {
                             return self.closed_cleanly();
                         }
                     }
@@ -415,7 +442,7 @@ impl Session {
                         return !e.is_protocol_violation() && self.closed_cleanly();
                     }
                 },
-                Some(out) = outbound.recv() => {
+                out = outbound.recv() => {
                     if let Err(e) = durable(out.after).await {
                         tracing::error!(worker = %self.name, error = %e, "not sending a message whose write failed");
                         continue;
@@ -726,6 +753,20 @@ mod tests {
             versions,
             role,
             software: "t".into(),
+        }
+    }
+
+    #[test]
+    fn at_least_three_heartbeat_acks_per_lease() {
+        assert_eq!(heartbeats_per_ack(1000, 10_000), 3);
+        assert_eq!(heartbeats_per_ack(500, 3000), 2);
+        assert_eq!(heartbeats_per_ack(1000, 2000), 1);
+        for (hb, lease) in [(1000, 10_000), (500, 3000), (250, 1000), (1000, 30_000)] {
+            let gap = heartbeats_per_ack(hb, lease) * hb;
+            assert!(
+                3 * gap <= lease,
+                "{hb} ms / {lease} ms: an ack every {gap} ms"
+            );
         }
     }
 

@@ -49,7 +49,7 @@ pub enum CoreMsg {
     Register {
         reg: Registration,
         conn: quinn::Connection,
-        outbound: mpsc::Sender<Outbound>,
+        outbound: super::outbound::OutboundTx,
         reply: oneshot::Sender<Durable>,
     },
     Attempts {
@@ -59,7 +59,6 @@ pub enum CoreMsg {
     },
     Heartbeat {
         conn: ConnId,
-        name: String,
         usage: Usage,
     },
     AttemptEvent {
@@ -138,6 +137,12 @@ pub fn attempt_is_current(
     }
 }
 
+/// Liveness probes in flight at once. Each holds a blocking-pool thread for up to a heartbeat
+/// interval; when more heartbeats than this are late at once, the coordinator itself (or the
+/// network) is slow rather than that many workers dead, and the rest wait for the next tick
+/// or their lease. Without a bound, a stall at 10,000 workers started 500 threads.
+const MAX_PROBES: usize = 64;
+
 /// Cheap, cloneable sender to the core task.
 #[derive(Debug, Clone)]
 pub struct CoreHandle(mpsc::Sender<CoreMsg>);
@@ -157,7 +162,7 @@ pub fn software() -> String {
 struct WorkerLink {
     conn_id: ConnId,
     conn: quinn::Connection,
-    outbound: mpsc::Sender<Outbound>,
+    outbound: super::outbound::OutboundTx,
     /// Whether this connection has reported its attempts yet (the first report reattaches).
     reported: bool,
 }
@@ -237,7 +242,8 @@ impl Core {
                     let now = self.clock.now_ms();
                     let late_ms = self.heartbeat_ms + self.heartbeat_ms / 2;
                     let late = if self.probe {
-                        self.fleet.late(now, late_ms, self.heartbeat_ms)
+                        let room = MAX_PROBES.saturating_sub(probes.len());
+                        self.fleet.late(now, late_ms, self.heartbeat_ms, room)
                     } else {
                         Vec::new()
                     };
@@ -308,13 +314,16 @@ impl Core {
                     self.schedule(now);
                 }
             }
-            CoreMsg::Heartbeat { conn, name, usage } => {
-                let actions = self.fleet.handle_heartbeat(now, conn, &name, usage);
+            CoreMsg::Heartbeat { conn, usage } => {
+                let actions = self.fleet.handle_heartbeat(now, conn, usage);
                 // A persisted change on a heartbeat is a lost worker coming back on the same
                 // connection: its kept attempts are still streaming on it.
-                let revived = !actions.is_empty();
+                let revived = match actions.first() {
+                    Some(Action::Persist(r)) => Some(r.name.clone()),
+                    _ => None,
+                };
                 self.apply(actions);
-                if revived && self.tasks.has_detached() {
+                if let Some(name) = revived.filter(|_| self.tasks.has_detached()) {
                     let actions = self.tasks.handle_worker_revived(now, &name);
                     self.apply_tasks(actions);
                 }

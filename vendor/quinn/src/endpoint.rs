@@ -259,7 +259,7 @@ impl Endpoint {
         // Update connection socket references
         for sender in inner.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
-            let _ = sender.send(ConnectionEvent::Rebind(inner.socket.clone()));
+            let _ = sender.send(ConnectionEvent::Rebind(Box::new(inner.socket.clone())));
         }
         if let Some(driver) = inner.driver.take() {
             // Ensure the driver can register for wake-ups from the new socket
@@ -302,10 +302,10 @@ impl Endpoint {
         endpoint.recv_state.connections.close = Some((error_code, reason.clone()));
         for sender in endpoint.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
-            let _ = sender.send(ConnectionEvent::Close {
+            let _ = sender.send(ConnectionEvent::Close(Box::new((
                 error_code,
-                reason: reason.clone(),
-            });
+                reason.clone(),
+            ))));
         }
         self.inner.shared.incoming.notify_waiters();
     }
@@ -613,10 +613,10 @@ impl ConnectionSet {
     ) -> Connecting {
         let (send, recv) = mpsc::unbounded_channel();
         if let Some((error_code, ref reason)) = self.close {
-            send.send(ConnectionEvent::Close {
+            send.send(ConnectionEvent::Close(Box::new((
                 error_code,
-                reason: reason.clone(),
-            })
+                reason.clone(),
+            ))))
             .unwrap();
         }
         self.senders.insert(handle, send);

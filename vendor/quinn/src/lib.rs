@@ -95,15 +95,17 @@ mod tests;
 
 #[derive(Debug)]
 enum ConnectionEvent {
-    Close {
-        error_code: VarInt,
-        reason: bytes::Bytes,
-    },
-    // Boxed (drover): each connection's event channel keeps two 32-slot blocks of this enum
-    // for its life; unboxed, a datagram event makes a slot ~210 bytes (13 KiB per connection).
+    // Every variant boxed (drover): each connection's event channel keeps two 32-slot blocks
+    // of this enum for its life. Unboxed, a datagram event makes a slot ~210 bytes (13 KiB per
+    // connection); with only `Proto` boxed the inline `Close` still made it 48 bytes (3 KiB);
+    // all boxed, a slot is 16 bytes (about 1 KiB). Close and Rebind are rare.
+    Close(Box<(VarInt, bytes::Bytes)>),
     Proto(Box<proto::ConnectionEvent>),
-    Rebind(Arc<dyn AsyncUdpSocket>),
+    Rebind(Box<Arc<dyn AsyncUdpSocket>>),
 }
+
+// drover: a slot of every connection's event channel; see above.
+const _: () = assert!(std::mem::size_of::<ConnectionEvent>() <= 16);
 
 fn udp_transmit<'a>(t: &proto::Transmit, buffer: &'a [u8]) -> udp::Transmit<'a> {
     udp::Transmit {
