@@ -522,17 +522,15 @@ impl Session {
                 }
                 req @ (OperatorRequest::SetSecret { .. }
                 | OperatorRequest::ListSecrets
-                | OperatorRequest::RemoveSecret { .. }) => {
-                    match self
-                        .ctx
-                        .secrets
-                        .operator(&self.ctx.store, &self.name, &req)
-                        .await
-                    {
-                        Some(answer) => answer,
-                        None => continue,
-                    }
-                }
+                | OperatorRequest::RemoveSecret { .. }) => self
+                    .ctx
+                    .secrets
+                    .operator(&self.ctx.store, &self.name, &req)
+                    .await
+                    .unwrap_or_else(|| OperatorResponse::Error {
+                        kind: ErrorKind::Internal,
+                        message: "not a secrets request".into(),
+                    }),
                 req => match self
                     .ctx
                     .trust
