@@ -39,8 +39,9 @@
 //! a restart the `lost_after` clock starts again when the worker is found lost.
 
 use super::acceptance::{self, Progress, WorkOutcome};
+use super::index::{Facts, Filed, Index};
 use super::oom::{self, OomDecision, OomReport};
-use super::placement::{pick_next, QueuedTask, WorkerView};
+use super::placement::{pick_grouped, pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
 use drover_protocol::task::OnDisconnect;
 use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
@@ -127,6 +128,8 @@ struct Task {
     detached_since: Option<u64>,
     /// The acceptance loop and verdict, from the session.
     progress: Progress,
+    /// What the [`Index`] holds for this task (see [`Tasks::refile`]).
+    filed: Option<Filed>,
 }
 
 impl Task {
@@ -169,6 +172,26 @@ impl Task {
             keep_running: None,
             detached_since: None,
             progress: Progress::default(),
+            filed: None,
+        }
+    }
+
+    /// What the index files this task by.
+    fn facts(&self) -> Facts<'_> {
+        Facts {
+            id: &self.id,
+            submit_seq: self.submit_seq,
+            submitted_ms: self.submitted_ms,
+            priority: self.spec.priority,
+            queued: self.state == TaskState::Queued,
+            running_on: if self.state == TaskState::Running {
+                self.worker.as_deref()
+            } else {
+                None
+            },
+            in_verdict: self.in_verdict(),
+            not_before_ms: self.not_before_ms,
+            requirements: self.requirements(),
         }
     }
 
@@ -187,6 +210,8 @@ pub struct Tasks {
     next_submit_seq: u64,
     /// Running tasks whose `keep_running` attempt is detached from its lost worker.
     detached: BTreeSet<String>,
+    /// Queued and running tasks, kept in step by [`Tasks::refile`].
+    index: Index,
 }
 
 fn event(task: &mut Task, now: u64, seq: Option<u64>, kind: &str, payload: String) -> NewEvent {
@@ -239,7 +264,29 @@ impl Tasks {
             tasks.order.push(t.id.clone());
             tasks.tasks.insert(t.id.clone(), t);
         }
+        for id in tasks.order.clone() {
+            tasks.refile(&id);
+        }
         tasks
+    }
+
+    /// File `id` in the index as its state now says (the lifecycle calls this for every task
+    /// an input may have moved between queued, running and final).
+    fn refile(&mut self, id: &str) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        let new = Filed::of(t.facts());
+        if new == t.filed {
+            return;
+        }
+        if let Some(old) = t.filed.take() {
+            self.index.remove(&old);
+        }
+        if let Some(new) = &new {
+            self.index.insert(&t.id, new);
+        }
+        t.filed = new;
     }
 
     /// Accept a (validated) spec. Returns the new id and what to persist.
@@ -259,6 +306,7 @@ impl Tasks {
         let submitted = event(&mut t, now, None, "submitted", payload);
         self.order.push(id.clone());
         self.tasks.insert(id.clone(), t);
+        self.refile(&id);
         (
             id,
             vec![
@@ -270,29 +318,13 @@ impl Tasks {
 
     /// What running attempts reserve on each worker.
     pub fn reserved(&self) -> HashMap<String, Capacity> {
-        let mut out: HashMap<String, Capacity> = HashMap::new();
-        for t in self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Running)
-        {
-            if let Some(w) = &t.worker {
-                let d = super::placement::demand(&t.requirements());
-                let c = out.entry(w.clone()).or_default();
-                c.cpus += d.cpus;
-                c.memory_bytes += d.memory_bytes;
-                c.gpus += d.gpus;
-            }
-        }
-        out
+        self.index.reserved()
     }
 
     /// Whether any queued task may be placed at `now` (so callers can skip building worker
     /// views, which costs O(fleet) and must not run on every heartbeat or disconnect).
     pub fn has_placeable(&self, now: u64) -> bool {
-        self.tasks
-            .values()
-            .any(|t| t.state == TaskState::Queued && t.not_before_ms <= now)
+        self.index.any_due(now)
     }
 
     /// Place every queued task that fits; each placement is a new epoch.
@@ -300,23 +332,21 @@ impl Tasks {
         let mut workers = workers.to_vec();
         let mut actions = self.schedule_verdicts(now, &mut workers);
         let workers = &workers[..];
-        let queue: Vec<QueuedTask<String>> = self
-            .order
+        // The queue as the index keeps it: by class, each in placement order; tasks waiting
+        // out a retry backoff are skipped without blocking their class.
+        let classes = self
+            .index
+            .work
             .iter()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|t| t.state == TaskState::Queued && t.not_before_ms <= now)
-            .filter(|t| !t.in_verdict())
-            .map(|t| QueuedTask {
-                id: t.id.clone(),
-                priority: t.spec.priority,
-                submitted_ms: t.submitted_ms,
-                requirements: t.requirements(),
+            .map(|(class, keys)| {
+                let due = keys
+                    .iter()
+                    .filter(move |(_, not_before)| **not_before <= now)
+                    .map(|(key, _)| (key, key.id.clone()));
+                (&class.0, due)
             })
             .collect();
-        if queue.is_empty() {
-            return actions;
-        }
-        for (id, worker) in pick_next(&queue, workers) {
+        for (id, worker) in pick_grouped(classes, workers) {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
@@ -349,6 +379,7 @@ impl Tasks {
                     feedback,
                 }),
             });
+            self.refile(&id);
         }
         actions
     }
@@ -358,7 +389,8 @@ impl Tasks {
     /// the work placed after them does not over-commit.
     fn schedule_verdicts(&mut self, now: u64, workers: &mut [WorkerView]) -> Vec<TaskAction> {
         let mut actions = Vec::new();
-        for id in &self.order {
+        let queued: Vec<String> = self.index.verdicts.values().cloned().collect();
+        for id in &queued {
             let Some(t) = self.tasks.get_mut(id) else {
                 continue;
             };
@@ -422,6 +454,7 @@ impl Tasks {
                     feedback: None,
                 }),
             });
+            self.refile(id);
         }
         actions
     }
@@ -502,6 +535,10 @@ impl Tasks {
         if ev.kind == "started" {
             events.extend(resumed(t, now, &ev.payload));
         }
+        // Only the end of an attempt moves a task out of `running`.
+        if ev.kind == "exited" {
+            self.refile(task_id);
+        }
         EventVerdict::Accept {
             seq,
             actions: vec![TaskAction::Append(events)],
@@ -518,7 +555,8 @@ impl Tasks {
         how: WorkerGone,
     ) -> Vec<TaskAction> {
         let mut actions = Vec::new();
-        for id in &self.order {
+        let running = self.index.running_on(worker);
+        for id in &running {
             let Some(t) = self.tasks.get_mut(id) else {
                 continue;
             };
@@ -543,6 +581,7 @@ impl Tasks {
                 "worker_lost",
             )));
             self.detached.remove(id);
+            self.refile(id);
         }
         actions
     }
@@ -560,7 +599,8 @@ impl Tasks {
         registration: bool,
     ) -> Vec<TaskAction> {
         let mut actions = Vec::new();
-        for id in &self.order {
+        let on_worker = self.index.running_on(worker);
+        for id in &on_worker {
             let Some(t) = self.tasks.get_mut(id) else {
                 continue;
             };
@@ -579,6 +619,7 @@ impl Tasks {
             };
             actions.push(TaskAction::Append(end_attempt(t, now, worker, why)));
             self.detached.remove(id);
+            self.refile(id);
         }
         for (task_id, epoch) in running {
             let current = self.tasks.get_mut(task_id).filter(|t| {
@@ -686,6 +727,7 @@ impl Tasks {
                 &worker,
                 "worker_lost",
             )));
+            self.refile(&id);
         }
         actions
     }
@@ -721,6 +763,7 @@ impl Tasks {
             }
         }
         actions.insert(0, TaskAction::Append(events));
+        self.refile(id);
         Some((false, actions))
     }
 
@@ -764,7 +807,8 @@ impl Tasks {
     /// without counting the attempt against `max_attempts`.
     pub fn handle_drain_deadline(&mut self, now: u64, worker: &str) -> Vec<TaskAction> {
         let mut actions = Vec::new();
-        for id in &self.order {
+        let running = self.index.running_on(worker);
+        for id in &running {
             let Some(t) = self.tasks.get_mut(id) else {
                 continue;
             };
@@ -791,18 +835,14 @@ impl Tasks {
                 task_id: t.id.clone(),
                 epoch,
             });
+            self.refile(id);
         }
         actions
     }
 
     /// Ids of tasks with an attempt running on `worker`, in submission order.
     pub fn running_on(&self, worker: &str) -> Vec<String> {
-        self.order
-            .iter()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|t| t.state == TaskState::Running && t.worker.as_deref() == Some(worker))
-            .map(|t| t.id.clone())
-            .collect()
+        self.index.running_on(worker)
     }
 
     /// Queued tasks whose last attempt ended without success, in submission order.
@@ -851,6 +891,22 @@ impl Tasks {
         for id in &self.detached {
             assert!(self.tasks.contains_key(id), "{id}: detached but unknown");
         }
+        let mut rebuilt = Index::default();
+        for t in self.tasks.values() {
+            let filed = Filed::of(t.facts());
+            assert_eq!(
+                filed, t.filed,
+                "{}: filed as its state was, not as it is",
+                t.id
+            );
+            if let Some(f) = &filed {
+                rebuilt.insert(&t.id, f);
+            }
+        }
+        assert!(
+            rebuilt == self.index,
+            "the task index is out of step with the tasks"
+        );
     }
 }
 

@@ -274,6 +274,64 @@ impl Lcg {
     }
 }
 
+/// `pick_grouped` on the queue grouped by requirements gives `pick_next`'s answer.
+#[test]
+fn grouped_picking_is_the_same_as_picking_task_by_task() {
+    let mut rng = Lcg(11);
+    for _ in 0..500 {
+        let workers: Vec<WorkerView> = (0..1 + rng.below(4))
+            .map(|i| {
+                let cpus = 1 + rng.below(6);
+                let mut v = w(&format!("w{i}"), cpus, 1 + rng.below(8)).gpus(rng.below(2));
+                v.labels = ["browser", "ssd"]
+                    .iter()
+                    .filter(|_| rng.below(2) == 0)
+                    .map(|s| s.to_string())
+                    .collect();
+                v.reserved = Capacity {
+                    cpus: rng.below(cpus + 1),
+                    ..Capacity::default()
+                };
+                v
+            })
+            .collect();
+        let queue: Vec<QueuedTask<u64>> = (0..rng.below(40))
+            .map(|id| QueuedTask {
+                id,
+                priority: rng.below(3) as i32,
+                submitted_ms: rng.below(4),
+                requirements: Requirements {
+                    cpus: rng.below(3) as u32,
+                    memory_bytes: rng.below(3) * GIB,
+                    gpus: rng.below(2) as u32,
+                    labels: (rng.below(3) == 0)
+                        .then(|| vec!["browser".to_owned()])
+                        .unwrap_or_default(),
+                    ..Requirements::default()
+                },
+            })
+            .collect();
+        let mut classes: Vec<(Requirements, Vec<(_, u64)>)> = Vec::new();
+        let mut sorted: Vec<&QueuedTask<u64>> = queue.iter().collect();
+        sorted.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.submitted_ms, t.id));
+        for t in sorted {
+            let key = (std::cmp::Reverse(t.priority), t.submitted_ms, t.id);
+            match classes.iter_mut().find(|(r, _)| *r == t.requirements) {
+                Some((_, tasks)) => tasks.push((key, t.id)),
+                None => classes.push((t.requirements.clone(), vec![(key, t.id)])),
+            }
+        }
+        let grouped = pick_grouped(
+            classes
+                .iter()
+                .map(|(r, tasks)| (r, tasks.iter().cloned()))
+                .collect(),
+            &workers,
+        );
+        assert_eq!(grouped, pick_next(&queue, &workers));
+    }
+}
+
 #[test]
 fn random_queues_are_placed_exactly_within_capacity() {
     let mut rng = Lcg(7);
