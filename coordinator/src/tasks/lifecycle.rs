@@ -502,41 +502,46 @@ impl Tasks {
         }
         t.next_seq += 1;
         let seq = ev.seq;
-        if ev.kind == "checkpoint" {
-            t.checkpoint_at = Some((t.next_pos, epoch, seq));
-        }
-        let mut events = vec![NewEvent {
-            task_id: t.id.clone(),
-            pos: t.next_pos,
-            epoch,
-            seq: Some(seq),
-            ts_ms: ev.ts_ms,
-            kind: ev.kind.clone(),
-            payload: ev.payload.clone(),
-        }];
+        let pos = t.next_pos;
         t.next_pos += 1;
         t.progress.apply_worker_event(epoch, &ev.kind, &ev.payload);
+        let (exited, started) = (ev.kind == "exited", ev.kind == "started");
         if ev.kind == "checkpoint" {
+            t.checkpoint_at = Some((pos, epoch, seq));
             t.checkpoint = Some(ev.payload.clone());
         }
-        if ev.kind == "started" {
+        if started {
             if let Some(policy) = started_policy(&ev.payload) {
                 t.keep_running = policy;
             }
         }
-        if ev.kind == "exited" {
+        let mut after = Vec::new();
+        if exited {
             let class = serde_json::from_str::<serde_json::Value>(&ev.payload)
                 .ok()
                 .and_then(|v| serde_json::from_value::<ExitClass>(v.get("class")?.clone()).ok())
                 .unwrap_or(ExitClass::Exited(-1));
             t.exit = Some(class);
-            events.extend(attempt_over(t, now, exit_outcome(t, class, &ev.payload)));
+            after = attempt_over(t, now, exit_outcome(t, class, &ev.payload));
         }
-        if ev.kind == "started" {
-            events.extend(resumed(t, now, &ev.payload));
+        if started {
+            after.extend(resumed(t, now, &ev.payload));
         }
+        // The worker's event first (its position was taken above), moved rather than copied:
+        // this is the hot path of event ingestion.
+        let mut events = Vec::with_capacity(1 + after.len());
+        events.push(NewEvent {
+            task_id: t.id.clone(),
+            pos,
+            epoch,
+            seq: Some(seq),
+            ts_ms: ev.ts_ms,
+            kind: ev.kind,
+            payload: ev.payload,
+        });
+        events.extend(after);
         // Only the end of an attempt moves a task out of `running`.
-        if ev.kind == "exited" {
+        if exited {
             self.refile(task_id);
         }
         EventVerdict::Accept {
