@@ -286,7 +286,7 @@ impl CgroupGuard {
         }
     }
 
-    fn get(&self) -> Option<&AttemptCgroup> {
+    pub(super) fn get(&self) -> Option<&AttemptCgroup> {
         self.cgroup.as_ref()
     }
 

@@ -36,7 +36,8 @@
 //! File descriptors in every helper: 0-2 stdio (set by std), [`EVENTS_FD`] the events pipe (the
 //! only one the task inherits besides stdio), 4 the setup pipe (close-on-exec: it reaches EOF in
 //! the parent once the task has exec'd, or carries an error record), 5 the status pipe (S and I
-//! only). Everything else inherited from the worker is closed first thing.
+//! only), 6 the go pipe (S or T of a warm spawn, read and closed before anything else).
+//! Everything else inherited from the worker is closed first thing.
 //!
 //! Records on the setup and status pipes are [`RECORD_LEN`] bytes: a tag, a step, an index, a
 //! pad byte, then an i32 (errno or wait status) in little endian.
@@ -56,6 +57,8 @@ use nix::libc::{self, c_char, c_int, c_void};
 pub(crate) const EVENTS_FD: RawFd = 3;
 const SETUP_FD: RawFd = 4;
 const STATUS_FD: RawFd = 5;
+/// The go pipe of a process forked by a warm thread (`warm` module), until it is read.
+const GO_FD: RawFd = 6;
 /// Most paths an attempt binds back over its masks (the workspace and kept files).
 pub(crate) const MAX_REBINDS: usize = 4;
 /// Device nodes of the sandbox's /dev, bound from the host's; [`NULL_DEVICE`] also masks files.
@@ -122,6 +125,10 @@ pub(crate) struct ChildPlan {
     pub(crate) events_fd: RawFd,
     /// Present with sandbox isolation.
     pub(crate) status_fd: Option<RawFd>,
+    /// Present when a warm thread forks this process in its cgroup: wait for one byte on it
+    /// before anything else (the worker sends it once that thread has left the cgroup and the
+    /// pids limit is in place); EOF ends the process.
+    pub(crate) go_fd: Option<RawFd>,
     /// `None`: process isolation.
     pub(crate) sandbox: Option<SandboxSetup>,
 }
@@ -238,10 +245,11 @@ pub(crate) enum Step {
     ReadOnly,
     MountDev,
     Mask,
+    Go,
 }
 
 impl Step {
-    const ALL: [Step; 24] = [
+    const ALL: [Step; 25] = [
         Step::JoinCgroup,
         Step::Setpgid,
         Step::Unshare,
@@ -266,6 +274,7 @@ impl Step {
         Step::ReadOnly,
         Step::MountDev,
         Step::Mask,
+        Step::Go,
     ];
 
     fn from_u8(v: u8) -> Option<Step> {
@@ -324,6 +333,7 @@ impl Step {
             Step::DropCaps => {
                 "drop capabilities (the worker needs CAP_SETPCAP for that)".to_owned()
             }
+            Step::Go => "wait for the worker to finish the attempt cgroup".to_owned(),
         }
     }
 }
@@ -375,6 +385,9 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
             fail(Step::JoinCgroup, i, errno);
         }
     }
+    if plan.go_fd.is_some() {
+        wait_go();
+    }
     match &plan.sandbox {
         None => {
             // SAFETY: setpgid has no memory arguments.
@@ -383,6 +396,23 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
         }
         Some(setup) => outer(plan, setup),
     }
+}
+
+/// Blocks until the worker's byte arrives on [`GO_FD`], then closes it.
+fn wait_go() {
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: a live one-byte buffer.
+        let n = unsafe { libc::read(GO_FD, byte.as_mut_ptr().cast::<c_void>(), 1) };
+        match n {
+            1 => break,
+            0 => fail(Step::Go, 0, Errno::EPIPE),
+            _ if Errno::last() == Errno::EINTR => {}
+            _ => fail(Step::Go, 0, Errno::last()),
+        }
+    }
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(GO_FD) };
 }
 
 /// S: creates the namespaces, forks the init, waits for it.
@@ -850,6 +880,10 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         Some(fd) => Some(scratch(fd)?),
         None => None,
     };
+    let go = match plan.go_fd {
+        Some(fd) => Some(scratch(fd)?),
+        None => None,
+    };
     // SAFETY: plain fd syscalls; sources (>= SCRATCH_FD) never equal targets (< SCRATCH_FD).
     unsafe {
         Errno::result(libc::dup3(setup, SETUP_FD, libc::O_CLOEXEC))?;
@@ -858,13 +892,23 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         if let Some(status) = status {
             Errno::result(libc::dup3(status, STATUS_FD, libc::O_CLOEXEC))?;
         }
+        if let Some(go) = go {
+            Errno::result(libc::dup3(go, GO_FD, libc::O_CLOEXEC))?;
+        }
     }
     let first_free = if status.is_some() {
         STATUS_FD + 1
     } else {
         STATUS_FD
     };
-    close_range(first_free as u32, u32::MAX);
+    if go.is_some() {
+        if first_free < GO_FD {
+            close_range(first_free as u32, (GO_FD - 1) as u32);
+        }
+        close_range((GO_FD + 1) as u32, u32::MAX);
+    } else {
+        close_range(first_free as u32, u32::MAX);
+    }
     Ok(())
 }
 

@@ -43,6 +43,7 @@ mod error;
 pub mod plan;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -69,6 +70,10 @@ use child::{ChildPlan, Mask, Rebind, Record, SandboxSetup, SysMount};
 /// Helper processes an attempt with `isolation = sandbox` keeps in its cgroup besides the task
 /// (the outer helper and the init); added to the pids limit so the task gets what it asked for.
 pub const SANDBOX_HELPER_PIDS: u32 = 2;
+
+/// Warm cgroups kept ready on cgroup v1 hosts (one idle thread and one empty cgroup each):
+/// enough for the attempts that start at once on a small worker; more start cold.
+const WARM_CGROUPS: usize = 2;
 
 /// What to run for one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +121,8 @@ struct Inner {
     next_seq: AtomicU64,
     /// Cgroups that could not be removed yet (retried on each spawn).
     leftovers: Mutex<Vec<AttemptCgroup>>,
+    /// Fresh cgroups with a thread waiting inside (v1 only; see the `warm` module).
+    warm: Option<warm::Pool>,
 }
 
 impl Sandbox {
@@ -182,6 +189,10 @@ impl Sandbox {
         user_namespace: bool,
         private: Vec<PathBuf>,
     ) -> Sandbox {
+        let warm = match &hierarchy {
+            Hierarchy::V1(bases) => Some(warm::Pool::new(bases.clone(), WARM_CGROUPS)),
+            Hierarchy::V2(_) => None,
+        };
         Sandbox {
             inner: Arc::new(Inner {
                 hierarchy,
@@ -191,6 +202,7 @@ impl Sandbox {
                 keep: Vec::new(),
                 next_seq: AtomicU64::new(1),
                 leftovers: Mutex::new(Vec::new()),
+                warm,
             }),
         }
     }
@@ -254,19 +266,47 @@ impl Sandbox {
             );
         }
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        let name = attempt_name(seq, spec.task_id, spec.attempt);
-        let cgroup = self.inner.hierarchy.create(
-            &name,
-            CgroupLimits {
-                memory_bytes: spec.limits.memory_bytes,
-                pids: pids_limit,
-            },
-        )?;
-        let procs = cgroup.procs_files();
+        let mut name = attempt_name(seq, spec.task_id, spec.attempt);
+        // A warm cgroup, when one is ready: the process is born in it (no migration, see the
+        // `warm` module), gets its memory limit now and its pids limit once the thread that
+        // forks it has left. Else a new cgroup, which the process joins itself.
+        let (cgroup, launcher) = match self.inner.warm.as_ref().and_then(warm::Pool::take) {
+            Some(warmed) => {
+                let (group, launcher) = warmed.into_parts();
+                if let Some(bytes) = spec.limits.memory_bytes {
+                    if let Err(e) = group.set_memory_limit(bytes) {
+                        launcher.release().await;
+                        let _guard =
+                            attempt::CgroupGuard::new(AttemptCgroup::V1(group), self.inner.clone());
+                        return Err(e.into());
+                    }
+                }
+                name = group.name();
+                (AttemptCgroup::V1(group), Some(launcher))
+            }
+            None => (
+                self.inner.hierarchy.create(
+                    &name,
+                    CgroupLimits {
+                        memory_bytes: spec.limits.memory_bytes,
+                        pids: pids_limit,
+                    },
+                )?,
+                None,
+            ),
+        };
+        let procs = match launcher {
+            Some(_) => Vec::new(),
+            None => cgroup.procs_files(),
+        };
         let mut guard = attempt::CgroupGuard::new(cgroup, self.inner.clone());
 
         let (setup_r, setup_w) = pipe_pair("setup")?;
         let (events_r, events_w) = pipe_pair("events")?;
+        let go = match launcher {
+            Some(_) => Some(pipe_pair("go")?),
+            None => None,
+        };
         let status = if sandboxed {
             Some(pipe_pair("status")?)
         } else {
@@ -287,6 +327,7 @@ impl Sandbox {
             setup_fd: setup_w.as_raw_fd(),
             events_fd: events_w.as_raw_fd(),
             status_fd: status.as_ref().map(|(_, w)| w.as_raw_fd()),
+            go_fd: go.as_ref().map(|(r, _)| r.as_raw_fd()),
             sandbox: sandboxed
                 .then(|| self.sandbox_setup(&spec, &workspace))
                 .transpose()?,
@@ -307,9 +348,38 @@ impl Sandbox {
         unsafe {
             cmd.pre_exec(move || child::run(&in_child));
         }
-        let mut process = cmd.spawn().map_err(SpawnError::Fork)?;
+        let mut process = match launcher {
+            Some(launcher) => launcher.spawn(cmd).await,
+            None => cmd.spawn(),
+        }
+        .map_err(SpawnError::Fork)?;
         // Only the helpers may hold the write ends now, so EOF means they are done with them.
         drop((setup_w, events_w));
+        if let Some((go_r, go_w)) = go {
+            // Warm: the forking thread is gone from the cgroup; the pids limit, then go on.
+            drop(go_r);
+            let limited = match (pids_limit, guard.get()) {
+                (Some(max), Some(cgroup)) => cgroup.set_pids_limit(max),
+                _ => Ok(()),
+            };
+            if let Err(e) = limited {
+                drop(go_w);
+                let _ = process.wait().await;
+                guard.finish().await;
+                return Err(e.into());
+            }
+            if let Err(source) = nix::unistd::write(&go_w, b"g") {
+                let _ = process.wait().await;
+                guard.finish().await;
+                return Err(SpawnError::Pipe {
+                    what: "go",
+                    source: source.into(),
+                });
+            }
+        }
+        if let Some(warm) = &self.inner.warm {
+            warm.refill();
+        }
         let status_r = status.map(|(r, w)| {
             drop(w);
             r
@@ -485,6 +555,36 @@ impl Sandbox {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.keep = files;
         }
+    }
+
+    /// A sandbox like `self` without warm cgroups (every attempt joins its cgroup itself).
+    #[cfg(test)]
+    pub(crate) fn cold(&self) -> Sandbox {
+        let mut cold = Sandbox::build(
+            self.inner.hierarchy.clone(),
+            self.inner.namespaces,
+            self.inner.user_namespace,
+            self.inner.private.clone(),
+        );
+        if let Some(inner) = Arc::get_mut(&mut cold.inner) {
+            inner.warm = None;
+        }
+        cold
+    }
+
+    /// Waits (bounded) until a warm cgroup is ready; false on a host without them.
+    #[cfg(test)]
+    pub(crate) async fn warm_ready(&self) -> bool {
+        let Some(pool) = &self.inner.warm else {
+            return false;
+        };
+        for _ in 0..500 {
+            if pool.ready() > 0 {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
     }
 
     /// Forces (or stops) the use of a user namespace, to test that path as root.

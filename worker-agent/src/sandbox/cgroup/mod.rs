@@ -12,7 +12,8 @@
 //!   leftovers of a dead one;
 //! - processes join the cgroup themselves, before they unshare or exec (the forked child writes
 //!   `0` to each `cgroup.procs` listed by [`AttemptCgroup::procs_files`]), so nothing an attempt
-//!   starts can ever run outside it;
+//!   starts can ever run outside it — or, on v1, are born in it, forked by a worker thread that
+//!   waits inside a fresh cgroup ahead of the attempt (`sandbox::warm`);
 //! - a cgroup is removed only after [`AttemptCgroup::kill_all`] saw it empty; one that cannot be
 //!   emptied is kept as a leftover and retried later, never forgotten.
 
@@ -205,6 +206,21 @@ impl AttemptCgroup {
         }
     }
 
+    /// Writes the pids limit (where a pids controller is in use).
+    pub(crate) fn set_pids_limit(&self, max: u32) -> Result<(), CgroupError> {
+        match self {
+            AttemptCgroup::V1(g) => g.set_pids_limit(max),
+            AttemptCgroup::V2(g) => {
+                let file = g.dir.join("pids.max");
+                if file.exists() {
+                    write_control(&file, &max.to_string(), "set pids.max in")
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
     /// Best-effort synchronous kill for `Drop`: signals everything once, waits for nothing.
     pub(crate) fn kill_now(&self) {
         match self {
@@ -304,10 +320,12 @@ pub(crate) fn read_pids(procs: &Path) -> io::Result<Vec<i32>> {
         .collect())
 }
 
-/// SIGKILL each pid; ones already gone are fine.
+/// SIGKILL each pid; ones already gone are fine. Never the worker itself: on v1 a cgroup lists
+/// the worker's pid while one of its threads waits inside (see the `warm` module).
 pub(crate) fn kill_pids(pids: &[i32]) {
+    let me = std::process::id() as i32;
     for &pid in pids {
-        if pid > 0 {
+        if pid > 0 && pid != me {
             match kill(Pid::from_raw(pid), Signal::SIGKILL) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(err) => warn!(pid, %err, "cannot SIGKILL a process of an attempt cgroup"),
