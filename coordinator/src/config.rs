@@ -36,6 +36,13 @@ pub struct CoordinatorConfig {
     /// seconds. Workers renew at half of it over their link. Default 604800 (7 days); at
     /// least 10.
     pub worker_cert_ttl_s: u64,
+    /// Give a worker whose capacity is taken one more task, which it holds and starts the
+    /// moment one of its attempts ends, so a slot does not wait for the coordinator to hear of
+    /// the end and answer with the next task (the dispatch round trip and its fsync). At most
+    /// one such task per worker; it counts as running there (cancel, drain and worker loss
+    /// treat it so). Needs workers that hold assignments they have no room for, as this
+    /// release's do: turn it off while older workers are in the fleet. Default true.
+    pub assign_ahead: bool,
 }
 
 /// Certificate paths. Relative paths are resolved against the config file's directory.
@@ -75,6 +82,7 @@ impl Default for CoordinatorConfig {
             lease_ms: 3000,
             liveness_probe: true,
             worker_cert_ttl_s: 7 * 24 * 3600,
+            assign_ahead: true,
         }
     }
 }

@@ -201,6 +201,7 @@ impl Link {
             spool_max_bytes: config.spool_max_bytes,
             on_disconnect: config.on_disconnect,
             lost_after_ms: config.lost_after_ms,
+            gate: crate::gate::Gate::default(),
         };
         Ok(Self {
             config,
@@ -402,6 +403,8 @@ impl Link {
             Ok(Ok(Some(HelloReply::Accepted { .. }))) => {}
         }
         let report = resources.report();
+        // What the coordinator will place against is what attempts are gated by.
+        self.exec.gate.set_totals(crate::gate::totals(&report));
         wire::send(&mut send, &WorkerMessage::Register { resources: report })
             .await
             .map_err(|e| lost(&e))?;

@@ -389,9 +389,12 @@ impl Core {
         events: Vec<AttemptEvent>,
     ) -> Vec<AttemptReply> {
         let mut actions: Vec<TaskAction> = Vec::new();
-        let (mut acked, mut fenced, mut ends_attempt) = (None, None, false);
+        let (mut acked, mut fenced, mut reschedule) = (None, None, false);
         for event in events {
-            let exited = event.kind == "exited";
+            // The end of an attempt frees capacity (or queues a retry); the start of one its
+            // worker held lets that worker hold another.
+            let frees =
+                event.kind == "exited" || (event.kind == "started" && self.tasks.is_held(task_id));
             match self.tasks.handle_event(now, name, task_id, epoch, event) {
                 EventVerdict::Accept { seq, actions: more } => {
                     for action in more {
@@ -403,7 +406,7 @@ impl Core {
                         }
                     }
                     acked = Some(seq);
-                    ends_attempt |= exited;
+                    reschedule |= frees;
                 }
                 // Already accepted, but maybe not yet durable (the first copy's batch may still
                 // be in flight): acked with the batch's write, which is durable only once
@@ -427,9 +430,8 @@ impl Core {
                 after: Some(after),
             });
         }
-        // Only the end of an attempt frees capacity (or queues a retry); `started` and output
-        // events change nothing placement sees, so they skip the scheduling pass.
-        if ends_attempt {
+        // Other events change nothing placement sees, so they skip the scheduling pass.
+        if reschedule {
             self.schedule(now);
         }
         answer.extend(fenced.map(AttemptReply::Fenced));

@@ -6,7 +6,8 @@
 //!   included) and ordered within a class as placement orders a queue (priority, then submit
 //!   time, then submission order), each with its `not_before_ms`;
 //! - **queued verdicts**, in submission order (placed one at a time, see `schedule_verdicts`);
-//! - **running** attempts per worker, in submission order, with what each reserves;
+//! - **running** attempts per worker, in submission order, with what each reserves and
+//!   whether it was assigned ahead of the worker's free capacity and has not started yet;
 //! - every queued task's `not_before_ms`, so "may anything be placed now?" is one look.
 //!
 //! Invariant (checked by `Tasks::sanity_check`, which rebuilds the index from the tasks and
@@ -64,11 +65,13 @@ pub(super) enum Filed {
     },
     /// A queued verdict.
     Verdict { submit_seq: u64, not_before_ms: u64 },
-    /// An attempt running on `worker`, reserving `demand`.
+    /// An attempt running on `worker`, reserving `demand`; `ahead` while the worker holds it
+    /// unstarted (assigned beyond its free capacity).
     Running {
         worker: String,
         submit_seq: u64,
         demand: Capacity,
+        ahead: bool,
     },
 }
 
@@ -82,6 +85,8 @@ pub(super) struct Facts<'a> {
     pub(super) queued: bool,
     pub(super) running_on: Option<&'a str>,
     pub(super) in_verdict: bool,
+    /// Running, assigned ahead and not started yet.
+    pub(super) ahead: bool,
     pub(super) not_before_ms: u64,
     /// What an attempt reserves (grown memory included).
     pub(super) requirements: Requirements,
@@ -113,6 +118,7 @@ impl Filed {
             worker: w.to_owned(),
             submit_seq: f.submit_seq,
             demand: demand(&f.requirements),
+            ahead: f.ahead,
         })
     }
 }
@@ -126,8 +132,8 @@ pub(super) struct Index {
     pub(super) verdicts: BTreeMap<u64, String>,
     /// (not_before_ms, submit_seq) of every queued task, work and verdicts.
     due: BTreeSet<(u64, u64)>,
-    /// Running attempts per worker: submit_seq → (id, reserved).
-    running: HashMap<String, BTreeMap<u64, (String, Capacity)>>,
+    /// Running attempts per worker: submit_seq → (id, reserved, ahead).
+    running: HashMap<String, BTreeMap<u64, (String, Capacity, bool)>>,
 }
 
 impl Index {
@@ -155,11 +161,12 @@ impl Index {
                 worker,
                 submit_seq,
                 demand,
+                ahead,
             } => {
                 self.running
                     .entry(worker.clone())
                     .or_default()
-                    .insert(*submit_seq, (id.to_owned(), *demand));
+                    .insert(*submit_seq, (id.to_owned(), *demand, *ahead));
             }
         }
     }
@@ -208,7 +215,7 @@ impl Index {
     pub(super) fn running_on(&self, worker: &str) -> Vec<String> {
         self.running
             .get(worker)
-            .map(|on| on.values().map(|(id, _)| id.clone()).collect())
+            .map(|on| on.values().map(|(id, _, _)| id.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -217,14 +224,31 @@ impl Index {
         self.running
             .iter()
             .map(|(w, on)| {
-                let total = on.values().fold(Capacity::default(), |c, (_, d)| Capacity {
-                    cpus: c.cpus + d.cpus,
-                    memory_bytes: c.memory_bytes + d.memory_bytes,
-                    gpus: c.gpus + d.gpus,
-                });
+                let total = on
+                    .values()
+                    .fold(Capacity::default(), |c, (_, d, _)| Capacity {
+                        cpus: c.cpus + d.cpus,
+                        memory_bytes: c.memory_bytes + d.memory_bytes,
+                        gpus: c.gpus + d.gpus,
+                    });
                 (w.clone(), total)
             })
             .collect()
+    }
+
+    /// How many attempts `worker` holds unstarted, assigned ahead of its free capacity.
+    pub(super) fn ahead_on(&self, worker: &str) -> usize {
+        self.running
+            .get(worker)
+            .map_or(0, |on| on.values().filter(|(_, _, ahead)| *ahead).count())
+    }
+
+    /// Workers holding an attempt assigned ahead.
+    pub(super) fn workers_holding(&self) -> impl Iterator<Item = &String> {
+        self.running
+            .iter()
+            .filter(|(_, on)| on.values().any(|(_, _, ahead)| *ahead))
+            .map(|(w, _)| w)
     }
 }
 
@@ -241,6 +265,7 @@ mod tests {
             queued: true,
             running_on: None,
             in_verdict: false,
+            ahead: false,
             not_before_ms: 0,
             requirements: Requirements {
                 cpus: 1,

@@ -130,6 +130,9 @@ struct Task {
     progress: Progress,
     /// What the [`Index`] holds for this task (see [`Tasks::refile`]).
     filed: Option<Filed>,
+    /// The current attempt was assigned ahead of its worker's free capacity and the worker has
+    /// not started it yet (no `started` event): the worker holds it until it has room.
+    ahead: bool,
 }
 
 impl Task {
@@ -173,6 +176,7 @@ impl Task {
             detached_since: None,
             progress: Progress::default(),
             filed: None,
+            ahead: false,
         }
     }
 
@@ -190,6 +194,7 @@ impl Task {
                 None
             },
             in_verdict: self.in_verdict(),
+            ahead: self.ahead && self.state == TaskState::Running,
             not_before_ms: self.not_before_ms,
             requirements: self.requirements(),
         }
@@ -212,6 +217,8 @@ pub struct Tasks {
     detached: BTreeSet<String>,
     /// Queued and running tasks, kept in step by [`Tasks::refile`].
     index: Index,
+    /// Whether a worker may be given one task beyond its free capacity (see [`Tasks::schedule`]).
+    assign_ahead: bool,
 }
 
 fn event(task: &mut Task, now: u64, seq: Option<u64>, kind: &str, payload: String) -> NewEvent {
@@ -316,6 +323,21 @@ impl Tasks {
         )
     }
 
+    /// Let each worker take one task beyond its free capacity, which it holds and starts the
+    /// moment its own capacity frees (`assign_ahead` in the coordinator's config). Only for
+    /// workers that hold assignments that do not fit (this release's do); off by default.
+    pub fn set_assign_ahead(&mut self, on: bool) {
+        self.assign_ahead = on;
+    }
+
+    /// Whether `id` runs on a worker that holds it unstarted (assigned ahead): its `started`
+    /// lets that worker take another.
+    pub fn is_held(&self, id: &str) -> bool {
+        self.tasks
+            .get(id)
+            .is_some_and(|t| t.ahead && t.state == TaskState::Running)
+    }
+
     /// What running attempts reserve on each worker.
     pub fn reserved(&self) -> HashMap<String, Capacity> {
         self.index.reserved()
@@ -327,7 +349,12 @@ impl Tasks {
         self.index.any_due(now)
     }
 
-    /// Place every queued task that fits; each placement is a new epoch.
+    /// Place every queued task that fits; each placement is a new epoch. With
+    /// [`Tasks::set_assign_ahead`], a ready worker that holds no unstarted task assigned ahead
+    /// may take one more that does not fit its free capacity now (but its totals): its
+    /// `assigned` event says `"ahead": true`, it reserves like any running attempt (so nothing
+    /// more is placed there), and the worker starts it once it has room — its `started`
+    /// event ends the hold. Epochs, fencing, cancel, drain and loss treat it as running.
     pub fn schedule(&mut self, now: u64, workers: &[WorkerView]) -> Vec<TaskAction> {
         let mut workers = workers.to_vec();
         let mut actions = self.schedule_verdicts(now, &mut workers);
@@ -346,7 +373,12 @@ impl Tasks {
                 (&class.0, due)
             })
             .collect();
-        for (id, worker) in pick_grouped(classes, workers) {
+        let mut ahead: Vec<bool> = workers
+            .iter()
+            .map(|w| self.assign_ahead && self.index.ahead_on(&w.name) == 0)
+            .collect();
+        for picked in pick_grouped(classes, workers, &mut ahead) {
+            let (id, worker) = (picked.id, picked.worker);
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
@@ -355,13 +387,17 @@ impl Tasks {
             t.next_seq = 0;
             t.state = TaskState::Running;
             t.worker = Some(worker.clone());
-            t.reason = None;
+            t.ahead = picked.ahead;
+            t.reason = t.ahead.then(|| ahead_reason(&worker));
             t.keep_running = spec_keep_running(&t.spec);
             t.detached_since = None;
             let (iteration, feedback) = t.progress.resume_point(&t.spec);
             let mut payload = json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker });
             if iteration > 1 {
                 payload["iteration"] = json!(iteration);
+            }
+            if t.ahead {
+                payload["ahead"] = json!(true);
             }
             let assigned = event(t, now, None, "assigned", payload.to_string());
             let assigned = oom::note_memory(assigned, t.memory_bytes);
@@ -430,6 +466,7 @@ impl Tasks {
             t.next_seq = 0;
             t.state = TaskState::Running;
             t.worker = Some(worker.clone());
+            t.ahead = false;
             t.reason = None;
             t.keep_running = spec_keep_running(&t.spec);
             t.detached_since = None;
@@ -510,9 +547,15 @@ impl Tasks {
             t.checkpoint_at = Some((pos, epoch, seq));
             t.checkpoint = Some(ev.payload.clone());
         }
+        let held = started && t.ahead;
         if started {
             if let Some(policy) = started_policy(&ev.payload) {
                 t.keep_running = policy;
+            }
+            if t.ahead {
+                // The worker had room and started it: no longer held.
+                t.ahead = false;
+                t.reason = None;
             }
         }
         let mut after = Vec::new();
@@ -540,8 +583,9 @@ impl Tasks {
             payload: ev.payload,
         });
         events.extend(after);
-        // Only the end of an attempt moves a task out of `running`.
-        if exited {
+        // Only the end of an attempt moves a task out of `running`, and only `started` ends a
+        // hold.
+        if exited || held {
             self.refile(task_id);
         }
         EventVerdict::Accept {
@@ -912,6 +956,12 @@ impl Tasks {
             rebuilt == self.index,
             "the task index is out of step with the tasks"
         );
+        for worker in self.index.workers_holding() {
+            assert!(
+                self.index.ahead_on(worker) <= 1,
+                "{worker} holds more than one task assigned ahead"
+            );
+        }
     }
 }
 
@@ -932,6 +982,11 @@ fn end_attempt(t: &mut Task, now: u64, worker: &str, why: &str) -> Vec<NewEvent>
     };
     events.extend(attempt_over(t, now, outcome));
     events
+}
+
+/// What a running task held by its worker shows as its reason.
+fn ahead_reason(worker: &str) -> String {
+    format!("assigned ahead to {worker}; it starts there as soon as {worker} has room")
 }
 
 /// The `keep_running` bound a spec asks for, if it does.
@@ -1206,6 +1261,9 @@ fn replay(t: &mut Task, e: &NewEvent) {
                 if let Some(policy) = started_policy(&e.payload) {
                     t.keep_running = policy;
                 }
+                if std::mem::take(&mut t.ahead) {
+                    t.reason = None;
+                }
             }
             "exited" => {
                 t.exit = payload
@@ -1229,7 +1287,11 @@ fn replay(t: &mut Task, e: &NewEvent) {
                 .map(str::to_owned);
             t.state = TaskState::Running;
             t.next_seq = 0;
-            t.reason = None;
+            t.ahead = payload.get("ahead").and_then(|a| a.as_bool()) == Some(true);
+            t.reason = match (&t.worker, t.ahead) {
+                (Some(w), true) => Some(ahead_reason(w)),
+                _ => None,
+            };
             t.keep_running = spec_keep_running(&t.spec);
             if payload.get("kind").and_then(|k| k.as_str()) == Some("verdict") {
                 t.progress.verdict_assigned(e.epoch, t.worker.clone());

@@ -321,15 +321,65 @@ fn grouped_picking_is_the_same_as_picking_task_by_task() {
                 None => classes.push((t.requirements.clone(), vec![(key, t.id)])),
             }
         }
-        let grouped = pick_grouped(
+        let mut none_ahead = vec![false; workers.len()];
+        let grouped: Vec<(u64, String)> = pick_grouped(
             classes
                 .iter()
                 .map(|(r, tasks)| (r, tasks.iter().cloned()))
                 .collect(),
             &workers,
-        );
+            &mut none_ahead,
+        )
+        .into_iter()
+        .map(|p| (p.id, p.worker))
+        .collect();
         assert_eq!(grouped, pick_next(&queue, &workers));
     }
+}
+
+/// Ahead: a full worker takes one task beyond its capacity, only one, only when nothing has
+/// room now, only if the task fits its totals, and the least loaded eligible one first.
+#[test]
+fn one_task_goes_ahead_per_eligible_worker_when_nothing_has_room() {
+    let full = |name: &str, busy: u64| w(name, 2, 8).busy(busy, 0, 0);
+    let workers = [full("a", 2), full("b", 2), w("small", 1, 8).busy(1, 0, 0)];
+    let two = cpus(2);
+    let tasks: Vec<_> = (0..5u64)
+        .map(|i| ((std::cmp::Reverse(0), 0, i), i))
+        .collect();
+    let mut eligible = vec![true, false, true];
+    let picked = pick_grouped(vec![(&two, tasks.into_iter())], &workers, &mut eligible);
+    assert_eq!(
+        picked,
+        vec![Picked {
+            id: 0,
+            worker: "a".into(),
+            ahead: true
+        }],
+        "b is not eligible and two cpus never fit small"
+    );
+    assert_eq!(eligible, vec![false, false, true]);
+    // Room now beats going ahead, and the less loaded worker is held first.
+    let workers = [full("a", 2), full("b", 1), w("c", 2, 8).busy(2, 0, 0)];
+    let one = cpus(1);
+    let tasks: Vec<_> = (0..4u64)
+        .map(|i| ((std::cmp::Reverse(0), 0, i), i))
+        .collect();
+    let mut eligible = vec![true, true, true];
+    let picked = pick_grouped(vec![(&one, tasks.into_iter())], &workers, &mut eligible);
+    let got: Vec<(u64, &str, bool)> = picked
+        .iter()
+        .map(|p| (p.id, p.worker.as_str(), p.ahead))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, "b", false),
+            (1, "a", true),
+            (2, "b", true),
+            (3, "c", true)
+        ]
+    );
 }
 
 #[test]
