@@ -663,6 +663,11 @@ impl Inner {
             self.leftovers().push(cgroup);
             return;
         }
+        self.remove_or_keep(cgroup);
+    }
+
+    /// Removes an empty cgroup; one that will not go yet is kept as a leftover.
+    fn remove_or_keep(&self, cgroup: AttemptCgroup) {
         if let Err(err) = cgroup.remove() {
             debug!(%err, "attempt cgroup not removable yet; will retry");
             self.leftovers().push(cgroup);

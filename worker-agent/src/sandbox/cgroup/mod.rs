@@ -397,7 +397,13 @@ pub(crate) async fn kill_until_empty(
 }
 
 /// rmdir `dir` after its sub-directories (child cgroups), deepest first. Already gone is fine.
+/// The common case has none: rmdir first, and list the directory only when that fails busy.
 fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
+    match fs::remove_dir(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => {}
+    }
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.filter_map(Result::ok) {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
