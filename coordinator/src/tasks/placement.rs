@@ -155,8 +155,8 @@ pub fn pick_next<Id: Clone>(queue: &[QueuedTask<Id>], workers: &[WorkerView]) ->
 ///
 /// Cost: O((placed + classes) × w) checks plus O(placed × log classes), however long the
 /// queue, where [`pick_next`] checks every queued task.
-pub fn pick_grouped<'a, K, Id, I>(
-    classes: Vec<(&'a Requirements, I)>,
+pub fn pick_grouped<K, Id, I>(
+    classes: Vec<(&Requirements, I)>,
     workers: &[WorkerView],
     ahead: &mut [bool],
 ) -> Vec<Picked<Id>>

@@ -304,9 +304,11 @@ fn grouped_picking_is_the_same_as_picking_task_by_task() {
                     cpus: rng.below(3) as u32,
                     memory_bytes: rng.below(3) * GIB,
                     gpus: rng.below(2) as u32,
-                    labels: (rng.below(3) == 0)
-                        .then(|| vec!["browser".to_owned()])
-                        .unwrap_or_default(),
+                    labels: if rng.below(3) == 0 {
+                        vec!["browser".to_owned()]
+                    } else {
+                        Vec::new()
+                    },
                     ..Requirements::default()
                 },
             })
