@@ -288,7 +288,7 @@ impl CgroupGuard {
         }
     }
 
-    pub(super) fn get(&self) -> Option<&AttemptCgroup> {
+    fn get(&self) -> Option<&AttemptCgroup> {
         self.cgroup.as_ref()
     }
 
@@ -319,7 +319,9 @@ impl CgroupGuard {
             cgroup.remove().is_ok()
         })
         .await;
-        if !removed {
+        if removed {
+            self.inner.refill_warm();
+        } else {
             self.inner.remove_or_keep(cgroup);
         }
     }

@@ -36,8 +36,7 @@
 //! File descriptors in every helper: 0-2 stdio (set by std), [`EVENTS_FD`] the events pipe (the
 //! only one the task inherits besides stdio), 4 the setup pipe (close-on-exec: it reaches EOF in
 //! the parent once the task has exec'd, or carries an error record), 5 the status pipe (S and I
-//! only), 6 the go pipe (S or T of a warm spawn, read and closed before anything else).
-//! Everything else inherited from the worker is closed first thing.
+//! only). Everything else inherited from the worker is closed first thing.
 //!
 //! Records on the setup and status pipes are [`RECORD_LEN`] bytes: a tag, a step, an index, a
 //! pad byte, then an i32 (errno or wait status) in little endian.
@@ -57,8 +56,6 @@ use nix::libc::{self, c_char, c_int, c_void};
 pub(crate) const EVENTS_FD: RawFd = 3;
 const SETUP_FD: RawFd = 4;
 const STATUS_FD: RawFd = 5;
-/// The go pipe of a process forked by a warm thread (`warm` module), until it is read.
-const GO_FD: RawFd = 6;
 /// Most paths an attempt binds back over its masks (the workspace and kept files).
 pub(crate) const MAX_REBINDS: usize = 4;
 /// Device nodes of the sandbox's /dev, bound from the host's; [`NULL_DEVICE`] also masks files.
@@ -125,12 +122,24 @@ pub(crate) struct ChildPlan {
     pub(crate) events_fd: RawFd,
     /// Present with sandbox isolation.
     pub(crate) status_fd: Option<RawFd>,
-    /// Present when a warm thread forks this process in its cgroup: wait for one byte on it
-    /// before anything else (the worker sends it once that thread has left the cgroup and the
-    /// pids limit is in place); EOF ends the process.
-    pub(crate) go_fd: Option<RawFd>,
+    /// Present when a warm thread forks this process in its cgroup and a pids limit applies:
+    /// see [`PidsOnceAlone`].
+    pub(crate) pids_once_alone: Option<PidsOnceAlone>,
     /// `None`: process isolation.
     pub(crate) sandbox: Option<SandboxSetup>,
+}
+
+/// The pids limit of a warm spawn (`warm` module), set by the process itself before anything
+/// else: the worker thread that forked it still counts in the cgroup at first, so the limit
+/// can only be exact once that thread is gone — which this process sees as `pids.current`
+/// reading 1 (itself). It then writes the limit and goes on; no task code runs before.
+#[derive(Debug)]
+pub(crate) struct PidsOnceAlone {
+    /// The attempt cgroup's `pids.current`.
+    pub(crate) current: CString,
+    /// Its `pids.max`, and what to write there.
+    pub(crate) max: CString,
+    pub(crate) value: Vec<u8>,
 }
 
 /// The namespace part of a [`ChildPlan`].
@@ -245,7 +254,7 @@ pub(crate) enum Step {
     ReadOnly,
     MountDev,
     Mask,
-    Go,
+    PidsLimit,
 }
 
 impl Step {
@@ -274,7 +283,7 @@ impl Step {
         Step::ReadOnly,
         Step::MountDev,
         Step::Mask,
-        Step::Go,
+        Step::PidsLimit,
     ];
 
     fn from_u8(v: u8) -> Option<Step> {
@@ -333,7 +342,11 @@ impl Step {
             Step::DropCaps => {
                 "drop capabilities (the worker needs CAP_SETPCAP for that)".to_owned()
             }
-            Step::Go => "wait for the worker to finish the attempt cgroup".to_owned(),
+            Step::PidsLimit => {
+                "set the attempt's pids limit once the worker thread that forked it has left \
+                 the cgroup (pids.current, pids.max)"
+                    .to_owned()
+            }
         }
     }
 }
@@ -385,8 +398,8 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
             fail(Step::JoinCgroup, i, errno);
         }
     }
-    if plan.go_fd.is_some() {
-        wait_go();
+    if let Some(limit) = &plan.pids_once_alone {
+        pids_once_alone(limit);
     }
     match &plan.sandbox {
         None => {
@@ -398,21 +411,44 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
     }
 }
 
-/// Blocks until the worker's byte arrives on [`GO_FD`], then closes it.
-fn wait_go() {
-    let mut byte = [0u8; 1];
-    loop {
-        // SAFETY: a live one-byte buffer.
-        let n = unsafe { libc::read(GO_FD, byte.as_mut_ptr().cast::<c_void>(), 1) };
-        match n {
-            1 => break,
-            0 => fail(Step::Go, 0, Errno::EPIPE),
-            _ if Errno::last() == Errno::EINTR => {}
-            _ => fail(Step::Go, 0, Errno::last()),
+/// Waits (yielding, then sleeping 50 µs at a time; about 10 s at most) until this process is
+/// alone in its pids cgroup, then writes the limit. See [`PidsOnceAlone`].
+fn pids_once_alone(limit: &PidsOnceAlone) {
+    let pause = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 50_000,
+    };
+    for round in 0..200_000u32 {
+        let mut buf = [0u8; 24];
+        // SAFETY: valid NUL-terminated path; a live buffer of the given length.
+        let n = unsafe {
+            let fd = libc::open(limit.current.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                fail(Step::PidsLimit, 0, Errno::last());
+            }
+            let n = libc::read(fd, buf.as_mut_ptr().cast::<c_void>(), buf.len());
+            libc::close(fd);
+            n
+        };
+        if n < 0 {
+            fail(Step::PidsLimit, 0, Errno::last());
+        }
+        if buf[..n as usize].trim_ascii() == b"1" {
+            if let Err(errno) = write_path(&limit.max, &limit.value) {
+                fail(Step::PidsLimit, 1, errno);
+            }
+            return;
+        }
+        // SAFETY: sched_yield and nanosleep take no memory but a live timespec.
+        unsafe {
+            if round < 100 {
+                libc::sched_yield();
+            } else {
+                libc::nanosleep(&pause, ptr::null_mut());
+            }
         }
     }
-    // SAFETY: closing our own descriptor.
-    unsafe { libc::close(GO_FD) };
+    fail(Step::PidsLimit, 0, Errno::ETIMEDOUT);
 }
 
 /// S: creates the namespaces, forks the init, waits for it.
@@ -880,10 +916,7 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         Some(fd) => Some(scratch(fd)?),
         None => None,
     };
-    let go = match plan.go_fd {
-        Some(fd) => Some(scratch(fd)?),
-        None => None,
-    };
+
     // SAFETY: plain fd syscalls; sources (>= SCRATCH_FD) never equal targets (< SCRATCH_FD).
     unsafe {
         Errno::result(libc::dup3(setup, SETUP_FD, libc::O_CLOEXEC))?;
@@ -892,23 +925,13 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         if let Some(status) = status {
             Errno::result(libc::dup3(status, STATUS_FD, libc::O_CLOEXEC))?;
         }
-        if let Some(go) = go {
-            Errno::result(libc::dup3(go, GO_FD, libc::O_CLOEXEC))?;
-        }
     }
     let first_free = if status.is_some() {
         STATUS_FD + 1
     } else {
         STATUS_FD
     };
-    if go.is_some() {
-        if first_free < GO_FD {
-            close_range(first_free as u32, (GO_FD - 1) as u32);
-        }
-        close_range((GO_FD + 1) as u32, u32::MAX);
-    } else {
-        close_range(first_free as u32, u32::MAX);
-    }
+    close_range(first_free as u32, u32::MAX);
     Ok(())
 }
 

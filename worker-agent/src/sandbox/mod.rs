@@ -268,8 +268,9 @@ impl Sandbox {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut name = attempt_name(seq, spec.task_id, spec.attempt);
         // A warm cgroup, when one is ready: the process is born in it (no migration, see the
-        // `warm` module), gets its memory limit now and its pids limit once the thread that
-        // forks it has left. Else a new cgroup, which the process joins itself.
+        // `warm` module), gets its memory limit now and sets its pids limit itself once the
+        // thread that forks it has left. Else a new cgroup, which the process joins itself.
+        let mut pids_once_alone = None;
         let (cgroup, launcher) = match self.inner.warm.as_ref().and_then(warm::Pool::take) {
             Some(warmed) => {
                 let (group, launcher) = warmed.into_parts();
@@ -282,6 +283,9 @@ impl Sandbox {
                     }
                 }
                 name = group.name();
+                if let (Some(dir), Some(max)) = (&group.pids, pids_limit) {
+                    pids_once_alone = Some((dir.join("pids.current"), dir.join("pids.max"), max));
+                }
                 (AttemptCgroup::V1(group), Some(launcher))
             }
             None => (
@@ -303,10 +307,6 @@ impl Sandbox {
 
         let (setup_r, setup_w) = pipe_pair("setup")?;
         let (events_r, events_w) = pipe_pair("events")?;
-        let go = match launcher {
-            Some(_) => Some(pipe_pair("go")?),
-            None => None,
-        };
         let status = if sandboxed {
             Some(pipe_pair("status")?)
         } else {
@@ -327,7 +327,14 @@ impl Sandbox {
             setup_fd: setup_w.as_raw_fd(),
             events_fd: events_w.as_raw_fd(),
             status_fd: status.as_ref().map(|(_, w)| w.as_raw_fd()),
-            go_fd: go.as_ref().map(|(r, _)| r.as_raw_fd()),
+            pids_once_alone: match &pids_once_alone {
+                Some((current, max, value)) => Some(child::PidsOnceAlone {
+                    current: c(current)?,
+                    max: c(max)?,
+                    value: value.to_string().into_bytes(),
+                }),
+                None => None,
+            },
             sandbox: sandboxed
                 .then(|| self.sandbox_setup(&spec, &workspace))
                 .transpose()?,
@@ -355,31 +362,6 @@ impl Sandbox {
         .map_err(SpawnError::Fork)?;
         // Only the helpers may hold the write ends now, so EOF means they are done with them.
         drop((setup_w, events_w));
-        if let Some((go_r, go_w)) = go {
-            // Warm: the forking thread is gone from the cgroup; the pids limit, then go on.
-            drop(go_r);
-            let limited = match (pids_limit, guard.get()) {
-                (Some(max), Some(cgroup)) => cgroup.set_pids_limit(max),
-                _ => Ok(()),
-            };
-            if let Err(e) = limited {
-                drop(go_w);
-                let _ = process.wait().await;
-                guard.finish().await;
-                return Err(e.into());
-            }
-            if let Err(source) = nix::unistd::write(&go_w, b"g") {
-                let _ = process.wait().await;
-                guard.finish().await;
-                return Err(SpawnError::Pipe {
-                    what: "go",
-                    source: source.into(),
-                });
-            }
-        }
-        if let Some(warm) = &self.inner.warm {
-            warm.refill();
-        }
         let status_r = status.map(|(r, w)| {
             drop(w);
             r
@@ -666,11 +648,22 @@ impl Inner {
         self.remove_or_keep(cgroup);
     }
 
-    /// Removes an empty cgroup; one that will not go yet is kept as a leftover.
+    /// Removes an empty cgroup; one that will not go yet is kept as a leftover. Then a warm
+    /// cgroup is prepared in place of the one the attempt may have used: only now, because a
+    /// thread moving into a cgroup holds the kernel's cgroup mutex through a grace period, and
+    /// an attempt's own rmdir would wait behind it.
     fn remove_or_keep(&self, cgroup: AttemptCgroup) {
         if let Err(err) = cgroup.remove() {
             debug!(%err, "attempt cgroup not removable yet; will retry");
             self.leftovers().push(cgroup);
+        }
+        self.refill_warm();
+    }
+
+    /// Tops the warm cgroups up (see [`Inner::remove_or_keep`] for when).
+    fn refill_warm(&self) {
+        if let Some(warm) = &self.warm {
+            warm.refill();
         }
     }
 

@@ -18,9 +18,10 @@
 //! [`super::cgroup::kill_pids`] never signals the worker's own pid, whatever it finds).
 //!
 //! The pids limit cannot be in place while the thread still counts in the cgroup, and the
-//! process the thread forked must not run task code before it is: that process waits for a
-//! byte on its go pipe (`child` module) that the worker sends once the thread has left and
-//! `pids.max` is written. The memory limit is written before the fork.
+//! process the thread forked must not run task code before it is: that process waits until
+//! `pids.current` reads 1 (itself: the thread is gone) and writes `pids.max` itself before
+//! anything else (`child::PidsOnceAlone`), so the worker's own thread is off the path. The
+//! memory limit is written before the fork.
 //!
 //! The pool keeps up to [`Pool::want`] ready and starts a replacement for each one taken; a
 //! spawn that finds none ready takes the cold path (the child joins its cgroup itself). Every
@@ -28,6 +29,7 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -61,7 +63,6 @@ struct State {
     threads: Vec<JoinHandle<()>>,
     /// Cgroups of threads that found the pool closed: removed once their threads are joined.
     orphans: Vec<v1::Group>,
-    next: u64,
     closed: bool,
     /// Set when a thread could not enter its cgroup: the pool stops trying.
     broken: bool,
@@ -130,8 +131,9 @@ impl Pool {
                 .any(|dir| std::fs::remove_dir(dir).is_err() && dir.exists())
         });
         while !state.closed && !state.broken && state.ready.len() + state.starting < self.want {
-            state.next += 1;
-            let name = attempt_name(state.next, "warm", 0);
+            // Unique in the process: a worker has one sandbox, tests have many.
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            let name = attempt_name(NEXT.fetch_add(1, Ordering::Relaxed), "warm", 0);
             let (bases, shared) = (self.bases.clone(), self.state.clone());
             let spawned = std::thread::Builder::new()
                 .name("drover-warm".into())

@@ -206,21 +206,6 @@ impl AttemptCgroup {
         }
     }
 
-    /// Writes the pids limit (where a pids controller is in use).
-    pub(crate) fn set_pids_limit(&self, max: u32) -> Result<(), CgroupError> {
-        match self {
-            AttemptCgroup::V1(g) => g.set_pids_limit(max),
-            AttemptCgroup::V2(g) => {
-                let file = g.dir.join("pids.max");
-                if file.exists() {
-                    write_control(&file, &max.to_string(), "set pids.max in")
-                } else {
-                    Ok(())
-                }
-            }
-        }
-    }
-
     /// Best-effort synchronous kill for `Drop`: signals everything once, waits for nothing.
     pub(crate) fn kill_now(&self) {
         match self {
