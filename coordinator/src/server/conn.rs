@@ -653,10 +653,8 @@ async fn attempt_stream(
                 }
                 match end {
                     None => {}
-                    // The connection went away (a worker reconnecting resends on a new
-                    // stream), or the worker finished the stream.
-                    Some(Ok(())) => return,
-                    Some(Err(())) => {
+                    Some(StreamEnd::Closed) => return,
+                    Some(StreamEnd::Violation) => {
                         tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
                         conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
                         return;
@@ -705,31 +703,42 @@ async fn attempt_stream(
 /// holds the peer back.
 const ATTEMPT_PIPELINE: usize = 1024;
 
+/// How an attempt stream ended while a batch was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    /// The worker finished the stream, or the connection went away (a worker reconnecting
+    /// resends on a new stream).
+    Closed,
+    /// A frame that is not an event, or a malformed one: the connection is closed.
+    Violation,
+}
+
+impl StreamEnd {
+    fn of(e: &WireError) -> StreamEnd {
+        if e.is_protocol_violation() {
+            StreamEnd::Violation
+        } else {
+            StreamEnd::Closed
+        }
+    }
+}
+
 /// The first event of an attempt stream (the caller holds a `room` permit for it), then every
 /// further one already received, each taking a permit, without waiting; and how the stream
-/// ended if it did: `Ok` finished or the connection gone, `Err` a protocol violation.
+/// ended, if it did.
 async fn read_batch(
     recv: &mut FramedRecv,
     room: &tokio::sync::Semaphore,
-) -> (Vec<AttemptEvent>, Option<Result<(), ()>>) {
+) -> (Vec<AttemptEvent>, Option<StreamEnd>) {
     let mut events = Vec::new();
     let mut frame = match recv.next::<AttemptUp>().await {
         Ok(Some(frame)) => frame,
-        Ok(None) => return (events, Some(Ok(()))),
-        Err(e) => {
-            return (
-                events,
-                Some(if e.is_protocol_violation() {
-                    Err(())
-                } else {
-                    Ok(())
-                }),
-            )
-        }
+        Ok(None) => return (events, Some(StreamEnd::Closed)),
+        Err(e) => return (events, Some(StreamEnd::of(&e))),
     };
     loop {
         let AttemptUp::Event(e) = frame else {
-            return (events, Some(Err(())));
+            return (events, Some(StreamEnd::Violation));
         };
         events.push(e);
         let Ok(permit) = room.try_acquire() else {
@@ -742,15 +751,8 @@ async fn read_batch(
                 frame = next;
             }
             None => return (events, None),
-            Some(Ok(None)) => return (events, Some(Ok(()))),
-            Some(Err(e)) => {
-                let end = if e.is_protocol_violation() {
-                    Err(())
-                } else {
-                    Ok(())
-                };
-                return (events, Some(end));
-            }
+            Some(Ok(None)) => return (events, Some(StreamEnd::Closed)),
+            Some(Err(e)) => return (events, Some(StreamEnd::of(&e))),
         }
     }
 }

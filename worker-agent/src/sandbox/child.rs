@@ -411,7 +411,7 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
     }
 }
 
-/// Waits (yielding, then sleeping 50 µs at a time; about 10 s at most) until this process is
+/// Waits (yielding, then sleeping 50 µs at a time; 200,000 rounds at most) until this process is
 /// alone in its pids cgroup, then writes the limit. See [`PidsOnceAlone`].
 fn pids_once_alone(limit: &PidsOnceAlone) {
     let pause = libc::timespec {
@@ -916,7 +916,6 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         Some(fd) => Some(scratch(fd)?),
         None => None,
     };
-
     // SAFETY: plain fd syscalls; sources (>= SCRATCH_FD) never equal targets (< SCRATCH_FD).
     unsafe {
         Errno::result(libc::dup3(setup, SETUP_FD, libc::O_CLOEXEC))?;
