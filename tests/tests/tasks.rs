@@ -224,15 +224,20 @@ fn coordinator_killed_mid_task_rebuilds_from_its_log() {
 
 /// Assign ahead (`assign_ahead`, on by default): a worker whose capacity is taken is given the
 /// next task before the running one ends, holds it, and starts it only once the running one's
-/// processes are gone — never running more than its capacity. Each task takes every CPU of
-/// the worker (this host's), so they must run one after the other.
+/// processes are gone — never running more than its capacity. Each task takes every CPU the
+/// worker reports, so they must run one after the other.
 #[test]
 fn a_full_worker_holds_the_next_task_and_starts_it_when_the_first_is_gone() {
     if !root_or_skip("a_full_worker_holds_the_next_task_and_starts_it_when_the_first_is_gone") {
         return;
     }
     let fleet = TestFleet::started(1);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // What the worker reports (and gates by), not this process's view of the machine.
+    let cpus = fleet
+        .try_cli_json::<drover_protocol::WorkerInfo>(&["worker", "show", "w1", "--json"])
+        .expect("worker show")
+        .resources
+        .cpu_count;
     let spec = write_spec(
         &fleet,
         "whole",
