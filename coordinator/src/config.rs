@@ -40,6 +40,13 @@ pub struct CoordinatorConfig {
     /// 0600) on first start if missing. Back it up with the database: without it the stored
     /// secrets cannot be read. Default `<state_dir>/secrets.key`.
     pub secrets_key: Option<PathBuf>,
+    /// Give a worker whose capacity is taken one more task, which it holds and starts the
+    /// moment one of its attempts ends, so a slot does not wait for the coordinator to hear of
+    /// the end and answer with the next task (the dispatch round trip and its fsync). At most
+    /// one such task per worker; it counts as running there (cancel, drain and worker loss
+    /// treat it so). Needs workers that hold assignments they have no room for, as this
+    /// release's do: turn it off while older workers are in the fleet. Default true.
+    pub assign_ahead: bool,
 }
 
 /// Certificate paths. Relative paths are resolved against the config file's directory.
@@ -80,6 +87,7 @@ impl Default for CoordinatorConfig {
             liveness_probe: true,
             worker_cert_ttl_s: 7 * 24 * 3600,
             secrets_key: None,
+            assign_ahead: true,
         }
     }
 }

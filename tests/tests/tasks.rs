@@ -221,3 +221,82 @@ fn coordinator_killed_mid_task_rebuilds_from_its_log() {
     assert!(t.attempts >= 1);
     check_session(&events(&fleet, &id, &[]));
 }
+
+/// Assign ahead (`assign_ahead`, on by default): a worker whose capacity is taken is given the
+/// next task before the running one ends, holds it, and starts it only once the running one's
+/// processes are gone — never running more than its capacity. Each task takes every CPU the
+/// worker reports, so they must run one after the other.
+#[test]
+fn a_full_worker_holds_the_next_task_and_starts_it_when_the_first_is_gone() {
+    if !root_or_skip("a_full_worker_holds_the_next_task_and_starts_it_when_the_first_is_gone") {
+        return;
+    }
+    let fleet = TestFleet::started(1);
+    // What the worker reports (and gates by), not this process's view of the machine.
+    let cpus = fleet
+        .try_cli_json::<drover_protocol::WorkerInfo>(&["worker", "show", "w1", "--json"])
+        .expect("worker show")
+        .resources
+        .cpu_count;
+    let spec = write_spec(
+        &fleet,
+        "whole",
+        &format!(
+            r#"
+name = "whole"
+command = ["sh", "-c", "echo start $(date +%s%N); sleep 2; echo end $(date +%s%N)"]
+isolation = "process"
+[requirements]
+cpus = {cpus}
+"#
+        ),
+    );
+    let ids: Vec<String> = (0..3).map(|_| submit(&fleet, &spec)).collect();
+    let mut runs = Vec::new();
+    for id in &ids {
+        wait_state(&fleet, id, TaskState::Succeeded, DEADLINE);
+        let all = events(&fleet, id, &[]);
+        check_session(&all);
+        let out: String = all
+            .iter()
+            .filter(|e| e["kind"] == "stdout")
+            .map(|e| e["payload"]["data"].as_str().unwrap_or("").to_owned())
+            .collect();
+        let stamp = |word: &str| -> u128 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(word)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {word} stamp in {out:?}"))
+        };
+        let ts = |kind: &str| -> u64 {
+            all.iter()
+                .find(|e| e["kind"] == kind)
+                .and_then(|e| e["ts_ms"].as_u64())
+                .unwrap_or_else(|| panic!("no {kind} in {id}"))
+        };
+        let assigned = all.iter().find(|e| e["kind"] == "assigned").cloned();
+        let ahead = assigned
+            .as_ref()
+            .and_then(|e| e["payload"]["ahead"].as_bool())
+            == Some(true);
+        runs.push((
+            stamp("start "),
+            stamp("end "),
+            ts("assigned"),
+            ts("completed"),
+            ahead,
+        ));
+    }
+    for pair in runs.windows(2) {
+        let (first, next) = (&pair[0], &pair[1]);
+        assert!(
+            next.0 >= first.1,
+            "the next task started before the first was gone: {runs:?}"
+        );
+    }
+    // The second was given to the worker while the first still ran: ahead of its capacity.
+    assert!(runs[1].4, "the second task went ahead: {runs:?}");
+    assert!(
+        runs[1].2 < runs[0].3,
+        "assigned before the first completed: {runs:?}"
+    );
+}

@@ -23,6 +23,7 @@
 
 use crate::acceptance::{self, Checks, FEEDBACK_FILE};
 use crate::egress::{self, Egress};
+use crate::gate::Gate;
 use crate::redact::{Redactor, StreamRedactor};
 use crate::sandbox::{AttemptSpec, Sandbox};
 use crate::spool::Spool;
@@ -70,6 +71,8 @@ pub struct ExecContext {
     pub lost_after_ms: u64,
     /// How the egress proxy of `network = proxy` attempts verifies upstream hosts.
     pub egress_upstream: crate::egress::Upstream,
+    /// This worker's capacity, shared by its attempts (see [`crate::gate`]).
+    pub gate: Gate,
 }
 
 impl ExecContext {
@@ -211,6 +214,17 @@ async fn run_process(
         .work_dir
         .join("tasks")
         .join(format!("{}-{}", a.task_id, a.epoch));
+    // An assignment sent ahead of a full worker waits here until an earlier attempt's
+    // processes are gone; nothing of it has started (no `started` event) until then.
+    let room = tokio::select! {
+        room = ctx.gate.acquire(&a.spec.requirements) => room,
+        () = cancel.cancelled() => {
+            let why = "cancelled before it started (it waited for the worker to have room)";
+            let cancelled = json!({ "class": ExitClass::Cancelled, "error": why });
+            let _ = tx.send(("exited".into(), cancelled.to_string())).await;
+            return;
+        }
+    };
     // The policy goes into the session: the coordinator reads it back to know whether to keep
     // the attempt while its worker is away (and for how long), across its own restarts too.
     let mut started = json!({
@@ -293,6 +307,7 @@ async fn run_process(
         };
         let conn = transfer_connection(conns, policy).await;
         let exited = acceptance::run_verdict(conn, &ctx.work_dir, &checks, outputs_epoch).await;
+        drop(room);
         let _ = tx.send(("exited".into(), exited)).await;
         return;
     }
@@ -376,6 +391,9 @@ async fn run_process(
             .and_then(|f| serde_json::to_string(&f).ok());
         iteration += 1;
     };
+    // Every process of the attempt is gone: the next attempt may start while this one's
+    // outputs travel and its end is reported.
+    drop(room);
     if !a.spec.outputs.is_empty() {
         match transfer_connection(conns, policy).await {
             Some(conn) => workspace::finish_outputs(&conn, &ctx.work_dir, a, &workspace, &tx).await,

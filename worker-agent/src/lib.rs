@@ -5,7 +5,8 @@
 //! - [`config`]: typed `worker.toml`;
 //! - [`resources`]: what the host has and uses;
 //! - [`sandbox`]: namespaces and cgroup limits for one attempt;
-//! - [`executor`]: runs assigned attempts in the [`sandbox`] and streams their events;
+//! - [`executor`]: runs assigned attempts in the [`sandbox`] and streams their events, each
+//!   once the worker has room for it ([`gate`]);
 //!   [`acceptance`]: their acceptance criteria and verdict attempts;
 //! - [`spool`]: each attempt's on-disk spool of events not yet acknowledged;
 //! - [`stream`]: an attempt's events through its spool to the coordinator, across reconnects;
@@ -26,6 +27,7 @@ pub mod config;
 pub mod egress;
 pub mod enroll;
 pub mod executor;
+pub mod gate;
 pub mod link;
 pub mod logging;
 pub mod notify;

@@ -203,6 +203,7 @@ impl Link {
             lost_after_ms: config.lost_after_ms,
             egress_upstream: crate::egress::tls::upstream_config(&config.egress.upstream_ca)
                 .map_err(|e| e.to_string()),
+            gate: crate::gate::Gate::default(),
         };
         if let Err(e) = &exec.egress_upstream {
             tracing::warn!(error = %e, "network = \"proxy\" tasks can reach no HTTPS host");
@@ -407,6 +408,8 @@ impl Link {
             Ok(Ok(Some(HelloReply::Accepted { .. }))) => {}
         }
         let report = resources.report();
+        // What the coordinator will place against is what attempts are gated by.
+        self.exec.gate.set_totals(crate::gate::totals(&report));
         wire::send(&mut send, &WorkerMessage::Register { resources: report })
             .await
             .map_err(|e| lost(&e))?;

@@ -13,8 +13,8 @@ use crate::store::Store;
 use crate::wire::{self, FramedRecv, WireError};
 use drover_protocol::identity::PeerIdentity;
 use drover_protocol::{
-    close_code, negotiate, AttemptDown, AttemptUp, CoordinatorMessage, ErrorKind, Hello,
-    HelloReply, OperatorRequest, OperatorResponse, Refusal, Role, WorkerMessage,
+    close_code, negotiate, AttemptDown, AttemptEvent, AttemptUp, CoordinatorMessage, ErrorKind,
+    Hello, HelloReply, OperatorRequest, OperatorResponse, Refusal, Role, WorkerMessage,
     SUPPORTED_VERSIONS,
 };
 use std::future::Future;
@@ -669,62 +669,81 @@ async fn attempt_stream(
             return;
         }
     };
+    // Events read but not yet answered, bounded: when full the stream is read no further.
+    let room = tokio::sync::Semaphore::new(ATTEMPT_PIPELINE);
     let (pending_tx, mut pending) =
-        mpsc::channel::<oneshot::Receiver<AttemptReply>>(ATTEMPT_PIPELINE);
-    // Reads events and hands them to the core; ends (dropping `pending_tx`, which lets the
-    // writer drain and stop) when the worker finishes the stream or breaks the rules.
+        mpsc::channel::<(usize, oneshot::Receiver<Vec<AttemptReply>>)>(ATTEMPT_PIPELINE);
+    // Reads events and hands them to the core — every event already received in one message
+    // — and ends (dropping `pending_tx`, which lets the writer drain and stop) when the worker
+    // finishes the stream or breaks the rules.
     let reader = {
-        let (task_id, worker) = (task_id.clone(), worker.clone());
+        let (task_id, worker, room) = (task_id.clone(), worker.clone(), &room);
         let secrets = ctx.secrets.clone();
         async move {
             loop {
-                let mut event = match recv.next::<AttemptUp>().await {
-                    Ok(Some(AttemptUp::Event(e))) => e,
-                    // The connection went away (a worker reconnecting resends on a new stream).
-                    Err(e) if !e.is_protocol_violation() => return,
-                    Ok(Some(_)) | Err(_) => {
+                let Ok(first) = room.acquire().await else {
+                    return;
+                };
+                first.forget();
+                let (mut events, end) = read_batch(&mut recv, room).await;
+                if !events.is_empty() {
+                    // The worker masked its attempt's own secrets; this masks every stored
+                    // one, whatever the worker did.
+                    let redactor = secrets.redactor();
+                    for event in &mut events {
+                        mask(&redactor, event);
+                    }
+                    let (reply, answer) = oneshot::channel();
+                    let n = events.len();
+                    let msg = CoreMsg::AttemptEvents {
+                        name: worker.clone(),
+                        task_id: task_id.clone(),
+                        epoch,
+                        events,
+                        reply,
+                    };
+                    if !core.send(msg).await || pending_tx.send((n, answer)).await.is_err() {
+                        return;
+                    }
+                } else {
+                    room.add_permits(1);
+                }
+                match end {
+                    None => {}
+                    Some(StreamEnd::Closed) => return,
+                    Some(StreamEnd::Violation) => {
                         tracing::warn!(%worker, task = %task_id, epoch, "closing connection: bad frame on an attempt stream");
                         conn.close(close_code::PROTOCOL_ERROR.into(), b"bad attempt stream");
                         return;
                     }
-                    Ok(None) => return,
-                };
-                // The worker masked its attempt's own secrets; this masks every stored one,
-                // whatever the worker did.
-                mask(&secrets.redactor(), &mut event);
-                let (reply, answer) = oneshot::channel();
-                let msg = CoreMsg::AttemptEvent {
-                    name: worker.clone(),
-                    task_id: task_id.clone(),
-                    epoch,
-                    event,
-                    reply,
-                };
-                if !core.send(msg).await || pending_tx.send(answer).await.is_err() {
-                    return;
                 }
             }
         }
     };
-    // Sends the answers in order, each once its write is durable.
-    let writer = async move {
-        while let Some(answer) = pending.recv().await {
-            let down = match answer.await {
-                Ok(AttemptReply::Ack { seq, after }) => match durable(after).await {
-                    Ok(()) => AttemptDown::Ack { seq },
-                    // Not durable: no ack. The worker resends after reconnecting.
-                    Err(e) => {
-                        return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging")
-                    }
-                },
-                Ok(AttemptReply::Fenced(reason)) => AttemptDown::Fenced { reason },
-                Err(_) => return,
-            };
-            let fenced = matches!(down, AttemptDown::Fenced { .. });
-            if wire::send(&mut send, &down).await.is_err() || fenced {
-                let _ = send.finish();
+    // Sends the answers in order, each once its write is durable: one cumulative ack per batch.
+    let writer = async {
+        while let Some((n, answer)) = pending.recv().await {
+            let Ok(answers) = answer.await else {
                 return;
+            };
+            for answer in answers {
+                let down = match answer {
+                    AttemptReply::Ack { seq, after } => match durable(after).await {
+                        Ok(()) => AttemptDown::Ack { seq },
+                        // Not durable: no ack. The worker resends after reconnecting.
+                        Err(e) => {
+                            return tracing::error!(task = %task_id, error = %e, "event not stored; not acknowledging")
+                        }
+                    },
+                    AttemptReply::Fenced(reason) => AttemptDown::Fenced { reason },
+                };
+                let fenced = matches!(down, AttemptDown::Fenced { .. });
+                if wire::send(&mut send, &down).await.is_err() || fenced {
+                    let _ = send.finish();
+                    return;
+                }
             }
+            room.add_permits(n);
         }
     };
     let mut writer = std::pin::pin!(writer);
@@ -740,6 +759,70 @@ async fn attempt_stream(
 /// most 256 unacknowledged; past this bound the stream stops being read and QUIC flow control
 /// holds the peer back.
 const ATTEMPT_PIPELINE: usize = 1024;
+
+/// How an attempt stream ended while a batch was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    /// The worker finished the stream, or the connection went away (a worker reconnecting
+    /// resends on a new stream).
+    Closed,
+    /// A frame that is not an event, or a malformed one: the connection is closed.
+    Violation,
+}
+
+impl StreamEnd {
+    fn of(e: &WireError) -> StreamEnd {
+        if e.is_protocol_violation() {
+            StreamEnd::Violation
+        } else {
+            StreamEnd::Closed
+        }
+    }
+}
+
+/// The first event of an attempt stream (the caller holds a `room` permit for it), then every
+/// further one already received, each taking a permit, without waiting; and how the stream
+/// ended, if it did.
+async fn read_batch(
+    recv: &mut FramedRecv,
+    room: &tokio::sync::Semaphore,
+) -> (Vec<AttemptEvent>, Option<StreamEnd>) {
+    let mut events = Vec::new();
+    let mut frame = match recv.next::<AttemptUp>().await {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return (events, Some(StreamEnd::Closed)),
+        Err(e) => return (events, Some(StreamEnd::of(&e))),
+    };
+    loop {
+        let AttemptUp::Event(e) = frame else {
+            return (events, Some(StreamEnd::Violation));
+        };
+        events.push(e);
+        let Ok(permit) = room.try_acquire() else {
+            return (events, None);
+        };
+        // `next` is cancel-safe: polled once and dropped, it loses nothing.
+        match poll_once(recv.next::<AttemptUp>()) {
+            Some(Ok(Some(next))) => {
+                permit.forget();
+                frame = next;
+            }
+            None => return (events, None),
+            Some(Ok(None)) => return (events, Some(StreamEnd::Closed)),
+            Some(Err(e)) => return (events, Some(StreamEnd::of(&e))),
+        }
+    }
+}
+
+/// `fut`'s output if it is ready on the first poll.
+fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
 
 #[cfg(test)]
 mod tests {

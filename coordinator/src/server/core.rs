@@ -33,10 +33,12 @@ pub struct Outbound {
     pub after: Option<Durable>,
 }
 
-/// The core's answer to an attempt event.
+/// The core's answer to a batch of attempt events: an `Ack` of the last accepted or
+/// duplicate seq (acks are cumulative), then `Fenced` if an event of the batch was refused
+/// (the events after it were not looked at).
 #[derive(Debug)]
 pub enum AttemptReply {
-    /// Acknowledge `seq` once `after` resolves (immediately when `None`: a duplicate).
+    /// Acknowledge `seq` once `after` resolves (immediately when `None`).
     Ack {
         seq: u64,
         after: Option<Durable>,
@@ -61,12 +63,14 @@ pub enum CoreMsg {
         conn: ConnId,
         usage: Usage,
     },
-    AttemptEvent {
+    /// Events of one attempt stream, in seq order: whatever the stream had read when the
+    /// first arrived, so the core takes one step and the store one write per batch.
+    AttemptEvents {
         name: String,
         task_id: String,
         epoch: u64,
-        event: AttemptEvent,
-        reply: oneshot::Sender<AttemptReply>,
+        events: Vec<AttemptEvent>,
+        reply: oneshot::Sender<Vec<AttemptReply>>,
     },
     Disconnect {
         conn: ConnId,
@@ -328,35 +332,14 @@ impl Core {
                     self.apply_tasks(actions);
                 }
             }
-            CoreMsg::AttemptEvent {
+            CoreMsg::AttemptEvents {
                 name,
                 task_id,
                 epoch,
-                event,
+                events,
                 reply,
             } => {
-                // Only the end of an attempt frees capacity (or queues a retry); `started` and
-                // output events change nothing placement sees, so they skip the O(queue) pass.
-                let ends_attempt = event.kind == "exited";
-                let answer = match self.tasks.handle_event(now, &name, &task_id, epoch, event) {
-                    EventVerdict::Accept { seq, actions } => {
-                        let after = self.apply_tasks(actions);
-                        if ends_attempt {
-                            self.schedule(now);
-                        }
-                        AttemptReply::Ack { seq, after }
-                    }
-                    // Already accepted, but maybe not yet durable (the first copy's batch may
-                    // still be in flight): ack once everything queued before is on disk.
-                    EventVerdict::Duplicate { seq } => AttemptReply::Ack {
-                        seq,
-                        after: Some(self.store.append_events(Vec::new())),
-                    },
-                    EventVerdict::Fenced { reason } => {
-                        tracing::warn!(worker = %name, task = %task_id, epoch, %reason, "refused a stale attempt event");
-                        AttemptReply::Fenced(reason)
-                    }
-                };
+                let answer = self.attempt_events(now, &name, &task_id, epoch, events);
                 let _ = reply.send(answer);
             }
             CoreMsg::Disconnect { conn, name, clean } => {
@@ -406,6 +389,66 @@ impl Core {
                 let _ = reply.send(link.is_some());
             }
         }
+    }
+
+    /// Feed a batch of one attempt's events to the state machine, in order, and queue what
+    /// they append as one write.
+    fn attempt_events(
+        &mut self,
+        now: u64,
+        name: &str,
+        task_id: &str,
+        epoch: u64,
+        events: Vec<AttemptEvent>,
+    ) -> Vec<AttemptReply> {
+        let mut actions: Vec<TaskAction> = Vec::new();
+        let (mut acked, mut fenced, mut reschedule) = (None, None, false);
+        for event in events {
+            // The end of an attempt frees capacity (or queues a retry); the start of one its
+            // worker held lets that worker hold another.
+            let frees =
+                event.kind == "exited" || (event.kind == "started" && self.tasks.is_held(task_id));
+            match self.tasks.handle_event(now, name, task_id, epoch, event) {
+                EventVerdict::Accept { seq, actions: more } => {
+                    for action in more {
+                        match (actions.last_mut(), action) {
+                            (Some(TaskAction::Append(all)), TaskAction::Append(events)) => {
+                                all.extend(events)
+                            }
+                            (_, action) => actions.push(action),
+                        }
+                    }
+                    acked = Some(seq);
+                    reschedule |= frees;
+                }
+                // Already accepted, but maybe not yet durable (the first copy's batch may still
+                // be in flight): acked with the batch's write, which is durable only once
+                // everything queued before it is.
+                EventVerdict::Duplicate { seq } => acked = Some(seq),
+                EventVerdict::Fenced { reason } => {
+                    tracing::warn!(worker = %name, task = %task_id, epoch, %reason, "refused a stale attempt event");
+                    fenced = Some(reason);
+                    break;
+                }
+            }
+        }
+        let mut answer = Vec::with_capacity(2);
+        if let Some(seq) = acked {
+            let after = match self.apply_tasks(actions) {
+                Some(after) => after,
+                None => self.store.append_events(Vec::new()),
+            };
+            answer.push(AttemptReply::Ack {
+                seq,
+                after: Some(after),
+            });
+        }
+        // Other events change nothing placement sees, so they skip the scheduling pass.
+        if reschedule {
+            self.schedule(now);
+        }
+        answer.extend(fenced.map(AttemptReply::Fenced));
+        answer
     }
 
     /// `Ok(attempt number)` when (task, epoch) is the running attempt on `worker`; otherwise

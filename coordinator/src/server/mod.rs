@@ -285,7 +285,8 @@ impl Server {
         let secrets = self.secrets.clone();
         let fleet = Fleet::restore(loaded.workers, self.config.lease_ms, clock.now_ms());
         let (core_handle, core_rx) = core::Core::channel();
-        let tasks = crate::tasks::lifecycle::Tasks::restore(loaded.tasks);
+        let mut tasks = crate::tasks::lifecycle::Tasks::restore(loaded.tasks);
+        tasks.set_assign_ahead(self.config.assign_ahead);
         let core_task = tokio::spawn(
             core::Core::new(
                 fleet,

@@ -39,8 +39,9 @@
 //! a restart the `lost_after` clock starts again when the worker is found lost.
 
 use super::acceptance::{self, Progress, WorkOutcome};
+use super::index::{Facts, Filed, Index};
 use super::oom::{self, OomDecision, OomReport};
-use super::placement::{pick_next, QueuedTask, WorkerView};
+use super::placement::{pick_grouped, pick_next, QueuedTask, WorkerView};
 use crate::store::session::{NewEvent, NewTask, StoredTask};
 use drover_protocol::task::OnDisconnect;
 use drover_protocol::task::{ExitClass, TaskInfo, TaskSpec, TaskState};
@@ -127,6 +128,11 @@ struct Task {
     detached_since: Option<u64>,
     /// The acceptance loop and verdict, from the session.
     progress: Progress,
+    /// What the [`Index`] holds for this task (see [`Tasks::refile`]).
+    filed: Option<Filed>,
+    /// The current attempt was assigned ahead of its worker's free capacity and the worker has
+    /// not started it yet (no `started` event): the worker holds it until it has room.
+    ahead: bool,
 }
 
 impl Task {
@@ -169,6 +175,28 @@ impl Task {
             keep_running: None,
             detached_since: None,
             progress: Progress::default(),
+            filed: None,
+            ahead: false,
+        }
+    }
+
+    /// What the index files this task by.
+    fn facts(&self) -> Facts<'_> {
+        Facts {
+            id: &self.id,
+            submit_seq: self.submit_seq,
+            submitted_ms: self.submitted_ms,
+            priority: self.spec.priority,
+            queued: self.state == TaskState::Queued,
+            running_on: if self.state == TaskState::Running {
+                self.worker.as_deref()
+            } else {
+                None
+            },
+            in_verdict: self.in_verdict(),
+            ahead: self.ahead && self.state == TaskState::Running,
+            not_before_ms: self.not_before_ms,
+            requirements: self.requirements(),
         }
     }
 
@@ -187,6 +215,10 @@ pub struct Tasks {
     next_submit_seq: u64,
     /// Running tasks whose `keep_running` attempt is detached from its lost worker.
     detached: BTreeSet<String>,
+    /// Queued and running tasks, kept in step by [`Tasks::refile`].
+    index: Index,
+    /// Whether a worker may be given one task beyond its free capacity (see [`Tasks::schedule`]).
+    assign_ahead: bool,
 }
 
 fn event(task: &mut Task, now: u64, seq: Option<u64>, kind: &str, payload: String) -> NewEvent {
@@ -239,7 +271,29 @@ impl Tasks {
             tasks.order.push(t.id.clone());
             tasks.tasks.insert(t.id.clone(), t);
         }
+        for id in tasks.order.clone() {
+            tasks.refile(&id);
+        }
         tasks
+    }
+
+    /// File `id` in the index as its state now says (the lifecycle calls this for every task
+    /// an input may have moved between queued, running and final).
+    fn refile(&mut self, id: &str) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        let new = Filed::of(t.facts());
+        if new == t.filed {
+            return;
+        }
+        if let Some(old) = t.filed.take() {
+            self.index.remove(&old);
+        }
+        if let Some(new) = &new {
+            self.index.insert(&t.id, new);
+        }
+        t.filed = new;
     }
 
     /// Accept a (validated) spec. Returns the new id and what to persist.
@@ -259,6 +313,7 @@ impl Tasks {
         let submitted = event(&mut t, now, None, "submitted", payload);
         self.order.push(id.clone());
         self.tasks.insert(id.clone(), t);
+        self.refile(&id);
         (
             id,
             vec![
@@ -268,55 +323,62 @@ impl Tasks {
         )
     }
 
+    /// Let each worker take one task beyond its free capacity, which it holds and starts the
+    /// moment its own capacity frees (`assign_ahead` in the coordinator's config). Only for
+    /// workers that hold assignments that do not fit (this release's do); off by default.
+    pub fn set_assign_ahead(&mut self, on: bool) {
+        self.assign_ahead = on;
+    }
+
+    /// Whether `id` runs on a worker that holds it unstarted (assigned ahead): its `started`
+    /// lets that worker take another.
+    pub fn is_held(&self, id: &str) -> bool {
+        self.tasks
+            .get(id)
+            .is_some_and(|t| t.ahead && t.state == TaskState::Running)
+    }
+
     /// What running attempts reserve on each worker.
     pub fn reserved(&self) -> HashMap<String, Capacity> {
-        let mut out: HashMap<String, Capacity> = HashMap::new();
-        for t in self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Running)
-        {
-            if let Some(w) = &t.worker {
-                let d = super::placement::demand(&t.requirements());
-                let c = out.entry(w.clone()).or_default();
-                c.cpus += d.cpus;
-                c.memory_bytes += d.memory_bytes;
-                c.gpus += d.gpus;
-            }
-        }
-        out
+        self.index.reserved()
     }
 
     /// Whether any queued task may be placed at `now` (so callers can skip building worker
     /// views, which costs O(fleet) and must not run on every heartbeat or disconnect).
     pub fn has_placeable(&self, now: u64) -> bool {
-        self.tasks
-            .values()
-            .any(|t| t.state == TaskState::Queued && t.not_before_ms <= now)
+        self.index.any_due(now)
     }
 
-    /// Place every queued task that fits; each placement is a new epoch.
+    /// Place every queued task that fits; each placement is a new epoch. With
+    /// [`Tasks::set_assign_ahead`], a ready worker that holds no unstarted task assigned ahead
+    /// may take one more that does not fit its free capacity now (but its totals): its
+    /// `assigned` event says `"ahead": true`, it reserves like any running attempt (so nothing
+    /// more is placed there), and the worker starts it once it has room — its `started`
+    /// event ends the hold. Epochs, fencing, cancel, drain and loss treat it as running.
     pub fn schedule(&mut self, now: u64, workers: &[WorkerView]) -> Vec<TaskAction> {
         let mut workers = workers.to_vec();
         let mut actions = self.schedule_verdicts(now, &mut workers);
         let workers = &workers[..];
-        let queue: Vec<QueuedTask<String>> = self
-            .order
+        // The queue as the index keeps it: by class, each in placement order; tasks waiting
+        // out a retry backoff are skipped without blocking their class.
+        let classes = self
+            .index
+            .work
             .iter()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|t| t.state == TaskState::Queued && t.not_before_ms <= now)
-            .filter(|t| !t.in_verdict())
-            .map(|t| QueuedTask {
-                id: t.id.clone(),
-                priority: t.spec.priority,
-                submitted_ms: t.submitted_ms,
-                requirements: t.requirements(),
+            .map(|(class, keys)| {
+                let due = keys
+                    .iter()
+                    .filter(move |(_, not_before)| **not_before <= now)
+                    .map(|(key, _)| (key, key.id.clone()));
+                (&class.0, due)
             })
             .collect();
-        if queue.is_empty() {
-            return actions;
-        }
-        for (id, worker) in pick_next(&queue, workers) {
+        let mut ahead: Vec<bool> = workers
+            .iter()
+            .map(|w| self.assign_ahead && self.index.ahead_on(&w.name) == 0)
+            .collect();
+        for picked in pick_grouped(classes, workers, &mut ahead) {
+            let (id, worker) = (picked.id, picked.worker);
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
@@ -325,13 +387,17 @@ impl Tasks {
             t.next_seq = 0;
             t.state = TaskState::Running;
             t.worker = Some(worker.clone());
-            t.reason = None;
+            t.ahead = picked.ahead;
+            t.reason = t.ahead.then(|| ahead_reason(&worker));
             t.keep_running = spec_keep_running(&t.spec);
             t.detached_since = None;
             let (iteration, feedback) = t.progress.resume_point(&t.spec);
             let mut payload = json!({ "epoch": t.epoch, "attempt": t.attempts, "worker": worker });
             if iteration > 1 {
                 payload["iteration"] = json!(iteration);
+            }
+            if t.ahead {
+                payload["ahead"] = json!(true);
             }
             let assigned = event(t, now, None, "assigned", payload.to_string());
             let assigned = oom::note_memory(assigned, t.memory_bytes);
@@ -352,6 +418,7 @@ impl Tasks {
                     secrets: Vec::new(),
                 }),
             });
+            self.refile(&id);
         }
         actions
     }
@@ -361,7 +428,8 @@ impl Tasks {
     /// the work placed after them does not over-commit.
     fn schedule_verdicts(&mut self, now: u64, workers: &mut [WorkerView]) -> Vec<TaskAction> {
         let mut actions = Vec::new();
-        for id in &self.order {
+        let queued: Vec<String> = self.index.verdicts.values().cloned().collect();
+        for id in &queued {
             let Some(t) = self.tasks.get_mut(id) else {
                 continue;
             };
@@ -401,6 +469,7 @@ impl Tasks {
             t.next_seq = 0;
             t.state = TaskState::Running;
             t.worker = Some(worker.clone());
+            t.ahead = false;
             t.reason = None;
             t.keep_running = spec_keep_running(&t.spec);
             t.detached_since = None;
@@ -426,6 +495,7 @@ impl Tasks {
                     secrets: Vec::new(),
                 }),
             });
+            self.refile(id);
         }
         actions
     }
@@ -473,38 +543,54 @@ impl Tasks {
         }
         t.next_seq += 1;
         let seq = ev.seq;
-        if ev.kind == "checkpoint" {
-            t.checkpoint_at = Some((t.next_pos, epoch, seq));
-        }
-        let mut events = vec![NewEvent {
-            task_id: t.id.clone(),
-            pos: t.next_pos,
-            epoch,
-            seq: Some(seq),
-            ts_ms: ev.ts_ms,
-            kind: ev.kind.clone(),
-            payload: ev.payload.clone(),
-        }];
+        let pos = t.next_pos;
         t.next_pos += 1;
         t.progress.apply_worker_event(epoch, &ev.kind, &ev.payload);
+        let (exited, started) = (ev.kind == "exited", ev.kind == "started");
         if ev.kind == "checkpoint" {
+            t.checkpoint_at = Some((pos, epoch, seq));
             t.checkpoint = Some(ev.payload.clone());
         }
-        if ev.kind == "started" {
+        let held = started && t.ahead;
+        if started {
             if let Some(policy) = started_policy(&ev.payload) {
                 t.keep_running = policy;
             }
+            if t.ahead {
+                // The worker had room and started it: no longer held.
+                t.ahead = false;
+                t.reason = None;
+            }
         }
-        if ev.kind == "exited" {
+        let mut after = Vec::new();
+        if exited {
             let class = serde_json::from_str::<serde_json::Value>(&ev.payload)
                 .ok()
                 .and_then(|v| serde_json::from_value::<ExitClass>(v.get("class")?.clone()).ok())
                 .unwrap_or(ExitClass::Exited(-1));
             t.exit = Some(class);
-            events.extend(attempt_over(t, now, exit_outcome(t, class, &ev.payload)));
+            after = attempt_over(t, now, exit_outcome(t, class, &ev.payload));
         }
-        if ev.kind == "started" {
-            events.extend(resumed(t, now, &ev.payload));
+        if started {
+            after.extend(resumed(t, now, &ev.payload));
+        }
+        // The worker's event first (its position was taken above), moved rather than copied:
+        // this is the hot path of event ingestion.
+        let mut events = Vec::with_capacity(1 + after.len());
+        events.push(NewEvent {
+            task_id: t.id.clone(),
+            pos,
+            epoch,
+            seq: Some(seq),
+            ts_ms: ev.ts_ms,
+            kind: ev.kind,
+            payload: ev.payload,
+        });
+        events.extend(after);
+        // Only the end of an attempt moves a task out of `running`, and only `started` ends a
+        // hold.
+        if exited || held {
+            self.refile(task_id);
         }
         EventVerdict::Accept {
             seq,
@@ -522,7 +608,8 @@ impl Tasks {
         how: WorkerGone,
     ) -> Vec<TaskAction> {
         let mut actions = Vec::new();
-        for id in &self.order {
+        let running = self.index.running_on(worker);
+        for id in &running {
             let Some(t) = self.tasks.get_mut(id) else {
                 continue;
             };
@@ -547,6 +634,7 @@ impl Tasks {
                 "worker_lost",
             )));
             self.detached.remove(id);
+            self.refile(id);
         }
         actions
     }
@@ -564,7 +652,8 @@ impl Tasks {
         registration: bool,
     ) -> Vec<TaskAction> {
         let mut actions = Vec::new();
-        for id in &self.order {
+        let on_worker = self.index.running_on(worker);
+        for id in &on_worker {
             let Some(t) = self.tasks.get_mut(id) else {
                 continue;
             };
@@ -583,6 +672,7 @@ impl Tasks {
             };
             actions.push(TaskAction::Append(end_attempt(t, now, worker, why)));
             self.detached.remove(id);
+            self.refile(id);
         }
         for (task_id, epoch) in running {
             let current = self.tasks.get_mut(task_id).filter(|t| {
@@ -690,6 +780,7 @@ impl Tasks {
                 &worker,
                 "worker_lost",
             )));
+            self.refile(&id);
         }
         actions
     }
@@ -725,6 +816,7 @@ impl Tasks {
             }
         }
         actions.insert(0, TaskAction::Append(events));
+        self.refile(id);
         Some((false, actions))
     }
 
@@ -768,7 +860,8 @@ impl Tasks {
     /// without counting the attempt against `max_attempts`.
     pub fn handle_drain_deadline(&mut self, now: u64, worker: &str) -> Vec<TaskAction> {
         let mut actions = Vec::new();
-        for id in &self.order {
+        let running = self.index.running_on(worker);
+        for id in &running {
             let Some(t) = self.tasks.get_mut(id) else {
                 continue;
             };
@@ -795,18 +888,14 @@ impl Tasks {
                 task_id: t.id.clone(),
                 epoch,
             });
+            self.refile(id);
         }
         actions
     }
 
     /// Ids of tasks with an attempt running on `worker`, in submission order.
     pub fn running_on(&self, worker: &str) -> Vec<String> {
-        self.order
-            .iter()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|t| t.state == TaskState::Running && t.worker.as_deref() == Some(worker))
-            .map(|t| t.id.clone())
-            .collect()
+        self.index.running_on(worker)
     }
 
     /// Queued tasks whose last attempt ended without success, in submission order.
@@ -855,6 +944,28 @@ impl Tasks {
         for id in &self.detached {
             assert!(self.tasks.contains_key(id), "{id}: detached but unknown");
         }
+        let mut rebuilt = Index::default();
+        for t in self.tasks.values() {
+            let filed = Filed::of(t.facts());
+            assert_eq!(
+                filed, t.filed,
+                "{}: filed as its state was, not as it is",
+                t.id
+            );
+            if let Some(f) = &filed {
+                rebuilt.insert(&t.id, f);
+            }
+        }
+        assert!(
+            rebuilt == self.index,
+            "the task index is out of step with the tasks"
+        );
+        for worker in self.index.workers_holding() {
+            assert!(
+                self.index.ahead_on(worker) <= 1,
+                "{worker} holds more than one task assigned ahead"
+            );
+        }
     }
 }
 
@@ -875,6 +986,11 @@ fn end_attempt(t: &mut Task, now: u64, worker: &str, why: &str) -> Vec<NewEvent>
     };
     events.extend(attempt_over(t, now, outcome));
     events
+}
+
+/// What a running task held by its worker shows as its reason.
+fn ahead_reason(worker: &str) -> String {
+    format!("assigned ahead to {worker}; it starts there as soon as {worker} has room")
 }
 
 /// The `keep_running` bound a spec asks for, if it does.
@@ -1149,6 +1265,9 @@ fn replay(t: &mut Task, e: &NewEvent) {
                 if let Some(policy) = started_policy(&e.payload) {
                     t.keep_running = policy;
                 }
+                if std::mem::take(&mut t.ahead) {
+                    t.reason = None;
+                }
             }
             "exited" => {
                 t.exit = payload
@@ -1172,7 +1291,11 @@ fn replay(t: &mut Task, e: &NewEvent) {
                 .map(str::to_owned);
             t.state = TaskState::Running;
             t.next_seq = 0;
-            t.reason = None;
+            t.ahead = payload.get("ahead").and_then(|a| a.as_bool()) == Some(true);
+            t.reason = match (&t.worker, t.ahead) {
+                (Some(w), true) => Some(ahead_reason(w)),
+                _ => None,
+            };
             t.keep_running = spec_keep_running(&t.spec);
             if payload.get("kind").and_then(|k| k.as_str()) == Some("verdict") {
                 t.progress.verdict_assigned(e.epoch, t.worker.clone());

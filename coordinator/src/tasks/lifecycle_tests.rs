@@ -606,3 +606,256 @@ fn a_later_report_ends_what_is_missing_without_reattaching() {
     );
     tasks.sanity_check();
 }
+
+/// Assign ahead: a full worker holds one more task, which its `started` releases (and the next
+/// one goes ahead); the hold survives a restart; held tasks are cancelled and lost like running
+/// ones.
+#[test]
+fn a_full_worker_holds_one_task_ahead_until_it_starts() {
+    let mut tasks = Tasks::default();
+    tasks.set_assign_ahead(true);
+    let mut log = Log::default();
+    let ids: Vec<String> = (0..5)
+        .map(|_| {
+            let (id, a) = tasks.submit(1, spec(3));
+            log.take(&a);
+            id
+        })
+        .collect();
+    let w1 = || {
+        let mut w = worker("w1");
+        w.reserved = Capacity::default();
+        w
+    };
+    let schedule = |tasks: &mut Tasks, log: &mut Log| {
+        let mut view = w1();
+        view.reserved = tasks.reserved().get("w1").copied().unwrap_or_default();
+        let a = tasks.schedule(2, &[view]);
+        log.take(&a);
+        tasks.sanity_check();
+        a
+    };
+    let placed = schedule(&mut tasks, &mut log);
+    let assigned: Vec<(String, bool)> = log
+        .events
+        .iter()
+        .filter(|e| e.kind == "assigned")
+        .map(|e| (e.task_id.clone(), e.payload.contains("\"ahead\":true")))
+        .collect();
+    assert_eq!(
+        assigned,
+        vec![
+            (ids[0].clone(), false),
+            (ids[1].clone(), false),
+            (ids[2].clone(), true)
+        ],
+        "two fit the two cpus, one more goes ahead: {placed:?}"
+    );
+    let held = tasks.info(&ids[2]).unwrap();
+    assert_eq!(held.state, TaskState::Running);
+    assert!(held.reason.unwrap().contains("assigned ahead to w1"));
+    assert!(
+        schedule(&mut tasks, &mut log).is_empty(),
+        "one held at a time"
+    );
+    assert_replays_to_same(&tasks, &log);
+    let mut restored = Tasks::restore(log.stored());
+    restored.set_assign_ahead(true);
+    restored.sanity_check();
+    let mut view = w1();
+    view.reserved = restored.reserved()["w1"];
+    assert!(
+        restored.schedule(3, &[view]).is_empty(),
+        "the hold is in the session"
+    );
+
+    // The held one starts (the worker had room): the next goes ahead.
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &ids[2],
+        1,
+        ev(0, "started", "{}"),
+    );
+    assert_eq!(tasks.info(&ids[2]).unwrap().reason, None);
+    schedule(&mut tasks, &mut log);
+    assert!(log.kinds(&ids[3]).contains(&"assigned".to_owned()));
+    assert!(!log.kinds(&ids[4]).contains(&"assigned".to_owned()));
+    // Cancelled while held: the worker reports the end without a start; the hold is free.
+    let (_, a) = tasks.cancel(4, &ids[3]).unwrap();
+    assert!(a
+        .iter()
+        .any(|a| matches!(a, TaskAction::Cancel { worker, .. } if worker == "w1")));
+    log.take(&a);
+    accept(
+        &mut tasks,
+        &mut log,
+        "w1",
+        &ids[3],
+        1,
+        ev(0, "exited", r#"{"class":"cancelled"}"#),
+    );
+    assert_eq!(tasks.info(&ids[3]).unwrap().state, TaskState::Cancelled);
+    schedule(&mut tasks, &mut log);
+    assert!(log.kinds(&ids[4]).contains(&"assigned".to_owned()));
+    // Lost: held and running alike end and are retried.
+    let a = tasks.handle_worker_gone(5, "w1", WorkerGone::Lost);
+    log.take(&a);
+    tasks.sanity_check();
+    for id in [&ids[0], &ids[1], &ids[2], &ids[4]] {
+        assert_eq!(tasks.info(id).unwrap().state, TaskState::Queued, "{id}");
+    }
+    assert_replays_to_same(&tasks, &log);
+}
+
+/// Random inputs with assign ahead on, against a model worker that starts its assignments in
+/// the order they came, each only when it fits what it already runs (as the real worker's
+/// gate does): after every step the index and the one-hold invariant hold (sanity_check), a
+/// task placed with room never has to wait at the worker, the worker never runs more than its
+/// capacity, and the session replays to the same state.
+#[test]
+fn random_schedules_with_holds_keep_every_invariant() {
+    use std::collections::{BTreeMap, VecDeque};
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut below = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let names = ["w1", "w2"];
+    let (mut holds, mut waited) = (0, 0);
+    for _round in 0..60 {
+        let mut tasks = Tasks::default();
+        tasks.set_assign_ahead(true);
+        let mut log = Log::default();
+        let mut ids = Vec::new();
+        // Per worker: assignments not started yet, in arrival order, and what runs.
+        let mut waiting: BTreeMap<&str, VecDeque<(String, u64, bool)>> = BTreeMap::new();
+        let mut running: BTreeMap<&str, Vec<(String, u64, u64)>> = BTreeMap::new();
+        let cpus_of =
+            |tasks: &Tasks, id: &str| u64::from(tasks.info(id).unwrap().spec.requirements.cpus);
+        for step in 0..150u64 {
+            let now = 10 + step;
+            let w = names[below(2) as usize];
+            match below(8) {
+                0 | 1 => {
+                    let mut s = spec(2);
+                    s.requirements.cpus = below(3) as u32;
+                    s.retry.backoff_ms = 0;
+                    let (id, a) = tasks.submit(now, s);
+                    log.take(&a);
+                    ids.push(id);
+                }
+                2 | 3 => {
+                    let views: Vec<WorkerView> = names
+                        .iter()
+                        .map(|n| {
+                            let mut v = worker(n);
+                            v.reserved = tasks.reserved().get(*n).copied().unwrap_or_default();
+                            v
+                        })
+                        .collect();
+                    let a = tasks.schedule(now, &views);
+                    for action in &a {
+                        if let TaskAction::Assign { worker, assignment } = action {
+                            let n = names.iter().find(|n| *n == worker).unwrap();
+                            let held = tasks.info(&assignment.task_id).unwrap().reason.is_some();
+                            holds += usize::from(held);
+                            waiting.entry(n).or_default().push_back((
+                                assignment.task_id.clone(),
+                                assignment.epoch,
+                                held,
+                            ));
+                        }
+                    }
+                    log.take(&a);
+                }
+                4 => {
+                    // The worker starts its oldest assignment if it has room.
+                    let Some((id, epoch, held)) = waiting.entry(w).or_default().front().cloned()
+                    else {
+                        continue;
+                    };
+                    let need = cpus_of(&tasks, &id);
+                    let used: u64 = running.entry(w).or_default().iter().map(|r| r.2).sum();
+                    let fits = used + need <= 2 || used == 0;
+                    assert!(
+                        fits || held,
+                        "{id} was placed with room but does not fit {w}"
+                    );
+                    waited += usize::from(!fits);
+                    if fits {
+                        waiting.get_mut(w).unwrap().pop_front();
+                        accept(&mut tasks, &mut log, w, &id, epoch, ev(0, "started", "{}"));
+                        running.get_mut(w).unwrap().push((id, epoch, need));
+                    }
+                }
+                5 => {
+                    let on = running.entry(w).or_default();
+                    if !on.is_empty() {
+                        let (id, epoch, _) = on.remove(below(on.len() as u64) as usize);
+                        accept(
+                            &mut tasks,
+                            &mut log,
+                            w,
+                            &id,
+                            epoch,
+                            ev(1, "exited", r#"{"class":{"exited":0}}"#),
+                        );
+                    }
+                }
+                6 if !ids.is_empty() => {
+                    let id = ids[below(ids.len() as u64) as usize].clone();
+                    let (_, a) = tasks.cancel(now, &id).unwrap();
+                    log.take(&a);
+                    // The worker stops it at once and reports the end (no start if it waited).
+                    for action in &a {
+                        if let TaskAction::Cancel {
+                            worker,
+                            task_id,
+                            epoch,
+                        } = action
+                        {
+                            let n = names.iter().find(|n| *n == worker).unwrap();
+                            let q = waiting.entry(n).or_default();
+                            let was_waiting = q.iter().any(|x| &x.0 == task_id && x.1 == *epoch);
+                            q.retain(|x| !(&x.0 == task_id && x.1 == *epoch));
+                            running
+                                .entry(n)
+                                .or_default()
+                                .retain(|x| !(&x.0 == task_id && x.1 == *epoch));
+                            let seq = if was_waiting { 0 } else { 1 };
+                            accept(
+                                &mut tasks,
+                                &mut log,
+                                n,
+                                task_id,
+                                *epoch,
+                                ev(seq, "exited", r#"{"class":"cancelled"}"#),
+                            );
+                        }
+                    }
+                }
+                7 if below(4) == 0 => {
+                    log.take(&tasks.handle_worker_gone(now, w, WorkerGone::Lost));
+                    waiting.remove(w);
+                    running.remove(w);
+                }
+                _ => {}
+            }
+            tasks.sanity_check();
+            for n in names {
+                let used: u64 = running.get(n).map_or(0, |r| r.iter().map(|x| x.2).sum());
+                let one = running.get(n).is_some_and(|r| r.len() == 1);
+                assert!(used <= 2 || one, "{n} runs {used} cpus");
+            }
+        }
+        assert_replays_to_same(&tasks, &log);
+    }
+    assert!(
+        holds > 50 && waited > 20,
+        "held {holds}, waited {waited}: the walk exercises holds"
+    );
+}

@@ -11,6 +11,7 @@
 //!   one-line reason when none does. Pure: no I/O, no clock.
 
 pub mod acceptance;
+mod index;
 pub mod inputs;
 pub mod lifecycle;
 pub mod oom;

@@ -12,6 +12,8 @@
 //!
 //! [`pick_next`] places a whole queue in one pass, reserving as it goes so it never
 //! over-commits a worker. Priority orders the queue only; nothing is preempted.
+//! [`pick_grouped`] gives the same answer for a queue kept grouped by requirements, without
+//! looking at every queued task (the coordinator's queue, see `tasks::index`).
 
 use super::wait::WaitReason;
 use drover_protocol::task::Requirements;
@@ -135,6 +137,111 @@ pub fn pick_next<Id: Clone>(queue: &[QueuedTask<Id>], workers: &[WorkerView]) ->
         }
     }
     out
+}
+
+/// [`pick_next`] over a queue already grouped by requirements, with the same answer at a
+/// fraction of the cost: each class lists its tasks in queue order with their sort key (keys
+/// unique across classes; lower goes first). The classes are merged by key, and once a class's
+/// head fits no worker the rest of that class is skipped: reservations only grow during a
+/// pass, so nothing with the same requirements behind it could fit either — which is exactly
+/// what [`pick_next`] would find, task by task.
+///
+/// **Ahead.** `ahead[i]` says `workers[i]` may take one task beyond its free capacity, which
+/// it holds and starts the moment its own capacity frees (the dispatch round trip is then off
+/// the task's path). A head that fits no worker now goes ahead to the eligible ready worker
+/// whose totals it fits with the lowest load once added (ties by name), which is then no
+/// longer eligible; placements say whether they went ahead. With no worker eligible, the
+/// answer is [`pick_next`]'s.
+///
+/// Cost: O((placed + classes) × w) checks plus O(placed × log classes), however long the
+/// queue, where [`pick_next`] checks every queued task.
+pub fn pick_grouped<K, Id, I>(
+    classes: Vec<(&Requirements, I)>,
+    workers: &[WorkerView],
+    ahead: &mut [bool],
+) -> Vec<Picked<Id>>
+where
+    K: Ord,
+    I: Iterator<Item = (K, Id)>,
+{
+    let mut reserved: Vec<Capacity> = workers.iter().map(|w| w.reserved).collect();
+    let mut classes = classes;
+    let mut heads: Vec<Option<Id>> = Vec::with_capacity(classes.len());
+    let mut heap = std::collections::BinaryHeap::new();
+    for (c, (_, tasks)) in classes.iter_mut().enumerate() {
+        let head = tasks.next().map(|(key, id)| {
+            heap.push(Reverse((key, c)));
+            id
+        });
+        heads.push(head);
+    }
+    let mut out = Vec::new();
+    while let Some(Reverse((_, c))) = heap.pop() {
+        let req = classes[c].0;
+        let (i, early) = match best_fit(req, workers, &reserved) {
+            Some(i) => (i, false),
+            None => match best_ahead(req, workers, &reserved, ahead) {
+                Some(i) => {
+                    ahead[i] = false;
+                    (i, true)
+                }
+                // Blocked: the class drops out of this pass.
+                None => continue,
+            },
+        };
+        reserved[i] = add(reserved[i], demand(req));
+        if let Some(id) = heads[c].take() {
+            out.push(Picked {
+                id,
+                worker: workers[i].name.clone(),
+                ahead: early,
+            });
+        }
+        if let Some((key, id)) = classes[c].1.next() {
+            heap.push(Reverse((key, c)));
+            heads[c] = Some(id);
+        }
+    }
+    out
+}
+
+/// One placement of [`pick_grouped`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Picked<Id> {
+    pub id: Id,
+    pub worker: String,
+    /// Beyond the worker's free capacity: it holds the task until it has room.
+    pub ahead: bool,
+}
+
+/// Index of the eligible (`ahead[i]`), ready worker whose totals `req` fits, with the lowest
+/// load once `req` is added to `reserved[i]` (ties by name).
+fn best_ahead(
+    req: &Requirements,
+    workers: &[WorkerView],
+    reserved: &[Capacity],
+    ahead: &[bool],
+) -> Option<usize> {
+    let need = demand(req);
+    let mut best: Option<(usize, Fraction)> = None;
+    for (i, w) in workers.iter().enumerate() {
+        if !ahead[i] || w.state != WorkerState::Ready || first_failure(req, w, None).is_some() {
+            continue;
+        }
+        let load = load_after(w.total(), add(reserved[i], need));
+        let better = match &best {
+            None => true,
+            Some((j, best_load)) => match load.cmp(best_load) {
+                Ordering::Less => true,
+                Ordering::Equal => w.name < workers[*j].name,
+                Ordering::Greater => false,
+            },
+        };
+        if better {
+            best = Some((i, load));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 /// Index of the worker that takes `req` with the best spread, given `reserved[i]` for

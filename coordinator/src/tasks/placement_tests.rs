@@ -274,6 +274,116 @@ impl Lcg {
     }
 }
 
+/// `pick_grouped` on the queue grouped by requirements gives `pick_next`'s answer.
+#[test]
+fn grouped_picking_is_the_same_as_picking_task_by_task() {
+    let mut rng = Lcg(11);
+    for _ in 0..500 {
+        let workers: Vec<WorkerView> = (0..1 + rng.below(4))
+            .map(|i| {
+                let cpus = 1 + rng.below(6);
+                let mut v = w(&format!("w{i}"), cpus, 1 + rng.below(8)).gpus(rng.below(2));
+                v.labels = ["browser", "ssd"]
+                    .iter()
+                    .filter(|_| rng.below(2) == 0)
+                    .map(|s| s.to_string())
+                    .collect();
+                v.reserved = Capacity {
+                    cpus: rng.below(cpus + 1),
+                    ..Capacity::default()
+                };
+                v
+            })
+            .collect();
+        let queue: Vec<QueuedTask<u64>> = (0..rng.below(40))
+            .map(|id| QueuedTask {
+                id,
+                priority: rng.below(3) as i32,
+                submitted_ms: rng.below(4),
+                requirements: Requirements {
+                    cpus: rng.below(3) as u32,
+                    memory_bytes: rng.below(3) * GIB,
+                    gpus: rng.below(2) as u32,
+                    labels: if rng.below(3) == 0 {
+                        vec!["browser".to_owned()]
+                    } else {
+                        Vec::new()
+                    },
+                    ..Requirements::default()
+                },
+            })
+            .collect();
+        let mut classes: Vec<(Requirements, Vec<(_, u64)>)> = Vec::new();
+        let mut sorted: Vec<&QueuedTask<u64>> = queue.iter().collect();
+        sorted.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.submitted_ms, t.id));
+        for t in sorted {
+            let key = (std::cmp::Reverse(t.priority), t.submitted_ms, t.id);
+            match classes.iter_mut().find(|(r, _)| *r == t.requirements) {
+                Some((_, tasks)) => tasks.push((key, t.id)),
+                None => classes.push((t.requirements.clone(), vec![(key, t.id)])),
+            }
+        }
+        let mut none_ahead = vec![false; workers.len()];
+        let grouped: Vec<(u64, String)> = pick_grouped(
+            classes
+                .iter()
+                .map(|(r, tasks)| (r, tasks.iter().cloned()))
+                .collect(),
+            &workers,
+            &mut none_ahead,
+        )
+        .into_iter()
+        .map(|p| (p.id, p.worker))
+        .collect();
+        assert_eq!(grouped, pick_next(&queue, &workers));
+    }
+}
+
+/// Ahead: a full worker takes one task beyond its capacity, only one, only when nothing has
+/// room now, only if the task fits its totals, and the least loaded eligible one first.
+#[test]
+fn one_task_goes_ahead_per_eligible_worker_when_nothing_has_room() {
+    let full = |name: &str, busy: u64| w(name, 2, 8).busy(busy, 0, 0);
+    let workers = [full("a", 2), full("b", 2), w("small", 1, 8).busy(1, 0, 0)];
+    let two = cpus(2);
+    let tasks: Vec<_> = (0..5u64)
+        .map(|i| ((std::cmp::Reverse(0), 0, i), i))
+        .collect();
+    let mut eligible = vec![true, false, true];
+    let picked = pick_grouped(vec![(&two, tasks.into_iter())], &workers, &mut eligible);
+    assert_eq!(
+        picked,
+        vec![Picked {
+            id: 0,
+            worker: "a".into(),
+            ahead: true
+        }],
+        "b is not eligible and two cpus never fit small"
+    );
+    assert_eq!(eligible, vec![false, false, true]);
+    // Room now beats going ahead, and the less loaded worker is held first.
+    let workers = [full("a", 2), full("b", 1), w("c", 2, 8).busy(2, 0, 0)];
+    let one = cpus(1);
+    let tasks: Vec<_> = (0..4u64)
+        .map(|i| ((std::cmp::Reverse(0), 0, i), i))
+        .collect();
+    let mut eligible = vec![true, true, true];
+    let picked = pick_grouped(vec![(&one, tasks.into_iter())], &workers, &mut eligible);
+    let got: Vec<(u64, &str, bool)> = picked
+        .iter()
+        .map(|p| (p.id, p.worker.as_str(), p.ahead))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, "b", false),
+            (1, "a", true),
+            (2, "b", true),
+            (3, "c", true)
+        ]
+    );
+}
+
 #[test]
 fn random_queues_are_placed_exactly_within_capacity() {
     let mut rng = Lcg(7);

@@ -163,7 +163,9 @@ impl Attempt {
         let main = main_status(self.status.is_some(), &records, forked);
         let class = classify(&end, main, counters.oom_kills);
         if emptied.is_ok() {
-            self.cgroup.finish().await;
+            // Seen empty above, and it stays so (a process enters only by forking from a
+            // member): remove it without looking again.
+            self.cgroup.finish_emptied().await;
         }
         let outcome = AttemptOutcome {
             class,
@@ -302,6 +304,26 @@ impl CgroupGuard {
             return;
         }
         self.inner.keep_or_remove(cgroup);
+    }
+}
+
+impl CgroupGuard {
+    /// Removes a cgroup already seen empty, or keeps it as a leftover if it will not go. A
+    /// process that has just died can be gone from `cgroup.procs` a moment before the kernel
+    /// lets the directory go (EBUSY): retried briefly.
+    async fn finish_emptied(&mut self) {
+        let Some(cgroup) = self.cgroup.take() else {
+            return;
+        };
+        let removed = super::cgroup::poll_until(std::time::Duration::from_millis(500), || {
+            cgroup.remove().is_ok()
+        })
+        .await;
+        if removed {
+            self.inner.refill_warm();
+        } else {
+            self.inner.remove_or_keep(cgroup);
+        }
     }
 }
 

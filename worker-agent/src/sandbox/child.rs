@@ -132,8 +132,24 @@ pub(crate) struct ChildPlan {
     /// The worker's end is kept; S sends the proxy's listening socket over this one
     /// (`network = proxy` only).
     pub(crate) proxy_fd: Option<RawFd>,
+    /// Present when a warm thread forks this process in its cgroup and a pids limit applies:
+    /// see [`PidsOnceAlone`].
+    pub(crate) pids_once_alone: Option<PidsOnceAlone>,
     /// `None`: process isolation.
     pub(crate) sandbox: Option<SandboxSetup>,
+}
+
+/// The pids limit of a warm spawn (`warm` module), set by the process itself before anything
+/// else: the worker thread that forked it still counts in the cgroup at first, so the limit
+/// can only be exact once that thread is gone — which this process sees as `pids.current`
+/// reading 1 (itself). It then writes the limit and goes on; no task code runs before.
+#[derive(Debug)]
+pub(crate) struct PidsOnceAlone {
+    /// The attempt cgroup's `pids.current`.
+    pub(crate) current: CString,
+    /// Its `pids.max`, and what to write there.
+    pub(crate) max: CString,
+    pub(crate) value: Vec<u8>,
 }
 
 /// The namespace part of a [`ChildPlan`].
@@ -252,10 +268,11 @@ pub(crate) enum Step {
     Mask,
     Loopback,
     ProxySocket,
+    PidsLimit,
 }
 
 impl Step {
-    const ALL: [Step; 26] = [
+    const ALL: [Step; 27] = [
         Step::JoinCgroup,
         Step::Setpgid,
         Step::Unshare,
@@ -282,6 +299,7 @@ impl Step {
         Step::Mask,
         Step::Loopback,
         Step::ProxySocket,
+        Step::PidsLimit,
     ];
 
     fn from_u8(v: u8) -> Option<Step> {
@@ -345,6 +363,11 @@ impl Step {
                 "make the egress proxy's socket on 127.0.0.1 in the sandbox and hand it to the worker"
                     .to_owned()
             }
+            Step::PidsLimit => {
+                "set the attempt's pids limit once the worker thread that forked it has left \
+                 the cgroup (pids.current, pids.max)"
+                    .to_owned()
+            }
         }
     }
 }
@@ -396,6 +419,9 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
             fail(Step::JoinCgroup, i, errno);
         }
     }
+    if let Some(limit) = &plan.pids_once_alone {
+        pids_once_alone(limit);
+    }
     match &plan.sandbox {
         None => {
             // SAFETY: setpgid has no memory arguments.
@@ -404,6 +430,46 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
         }
         Some(setup) => outer(plan, setup),
     }
+}
+
+/// Waits (yielding, then sleeping 50 µs at a time; 200,000 rounds at most) until this process is
+/// alone in its pids cgroup, then writes the limit. See [`PidsOnceAlone`].
+fn pids_once_alone(limit: &PidsOnceAlone) {
+    let pause = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 50_000,
+    };
+    for round in 0..200_000u32 {
+        let mut buf = [0u8; 24];
+        // SAFETY: valid NUL-terminated path; a live buffer of the given length.
+        let n = unsafe {
+            let fd = libc::open(limit.current.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                fail(Step::PidsLimit, 0, Errno::last());
+            }
+            let n = libc::read(fd, buf.as_mut_ptr().cast::<c_void>(), buf.len());
+            libc::close(fd);
+            n
+        };
+        if n < 0 {
+            fail(Step::PidsLimit, 0, Errno::last());
+        }
+        if buf[..n as usize].trim_ascii() == b"1" {
+            if let Err(errno) = write_path(&limit.max, &limit.value) {
+                fail(Step::PidsLimit, 1, errno);
+            }
+            return;
+        }
+        // SAFETY: sched_yield and nanosleep take no memory but a live timespec.
+        unsafe {
+            if round < 100 {
+                libc::sched_yield();
+            } else {
+                libc::nanosleep(&pause, ptr::null_mut());
+            }
+        }
+    }
+    fail(Step::PidsLimit, 0, Errno::ETIMEDOUT);
 }
 
 /// S: creates the namespaces, forks the init, waits for it.

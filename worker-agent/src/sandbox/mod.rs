@@ -44,6 +44,7 @@ mod error;
 pub mod plan;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,6 +71,10 @@ use child::{ChildPlan, Mask, Rebind, Record, SandboxSetup, SysMount};
 /// Helper processes an attempt with `isolation = sandbox` keeps in its cgroup besides the task
 /// (the outer helper and the init); added to the pids limit so the task gets what it asked for.
 pub const SANDBOX_HELPER_PIDS: u32 = 2;
+
+/// Warm cgroups kept ready on cgroup v1 hosts (one idle thread and one empty cgroup each):
+/// enough for the attempts that start at once on a small worker; more start cold.
+const WARM_CGROUPS: usize = 2;
 
 /// What to run for one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -120,6 +125,8 @@ struct Inner {
     next_seq: AtomicU64,
     /// Cgroups that could not be removed yet (retried on each spawn).
     leftovers: Mutex<Vec<AttemptCgroup>>,
+    /// Fresh cgroups with a thread waiting inside (v1 only; see the `warm` module).
+    warm: Option<warm::Pool>,
 }
 
 impl Sandbox {
@@ -186,6 +193,10 @@ impl Sandbox {
         user_namespace: bool,
         private: Vec<PathBuf>,
     ) -> Sandbox {
+        let warm = match &hierarchy {
+            Hierarchy::V1(bases) => Some(warm::Pool::new(bases.clone(), WARM_CGROUPS)),
+            Hierarchy::V2(_) => None,
+        };
         Sandbox {
             inner: Arc::new(Inner {
                 hierarchy,
@@ -195,6 +206,7 @@ impl Sandbox {
                 keep: Vec::new(),
                 next_seq: AtomicU64::new(1),
                 leftovers: Mutex::new(Vec::new()),
+                warm,
             }),
         }
     }
@@ -267,15 +279,43 @@ impl Sandbox {
             );
         }
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        let name = attempt_name(seq, spec.task_id, spec.attempt);
-        let cgroup = self.inner.hierarchy.create(
-            &name,
-            CgroupLimits {
-                memory_bytes: spec.limits.memory_bytes,
-                pids: pids_limit,
-            },
-        )?;
-        let procs = cgroup.procs_files();
+        let mut name = attempt_name(seq, spec.task_id, spec.attempt);
+        // A warm cgroup, when one is ready: the process is born in it (no migration, see the
+        // `warm` module), gets its memory limit now and sets its pids limit itself once the
+        // thread that forks it has left. Else a new cgroup, which the process joins itself.
+        let mut pids_once_alone = None;
+        let (cgroup, launcher) = match self.inner.warm.as_ref().and_then(warm::Pool::take) {
+            Some(warmed) => {
+                let (group, launcher) = warmed.into_parts();
+                if let Some(bytes) = spec.limits.memory_bytes {
+                    if let Err(e) = group.set_memory_limit(bytes) {
+                        launcher.release().await;
+                        let _guard =
+                            attempt::CgroupGuard::new(AttemptCgroup::V1(group), self.inner.clone());
+                        return Err(e.into());
+                    }
+                }
+                name = group.name();
+                if let (Some(dir), Some(max)) = (&group.pids, pids_limit) {
+                    pids_once_alone = Some((dir.join("pids.current"), dir.join("pids.max"), max));
+                }
+                (AttemptCgroup::V1(group), Some(launcher))
+            }
+            None => (
+                self.inner.hierarchy.create(
+                    &name,
+                    CgroupLimits {
+                        memory_bytes: spec.limits.memory_bytes,
+                        pids: pids_limit,
+                    },
+                )?,
+                None,
+            ),
+        };
+        let procs = match launcher {
+            Some(_) => Vec::new(),
+            None => cgroup.procs_files(),
+        };
         let mut guard = attempt::CgroupGuard::new(cgroup, self.inner.clone());
 
         let (setup_r, setup_w) = pipe_pair("setup")?;
@@ -306,6 +346,14 @@ impl Sandbox {
             events_fd: events_w.as_raw_fd(),
             status_fd: status.as_ref().map(|(_, w)| w.as_raw_fd()),
             proxy_fd: proxy_chan.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
+            pids_once_alone: match &pids_once_alone {
+                Some((current, max, value)) => Some(child::PidsOnceAlone {
+                    current: c(current)?,
+                    max: c(max)?,
+                    value: value.to_string().into_bytes(),
+                }),
+                None => None,
+            },
             sandbox: sandboxed
                 .then(|| self.sandbox_setup(&spec, &workspace))
                 .transpose()?,
@@ -326,7 +374,11 @@ impl Sandbox {
         unsafe {
             cmd.pre_exec(move || child::run(&in_child));
         }
-        let mut process = cmd.spawn().map_err(SpawnError::Fork)?;
+        let mut process = match launcher {
+            Some(launcher) => launcher.spawn(cmd).await,
+            None => cmd.spawn(),
+        }
+        .map_err(SpawnError::Fork)?;
         // Only the helpers may hold the write ends now, so EOF means they are done with them.
         drop((setup_w, events_w));
         let status_r = status.map(|(r, w)| {
@@ -525,6 +577,36 @@ impl Sandbox {
         }
     }
 
+    /// A sandbox like `self` without warm cgroups (every attempt joins its cgroup itself).
+    #[cfg(test)]
+    pub(crate) fn cold(&self) -> Sandbox {
+        let mut cold = Sandbox::build(
+            self.inner.hierarchy.clone(),
+            self.inner.namespaces,
+            self.inner.user_namespace,
+            self.inner.private.clone(),
+        );
+        if let Some(inner) = Arc::get_mut(&mut cold.inner) {
+            inner.warm = None;
+        }
+        cold
+    }
+
+    /// Waits (bounded) until a warm cgroup is ready; false on a host without them.
+    #[cfg(test)]
+    pub(crate) async fn warm_ready(&self) -> bool {
+        let Some(pool) = &self.inner.warm else {
+            return false;
+        };
+        for _ in 0..500 {
+            if pool.ready() > 0 {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     /// Forces (or stops) the use of a user namespace, to test that path as root.
     #[cfg(test)]
     pub(crate) fn set_user_namespace(&mut self, on: bool) {
@@ -601,9 +683,25 @@ impl Inner {
             self.leftovers().push(cgroup);
             return;
         }
+        self.remove_or_keep(cgroup);
+    }
+
+    /// Removes an empty cgroup; one that will not go yet is kept as a leftover. Then a warm
+    /// cgroup is prepared in place of the one the attempt may have used: only now, because a
+    /// thread moving into a cgroup holds the kernel's cgroup mutex through a grace period, and
+    /// an attempt's own rmdir would wait behind it.
+    fn remove_or_keep(&self, cgroup: AttemptCgroup) {
         if let Err(err) = cgroup.remove() {
             debug!(%err, "attempt cgroup not removable yet; will retry");
             self.leftovers().push(cgroup);
+        }
+        self.refill_warm();
+    }
+
+    /// Tops the warm cgroups up (see [`Inner::remove_or_keep`] for when).
+    fn refill_warm(&self) {
+        if let Some(warm) = &self.warm {
+            warm.refill();
         }
     }
 

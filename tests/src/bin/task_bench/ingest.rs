@@ -12,7 +12,11 @@
 //!
 //! End to end ([`e2e`]): real `drover-worker`s run tasks that write JSON lines to
 //! `DROVER_EVENTS_FD` as fast as `yes | head` can; events per second from the session's
-//! timestamps (the first task event to the `exited` event, milliseconds).
+//! timestamps: the first task event (stamped by the worker when it read it) to the
+//! `completed` event (stamped by the coordinator when it took in `exited`, the last event of
+//! the attempt, which the worker sends only after every earlier one; same host, same clock).
+//! Not the `exited` event's own stamp: the worker stamps it when the process is gone, which
+//! can be long before the events before it have reached the coordinator.
 
 use super::common::{self, Summary};
 use anyhow::{bail, Context, Result};
@@ -418,11 +422,11 @@ pub async fn e2e(
             bail!("task {id}: session out of order or with gaps");
         }
         first_ms = first_ms.min(progress.first().map_or(u64::MAX, |e| e.ts_ms));
-        let exited = evs
+        let completed = evs
             .iter()
-            .find(|e| e.kind == "exited")
-            .context("no exited")?;
-        last_ms = last_ms.max(exited.ts_ms);
+            .find(|e| e.kind == "completed")
+            .context("no completed")?;
+        last_ms = last_ms.max(completed.ts_ms);
         total += events;
     }
     let wall = t0.elapsed().as_secs_f64();

@@ -12,7 +12,8 @@
 //!   leftovers of a dead one;
 //! - processes join the cgroup themselves, before they unshare or exec (the forked child writes
 //!   `0` to each `cgroup.procs` listed by [`AttemptCgroup::procs_files`]), so nothing an attempt
-//!   starts can ever run outside it;
+//!   starts can ever run outside it — or, on v1, are born in it, forked by a worker thread that
+//!   waits inside a fresh cgroup ahead of the attempt (`sandbox::warm`);
 //! - a cgroup is removed only after [`AttemptCgroup::kill_all`] saw it empty; one that cannot be
 //!   emptied is kept as a leftover and retried later, never forgotten.
 
@@ -304,10 +305,12 @@ pub(crate) fn read_pids(procs: &Path) -> io::Result<Vec<i32>> {
         .collect())
 }
 
-/// SIGKILL each pid; ones already gone are fine.
+/// SIGKILL each pid; ones already gone are fine. Never the worker itself: on v1 a cgroup lists
+/// the worker's pid while one of its threads waits inside (see the `warm` module).
 pub(crate) fn kill_pids(pids: &[i32]) {
+    let me = std::process::id() as i32;
     for &pid in pids {
-        if pid > 0 {
+        if pid > 0 && pid != me {
             match kill(Pid::from_raw(pid), Signal::SIGKILL) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(err) => warn!(pid, %err, "cannot SIGKILL a process of an attempt cgroup"),
@@ -379,7 +382,13 @@ pub(crate) async fn kill_until_empty(
 }
 
 /// rmdir `dir` after its sub-directories (child cgroups), deepest first. Already gone is fine.
+/// The common case has none: rmdir first, and list the directory only when that fails busy.
 fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
+    match fs::remove_dir(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => {}
+    }
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.filter_map(Result::ok) {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {

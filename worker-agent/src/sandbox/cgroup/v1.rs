@@ -94,24 +94,13 @@ impl Bases {
             make_dir(&group.memory)?;
             made.push(group.memory.clone());
             if let Some(bytes) = limits.memory_bytes {
-                let value = bytes.to_string();
-                write_control(
-                    &group.memory.join("memory.limit_in_bytes"),
-                    &value,
-                    "set the memory limit in",
-                )?;
-                // memory+swap: without it a task could page out past its limit. Only present
-                // with swap accounting; it must be set after (and >=) the memory limit.
-                let memsw = group.memory.join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    write_control(&memsw, &value, "set the memory+swap limit in")?;
-                }
+                group.set_memory_limit(bytes)?;
             }
             if let Some(dir) = &group.pids {
                 make_dir(dir)?;
                 made.push(dir.clone());
                 if let Some(max) = limits.pids {
-                    write_control(&dir.join("pids.max"), &max.to_string(), "set pids.max in")?;
+                    group.set_pids_limit(max)?;
                 }
             }
             if let Some(dir) = &group.freezer {
@@ -147,6 +136,39 @@ pub(crate) struct Group {
 }
 
 impl Group {
+    /// Memory limit (and memory+swap where the hierarchy has it), bytes.
+    pub(crate) fn set_memory_limit(&self, bytes: u64) -> Result<(), CgroupError> {
+        let value = bytes.to_string();
+        write_control(
+            &self.memory.join("memory.limit_in_bytes"),
+            &value,
+            "set the memory limit in",
+        )?;
+        // memory+swap: without it a task could page out past its limit. Only present with
+        // swap accounting; it must be set after (and >=) the memory limit.
+        let memsw = self.memory.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            write_control(&memsw, &value, "set the memory+swap limit in")?;
+        }
+        Ok(())
+    }
+
+    /// The cgroup's name (its directory's, the same in every hierarchy).
+    pub(crate) fn name(&self) -> String {
+        self.memory
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// `pids.max`, where the pids hierarchy is mounted.
+    pub(crate) fn set_pids_limit(&self, max: u32) -> Result<(), CgroupError> {
+        match &self.pids {
+            Some(dir) => write_control(&dir.join("pids.max"), &max.to_string(), "set pids.max in"),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn dirs(&self) -> Vec<&Path> {
         let mut dirs = vec![self.memory.as_path()];
         dirs.extend(self.pids.as_deref());

@@ -1,0 +1,287 @@
+//! Warm attempt cgroups (cgroup v1): a fresh cgroup with a worker thread already waiting
+//! inside it, so the attempt's first process is *born* in its cgroup instead of moving in.
+//!
+//! Why: moving a process into a cgroup (a write to `cgroup.procs`) takes the kernel's global
+//! `cgroup_threadgroup_rwsem` for writing, and a writer of that per-CPU rwsem waits for an RCU
+//! grace period when the lock was idle — 8–13 ms on an idle host of this kind, 10–40 ms on a
+//! loaded one, on the path of every dispatch. A process forked by a thread that is already in
+//! the cgroup starts in it (fork takes the rwsem for reading only). So the move is done ahead,
+//! off the dispatch path, by a thread: v1 lets a single thread join a cgroup (its `tasks`
+//! file), which v2 does not (v2 hosts have `clone3(CLONE_INTO_CGROUP)` for this; not used yet).
+//!
+//! How, per warm cgroup: a thread of the worker creates a cgroup in every hierarchy, writes its
+//! own thread id into each `tasks` file (the slow move, while nothing waits for it), and waits
+//! for one job. [`Pool::take`] hands out a ready one; [`Launcher::spawn`] runs the attempt's
+//! `Command::spawn` on that thread and the thread exits — leaving a cgroup by exiting takes no
+//! migration — and `spawn` returns only once the thread is gone from the cgroup, so nothing
+//! that kills or removes the attempt's cgroup can meet a worker thread in it (and
+//! [`super::cgroup::kill_pids`] never signals the worker's own pid, whatever it finds).
+//!
+//! The pids limit cannot be in place while the thread still counts in the cgroup, and the
+//! process the thread forked must not run task code before it is: that process waits until
+//! `pids.current` reads 1 (itself: the thread is gone) and writes `pids.max` itself before
+//! anything else (`child::PidsOnceAlone`), so the worker's own thread is off the path. The
+//! memory limit is written before the fork.
+//!
+//! The pool keeps up to [`Pool::want`] ready and starts a replacement for each one taken; a
+//! spawn that finds none ready takes the cold path (the child joins its cgroup itself). Every
+//! thread is owned by the pool and joined when it is dropped.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tracing::warn;
+
+use super::cgroup::{attempt_name, v1, write_control, CgroupLimits};
+
+/// A job for a warm thread: the spawn it runs before it exits.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Stack of a warm thread: it runs `Command::spawn` (a fork) and nothing else.
+const STACK_BYTES: usize = 256 * 1024;
+
+/// Warm cgroups of one sandbox; see the module docs.
+#[derive(Debug)]
+pub(super) struct Pool {
+    bases: v1::Bases,
+    want: usize,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    ready: Vec<Warmed>,
+    /// Threads creating and entering a cgroup, not yet ready.
+    starting: usize,
+    /// Every thread started and not yet joined.
+    threads: Vec<JoinHandle<()>>,
+    /// Cgroups of threads that found the pool closed: removed once their threads are joined.
+    orphans: Vec<v1::Group>,
+    closed: bool,
+    /// Set when a thread could not enter its cgroup: the pool stops trying.
+    broken: bool,
+}
+
+/// A ready warm cgroup: its directories and the thread waiting inside.
+#[derive(Debug)]
+pub(super) struct Warmed {
+    pub(super) group: v1::Group,
+    launcher: Launcher,
+}
+
+/// The thread waiting inside a taken cgroup.
+#[derive(Debug)]
+pub(super) struct Launcher {
+    tid: i32,
+    jobs: SyncSender<Job>,
+}
+
+impl Warmed {
+    pub(super) fn into_parts(self) -> (v1::Group, Launcher) {
+        (self.group, self.launcher)
+    }
+}
+
+impl Pool {
+    /// A pool keeping `want` warm cgroups under `bases`, filling up from now on.
+    pub(super) fn new(bases: v1::Bases, want: usize) -> Pool {
+        let pool = Pool {
+            bases,
+            want,
+            state: Arc::default(),
+        };
+        pool.refill();
+        pool
+    }
+
+    /// Warm cgroups ready now.
+    #[cfg(test)]
+    pub(super) fn ready(&self) -> usize {
+        lock(&self.state).ready.len()
+    }
+
+    /// A ready warm cgroup, if there is one. Call [`Pool::refill`] after the spawn.
+    pub(super) fn take(&self) -> Option<Warmed> {
+        lock(&self.state).ready.pop()
+    }
+
+    /// Start threads until ready + starting reaches `want` (each creates its cgroup and moves
+    /// in by itself); join the ones that are done.
+    pub(super) fn refill(&self) {
+        let mut state = lock(&self.state);
+        let mut i = 0;
+        while i < state.threads.len() {
+            if state.threads[i].is_finished() {
+                let _ = state.threads.swap_remove(i).join();
+            } else {
+                i += 1;
+            }
+        }
+        // Cgroups left by threads that gave up, once those threads are gone (EBUSY before).
+        state.orphans.retain(|group| {
+            group
+                .dirs()
+                .iter()
+                .any(|dir| std::fs::remove_dir(dir).is_err() && dir.exists())
+        });
+        while !state.closed && !state.broken && state.ready.len() + state.starting < self.want {
+            // Unique in the process: a worker has one sandbox, tests have many.
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            let name = attempt_name(NEXT.fetch_add(1, Ordering::Relaxed), "warm", 0);
+            let (bases, shared) = (self.bases.clone(), self.state.clone());
+            let spawned = std::thread::Builder::new()
+                .name("drover-warm".into())
+                .stack_size(STACK_BYTES)
+                .spawn(move || warm_thread(&bases, &name, shared));
+            match spawned {
+                Ok(handle) => {
+                    state.starting += 1;
+                    state.threads.push(handle);
+                }
+                Err(err) => {
+                    warn!(%err, "cannot start a warm cgroup thread; attempts join their cgroups themselves");
+                    state.broken = true;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let (ready, threads) = {
+            let mut state = lock(&self.state);
+            state.closed = true;
+            (
+                std::mem::take(&mut state.ready),
+                std::mem::take(&mut state.threads),
+            )
+        };
+        let mut groups = Vec::new();
+        for warmed in ready {
+            let (group, launcher) = warmed.into_parts();
+            // Closing its channel lets the thread exit, which takes it out of the cgroup.
+            drop(launcher);
+            groups.push(group);
+        }
+        for thread in threads {
+            let _ = thread.join();
+        }
+        groups.append(&mut lock(&self.state).orphans);
+        for group in groups {
+            for dir in group.dirs() {
+                if let Err(err) = std::fs::remove_dir(dir) {
+                    warn!(path = %dir.display(), %err, "cannot remove a warm cgroup");
+                }
+            }
+        }
+    }
+}
+
+/// A warm thread's life: create cgroup `name`, move in, wait for one job, run it, exit.
+fn warm_thread(bases: &v1::Bases, name: &str, state: Arc<Mutex<State>>) {
+    let group = match bases.create(name, CgroupLimits::default()) {
+        Ok(g) => g,
+        Err(err) => {
+            let mut s = lock(&state);
+            s.starting -= 1;
+            s.broken = true;
+            return warn!(%err, "cannot create a warm cgroup; attempts join their cgroups themselves");
+        }
+    };
+    let tid = nix::unistd::gettid().as_raw();
+    let entered = group.dirs().iter().try_for_each(|dir| {
+        write_control(
+            &dir.join("tasks"),
+            &tid.to_string(),
+            "move a warm thread into",
+        )
+    });
+    let (jobs, rx) = sync_channel::<Job>(1);
+    {
+        let mut s = lock(&state);
+        s.starting -= 1;
+        if let Err(err) = entered {
+            // Half in, maybe: the thread's exit takes it out of wherever it got.
+            warn!(%err, "a warm thread cannot enter its cgroup; attempts join their cgroups themselves");
+            s.broken = true;
+            s.orphans.push(group);
+            return;
+        }
+        if s.closed {
+            s.orphans.push(group);
+            return;
+        }
+        s.ready.push(Warmed {
+            group,
+            launcher: Launcher { tid, jobs },
+        });
+    }
+    // A job, or the pool closing (the sender dropped): either way this thread then exits.
+    if let Ok(job) = rx.recv() {
+        job();
+    }
+}
+
+impl Launcher {
+    /// Spawns `cmd` from the thread inside the cgroup, so the process starts in it; returns
+    /// once that thread has exited (it is then no longer in the cgroup, nor counted by its
+    /// pids controller).
+    pub(super) async fn spawn(self, mut cmd: Command) -> io::Result<Child> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Handle::current();
+        let job: Job = Box::new(move || {
+            let _entered = runtime.enter();
+            let _ = tx.send(cmd.spawn());
+        });
+        let sent = self.jobs.send(job);
+        drop(self.jobs);
+        let spawned = match sent {
+            Ok(()) => rx.await.unwrap_or_else(|_| {
+                Err(io::Error::other("the warm thread ended without spawning"))
+            }),
+            Err(_) => Err(io::Error::other("the warm thread is gone")),
+        };
+        wait_gone(self.tid).await;
+        spawned
+    }
+}
+
+impl Launcher {
+    /// Lets the thread go without a job (it exits, leaving the cgroup); returns once it has.
+    pub(super) async fn release(self) {
+        drop(self.jobs);
+        wait_gone(self.tid).await;
+    }
+}
+
+/// Until the worker thread `tid` has exited (its /proc entry goes once it is released,
+/// after it left its cgroups). Microseconds in practice; bounded.
+async fn wait_gone(tid: i32) {
+    let entry = format!("/proc/self/task/{tid}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut rounds = 0u32;
+    while Path::new(&entry).exists() {
+        if tokio::time::Instant::now() >= deadline {
+            warn!(tid, "a warm thread has not exited after 2 s");
+            return;
+        }
+        rounds += 1;
+        if rounds < 100 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
