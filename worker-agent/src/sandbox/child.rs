@@ -141,15 +141,18 @@ pub(crate) struct ChildPlan {
 
 /// The pids limit of a warm spawn (`warm` module), set by the process itself before anything
 /// else: the worker thread that forked it still counts in the cgroup at first, so the limit
-/// can only be exact once that thread is gone — which this process sees as `pids.current`
-/// reading 1 (itself). It then writes the limit and goes on; no task code runs before.
+/// can only be exact once that thread is gone — which this process sees as the thread's id
+/// missing from the cgroup's `tasks` file. It then writes the limit and goes on; no task code
+/// runs before.
 #[derive(Debug)]
 pub(crate) struct PidsOnceAlone {
-    /// The attempt cgroup's `pids.current`.
-    pub(crate) current: CString,
+    /// The attempt's pids cgroup's `tasks` (thread ids, one per line).
+    pub(crate) tasks: CString,
     /// Its `pids.max`, and what to write there.
     pub(crate) max: CString,
     pub(crate) value: Vec<u8>,
+    /// The forking worker thread's id, in decimal.
+    pub(crate) launcher: Vec<u8>,
 }
 
 /// The namespace part of a [`ChildPlan`].
@@ -432,18 +435,19 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
     }
 }
 
-/// Waits (yielding, then sleeping 50 µs at a time; 200,000 rounds at most) until this process is
-/// alone in its pids cgroup, then writes the limit. See [`PidsOnceAlone`].
+/// Waits (yielding, then sleeping 50 µs at a time; 200,000 rounds at most) until the worker
+/// thread that forked this process has left its pids cgroup, then writes the limit. See
+/// [`PidsOnceAlone`].
 fn pids_once_alone(limit: &PidsOnceAlone) {
     let pause = libc::timespec {
         tv_sec: 0,
         tv_nsec: 50_000,
     };
     for round in 0..200_000u32 {
-        let mut buf = [0u8; 24];
+        let mut buf = [0u8; 512];
         // SAFETY: valid NUL-terminated path; a live buffer of the given length.
         let n = unsafe {
-            let fd = libc::open(limit.current.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            let fd = libc::open(limit.tasks.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
             if fd < 0 {
                 fail(Step::PidsLimit, 0, Errno::last());
             }
@@ -454,7 +458,13 @@ fn pids_once_alone(limit: &PidsOnceAlone) {
         if n < 0 {
             fail(Step::PidsLimit, 0, Errno::last());
         }
-        if buf[..n as usize].trim_ascii() == b"1" {
+        let listed = &buf[..n as usize];
+        // A full buffer may have cut the list: read again later.
+        let gone = (n as usize) < buf.len()
+            && !listed
+                .split(|b| *b == b'\n')
+                .any(|line| line == limit.launcher.as_slice());
+        if gone {
             if let Err(errno) = write_path(&limit.max, &limit.value) {
                 fail(Step::PidsLimit, 1, errno);
             }

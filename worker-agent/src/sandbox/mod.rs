@@ -297,7 +297,8 @@ impl Sandbox {
                 }
                 name = group.name();
                 if let (Some(dir), Some(max)) = (&group.pids, pids_limit) {
-                    pids_once_alone = Some((dir.join("pids.current"), dir.join("pids.max"), max));
+                    pids_once_alone =
+                        Some((dir.join("tasks"), dir.join("pids.max"), max, launcher.tid()));
                 }
                 (AttemptCgroup::V1(group), Some(launcher))
             }
@@ -347,10 +348,11 @@ impl Sandbox {
             status_fd: status.as_ref().map(|(_, w)| w.as_raw_fd()),
             proxy_fd: proxy_chan.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
             pids_once_alone: match &pids_once_alone {
-                Some((current, max, value)) => Some(child::PidsOnceAlone {
-                    current: c(current)?,
+                Some((tasks, max, value, tid)) => Some(child::PidsOnceAlone {
+                    tasks: c(tasks)?,
                     max: c(max)?,
                     value: value.to_string().into_bytes(),
+                    launcher: tid.to_string().into_bytes(),
                 }),
                 None => None,
             },

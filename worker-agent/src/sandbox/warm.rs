@@ -19,8 +19,10 @@
 //!
 //! The pids limit cannot be in place while the thread still counts in the cgroup, and the
 //! process the thread forked must not run task code before it is: that process waits until
-//! `pids.current` reads 1 (itself: the thread is gone) and writes `pids.max` itself before
-//! anything else (`child::PidsOnceAlone`), so the worker's own thread is off the path. The
+//! the thread's id is gone from the cgroup's `tasks` file and writes `pids.max` itself before
+//! anything else (`child::PidsOnceAlone`), so the worker's own thread is off the path. (Not
+//! "until `pids.current` reads 1": a process may have threads of its own from its first
+//! instruction — a worker under qemu-user emulation forks a child with qemu's threads.) The
 //! memory limit is written before the fork.
 //!
 //! The pool keeps up to [`Pool::want`] ready and starts a replacement for each one taken; a
@@ -85,6 +87,13 @@ pub(super) struct Launcher {
 impl Warmed {
     pub(super) fn into_parts(self) -> (v1::Group, Launcher) {
         (self.group, self.launcher)
+    }
+}
+
+impl Launcher {
+    /// The waiting thread's id (what its cgroups' `tasks` files list until it exits).
+    pub(super) fn tid(&self) -> i32 {
+        self.tid
     }
 }
 
