@@ -222,35 +222,31 @@ fn best_ahead(
     reserved: &[Capacity],
     ahead: &[bool],
 ) -> Option<usize> {
-    let need = demand(req);
-    let mut best: Option<(usize, Fraction)> = None;
-    for (i, w) in workers.iter().enumerate() {
-        if !ahead[i] || w.state != WorkerState::Ready || first_failure(req, w, None).is_some() {
-            continue;
-        }
-        let load = load_after(w.total(), add(reserved[i], need));
-        let better = match &best {
-            None => true,
-            Some((j, best_load)) => match load.cmp(best_load) {
-                Ordering::Less => true,
-                Ordering::Equal => w.name < workers[*j].name,
-                Ordering::Greater => false,
-            },
-        };
-        if better {
-            best = Some((i, load));
-        }
-    }
-    best.map(|(i, _)| i)
+    least_loaded(req, workers, reserved, |i, w| {
+        ahead[i] && w.state == WorkerState::Ready && first_failure(req, w, None).is_none()
+    })
 }
 
 /// Index of the worker that takes `req` with the best spread, given `reserved[i]` for
 /// `workers[i]`.
 fn best_fit(req: &Requirements, workers: &[WorkerView], reserved: &[Capacity]) -> Option<usize> {
+    least_loaded(req, workers, reserved, |i, w| {
+        first_failure(req, w, Some(sub(w.total(), reserved[i]))).is_none()
+    })
+}
+
+/// Among the workers `eligible` accepts, the one with the lowest load once `req` is added to
+/// `reserved[i]` (ties by name).
+fn least_loaded(
+    req: &Requirements,
+    workers: &[WorkerView],
+    reserved: &[Capacity],
+    eligible: impl Fn(usize, &WorkerView) -> bool,
+) -> Option<usize> {
     let need = demand(req);
     let mut best: Option<(usize, Fraction)> = None;
     for (i, w) in workers.iter().enumerate() {
-        if first_failure(req, w, Some(sub(w.total(), reserved[i]))).is_some() {
+        if !eligible(i, w) {
             continue;
         }
         let load = load_after(w.total(), add(reserved[i], need));
