@@ -40,6 +40,20 @@ fn wait_final(fleet: &TestFleet, id: &str, deadline: Duration) -> TaskInfo {
     })
 }
 
+/// The task id `drover submit --follow` printed first, after checking that its output shows
+/// every line of `shown`.
+fn followed(stdout: &str, shown: &[&str]) -> String {
+    for line in shown {
+        assert!(stdout.contains(line), "--follow shows {line:?}:\n{stdout}");
+    }
+    stdout
+        .lines()
+        .next()
+        .expect("the id first")
+        .trim()
+        .to_owned()
+}
+
 /// Kinds of the session without the chatter (output chunks).
 fn kinds(events: &[Value]) -> Vec<String> {
     events
@@ -83,23 +97,15 @@ fn two_iterations_then_satisfied_with_the_events_in_order() {
         "submit --follow exits 0 for satisfied: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for shown in [
-        "iteration 1 of 3",
-        "[iteration 1] answer: FAILED (exit 1): answer.txt holds 41, want 42",
-        "iteration 2 of 3",
-        "[iteration 2] answer: passed",
-    ] {
-        assert!(
-            stdout.contains(shown),
-            "--follow shows {shown:?}:\n{stdout}"
-        );
-    }
-    let id = stdout
-        .lines()
-        .next()
-        .expect("the id first")
-        .trim()
-        .to_owned();
+    let id = followed(
+        &stdout,
+        &[
+            "iteration 1 of 3",
+            "[iteration 1] answer: FAILED (exit 1): answer.txt holds 41, want 42",
+            "iteration 2 of 3",
+            "[iteration 2] answer: passed",
+        ],
+    );
     let t = task(&fleet, &id).expect("task show");
     assert_eq!(
         (t.state, t.iteration, t.attempts),
@@ -438,25 +444,17 @@ fn the_coding_agent_example_of_the_docs_runs_as_documented() {
         "submit --follow exits 0 for verified: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for shown in [
-        "iteration 1 of 3",
-        "[iteration 1] tests: FAILED (exit 1): FAIL: add 2 3 gave 6, want 5",
-        "[iteration 1] output: passed",
-        "iteration 2 of 3",
-        "[iteration 2] tests: passed",
-        "[verdict] add: passed",
-    ] {
-        assert!(
-            stdout.contains(shown),
-            "--follow shows {shown:?}:\n{stdout}"
-        );
-    }
-    let id = stdout
-        .lines()
-        .next()
-        .expect("the id first")
-        .trim()
-        .to_owned();
+    let id = followed(
+        &stdout,
+        &[
+            "iteration 1 of 3",
+            "[iteration 1] tests: FAILED (exit 1): FAIL: add 2 3 gave 6, want 5",
+            "[iteration 1] output: passed",
+            "iteration 2 of 3",
+            "[iteration 2] tests: passed",
+            "[verdict] add: passed",
+        ],
+    );
     let t = task(&fleet, &id).expect("task show");
     assert_eq!(
         (t.state, t.iteration, t.attempts),
@@ -539,16 +537,13 @@ command = ["sh", "-c", "got=$(sh out/calc.sh add 2 3); test \"$got\" = 5 || { ec
         "submit --follow exits 1 for rejected: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for shown in [
-        "[iteration 1] tests: passed",
-        "[verdict] add: FAILED (exit 1): out/calc.sh: add 2 3 gave 6, want 5",
-    ] {
-        assert!(
-            stdout.contains(shown),
-            "--follow shows {shown:?}:\n{stdout}"
-        );
-    }
-    let id = stdout.lines().next().expect("the id").trim().to_owned();
+    let id = followed(
+        &stdout,
+        &[
+            "[iteration 1] tests: passed",
+            "[verdict] add: FAILED (exit 1): out/calc.sh: add 2 3 gave 6, want 5",
+        ],
+    );
     let t = wait_final(&fleet, &id, DEADLINE);
     assert_eq!(
         (t.state, t.iteration, t.attempts),
