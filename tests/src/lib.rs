@@ -34,8 +34,8 @@ pub mod session;
 pub mod upstream;
 
 pub use session::{
-    check_session, events, kinds, of_kind, root_or_skip, root_or_skip_because, submit, task,
-    wait_state, write_spec,
+    check_session, events, kinds, of_kind, output, root_or_skip, root_or_skip_because, submit,
+    task, wait_state, write_spec,
 };
 
 use drover::pki::{self, CertPaths, CertRequest, Validity};

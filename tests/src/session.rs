@@ -88,6 +88,16 @@ pub fn kinds(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// The concatenated `data` of the events of `kind` (`stdout` or `stderr`): what the task
+/// printed there, in session order.
+pub fn output(events: &[Value], kind: &str) -> String {
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .map(|e| e["payload"]["data"].as_str().unwrap_or(""))
+        .collect()
+}
+
 /// The events of kind `kind`, in order.
 pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()

@@ -77,15 +77,6 @@ fn events_in_slices(fleet: &TestFleet, id: &str, step: u64) -> Vec<Value> {
     }
 }
 
-/// Everything the attempt printed on stdout, in session order.
-fn stdout_of(events: &[Value]) -> String {
-    events
-        .iter()
-        .filter(|e| e["kind"] == "stdout")
-        .map(|e| e["payload"]["data"].as_str().unwrap_or("").to_owned())
-        .collect()
-}
-
 /// The attempt's workspace as the test sees it from the host.
 fn workspace(fleet: &TestFleet, worker: &str, id: &str, epoch: u64) -> PathBuf {
     fleet
@@ -216,7 +207,7 @@ fn keep_running_task_survives_a_stalled_worker_and_a_coordinator_crash() {
         kinds(&all)
     );
     // Every line, the ones printed while the coordinator was down included, once and in order.
-    let last = check_counter_output(&stdout_of(&all));
+    let last = check_counter_output(&drover_tests::output(&all, "stdout"));
     assert!(last > down_until, "{last} > {down_until}");
     let progress: Vec<u64> = all
         .iter()
@@ -290,7 +281,7 @@ fn output_while_the_coordinator_is_down_is_spooled_bounded_and_all_delivered() {
     assert_eq!((t.attempts, t.epoch), (1, 1), "{t:?}");
     let all = events_in_slices(&fleet, &id, 40);
     check_session(&all);
-    let out = stdout_of(&all);
+    let out = drover_tests::output(&all, "stdout");
     let mut want = 1u64;
     for l in out.lines() {
         assert_eq!(
@@ -327,9 +318,9 @@ fn worker_killed_under_keep_running_reschedules_and_finishes_once() {
     });
     fleet.wait_for(DEADLINE, "the first attempt's output to be stored", || {
         let evs = try_events(&fleet, &id)?;
-        (stdout_of(&evs) == "attempt 1\n")
+        (drover_tests::output(&evs, "stdout") == "attempt 1\n")
             .then_some(())
-            .ok_or_else(|| stdout_of(&evs))
+            .ok_or_else(|| drover_tests::output(&evs, "stdout"))
     });
     fleet.stop_worker("w1", Signal::SIGKILL);
     // The sandbox's init dies with the worker, and the whole tree with it: nothing to reattach.
@@ -349,7 +340,7 @@ fn worker_killed_under_keep_running_reschedules_and_finishes_once() {
         .collect();
     assert_eq!(ended.len(), 1, "{:?}", kinds(&all));
     assert_eq!(ended[0]["payload"]["reason"], "worker_restarted");
-    let out = stdout_of(&all);
+    let out = drover_tests::output(&all, "stdout");
     assert_eq!(out, "attempt 1\nattempt 2\n", "each attempt's output once");
     assert!(
         fleet.worker_log("w1").contains("discarded event spools"),
@@ -379,9 +370,9 @@ fn worker_back_after_lost_after_has_its_stale_attempt_killed() {
     });
     fleet.wait_for(DEADLINE, "the first attempt's output to be stored", || {
         let evs = try_events(&fleet, &id)?;
-        (stdout_of(&evs) == "attempt 1\n")
+        (drover_tests::output(&evs, "stdout") == "attempt 1\n")
             .then_some(())
-            .ok_or_else(|| stdout_of(&evs))
+            .ok_or_else(|| drover_tests::output(&evs, "stdout"))
     });
     // Stalled past its lease and past lost_after: the task moves on without it.
     signal(fleet.worker_process(&victim), Signal::SIGSTOP);
@@ -406,7 +397,10 @@ fn worker_back_after_lost_after_has_its_stale_attempt_killed() {
         .collect();
     assert_eq!(ended.len(), 1, "{:?}", kinds(&all));
     assert_eq!(ended[0]["payload"]["reason"], "worker_lost");
-    assert_eq!(stdout_of(&all), "attempt 1\nattempt 2\n");
+    assert_eq!(
+        drover_tests::output(&all, "stdout"),
+        "attempt 1\nattempt 2\n"
+    );
     fleet.wait_worker_state(&victim, WorkerState::Ready);
 }
 
@@ -437,7 +431,11 @@ fn an_attempt_that_cannot_spool_is_retried_at_once() {
         .collect();
     assert_eq!(ended.len(), 1, "{:?}", kinds(&all));
     assert_eq!(ended[0]["payload"]["reason"], "attempt_lost_on_worker");
-    assert_eq!(stdout_of(&all), "ran\n", "the first attempt never ran");
+    assert_eq!(
+        drover_tests::output(&all, "stdout"),
+        "ran\n",
+        "the first attempt never ran"
+    );
     assert!(fleet
         .worker_log("w1")
         .contains("cannot create the attempt's spool"));
@@ -481,8 +479,8 @@ fn worker_stops_a_keep_running_attempt_disconnected_past_lost_after() {
     let all = events(&fleet, &id);
     check_session(&all);
     assert!(
-        stdout_of(&all).ends_with("attempt 2\n"),
+        drover_tests::output(&all, "stdout").ends_with("attempt 2\n"),
         "{}",
-        stdout_of(&all)
+        drover_tests::output(&all, "stdout")
     );
 }

@@ -16,7 +16,8 @@
 use drover_protocol::task::{TaskInfo, TaskState};
 use drover_protocol::WorkerState;
 use drover_tests::{
-    events, proc_status_bytes, process_with, root_or_skip, task, wait_state, TestFleet, DEADLINE,
+    events, output, proc_status_bytes, process_with, root_or_skip, task, wait_state, TestFleet,
+    DEADLINE,
 };
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -80,15 +81,6 @@ fn wait_final(fleet: &TestFleet, id: &str, deadline: Duration) -> TaskInfo {
             Err(e) => Err(e),
         }
     })
-}
-
-/// The concatenated `data` of the session's events of `kind` (stdout or stderr).
-fn output(events: &[Value], kind: &str) -> String {
-    events
-        .iter()
-        .filter(|e| e["kind"] == kind)
-        .map(|e| e["payload"]["data"].as_str().unwrap_or(""))
-        .collect()
 }
 
 /// The classification in the (last) `exited` event, e.g. `{"exited":0}` or `"oom_killed"`.

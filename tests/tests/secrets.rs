@@ -16,7 +16,7 @@ use base64::Engine;
 use drover_protocol::task::{TaskInfo, TaskState};
 use drover_protocol::SecretInfo;
 use drover_tests::upstream::Upstream;
-use drover_tests::{events, of_kind, root_or_skip, TestFleet, DEADLINE};
+use drover_tests::{events, of_kind, output, root_or_skip, TestFleet, DEADLINE};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -102,14 +102,6 @@ fn run(fleet: &TestFleet, name: &str, spec: &Value) -> (TaskInfo, Vec<Value>) {
         },
     );
     (t, events(fleet, &id, &[]))
-}
-
-/// The concatenated `data` of a session's events of `kind` (`stdout`, `stderr`).
-fn output(events: &[Value], kind: &str) -> String {
-    of_kind(events, kind)
-        .iter()
-        .map(|e| e["payload"]["data"].as_str().unwrap_or(""))
-        .collect()
 }
 
 fn stdout(events: &[Value]) -> String {

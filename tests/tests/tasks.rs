@@ -37,11 +37,7 @@ GREETING = "drover"
     assert_eq!(t.attempts, 1);
     let all = events(&fleet, &id, &[]);
     check_session(&all);
-    let out: String = all
-        .iter()
-        .filter(|e| e["kind"] == "stdout")
-        .map(|e| e["payload"]["data"].as_str().unwrap_or("").to_owned())
-        .collect();
+    let out = drover_tests::output(&all, "stdout");
     assert!(out.contains("hello drover"), "{out}");
     assert!(
         out.contains(&format!("host=drover-{id}")),
@@ -257,11 +253,7 @@ cpus = {cpus}
         wait_state(&fleet, id, TaskState::Succeeded, DEADLINE);
         let all = events(&fleet, id, &[]);
         check_session(&all);
-        let out: String = all
-            .iter()
-            .filter(|e| e["kind"] == "stdout")
-            .map(|e| e["payload"]["data"].as_str().unwrap_or("").to_owned())
-            .collect();
+        let out = drover_tests::output(&all, "stdout");
         let stamp = |word: &str| -> u128 {
             out.lines()
                 .find_map(|l| l.strip_prefix(word)?.trim().parse().ok())
