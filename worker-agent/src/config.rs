@@ -37,6 +37,11 @@ pub struct WorkerConfig {
     /// blocks on its own writes until the coordinator catches up; nothing is dropped.
     /// Default 64 MiB; at least 4 MiB.
     pub spool_max_bytes: u64,
+    /// Most bytes of an attempt's unacknowledged events held in the worker's memory before
+    /// they move to its on-disk spool (where they stay for the rest of the attempt). Most
+    /// attempts' events are acknowledged long before; 0 puts every attempt's events on disk
+    /// from the first. Default 262144 (256 KiB); at most `spool_max_bytes`.
+    pub spool_memory_bytes: u64,
     /// What happens to running attempts when the link to the coordinator drops, for tasks
     /// whose spec does not say: `kill` (default) or `keep_running`.
     pub on_disconnect: OnDisconnect,
@@ -116,6 +121,7 @@ impl Default for WorkerConfig {
             reconnect_initial_ms: 200,
             reconnect_max_ms: 10_000,
             spool_max_bytes: crate::spool::DEFAULT_SPOOL_BYTES,
+            spool_memory_bytes: crate::outbox::DEFAULT_MEMORY_BYTES,
             on_disconnect: OnDisconnect::Kill,
             lost_after_ms: DEFAULT_LOST_AFTER_MS,
             join_token: None,
@@ -209,6 +215,15 @@ impl WorkerConfig {
                     "{} is below the minimum of {} (4 MiB)",
                     cfg.spool_max_bytes,
                     crate::spool::MIN_SPOOL_BYTES
+                ),
+            ));
+        }
+        if cfg.spool_memory_bytes > cfg.spool_max_bytes {
+            return Err(invalid(
+                "spool_memory_bytes",
+                format!(
+                    "{} is above spool_max_bytes ({})",
+                    cfg.spool_memory_bytes, cfg.spool_max_bytes
                 ),
             ));
         }

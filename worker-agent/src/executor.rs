@@ -26,7 +26,8 @@ use crate::egress::{self, Egress};
 use crate::gate::Gate;
 use crate::redact::{Redactor, StreamRedactor};
 use crate::sandbox::{AttemptSpec, Sandbox};
-use crate::spool::Spool;
+use crate::outbox::Outbox;
+use crate::workdirs::Workdirs;
 use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry, StreamEnd};
 use crate::workspace;
 use drover_protocol::acceptance::Feedback;
@@ -64,8 +65,13 @@ pub struct ExecContext {
     /// `None` when no cgroup hierarchy is usable; attempts then fail with the reason.
     pub sandbox: Result<Sandbox, String>,
     pub work_dir: PathBuf,
+    /// The attempts' workspaces (made or reused when an attempt starts, emptied at its end).
+    pub workdirs: Workdirs,
     /// Bound on each attempt's spool, bytes.
     pub spool_max_bytes: u64,
+    /// Events an attempt holds in memory before they move to its spool, bytes (see
+    /// [`crate::outbox`]).
+    pub spool_memory_bytes: u64,
     /// Defaults for specs that do not choose.
     pub on_disconnect: OnDisconnect,
     pub lost_after_ms: u64,
@@ -119,7 +125,7 @@ pub async fn run_attempt(
     let key: AttemptKey = (a.task_id.clone(), a.epoch);
     let policy = ctx.policy(&a);
     let dir = spool_root(&ctx.work_dir).join(format!("{}-{}", a.task_id, a.epoch));
-    let spool = match Spool::create(&dir, ctx.spool_max_bytes) {
+    let outbox = match Outbox::new(&dir, ctx.spool_max_bytes, ctx.spool_memory_bytes) {
         Ok(s) => s,
         Err(e) => {
             // Without a spool nothing can be kept for the coordinator: the attempt is not
@@ -153,7 +159,7 @@ pub async fn run_attempt(
     };
     let process = run_process(&ctx, &conns, &a, policy, tx, cancel.clone(), redactor);
     let stream = async {
-        let end = stream::stream_events(&key, spool, rx, conns.clone(), policy, &registry).await;
+        let end = stream::stream_events(&key, outbox, rx, conns.clone(), policy, &registry).await;
         if !end.is_done() {
             // Fenced, given up or disconnected under `kill`: the process tree goes too.
             cancel.cancel();
@@ -161,6 +167,10 @@ pub async fn run_attempt(
         end
     };
     let ((), (), end) = tokio::join!(process, masking, stream);
+    // Its processes are gone and its outputs stored (before `exited` was sent).
+    ctx.workdirs
+        .recycle(ctx.workdirs.path(&a.task_id, a.epoch))
+        .await;
     if matches!(end, StreamEnd::Spool(_)) {
         // Its remaining events are lost with the spool: have the coordinator retry it.
         registry.abandon(&key);
@@ -210,10 +220,7 @@ async fn run_process(
     cancel: CancellationToken,
     redactor: Arc<Redactor>,
 ) {
-    let workspace = ctx
-        .work_dir
-        .join("tasks")
-        .join(format!("{}-{}", a.task_id, a.epoch));
+    let workspace = ctx.workdirs.path(&a.task_id, a.epoch);
     // An assignment sent ahead of a full worker waits here until an earlier attempt's
     // processes are gone; nothing of it has started (no `started` event) until then.
     let room = tokio::select! {
@@ -249,7 +256,7 @@ async fn run_process(
             return;
         }
     };
-    if let Err(e) = std::fs::create_dir_all(&workspace) {
+    if let Err(e) = ctx.workdirs.make(&workspace) {
         let _ = tx
             .send((
                 "exited".into(),

@@ -8,12 +8,14 @@
 //! - [`executor`]: runs assigned attempts in the [`sandbox`] and streams their events, each
 //!   once the worker has room for it ([`gate`]);
 //!   [`acceptance`]: their acceptance criteria and verdict attempts;
-//! - [`spool`]: each attempt's on-disk spool of events not yet acknowledged;
-//! - [`stream`]: an attempt's events through its spool to the coordinator, across reconnects;
+//! - [`outbox`]: each attempt's events not yet acknowledged, in memory while few, else in its
+//!   on-disk [`spool`];
+//! - [`stream`]: an attempt's events through its outbox to the coordinator, across reconnects;
 //! - [`link`]: the connection to the coordinator (handshake, registration, heartbeats,
 //!   reconnect with capped exponential backoff and jitter);
 //! - [`pki`]: the fleet CA, role-carrying certificates and rustls configs (the worker will
 //!   make its own key and CSR when it enrolls);
+//! - [`workdirs`]: attempts' workspaces, made or reused at the start and emptied at the end;
 //! - [`workspace`]: an attempt's inputs in and outputs out ([`outputs`]: what is collected); [`transfer`]: files as chunks
 //!   over framed streams;
 //! - [`wire`], [`logging`], [`notify`]: small runtime pieces.
@@ -31,6 +33,7 @@ pub mod gate;
 pub mod link;
 pub mod logging;
 pub mod notify;
+pub mod outbox;
 pub mod outputs;
 pub mod pki;
 pub mod redact;
@@ -40,6 +43,7 @@ pub mod spool;
 pub mod stream;
 pub mod transfer;
 pub mod wire;
+pub mod workdirs;
 pub mod workspace;
 
 /// Cancel `token` on the first SIGTERM or SIGINT.

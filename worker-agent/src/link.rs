@@ -9,6 +9,7 @@
 //! (`WorkerMessage::Attempts`: `keep_running` attempts that survived the outage); when a session
 //! ends it stops every `on_disconnect = "kill"` attempt.
 
+use crate::workdirs::Workdirs;
 use crate::config::WorkerConfig;
 use crate::executor::{self, ExecContext};
 use crate::pki::{self, PkiError, TlsFiles};
@@ -45,6 +46,11 @@ pub enum LinkError {
     Quic(String),
     #[error("cannot open a UDP socket: {0}")]
     Socket(std::io::Error),
+    #[error("cannot set up the attempts' workspaces under {path} (config key `work_dir`): {source}")]
+    WorkDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why one connection ended; each is followed by a reconnect after backoff.
@@ -195,10 +201,23 @@ impl Link {
             ),
             Err(e) => tracing::warn!(error = %e, "cannot clear old event spools"),
         }
+        let (workdirs, stale) =
+            Workdirs::open(&config.work_dir).map_err(|source| LinkError::WorkDir {
+                path: config.work_dir.clone(),
+                source,
+            })?;
+        if stale > 0 {
+            tracing::warn!(
+                workspaces = stale,
+                "removing the workspaces of attempts that died with an earlier run of this worker"
+            );
+        }
         let exec = ExecContext {
             sandbox,
             work_dir: config.work_dir.clone(),
+            workdirs,
             spool_max_bytes: config.spool_max_bytes,
+            spool_memory_bytes: config.spool_memory_bytes,
             on_disconnect: config.on_disconnect,
             lost_after_ms: config.lost_after_ms,
             egress_upstream: crate::egress::tls::upstream_config(&config.egress.upstream_ca)

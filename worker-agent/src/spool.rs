@@ -117,12 +117,18 @@ pub fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
-/// Append `ev` as one record to `out`.
-pub fn encode_record(ev: &AttemptEvent, out: &mut Vec<u8>) -> Result<(), SpoolError> {
+/// The bytes `ev` takes as a record (header included); an error if it cannot be one.
+pub fn encoded_len(ev: &AttemptEvent) -> Result<u64, SpoolError> {
     let body_len = BODY_FIXED + ev.kind.len() + ev.payload.len();
     if body_len > MAX_RECORD_BODY || ev.kind.len() > u16::MAX as usize {
         return Err(SpoolError::EventTooLarge(body_len));
     }
+    Ok((RECORD_HEADER + body_len) as u64)
+}
+
+/// Append `ev` as one record to `out`.
+pub fn encode_record(ev: &AttemptEvent, out: &mut Vec<u8>) -> Result<(), SpoolError> {
+    let body_len = encoded_len(ev)? as usize - RECORD_HEADER;
     let start = out.len();
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -292,6 +298,12 @@ fn segment_target(max_bytes: u64) -> u64 {
 impl Spool {
     /// A new, empty spool in `dir` (anything there before is removed).
     pub fn create(dir: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
+        Self::create_from(dir, max_bytes, 0)
+    }
+
+    /// [`Spool::create`] for events from seq `first` on (every seq below counts as
+    /// acknowledged): where events held elsewhere so far move to.
+    pub fn create_from(dir: &Path, max_bytes: u64, first: u64) -> Result<Self, SpoolError> {
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(io_err(dir))?;
         }
@@ -306,12 +318,12 @@ impl Spool {
             bytes: SEGMENT_MAGIC.len() as u64,
             max_bytes,
             segment_target: segment_target(max_bytes),
-            next_seq: 0,
-            acked_below: 0,
+            next_seq: first,
+            acked_below: first,
             send: Cursor {
                 segment: 0,
                 offset: SEGMENT_MAGIC.len() as u64,
-                seq: 0,
+                seq: first,
             },
             reader: None,
             buf: Vec::new(),

@@ -1,10 +1,11 @@
 //! One attempt's events on their way to the coordinator, across connections.
 //!
 //! Producers (the task's pipes, lifecycle events) feed a bounded channel; the streamer gives
-//! each event its `seq`, writes it to the attempt's [`Spool`] and sends it on the attempt's
-//! own QUIC stream of the *current* connection, keeping at most [`MAX_UNACKED`] in flight.
-//! Acknowledgements trim the spool. When the spool is full the channel is read no further, so
-//! the task blocks on its own writes: backpressure, never loss.
+//! each event its `seq`, holds it in the attempt's [`Outbox`] (in memory while few, else its
+//! on-disk spool) and sends it on the attempt's own QUIC stream of the *current* connection,
+//! keeping at most [`MAX_UNACKED`] in flight. Acknowledgements trim the outbox. When it is
+//! full the channel is read no further, so the task blocks on its own writes: backpressure,
+//! never loss.
 //!
 //! The link publishes the current connection in a [`ConnWatch`]. When it drops:
 //! - `on_disconnect = "kill"`: the attempt ends (its process tree is killed); the coordinator
@@ -21,7 +22,8 @@
 //! removes its entry *before* giving up, under the registry's lock, so an attempt reported as
 //! running is always one that will stream again.
 
-use crate::spool::{Spool, SpoolError};
+use crate::outbox::Outbox;
+use crate::spool::SpoolError;
 use crate::wire::{self, FramedRecv};
 use drover_protocol::task::{OnDisconnect, TaskSpec};
 use drover_protocol::{AttemptDown, AttemptEvent, AttemptUp};
@@ -293,13 +295,13 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// task is aborted (the worker stopping): then the next start discards it.
 pub async fn stream_events(
     key: &AttemptKey,
-    spool: Spool,
+    outbox: Outbox,
     rx: mpsc::Receiver<(String, String)>,
     conns: ConnWatch,
     policy: Policy,
     registry: &Registry,
 ) -> StreamEnd {
-    let mut spool = spool;
+    let mut spool = outbox;
     let end = run(key, &mut spool, rx, conns, policy, registry).await;
     if let Err(e) = spool.remove() {
         tracing::warn!(task = %key.0, epoch = key.1, error = %e, "cannot remove the attempt's spool");
@@ -309,7 +311,7 @@ pub async fn stream_events(
 
 async fn run(
     key: &AttemptKey,
-    spool: &mut Spool,
+    spool: &mut Outbox,
     mut rx: mpsc::Receiver<(String, String)>,
     mut conns: ConnWatch,
     policy: Policy,
@@ -393,7 +395,7 @@ async fn run(
             item = rx.recv(), if producing && !spool.is_full() => match item {
                 Some((kind, payload)) => {
                     let ev = AttemptEvent { seq: spool.next_seq(), ts_ms: now_ms(), kind, payload };
-                    if let Err(e) = spool.append(&ev) {
+                    if let Err(e) = spool.append(ev) {
                         return StreamEnd::Spool(e);
                     }
                 }
