@@ -263,6 +263,14 @@ impl Link {
             _ = self.run_link(resources, shutdown) => {}
             _ = watchdog => {}
         }
+        if let Ok(sandbox) = &self.exec.sandbox {
+            let (started, warm) = sandbox.started();
+            tracing::info!(
+                attempts = started,
+                warm_cgroups = warm,
+                "attempts started in this run (warm_cgroups: born in a cgroup made ahead)"
+            );
+        }
     }
 
     async fn run_link(&self, mut resources: Resources, shutdown: CancellationToken) {

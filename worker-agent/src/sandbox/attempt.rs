@@ -16,13 +16,13 @@ use drover_protocol::task::{ExitClass, Limits};
 use nix::errno::Errno;
 use nix::libc;
 use tokio::net::unix::pipe;
-use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::cgroup::AttemptCgroup;
 use super::child::{self, Record};
+use super::process::Process;
 use super::Inner;
 
 /// How an attempt ended, with what its cgroup measured.
@@ -47,12 +47,12 @@ pub struct AttemptOutcome {
 #[derive(Debug)]
 pub struct Attempt {
     /// The task's stdout (take it to read it concurrently with [`Attempt::wait`]).
-    pub stdout: Option<ChildStdout>,
+    pub stdout: Option<pipe::Receiver>,
     /// The task's stderr.
-    pub stderr: Option<ChildStderr>,
+    pub stderr: Option<pipe::Receiver>,
     /// The read end of the task's `DROVER_EVENTS_FD` (JSON lines, unparsed).
     pub events: Option<pipe::Receiver>,
-    process: Child,
+    process: Process,
     /// Sandbox isolation: records of the init (the task's status) and of the outer helper.
     status: Option<OwnedFd>,
     cgroup: CgroupGuard,
@@ -82,8 +82,11 @@ enum Status {
 }
 
 impl Attempt {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        mut process: Child,
+        process: Process,
+        stdout: pipe::Receiver,
+        stderr: pipe::Receiver,
         events: pipe::Receiver,
         status: Option<OwnedFd>,
         cgroup: CgroupGuard,
@@ -101,8 +104,8 @@ impl Attempt {
         }
         let started = Instant::now();
         Attempt {
-            stdout: process.stdout.take(),
-            stderr: process.stderr.take(),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
             events: Some(events),
             process,
             status,

@@ -33,7 +33,8 @@
 //! 5. rebinds: the workspace, writable, at its own path (inside a mask the path is recreated
 //!    first), and kept files read-only.
 //!
-//! File descriptors in every helper: 0-2 stdio (set by std), [`EVENTS_FD`] the events pipe (the
+//! File descriptors in every helper: 0-2 stdio (/dev/null and the output pipes, moved there
+//! first thing), [`EVENTS_FD`] the events pipe (the
 //! only one the task inherits besides stdio), 4 the setup pipe (close-on-exec: it reaches EOF in
 //! the parent once the task has exec'd, or carries an error record), 5 the status pipe (S and I
 //! only), 6 a socket to the worker (S only, `network = proxy`). Everything else inherited from
@@ -114,8 +115,10 @@ const TAG_INIT: u8 = b'I';
 const EXIT_SETUP: c_int = 126;
 const EXIT_EXEC: c_int = 127;
 
-/// Everything the forked side needs, prepared by the parent.
-#[derive(Debug)]
+/// Everything the forked side needs, prepared by the worker and carried to the spawner (see
+/// the `spawner` module), whose fork runs it. Descriptor fields hold the worker's numbers until
+/// the spawner replaces them with its own (they travel with SCM_RIGHTS).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ChildPlan {
     /// `cgroup.procs` files to write `0` to.
     pub(crate) cgroup_procs: Vec<CString>,
@@ -124,6 +127,8 @@ pub(crate) struct ChildPlan {
     pub(crate) candidates: Vec<CString>,
     pub(crate) argv: CArray,
     pub(crate) envp: CArray,
+    /// The task's stdin (/dev/null), stdout and stderr (pipe write ends), moved to 0, 1, 2.
+    pub(crate) stdio: [RawFd; 3],
     /// Parent's numbers of the pipe write ends.
     pub(crate) setup_fd: RawFd,
     pub(crate) events_fd: RawFd,
@@ -144,7 +149,7 @@ pub(crate) struct ChildPlan {
 /// can only be exact once that thread is gone — which this process sees as the thread's id
 /// missing from the cgroup's `tasks` file. It then writes the limit and goes on; no task code
 /// runs before.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PidsOnceAlone {
     /// The attempt's pids cgroup's `tasks` (thread ids, one per line).
     pub(crate) tasks: CString,
@@ -156,7 +161,7 @@ pub(crate) struct PidsOnceAlone {
 }
 
 /// The namespace part of a [`ChildPlan`].
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct SandboxSetup {
     pub(crate) unshare_flags: c_int,
     /// `network = proxy`: bring up `lo`, listen on 127.0.0.1:`proxy_port`, send the socket.
@@ -173,7 +178,7 @@ pub(crate) struct SandboxSetup {
 }
 
 /// One path covered in the sandbox.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Mask {
     pub(crate) path: CString,
     pub(crate) kind: MaskKind,
@@ -183,7 +188,7 @@ pub(crate) struct Mask {
 }
 
 /// How a [`Mask`] covers its path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum MaskKind {
     /// A writable tmpfs, mode 1777 (the private /tmp).
     Scratch,
@@ -194,14 +199,14 @@ pub(crate) enum MaskKind {
 }
 
 /// A path bound back into the sandbox from the host.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Rebind {
     pub(crate) path: CString,
     pub(crate) writable: bool,
 }
 
 /// What the sandbox's /sys becomes; read-only in both mounting cases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum SysMount {
     /// A new sysfs, so /sys/class/net shows the sandbox's own network namespace.
     Fresh,
@@ -226,6 +231,18 @@ impl CArray {
 
     fn as_ptr(&self) -> *const *const c_char {
         self.ptrs.as_ptr()
+    }
+}
+
+impl serde::Serialize for CArray {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.owned.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CArray {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<CString>::deserialize(d).map(CArray::new)
     }
 }
 
@@ -410,7 +427,78 @@ pub(crate) fn parse_records(bytes: &[u8]) -> Vec<Record> {
         .collect()
 }
 
-/// Runs in the child std forked, in place of its exec. Never returns: it execs the task or
+/// fork(2) through glibc (its fork handlers keep malloc usable in the child of a multi-threaded
+/// process): `Ok(0)` in the child, which must then keep to what the `spawner` module allows.
+pub(crate) fn fork_process() -> Result<libc::pid_t, Errno> {
+    // SAFETY: fork has no memory arguments; what the child does is the caller's contract.
+    Errno::result(unsafe { libc::fork() })
+}
+
+/// Turns the freshly forked spawner into a process of its own: default signal dispositions
+/// (the worker's handlers would write to its descriptors), Ctrl-C, SIGTERM, SIGHUP, SIGQUIT
+/// and SIGPIPE ignored (they are the worker's to act on; the spawner goes when its socket
+/// closes), no blocked signals, its socket moved to `to` (close-on-exec) and every other
+/// descriptor but stdio closed.
+pub(crate) fn become_spawner(sock: RawFd, to: RawFd) -> Result<(), Errno> {
+    reset_signal_dispositions();
+    // SAFETY: a zeroed sigaction is valid (SIG_DFL, empty mask); then SIG_IGN for a few.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = libc::SIG_IGN;
+        for signal in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGPIPE,
+            libc::SIGQUIT,
+        ] {
+            libc::sigaction(signal, &action, ptr::null_mut());
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+    }
+    if sock != to {
+        // SAFETY: plain fd syscall.
+        Errno::result(unsafe { libc::dup3(sock, to, libc::O_CLOEXEC) })?;
+    }
+    close_range((to + 1) as u32, u32::MAX);
+    Ok(())
+}
+
+/// Forks the calling thread with `CLONE_PARENT`: the child's parent is this process's parent
+/// (the spawner's: the worker, which waits for it). `Ok(0)` in the child, the child's pid in
+/// the caller.
+pub(crate) fn fork_for_parent() -> Result<libc::pid_t, Errno> {
+    let flags = (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: clone without CLONE_VM is a fork; the other arguments (stack, tids, TLS) are
+    // unused without their flags. glibc's fork handlers do not run, so the child may only make
+    // async-signal-safe calls until it execs or exits — which is all [`run`] does.
+    let r = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    Errno::result(r).map(|pid| pid as libc::pid_t)
+}
+
+/// fork(2) as a bare clone syscall, for the helpers: glibc's fork would first take malloc's
+/// locks, and in a helper forked from a multi-threaded spawner one of them may be held forever
+/// (copied from a thread that held it). The helpers allocate nothing, so they need none of
+/// what glibc's fork keeps in order.
+fn raw_fork() -> Result<libc::pid_t, Errno> {
+    // SAFETY: clone without CLONE_VM is a fork; the unused arguments are ignored without
+    // their flags. The child continues with this module's async-signal-safe code only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    Errno::result(r).map(|pid| pid as libc::pid_t)
+}
+
+/// Runs in the forked child, in place of its exec. Never returns: it execs the task or
 /// `_exit`s (after an error record).
 pub(crate) fn run(plan: &ChildPlan) -> ! {
     reset_signal_dispositions();
@@ -523,12 +611,10 @@ fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
     check(Step::Hostname, unsafe {
         libc::sethostname(setup.hostname.as_ptr().cast(), setup.hostname.len())
     });
-    // SAFETY: fork in a single-threaded process; the child only continues with this module's
-    // async-signal-safe code.
-    let init = unsafe { libc::fork() };
-    if init < 0 {
-        fail(Step::ForkInit, 0, Errno::last());
-    }
+    let init = match raw_fork() {
+        Ok(pid) => pid,
+        Err(errno) => fail(Step::ForkInit, 0, errno),
+    };
     if init == 0 {
         run_init(plan, setup);
     }
@@ -711,11 +797,10 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             unsafe { libc::close(fd) };
         }
     }
-    // SAFETY: fork in a single-threaded process, as in `outer`.
-    let task = unsafe { libc::fork() };
-    if task < 0 {
-        fail(Step::ForkTask, 0, Errno::last());
-    }
+    let task = match raw_fork() {
+        Ok(pid) => pid,
+        Err(errno) => fail(Step::ForkTask, 0, errno),
+    };
     if task == 0 {
         // SAFETY: plain syscalls.
         unsafe { libc::close(STATUS_FD) };
@@ -951,6 +1036,9 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         // SAFETY: fcntl on an fd number; failure is reported.
         Errno::result(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, SCRATCH_FD) })
     };
+    let stdin = scratch(plan.stdio[0])?;
+    let stdout = scratch(plan.stdio[1])?;
+    let stderr = scratch(plan.stdio[2])?;
     let setup = scratch(plan.setup_fd)?;
     let events = scratch(plan.events_fd)?;
     let status = match plan.status_fd {
@@ -963,6 +1051,10 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
     };
     // SAFETY: plain fd syscalls; sources (>= SCRATCH_FD) never equal targets (< SCRATCH_FD).
     unsafe {
+        // Not close-on-exec: the task's stdio.
+        Errno::result(libc::dup2(stdin, 0))?;
+        Errno::result(libc::dup2(stdout, 1))?;
+        Errno::result(libc::dup2(stderr, 2))?;
         Errno::result(libc::dup3(setup, SETUP_FD, libc::O_CLOEXEC))?;
         // Not close-on-exec: this is the one the task inherits.
         Errno::result(libc::dup2(events, EVENTS_FD))?;
@@ -1326,7 +1418,7 @@ fn check_fd(step: Step, index: usize, fd: c_int) -> c_int {
     fd
 }
 
-fn exit(code: c_int) -> ! {
+pub(crate) fn exit(code: c_int) -> ! {
     // SAFETY: _exit is async-signal-safe and skips the worker's atexit handlers and buffers.
     unsafe { libc::_exit(code) }
 }

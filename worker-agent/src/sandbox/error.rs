@@ -11,7 +11,7 @@ use nix::errno::Errno;
 #[error("cannot {action} {path}: {source}")]
 pub struct CgroupError {
     /// What was being done, e.g. "set memory.max in".
-    pub action: &'static str,
+    pub action: std::borrow::Cow<'static, str>,
     /// The cgroup directory or control file.
     pub path: PathBuf,
     #[source]
@@ -71,6 +71,11 @@ pub enum SandboxError {
          to attempt cgroups; move them to a leaf cgroup or choose another cgroup root"
     )]
     BaseHasProcesses { path: PathBuf, pids: Vec<i32> },
+    #[error("cannot start the sandbox's spawner process (fork, socketpair): {source}")]
+    Spawner {
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Why an attempt could not be started ([`super::Sandbox::spawn`]). Nothing of the attempt is

@@ -42,6 +42,8 @@ pub(crate) mod cgroup;
 mod child;
 mod error;
 pub mod plan;
+mod process;
+mod spawner;
 #[cfg(test)]
 mod tests;
 mod warm;
@@ -50,7 +52,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -65,16 +66,18 @@ use tracing::{debug, warn};
 pub use attempt::{Attempt, AttemptOutcome};
 pub use error::{CgroupError, SandboxError, SpawnError};
 
-use cgroup::{attempt_name, AttemptCgroup, CgroupLimits, Hierarchy};
+use cgroup::{attempt_name, AttemptCgroup, Hierarchy};
 use child::{ChildPlan, Mask, Rebind, Record, SandboxSetup, SysMount};
 
 /// Helper processes an attempt with `isolation = sandbox` keeps in its cgroup besides the task
 /// (the outer helper and the init); added to the pids limit so the task gets what it asked for.
 pub const SANDBOX_HELPER_PIDS: u32 = 2;
 
-/// Warm cgroups kept ready on cgroup v1 hosts (one idle thread and one empty cgroup each):
-/// enough for the attempts that start at once on a small worker; more start cold.
-const WARM_CGROUPS: usize = 2;
+/// Warm cgroups kept ready on cgroup v1 hosts (one idle spawner thread and one empty cgroup
+/// each). Each takes a grace period (milliseconds) to get ready, so this bounds how many
+/// attempts a second start warm: 2 kept up with about 100/s here, 8 with the 500/s of a no-op
+/// flood (docs/benchmarks.md); more start cold.
+const WARM_CGROUPS: usize = 8;
 
 /// What to run for one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -123,10 +126,14 @@ struct Inner {
     /// Files bound back read-only when a cover hides them (tests add to it).
     keep: Vec<PathBuf>,
     next_seq: AtomicU64,
+    /// Attempts started, and how many of them in a warm cgroup.
+    started: AtomicU64,
+    started_warm: AtomicU64,
     /// Cgroups that could not be removed yet (retried on each spawn).
     leftovers: Mutex<Vec<AttemptCgroup>>,
-    /// Fresh cgroups with a thread waiting inside (v1 only; see the `warm` module).
-    warm: Option<warm::Pool>,
+    /// Forks every attempt's first process, in the attempt's cgroup (warm ones on v1; see the
+    /// `spawner` and `warm` modules).
+    spawner: spawner::Spawner,
 }
 
 impl Sandbox {
@@ -163,7 +170,8 @@ impl Sandbox {
         let hierarchy = Hierarchy::detect(root_hint)?;
         let namespaces = crate::resources::host::can_create_namespaces();
         let user_namespace = !nix::unistd::geteuid().is_root();
-        let sandbox = Sandbox::build(hierarchy, namespaces, user_namespace, private);
+        let sandbox = Sandbox::build(hierarchy, namespaces, user_namespace, private, true)
+            .map_err(|source| SandboxError::Spawner { source })?;
         for stale in sandbox.inner.hierarchy.stale() {
             warn!(
                 cgroup = ?stale.dirs(),
@@ -184,7 +192,8 @@ impl Sandbox {
         namespaces: bool,
         user_namespace: bool,
     ) -> Sandbox {
-        Sandbox::build(hierarchy, namespaces, user_namespace, Vec::new())
+        Sandbox::build(hierarchy, namespaces, user_namespace, Vec::new(), true)
+            .expect("start a spawner")
     }
 
     fn build(
@@ -192,12 +201,10 @@ impl Sandbox {
         namespaces: bool,
         user_namespace: bool,
         private: Vec<PathBuf>,
-    ) -> Sandbox {
-        let warm = match &hierarchy {
-            Hierarchy::V1(bases) => Some(warm::Pool::new(bases.clone(), WARM_CGROUPS)),
-            Hierarchy::V2(_) => None,
-        };
-        Sandbox {
+        warm: bool,
+    ) -> std::io::Result<Sandbox> {
+        let spawner = spawner::Spawner::start(hierarchy.clone(), warm)?;
+        Ok(Sandbox {
             inner: Arc::new(Inner {
                 hierarchy,
                 namespaces,
@@ -205,10 +212,21 @@ impl Sandbox {
                 private,
                 keep: Vec::new(),
                 next_seq: AtomicU64::new(1),
+                started: AtomicU64::new(0),
+                started_warm: AtomicU64::new(0),
                 leftovers: Mutex::new(Vec::new()),
-                warm,
+                spawner,
             }),
-        }
+        })
+    }
+
+    /// Attempts started so far, and how many of them were born in a warm cgroup (the rest
+    /// moved into theirs, waiting for the kernel; see the `warm` module).
+    pub fn started(&self) -> (u64, u64) {
+        (
+            self.inner.started.load(Ordering::Relaxed),
+            self.inner.started_warm.load(Ordering::Relaxed),
+        )
     }
 
     /// The cgroup version in use (for the resource report).
@@ -279,48 +297,16 @@ impl Sandbox {
             );
         }
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        let mut name = attempt_name(seq, spec.task_id, spec.attempt);
-        // A warm cgroup, when one is ready: the process is born in it (no migration, see the
-        // `warm` module), gets its memory limit now and sets its pids limit itself once the
-        // thread that forks it has left. Else a new cgroup, which the process joins itself.
-        let mut pids_once_alone = None;
-        let (cgroup, launcher) = match self.inner.warm.as_ref().and_then(warm::Pool::take) {
-            Some(warmed) => {
-                let (group, launcher) = warmed.into_parts();
-                if let Some(bytes) = spec.limits.memory_bytes {
-                    if let Err(e) = group.set_memory_limit(bytes) {
-                        launcher.release().await;
-                        let _guard =
-                            attempt::CgroupGuard::new(AttemptCgroup::V1(group), self.inner.clone());
-                        return Err(e.into());
-                    }
-                }
-                name = group.name();
-                if let (Some(dir), Some(max)) = (&group.pids, pids_limit) {
-                    pids_once_alone =
-                        Some((dir.join("tasks"), dir.join("pids.max"), max, launcher.tid()));
-                }
-                (AttemptCgroup::V1(group), Some(launcher))
-            }
-            None => (
-                self.inner.hierarchy.create(
-                    &name,
-                    CgroupLimits {
-                        memory_bytes: spec.limits.memory_bytes,
-                        pids: pids_limit,
-                    },
-                )?,
-                None,
-            ),
-        };
-        let procs = match launcher {
-            Some(_) => Vec::new(),
-            None => cgroup.procs_files(),
-        };
-        let mut guard = attempt::CgroupGuard::new(cgroup, self.inner.clone());
+        let name = attempt_name(seq, spec.task_id, spec.attempt);
 
         let (setup_r, setup_w) = pipe_pair("setup")?;
         let (events_r, events_w) = pipe_pair("events")?;
+        let (stdout_r, stdout_w) = pipe_pair("stdout")?;
+        let (stderr_r, stderr_w) = pipe_pair("stderr")?;
+        let stdin = std::fs::File::open("/dev/null").map_err(|source| SpawnError::Pipe {
+            what: "stdin (/dev/null)",
+            source,
+        })?;
         let status = if sandboxed {
             Some(pipe_pair("status")?)
         } else {
@@ -337,52 +323,88 @@ impl Sandbox {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"),
             })
         };
+        let fds = spawner::FdSet {
+            stdio: [
+                stdin.as_raw_fd(),
+                stdout_w.as_raw_fd(),
+                stderr_w.as_raw_fd(),
+            ],
+            setup: setup_w.as_raw_fd(),
+            events: events_w.as_raw_fd(),
+            status: status.as_ref().map(|(_, w)| w.as_raw_fd()),
+            proxy: proxy_chan.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
+        };
+        // The spawner fills in the cgroup part: which cgroup is known only there (a warm one,
+        // born with a thread inside, or a new one the process joins itself).
         let child_plan = ChildPlan {
-            cgroup_procs: procs.iter().map(|p| c(p)).collect::<Result<_, _>>()?,
+            cgroup_procs: Vec::new(),
             workspace: c(&workspace)?,
             candidates: candidates.iter().map(|p| c(p)).collect::<Result<_, _>>()?,
             argv,
             envp,
-            setup_fd: setup_w.as_raw_fd(),
-            events_fd: events_w.as_raw_fd(),
-            status_fd: status.as_ref().map(|(_, w)| w.as_raw_fd()),
-            proxy_fd: proxy_chan.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
-            pids_once_alone: match &pids_once_alone {
-                Some((tasks, max, value, tid)) => Some(child::PidsOnceAlone {
-                    tasks: c(tasks)?,
-                    max: c(max)?,
-                    value: value.to_string().into_bytes(),
-                    launcher: tid.to_string().into_bytes(),
-                }),
-                None => None,
-            },
+            stdio: fds.stdio,
+            setup_fd: fds.setup,
+            events_fd: fds.events,
+            status_fd: fds.status,
+            proxy_fd: fds.proxy,
+            pids_once_alone: None,
             sandbox: sandboxed
                 .then(|| self.sandbox_setup(&spec, &workspace))
                 .transpose()?,
         };
-
-        let mut cmd = tokio::process::Command::new(&spec.argv[0]);
-        let child_plan = Arc::new(child_plan);
-        let in_child = child_plan.clone();
-        cmd.args(&spec.argv[1..])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        // SAFETY: `child::run` runs in the forked child and only makes async-signal-safe calls
-        // on data prepared here (see the `child` module); it never returns.
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(move || child::run(&in_child));
-        }
-        let mut process = match launcher {
-            Some(launcher) => launcher.spawn(cmd).await,
-            None => cmd.spawn(),
-        }
-        .map_err(SpawnError::Fork)?;
+        let mask_paths_and_rebinds = child_plan.sandbox.as_ref().map_or_else(
+            || (Vec::new(), Vec::new()),
+            |s| {
+                let path = |c: &std::ffi::CStr| PathBuf::from(c.to_string_lossy().into_owned());
+                (
+                    s.masks.iter().map(|m| path(&m.path)).collect::<Vec<_>>(),
+                    s.rebinds.iter().map(|r| path(&r.path)).collect::<Vec<_>>(),
+                )
+            },
+        );
+        let request = spawner::Request::Spawn(spawner::SpawnRequest {
+            name,
+            memory_bytes: spec.limits.memory_bytes,
+            pids: pids_limit,
+            warm: true,
+            plan: child_plan,
+        });
+        let reply = self
+            .inner
+            .spawner
+            .call(&request, &fds.list())
+            .await
+            .map_err(SpawnError::Fork)?;
+        let (pid, name) = match reply {
+            spawner::Reply::Spawned {
+                pid,
+                cgroup,
+                warm,
+                notes,
+            } => {
+                log_notes(notes);
+                self.inner.started.fetch_add(1, Ordering::Relaxed);
+                if warm {
+                    self.inner.started_warm.fetch_add(1, Ordering::Relaxed);
+                }
+                (pid, cgroup)
+            }
+            spawner::Reply::Failed { failure, notes } => {
+                log_notes(notes);
+                return Err(failure.into());
+            }
+            spawner::Reply::Status { .. } => {
+                return Err(SpawnError::Fork(std::io::Error::other(
+                    "the spawner answered a spawn with its status",
+                )))
+            }
+        };
+        let mut process = process::Process::new(pid);
+        let cgroup = self.inner.hierarchy.existing(&name);
+        let procs = cgroup.procs_files();
+        let mut guard = attempt::CgroupGuard::new(cgroup, self.inner.clone());
         // Only the helpers may hold the write ends now, so EOF means they are done with them.
-        drop((setup_w, events_w));
+        drop((setup_w, events_w, stdout_w, stderr_w, stdin));
         let status_r = status.map(|(r, w)| {
             drop(w);
             r
@@ -401,16 +423,7 @@ impl Sandbox {
         if let Err(source) = setup.read_to_end(&mut report).await {
             warn!(%source, "cannot read the setup pipe; assuming the attempt started");
         }
-        let (mask_paths, rebind_paths) = child_plan.sandbox.as_ref().map_or_else(
-            || (Vec::new(), Vec::new()),
-            |s| {
-                let path = |c: &std::ffi::CStr| PathBuf::from(c.to_string_lossy().into_owned());
-                (
-                    s.masks.iter().map(|m| path(&m.path)).collect(),
-                    s.rebinds.iter().map(|r| path(&r.path)).collect(),
-                )
-            },
-        );
+        let (mask_paths, rebind_paths) = mask_paths_and_rebinds;
         let failure = child::parse_records(&report)
             .into_iter()
             .find_map(|r| match r {
@@ -464,11 +477,17 @@ impl Sandbox {
             task = spec.task_id,
             attempt = spec.attempt,
             cgroup = %name,
+            pid = process.id(),
             sandboxed,
             "attempt started"
         );
+        let receiver = |fd: OwnedFd, what: &'static str| {
+            pipe::Receiver::from_owned_fd(fd).map_err(|source| SpawnError::Pipe { what, source })
+        };
         Ok(Attempt::new(
             process,
+            receiver(stdout_r, "stdout")?,
+            receiver(stderr_r, "stderr")?,
             events,
             status_r,
             guard,
@@ -582,27 +601,27 @@ impl Sandbox {
     /// A sandbox like `self` without warm cgroups (every attempt joins its cgroup itself).
     #[cfg(test)]
     pub(crate) fn cold(&self) -> Sandbox {
-        let mut cold = Sandbox::build(
+        Sandbox::build(
             self.inner.hierarchy.clone(),
             self.inner.namespaces,
             self.inner.user_namespace,
             self.inner.private.clone(),
-        );
-        if let Some(inner) = Arc::get_mut(&mut cold.inner) {
-            inner.warm = None;
-        }
-        cold
+            false,
+        )
+        .expect("start a spawner")
     }
 
     /// Waits (bounded) until a warm cgroup is ready; false on a host without them.
     #[cfg(test)]
     pub(crate) async fn warm_ready(&self) -> bool {
-        let Some(pool) = &self.inner.warm else {
+        if !matches!(self.inner.hierarchy, Hierarchy::V1(_)) {
             return false;
-        };
+        }
         for _ in 0..500 {
-            if pool.ready() > 0 {
-                return true;
+            match self.inner.spawner.call(&spawner::Request::Status, &[]).await {
+                Ok(spawner::Reply::Status { ready, .. }) if ready > 0 => return true,
+                Ok(_) => {}
+                Err(_) => return false,
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -702,13 +721,18 @@ impl Inner {
 
     /// Tops the warm cgroups up (see [`Inner::remove_or_keep`] for when).
     fn refill_warm(&self) {
-        if let Some(warm) = &self.warm {
-            warm.refill();
-        }
+        self.spawner.refill();
     }
 
     fn leftovers(&self) -> std::sync::MutexGuard<'_, Vec<AttemptCgroup>> {
         self.leftovers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Logs what the spawner had to say (it does not log itself; see the `spawner` module).
+fn log_notes(notes: Vec<String>) {
+    for note in notes {
+        warn!("{note}");
     }
 }
 

@@ -818,6 +818,61 @@ async fn sandbox_many_attempts_at_once_on_a_multithreaded_runtime() {
     }
 }
 
+/// Hundreds of short attempts back to back, a few at a time, while the spawner tops its warm
+/// cgroups up on its other threads: no helper may hang on a lock copied held from one of them
+/// (a glibc `fork` in a helper once waited forever on malloc's lock this way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_spawns_in_a_row_never_hang() {
+    if skip() {
+        return;
+    }
+    let sandbox = sandbox();
+    let ws = tempfile::tempdir_in("/var/tmp").expect("workspace");
+    let limits = Limits {
+        pids: Some(16),
+        ..Limits::default()
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..300usize {
+        let (sandbox, dir) = (sandbox.clone(), ws.path().to_path_buf());
+        let limits = limits.clone();
+        set.spawn(async move {
+            let argv = vec!["true".to_owned()];
+            let env = BTreeMap::new();
+            let spec = AttemptSpec {
+                task_id: &format!("row{i}"),
+                attempt: 1,
+                argv: &argv,
+                env: &env,
+                workspace: &dir,
+                limits: &limits,
+                network: NetworkPolicy::None,
+                isolation: BOTH[i % 2],
+                checkpoint_file: None,
+                extra_env: &[],
+                egress: None,
+            };
+            let mut attempt = tokio::time::timeout(Duration::from_secs(20), sandbox.spawn(spec))
+                .await
+                .unwrap_or_else(|_| panic!("spawn {i} hung"))
+                .expect("spawn");
+            let outcome = tokio::time::timeout(
+                Duration::from_secs(20),
+                attempt.wait(CancellationToken::new()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("attempt {i} hung"));
+            assert_eq!(outcome.class, ExitClass::Exited(0), "attempt {i}");
+        });
+        while set.len() >= 4 {
+            bounded(set.join_next()).await.expect("a job").expect("join");
+        }
+    }
+    while let Some(joined) = bounded(set.join_next()).await {
+        joined.expect("join");
+    }
+}
+
 /// Not a test of anything: prints spawn latency (spawn() returning = the task has exec'd) and
 /// the whole round trip for a no-op task. `cargo test -p drover-worker-agent sandbox_latency
 /// -- --ignored --nocapture`.

@@ -1,5 +1,6 @@
-//! Warm attempt cgroups (cgroup v1): a fresh cgroup with a worker thread already waiting
-//! inside it, so the attempt's first process is *born* in its cgroup instead of moving in.
+//! Warm attempt cgroups (cgroup v1): a fresh cgroup with a thread already waiting inside it, so
+//! the attempt's first process is *born* in its cgroup instead of moving in. The pool lives in
+//! the spawner (see the `spawner` module), whose threads do the forking.
 //!
 //! Why: moving a process into a cgroup (a write to `cgroup.procs`) takes the kernel's global
 //! `cgroup_threadgroup_rwsem` for writing, and a writer of that per-CPU rwsem waits for an RCU
@@ -9,25 +10,27 @@
 //! off the dispatch path, by a thread: v1 lets a single thread join a cgroup (its `tasks`
 //! file), which v2 does not (v2 hosts have `clone3(CLONE_INTO_CGROUP)` for this; not used yet).
 //!
-//! How, per warm cgroup: a thread of the worker creates a cgroup in every hierarchy, writes its
-//! own thread id into each `tasks` file (the slow move, while nothing waits for it), and waits
-//! for one job. [`Pool::take`] hands out a ready one; [`Launcher::spawn`] runs the attempt's
-//! `Command::spawn` on that thread and the thread exits — leaving a cgroup by exiting takes no
-//! migration — and `spawn` returns only once the thread is gone from the cgroup, so nothing
-//! that kills or removes the attempt's cgroup can meet a worker thread in it (and
-//! [`super::cgroup::kill_pids`] never signals the worker's own pid, whatever it finds).
+//! How, per warm cgroup: a thread of the spawner creates a cgroup in every hierarchy, writes
+//! its own thread id into each `tasks` file (the slow move, while nothing waits for it), and
+//! waits for one job. [`Pool::take`] hands out a ready one; [`Launcher::spawn`] runs the fork
+//! on that thread and the thread exits — leaving a cgroup by exiting takes no migration — and
+//! `spawn` returns only once the thread is gone from the cgroup, so nothing that kills or
+//! removes the attempt's cgroup can meet a spawner thread in it.
 //!
 //! The pids limit cannot be in place while the thread still counts in the cgroup, and the
 //! process the thread forked must not run task code before it is: that process waits until
 //! the thread's id is gone from the cgroup's `tasks` file and writes `pids.max` itself before
-//! anything else (`child::PidsOnceAlone`), so the worker's own thread is off the path. (Not
-//! "until `pids.current` reads 1": a process may have threads of its own from its first
-//! instruction — a worker under qemu-user emulation forks a child with qemu's threads.) The
-//! memory limit is written before the fork.
+//! anything else (`child::PidsOnceAlone`), so the thread is off the path. (Not "until
+//! `pids.current` reads 1": a process may have threads of its own from its first instruction —
+//! a worker under qemu-user emulation forks a child with qemu's threads.) The memory limit is
+//! written before the fork.
 //!
-//! The pool keeps up to [`Pool::want`] ready and starts a replacement for each one taken; a
-//! spawn that finds none ready takes the cold path (the child joins its cgroup itself). Every
-//! thread is owned by the pool and joined when it is dropped.
+//! The pool keeps up to [`Pool::want`] ready; the spawner tops it up when the worker says an
+//! attempt's cgroup is gone (a thread moving into a cgroup holds the kernel's cgroup mutex
+//! through its grace period, and an attempt's own rmdir would wait behind it). A spawn that
+//! finds none ready takes the cold path (the child joins its cgroup itself). Every thread is
+//! owned by the pool and joined when it is dropped. Nothing here logs (the spawner does not):
+//! what went wrong is kept in [`Pool::take_notes`] for the worker to log.
 
 use std::io;
 use std::path::Path;
@@ -37,15 +40,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
-use tracing::warn;
+use super::cgroup::{attempt_name_of, v1, write_control, CgroupLimits};
 
-use super::cgroup::{attempt_name, v1, write_control, CgroupLimits};
-
-/// A job for a warm thread: the spawn it runs before it exits.
+/// A job for a warm thread: the fork it runs before it exits.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Stack of a warm thread: it runs `Command::spawn` (a fork) and nothing else.
+/// Stack of a warm thread: it forks and nothing else.
 const STACK_BYTES: usize = 256 * 1024;
 
 /// Warm cgroups of one sandbox; see the module docs.
@@ -53,6 +53,8 @@ const STACK_BYTES: usize = 256 * 1024;
 pub(super) struct Pool {
     bases: v1::Bases,
     want: usize,
+    /// The worker's pid, for the cgroups' names (see the `cgroup` module's naming invariant).
+    owner: u32,
     state: Arc<Mutex<State>>,
 }
 
@@ -68,6 +70,8 @@ struct State {
     closed: bool,
     /// Set when a thread could not enter its cgroup: the pool stops trying.
     broken: bool,
+    /// Warnings for the worker to log.
+    notes: Vec<String>,
 }
 
 /// A ready warm cgroup: its directories and the thread waiting inside.
@@ -98,11 +102,13 @@ impl Launcher {
 }
 
 impl Pool {
-    /// A pool keeping `want` warm cgroups under `bases`, filling up from now on.
-    pub(super) fn new(bases: v1::Bases, want: usize) -> Pool {
+    /// A pool keeping `want` warm cgroups under `bases` for the worker `owner`, filling up
+    /// from now on.
+    pub(super) fn new(bases: v1::Bases, want: usize, owner: u32) -> Pool {
         let pool = Pool {
             bases,
             want,
+            owner,
             state: Arc::default(),
         };
         pool.refill();
@@ -110,9 +116,13 @@ impl Pool {
     }
 
     /// Warm cgroups ready now.
-    #[cfg(test)]
     pub(super) fn ready(&self) -> usize {
         lock(&self.state).ready.len()
+    }
+
+    /// What went wrong since the last call, for the worker to log.
+    pub(super) fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut lock(&self.state).notes)
     }
 
     /// A ready warm cgroup, if there is one. Call [`Pool::refill`] after the spawn.
@@ -142,7 +152,7 @@ impl Pool {
         while !state.closed && !state.broken && state.ready.len() + state.starting < self.want {
             // Unique in the process: a worker has one sandbox, tests have many.
             static NEXT: AtomicU64 = AtomicU64::new(1);
-            let name = attempt_name(NEXT.fetch_add(1, Ordering::Relaxed), "warm", 0);
+            let name = attempt_name_of(self.owner, NEXT.fetch_add(1, Ordering::Relaxed), "warm", 0);
             let (bases, shared) = (self.bases.clone(), self.state.clone());
             let spawned = std::thread::Builder::new()
                 .name("drover-warm".into())
@@ -154,7 +164,7 @@ impl Pool {
                     state.threads.push(handle);
                 }
                 Err(err) => {
-                    warn!(%err, "cannot start a warm cgroup thread; attempts join their cgroups themselves");
+                    state.notes.push(format!("cannot start a warm cgroup thread ({err}); attempts join their cgroups themselves"));
                     state.broken = true;
                     return;
                 }
@@ -186,9 +196,8 @@ impl Drop for Pool {
         groups.append(&mut lock(&self.state).orphans);
         for group in groups {
             for dir in group.dirs() {
-                if let Err(err) = std::fs::remove_dir(dir) {
-                    warn!(path = %dir.display(), %err, "cannot remove a warm cgroup");
-                }
+                // The worker removes what is left when it next starts (a dead owner's cgroup).
+                let _ = std::fs::remove_dir(dir);
             }
         }
     }
@@ -202,7 +211,10 @@ fn warm_thread(bases: &v1::Bases, name: &str, state: Arc<Mutex<State>>) {
             let mut s = lock(&state);
             s.starting -= 1;
             s.broken = true;
-            return warn!(%err, "cannot create a warm cgroup; attempts join their cgroups themselves");
+            s.notes.push(format!(
+                "cannot create a warm cgroup ({err}); attempts join their cgroups themselves"
+            ));
+            return;
         }
     };
     let tid = nix::unistd::gettid().as_raw();
@@ -219,7 +231,7 @@ fn warm_thread(bases: &v1::Bases, name: &str, state: Arc<Mutex<State>>) {
         s.starting -= 1;
         if let Err(err) = entered {
             // Half in, maybe: the thread's exit takes it out of wherever it got.
-            warn!(%err, "a warm thread cannot enter its cgroup; attempts join their cgroups themselves");
+            s.notes.push(format!("a warm thread cannot enter its cgroup ({err}); attempts join their cgroups themselves"));
             s.broken = true;
             s.orphans.push(group);
             return;
@@ -240,53 +252,48 @@ fn warm_thread(bases: &v1::Bases, name: &str, state: Arc<Mutex<State>>) {
 }
 
 impl Launcher {
-    /// Spawns `cmd` from the thread inside the cgroup, so the process starts in it; returns
-    /// once that thread has exited (it is then no longer in the cgroup, nor counted by its
-    /// pids controller).
-    pub(super) async fn spawn(self, mut cmd: Command) -> io::Result<Child> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let runtime = tokio::runtime::Handle::current();
+    /// Runs `fork` on the thread inside the cgroup, so the process starts in it; returns once
+    /// that thread has exited (it is then no longer in the cgroup, nor counted by its pids
+    /// controller). Blocks the caller (the spawner's main thread) for that long.
+    pub(super) fn spawn<T: Send + 'static>(
+        self,
+        fork: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = sync_channel(1);
         let job: Job = Box::new(move || {
-            let _entered = runtime.enter();
-            let _ = tx.send(cmd.spawn());
+            let _ = tx.send(fork());
         });
         let sent = self.jobs.send(job);
         drop(self.jobs);
-        let spawned = match sent {
-            Ok(()) => rx.await.unwrap_or_else(|_| {
-                Err(io::Error::other("the warm thread ended without spawning"))
-            }),
+        let forked = match sent {
+            Ok(()) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("the warm thread ended without forking"))),
             Err(_) => Err(io::Error::other("the warm thread is gone")),
         };
-        wait_gone(self.tid).await;
-        spawned
+        wait_gone(self.tid);
+        forked
     }
-}
 
-impl Launcher {
     /// Lets the thread go without a job (it exits, leaving the cgroup); returns once it has.
-    pub(super) async fn release(self) {
+    pub(super) fn release(self) {
         drop(self.jobs);
-        wait_gone(self.tid).await;
+        wait_gone(self.tid);
     }
 }
 
-/// Until the worker thread `tid` has exited (its /proc entry goes once it is released,
-/// after it left its cgroups). Microseconds in practice; bounded.
-async fn wait_gone(tid: i32) {
+/// Until the thread `tid` of this process has exited (its /proc entry goes once it is
+/// released, after it left its cgroups). Microseconds in practice; bounded by 2 s.
+fn wait_gone(tid: i32) {
     let entry = format!("/proc/self/task/{tid}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let mut rounds = 0u32;
-    while Path::new(&entry).exists() {
-        if tokio::time::Instant::now() >= deadline {
-            warn!(tid, "a warm thread has not exited after 2 s");
-            return;
-        }
+    while Path::new(&entry).exists() && std::time::Instant::now() < deadline {
         rounds += 1;
         if rounds < 100 {
-            tokio::task::yield_now().await;
+            std::thread::yield_now();
         } else {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 }

@@ -152,7 +152,7 @@ impl Hierarchy {
     }
 
     /// The handle of an attempt cgroup that already exists.
-    fn existing(&self, name: &str) -> AttemptCgroup {
+    pub(crate) fn existing(&self, name: &str) -> AttemptCgroup {
         match self {
             Hierarchy::V1(b) => AttemptCgroup::V1(b.existing(name)),
             Hierarchy::V2(b) => AttemptCgroup::V2(b.existing(name)),
@@ -254,6 +254,11 @@ fn process_alive(pid: i32) -> bool {
 /// A cgroup name for attempt `attempt` of `task`: the module's naming invariant, with the task
 /// id reduced to characters that are safe in a path and bounded in length.
 pub(crate) fn attempt_name(seq: u64, task: &str, attempt: u32) -> String {
+    attempt_name_of(std::process::id(), seq, task, attempt)
+}
+
+/// [`attempt_name`] for the worker `owner` (the spawner names cgroups for its worker).
+pub(crate) fn attempt_name_of(owner: u32, seq: u64, task: &str, attempt: u32) -> String {
     let task: String = task
         .chars()
         .map(|c| {
@@ -265,10 +270,7 @@ pub(crate) fn attempt_name(seq: u64, task: &str, attempt: u32) -> String {
         })
         .take(64)
         .collect();
-    format!(
-        "{NAME_PREFIX}{}-{seq}-{task}-a{attempt}",
-        std::process::id()
-    )
+    format!("{NAME_PREFIX}{owner}-{seq}-{task}-a{attempt}")
 }
 
 fn read(path: &str, action: &'static str) -> Result<String, SandboxError> {
@@ -291,7 +293,7 @@ pub(crate) fn write_control(
         .open(path)
         .and_then(|mut f| f.write_all(value.as_bytes()))
         .map_err(|source| CgroupError {
-            action,
+            action: action.into(),
             path: path.to_path_buf(),
             source,
         })
@@ -305,8 +307,9 @@ pub(crate) fn read_pids(procs: &Path) -> io::Result<Vec<i32>> {
         .collect())
 }
 
-/// SIGKILL each pid; ones already gone are fine. Never the worker itself: on v1 a cgroup lists
-/// the worker's pid while one of its threads waits inside (see the `warm` module).
+/// SIGKILL each pid; ones already gone are fine. Never the worker itself (defence in depth: no
+/// thread of the worker's is ever in an attempt cgroup; the spawner's warm threads leave theirs
+/// before the worker learns of it).
 pub(crate) fn kill_pids(pids: &[i32]) {
     let me = std::process::id() as i32;
     for &pid in pids {
@@ -374,7 +377,7 @@ pub(crate) async fn kill_until_empty(
         Ok(())
     } else {
         Err(CgroupError {
-            action: "empty (processes survive SIGKILL, e.g. stuck in uninterruptible I/O)",
+            action: "empty (processes survive SIGKILL, e.g. stuck in uninterruptible I/O)".into(),
             path: dir.to_path_buf(),
             source: io::Error::from(io::ErrorKind::TimedOut),
         })
@@ -400,7 +403,7 @@ fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(CgroupError {
-            action: "remove",
+            action: "remove".into(),
             path: dir.to_path_buf(),
             source,
         }),
@@ -410,7 +413,7 @@ fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
 /// mkdir for a new attempt cgroup.
 pub(crate) fn make_dir(dir: &Path) -> Result<(), CgroupError> {
     fs::create_dir(dir).map_err(|source| CgroupError {
-        action: "create",
+        action: "create".into(),
         path: dir.to_path_buf(),
         source,
     })

@@ -54,7 +54,7 @@ impl Bases {
             if root_hint.is_some() {
                 std::fs::create_dir_all(&dir).map_err(|source| SandboxError::CannotCreate {
                     source: CgroupError {
-                        action: "create the cgroup root hint",
+                        action: "create the cgroup root hint".into(),
                         path: dir.clone(),
                         source,
                     },

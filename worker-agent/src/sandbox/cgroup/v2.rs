@@ -58,7 +58,7 @@ impl Base {
         let dir = under(mount, &rel);
         std::fs::create_dir_all(&dir).map_err(|source| SandboxError::CannotCreate {
             source: CgroupError {
-                action: "create the base cgroup",
+                action: "create the base cgroup".into(),
                 path: dir.clone(),
                 source,
             },
@@ -103,7 +103,7 @@ impl Base {
             if let Some(bytes) = limits.memory_bytes {
                 if !self.memory {
                     return Err(CgroupError {
-                        action: "set a memory limit: the memory controller is not enabled for",
+                        action: "set a memory limit: the memory controller is not enabled for".into(),
                         path: self.dir.clone(),
                         source: io::Error::from(io::ErrorKind::Unsupported),
                     });
@@ -287,7 +287,7 @@ fn evacuate(dir: &Path, leaf: &str) -> Result<(), SandboxError> {
         if source.kind() != io::ErrorKind::AlreadyExists {
             return Err(SandboxError::CannotCreate {
                 source: CgroupError {
-                    action: "create the leaf cgroup",
+                    action: "create the leaf cgroup".into(),
                     path: target,
                     source,
                 },

@@ -1,0 +1,623 @@
+//! The spawner: a small process, forked from the worker when its sandbox is built, that forks
+//! every attempt's first process for it (the task itself with `isolation = process`, the
+//! sandbox's outer helper otherwise).
+//!
+//! Why: a fork write-protects every page of the process that forks, and each page that process
+//! writes afterwards faults once to be copied or taken back, with a TLB shootdown to every CPU
+//! that runs one of its threads. Forking the busy worker cost a third of this 2-core machine's
+//! CPU at a few hundred attempts a second (perf: `do_wp_page`, `flush_tlb_mm_range`, the
+//! copied page tables torn down again at exec). The spawner touches little and does nothing
+//! else, so its forks are small and nothing waits on their faults. A second benefit: the
+//! sandbox's helpers, and its init that lives as long as the task, are copies of the
+//! spawner's memory, not of the worker's (its keys, the values of the secrets it holds).
+//!
+//! Its children are the worker's: it forks with `CLONE_PARENT`, so the worker reaps them
+//! ([`super::process::Process`]). It owns the warm cgroups ([`super::warm`]: the thread that
+//! forks an attempt must be inside the attempt's cgroup, so it is a spawner thread) and creates
+//! the cold ones, so it reports which cgroup each attempt got.
+//!
+//! Protocol, over a `SOCK_SEQPACKET` pair, one message each way per request, one request at a
+//! time (the worker holds [`Spawner`]'s lock across the round trip):
+//! - worker → spawner: a [`Request`] (postcard) with, for `Spawn`, the attempt's descriptors
+//!   (SCM_RIGHTS) in [`FdSet`] order; a request too large for one message travels in a memfd
+//!   passed last, the message then saying only that;
+//! - spawner → worker: a [`Reply`] for `Spawn` and `Status`; `Refill` has none (the worker
+//!   sends it from synchronous code and never waits for it).
+//!
+//! The spawner exits when the worker's end closes, removing its ready warm cgroups first; a
+//! spawner that died is started again at the next spawn. It never logs (a lock that another
+//! worker thread held at the fork would stay held in the copy): its warnings travel in its
+//! replies and the worker logs them.
+
+use std::ffi::CString;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nix::libc;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
+
+use super::cgroup::{CgroupLimits, Hierarchy};
+use super::child::{self, ChildPlan, PidsOnceAlone};
+use super::error::CgroupError;
+use super::warm;
+
+/// Largest request sent inline; a larger one (a huge argv or environment) goes in a memfd.
+const INLINE_MAX: usize = 48 * 1024;
+/// Room for one reply or inline request.
+const MESSAGE_MAX: usize = INLINE_MAX + 1024;
+/// Most descriptors one request carries.
+const MAX_FDS: usize = 8;
+/// The spawner's end of its socket, moved here clear of stdio.
+const SPAWNER_SOCKET_FD: RawFd = 3;
+
+/// What the worker asks of the spawner.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum Request {
+    /// Fork an attempt's first process in a cgroup of its own.
+    Spawn(SpawnRequest),
+    /// An attempt's cgroup is gone: top the warm cgroups up. No reply.
+    Refill,
+    /// How many warm cgroups are ready (tests).
+    Status,
+    /// The real request is in the memfd that comes with this message.
+    InMemfd,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct SpawnRequest {
+    /// The cgroup's name if a new one is made (a warm one has its own).
+    pub(super) name: String,
+    pub(super) memory_bytes: Option<u64>,
+    pub(super) pids: Option<u32>,
+    /// Whether a warm cgroup may be used.
+    pub(super) warm: bool,
+    pub(super) plan: ChildPlan,
+}
+
+/// The descriptors of a `Spawn`, in the order they travel.
+#[derive(Debug)]
+pub(super) struct FdSet {
+    pub(super) stdio: [RawFd; 3],
+    pub(super) setup: RawFd,
+    pub(super) events: RawFd,
+    pub(super) status: Option<RawFd>,
+    pub(super) proxy: Option<RawFd>,
+}
+
+impl FdSet {
+    pub(super) fn list(&self) -> Vec<RawFd> {
+        let mut fds = self.stdio.to_vec();
+        fds.extend([self.setup, self.events]);
+        fds.extend(self.status);
+        fds.extend(self.proxy);
+        fds
+    }
+}
+
+/// The spawner's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum Reply {
+    Spawned {
+        pid: i32,
+        /// The attempt's cgroup, by name (see `Hierarchy::existing`).
+        cgroup: String,
+        warm: bool,
+        notes: Vec<String>,
+    },
+    Failed {
+        failure: Failure,
+        notes: Vec<String>,
+    },
+    Status {
+        ready: usize,
+        notes: Vec<String>,
+    },
+}
+
+/// Why the spawner could not start an attempt; nothing of it is left behind.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum Failure {
+    Cgroup {
+        action: String,
+        path: PathBuf,
+        errno: Option<i32>,
+        message: String,
+    },
+    Fork {
+        errno: i32,
+    },
+    /// A request the spawner could not read (a bug: worker and spawner are one binary).
+    Request(String),
+}
+
+impl Failure {
+    fn cgroup(e: CgroupError) -> Failure {
+        Failure::Cgroup {
+            action: e.action.into_owned(),
+            path: e.path,
+            errno: e.source.raw_os_error(),
+            message: e.source.to_string(),
+        }
+    }
+}
+
+impl From<Failure> for super::SpawnError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Cgroup {
+                action,
+                path,
+                errno,
+                message,
+            } => super::SpawnError::Cgroup(CgroupError {
+                action: action.into(),
+                path,
+                source: match errno {
+                    Some(e) => io::Error::from_raw_os_error(e),
+                    None => io::Error::other(message),
+                },
+            }),
+            Failure::Fork { errno } => {
+                super::SpawnError::Fork(io::Error::from_raw_os_error(errno))
+            }
+            Failure::Request(why) => {
+                super::SpawnError::Fork(io::Error::other(format!("the spawner refused: {why}")))
+            }
+        }
+    }
+}
+
+/// The worker's handle on its spawner; see the module docs.
+#[derive(Debug)]
+pub(super) struct Spawner {
+    hierarchy: Hierarchy,
+    warm: bool,
+    running: tokio::sync::Mutex<Option<Running>>,
+    /// The running spawner's socket, for `Refill` from synchronous code (-1: none).
+    refill_fd: std::sync::atomic::AtomicI32,
+}
+
+#[derive(Debug)]
+struct Running {
+    sock: OwnedFd,
+    pid: nix::unistd::Pid,
+}
+
+impl Spawner {
+    /// Starts a spawner with `hierarchy` (and warm cgroups when `warm` and it is v1).
+    pub(super) fn start(hierarchy: Hierarchy, warm: bool) -> io::Result<Spawner> {
+        let running = fork_spawner(&hierarchy, warm)?;
+        let refill_fd = std::sync::atomic::AtomicI32::new(running.sock.as_raw_fd());
+        Ok(Spawner {
+            hierarchy,
+            warm,
+            running: tokio::sync::Mutex::new(Some(running)),
+            refill_fd,
+        })
+    }
+
+    /// Sends `request` (`Spawn` with `fds`, or `Status`) and waits for the reply. A spawner
+    /// found dead is started again once.
+    pub(super) async fn call(&self, request: &Request, fds: &[RawFd]) -> io::Result<Reply> {
+        let mut running = self.running.lock().await;
+        for round in 0..2 {
+            if running.is_none() {
+                let fresh = fork_spawner(&self.hierarchy, self.warm)?;
+                self.refill_fd
+                    .store(fresh.sock.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+                *running = Some(fresh);
+            }
+            let Some(r) = running.as_ref() else {
+                continue;
+            };
+            match round_trip(&r.sock, request, fds).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) if round == 0 && is_gone(&e) => {
+                    tracing::warn!(error = %e, "the spawner is gone; starting a new one");
+                    self.refill_fd.store(-1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(dead) = running.take() {
+                        reap(dead);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("the spawner could not be started"))
+    }
+
+    /// Asks for the warm cgroups to be topped up; never waits (a full socket drops it: the
+    /// next one asks again).
+    pub(super) fn refill(&self) {
+        if !self.warm {
+            return;
+        }
+        let fd = self.refill_fd.load(std::sync::atomic::Ordering::Relaxed);
+        if fd < 0 {
+            return;
+        }
+        if let Ok(bytes) = postcard::to_allocvec(&Request::Refill) {
+            let iov = [io::IoSlice::new(&bytes)];
+            let _ = sendmsg::<()>(fd, &iov, &[], MsgFlags::MSG_DONTWAIT, None);
+        }
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.get_mut().take() {
+            reap(running);
+        }
+    }
+}
+
+/// Closes the socket (the spawner exits on that) and reaps the spawner if it is already gone;
+/// otherwise it is left to exit on its own (the worker's exit reparents it).
+fn reap(running: Running) {
+    let Running { sock, pid } = running;
+    drop(sock);
+    for _ in 0..20 {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                std::thread::sleep(std::time::Duration::from_micros(250));
+            }
+            _ => return,
+        }
+    }
+}
+
+fn is_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+    ) || e.kind() == io::ErrorKind::UnexpectedEof
+}
+
+async fn round_trip(sock: &OwnedFd, request: &Request, fds: &[RawFd]) -> io::Result<Reply> {
+    let bytes = postcard::to_allocvec(request).map_err(io::Error::other)?;
+    let memfd;
+    let (message, fds) = if bytes.len() > INLINE_MAX {
+        memfd = request_memfd(&bytes)?;
+        let mut all = fds.to_vec();
+        all.push(memfd.as_raw_fd());
+        (
+            postcard::to_allocvec(&Request::InMemfd).map_err(io::Error::other)?,
+            all,
+        )
+    } else {
+        (bytes, fds.to_vec())
+    };
+    // Registered with the current runtime for this round trip only (the sandbox outlives
+    // runtimes in tests): a duplicate of the socket, which tokio owns and closes. Its stream
+    // type is only a readiness handle here; every read and write is a sendmsg/recvmsg.
+    let registered =
+        tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(sock.try_clone()?))?;
+    let fd = registered.as_raw_fd();
+    loop {
+        registered.writable().await?;
+        match registered.try_io(Interest::WRITABLE, || send(fd, &message, &fds)) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let mut buf = vec![0u8; MESSAGE_MAX];
+    loop {
+        registered.readable().await?;
+        match registered.try_io(Interest::READABLE, || receive(fd, &mut buf)) {
+            Ok((0, _)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            // A reply carries no descriptors; any that came anyway are closed here.
+            Ok((n, _)) => return postcard::from_bytes(&buf[..n]).map_err(io::Error::other),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn request_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(c"drover-spawn", MemFdCreateFlag::MFD_CLOEXEC)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(OwnedFd::from(file))
+}
+
+fn send(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let iov = [io::IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
+    let sent = sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    if sent != bytes.len() {
+        return Err(io::Error::other("a spawner message was cut short"));
+    }
+    Ok(())
+}
+
+/// One message and the descriptors that came with it (owned, close-on-exec).
+fn receive(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            fds.extend(received.into_iter().map(child::owned_fd));
+        }
+    }
+    if msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other("a spawner message was truncated"));
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// Forks the spawner: the child serves requests until the socket closes.
+fn fork_spawner(hierarchy: &Hierarchy, warm: bool) -> io::Result<Running> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    let owner = std::process::id();
+    let pools = match (warm, hierarchy) {
+        (true, Hierarchy::V1(bases)) => Some(bases.clone()),
+        _ => None,
+    };
+    let hierarchy = hierarchy.clone();
+    let pid = child::fork_process()?;
+    if pid == 0 {
+        drop(ours);
+        serve(theirs, hierarchy, pools, owner);
+    }
+    drop(theirs);
+    nix::fcntl::fcntl(
+        ours.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    Ok(Running {
+        sock: ours,
+        pid: nix::unistd::Pid::from_raw(pid),
+    })
+}
+
+/// The spawner's life. It is a fork of the worker, possibly of a multi-threaded one: glibc's
+/// fork leaves malloc usable, but no lock the other threads may have held is taken here (no
+/// logging, no stdio), and the worker's descriptors and signal handlers are let go first.
+fn serve(sock: OwnedFd, hierarchy: Hierarchy, warm_bases: Option<super::cgroup::v1::Bases>, owner: u32) -> ! {
+    if child::become_spawner(sock.as_raw_fd(), SPAWNER_SOCKET_FD).is_err() {
+        child::exit(1);
+    }
+    // Now at SPAWNER_SOCKET_FD (the number it had is closed, unless it was that one).
+    std::mem::forget(sock);
+    let pool = warm_bases.map(|bases| warm::Pool::new(bases, super::WARM_CGROUPS, owner));
+    let mut buf = vec![0u8; MESSAGE_MAX];
+    loop {
+        let (n, fds) = match receive(SPAWNER_SOCKET_FD, &mut buf) {
+            Ok((0, _)) => break,
+            Ok(got) => got,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(_) => break,
+        };
+        let reply = handle(&buf[..n], fds, &hierarchy, pool.as_ref());
+        if let Some(reply) = reply {
+            let sent = postcard::to_allocvec(&reply)
+                .map_err(io::Error::other)
+                .and_then(|bytes| send(SPAWNER_SOCKET_FD, &bytes, &[]));
+            if sent.is_err() {
+                break;
+            }
+        }
+    }
+    drop(pool);
+    child::exit(0)
+}
+
+/// One request; `None` for those without a reply.
+fn handle(
+    message: &[u8],
+    mut fds: Vec<OwnedFd>,
+    hierarchy: &Hierarchy,
+    pool: Option<&warm::Pool>,
+) -> Option<Reply> {
+    let notes = || pool.map(warm::Pool::take_notes).unwrap_or_default();
+    let failed = |why: String| Reply::Failed {
+        failure: Failure::Request(why),
+        notes: notes(),
+    };
+    let mut request: Request = match postcard::from_bytes(message) {
+        Ok(r) => r,
+        Err(e) => return Some(failed(format!("cannot decode a request: {e}"))),
+    };
+    if matches!(request, Request::InMemfd) {
+        let Some(memfd) = fds.pop() else {
+            return Some(failed("a request in a memfd came without it".into()));
+        };
+        let mut bytes = Vec::new();
+        if let Err(e) = std::fs::File::from(memfd).read_to_end(&mut bytes) {
+            return Some(failed(format!("cannot read a request's memfd: {e}")));
+        }
+        request = match postcard::from_bytes(&bytes) {
+            Ok(r) => r,
+            Err(e) => return Some(failed(format!("cannot decode a request: {e}"))),
+        };
+    }
+    match request {
+        Request::Refill => {
+            if let Some(pool) = pool {
+                pool.refill();
+            }
+            None
+        }
+        Request::Status => Some(Reply::Status {
+            ready: pool.map_or(0, warm::Pool::ready),
+            notes: notes(),
+        }),
+        Request::InMemfd => Some(failed("a memfd request inside a memfd".into())),
+        Request::Spawn(spawn) => Some(match start(spawn, fds, hierarchy, pool) {
+            Ok((pid, cgroup, warm)) => Reply::Spawned {
+                pid,
+                cgroup,
+                warm,
+                notes: notes(),
+            },
+            Err(failure) => Reply::Failed {
+                failure,
+                notes: notes(),
+            },
+        }),
+    }
+}
+
+/// Puts the received descriptors in the plan, gets the attempt a cgroup (warm if one is ready
+/// and allowed) and forks. Returns (pid, cgroup name, warm).
+fn start(
+    spawn: SpawnRequest,
+    fds: Vec<OwnedFd>,
+    hierarchy: &Hierarchy,
+    pool: Option<&warm::Pool>,
+) -> Result<(i32, String, bool), Failure> {
+    let SpawnRequest {
+        name,
+        memory_bytes,
+        pids,
+        warm,
+        mut plan,
+    } = spawn;
+    let want = 5 + usize::from(plan.status_fd.is_some()) + usize::from(plan.proxy_fd.is_some());
+    if fds.len() != want {
+        return Err(Failure::Request(format!(
+            "{} descriptors came with a spawn, {want} expected",
+            fds.len()
+        )));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    plan.stdio = [raw[0], raw[1], raw[2]];
+    plan.setup_fd = raw[3];
+    plan.events_fd = raw[4];
+    let mut next = 5;
+    if plan.status_fd.is_some() {
+        plan.status_fd = Some(raw[next]);
+        next += 1;
+    }
+    if plan.proxy_fd.is_some() {
+        plan.proxy_fd = Some(raw[next]);
+    }
+    let warmed = if warm { pool.and_then(warm::Pool::take) } else { None };
+    let result = match warmed {
+        Some(warmed) => {
+            let (group, launcher) = warmed.into_parts();
+            if let Some(bytes) = memory_bytes {
+                if let Err(e) = group.set_memory_limit(bytes) {
+                    launcher.release();
+                    remove_dirs(group.dirs());
+                    return Err(Failure::cgroup(e));
+                }
+            }
+            if let (Some(dir), Some(max)) = (&group.pids, pids) {
+                plan.pids_once_alone = Some(PidsOnceAlone {
+                    tasks: c_path(&dir.join("tasks")),
+                    max: c_path(&dir.join("pids.max")),
+                    value: max.to_string().into_bytes(),
+                    launcher: launcher.tid().to_string().into_bytes(),
+                });
+            }
+            plan.cgroup_procs = Vec::new();
+            let plan = Arc::new(plan);
+            let forked = launcher.spawn(move || fork_and_run(&plan));
+            let name = group.name();
+            match forked {
+                Ok(pid) => Ok((pid, name, true)),
+                Err(e) => {
+                    remove_dirs(group.dirs());
+                    Err(Failure::Fork {
+                        errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
+                    })
+                }
+            }
+        }
+        None => {
+            let group = hierarchy
+                .create(&name, CgroupLimits { memory_bytes, pids })
+                .map_err(Failure::cgroup)?;
+            plan.cgroup_procs = group.procs_files().iter().map(|p| c_path(p)).collect();
+            plan.pids_once_alone = None;
+            match fork_and_run(&plan) {
+                Ok(pid) => Ok((pid, name, false)),
+                Err(e) => {
+                    let _ = group.remove();
+                    Err(Failure::Fork {
+                        errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
+                    })
+                }
+            }
+        }
+    };
+    // The child has its copies; the spawner's go now.
+    drop(fds);
+    result
+}
+
+fn fork_and_run(plan: &ChildPlan) -> io::Result<i32> {
+    match child::fork_for_parent() {
+        Ok(0) => child::run(plan),
+        Ok(pid) => Ok(pid),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+fn remove_dirs(dirs: Vec<&std::path::Path>) {
+    for dir in dirs {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Paths from the worker never hold NUL (it made them); one that would is cut there.
+fn c_path(p: &std::path::Path) -> CString {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = p.as_os_str().as_bytes();
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    CString::new(&bytes[..end]).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_sets_travel_in_order() {
+        let set = FdSet {
+            stdio: [10, 11, 12],
+            setup: 13,
+            events: 14,
+            status: Some(15),
+            proxy: None,
+        };
+        assert_eq!(set.list(), [10, 11, 12, 13, 14, 15]);
+    }
+
+    #[test]
+    fn failures_become_spawn_errors_naming_the_path() {
+        let f = Failure::cgroup(CgroupError {
+            action: "create".into(),
+            path: PathBuf::from("/sys/fs/cgroup/x"),
+            source: io::Error::from_raw_os_error(libc::EACCES),
+        });
+        let bytes = postcard::to_allocvec(&Reply::Failed {
+            failure: f,
+            notes: vec![],
+        })
+        .unwrap();
+        let Ok(Reply::Failed { failure, .. }) = postcard::from_bytes(&bytes) else {
+            panic!("round trip");
+        };
+        let e = super::super::SpawnError::from(failure).to_string();
+        assert!(e.contains("/sys/fs/cgroup/x") && e.contains("create"), "{e}");
+    }
+}
