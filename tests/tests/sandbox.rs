@@ -207,7 +207,11 @@ touch ./in-workspace /tmp/in-tmp /dev/shm/in-shm && echo writable-ok
 echo end"#,
         list = list.join(" ")
     );
-    let id = submit(&fleet, "writer", &sh_spec("writer", &script));
+    // Declared as an output, the workspace file is collected from the worker's side of the
+    // workspace (which is emptied once the attempt has ended).
+    let mut spec = sh_spec("writer", &script);
+    spec["outputs"] = json!(["in-workspace"]);
+    let id = submit(&fleet, "writer", &spec);
     let t = wait_final(&fleet, &id, DEADLINE);
     let all = events(&fleet, &id, &[]);
     assert_eq!(t.state, TaskState::Succeeded, "{t:?} {all:#?}");
@@ -220,8 +224,13 @@ echo end"#,
     for dir in &targets {
         assert!(!dir.join(&probe).exists(), "{} written", dir.display());
     }
-    assert!(
-        work.join(format!("tasks/{id}-1/in-workspace")).exists(),
+    let stored = all
+        .iter()
+        .find(|e| e["kind"] == "outputs_stored")
+        .unwrap_or_else(|| panic!("no outputs_stored: {all:#?}"));
+    assert_eq!(
+        stored["payload"]["paths"],
+        json!(["in-workspace"]),
         "the workspace write did not land in the worker's workspace"
     );
     assert!(
@@ -261,12 +270,21 @@ fn sandboxed_task_cannot_read_the_workers_environment_keys_or_state() {
     fleet.start_worker_with_env("w1", &[("DROVER_TEST_CANARY", &env_canary)]);
     fleet.wait_all_ready();
 
-    // Leave state behind: a workspace file of an earlier attempt, and a session in the
-    // coordinator's database. The canaries are put together at run time, so that only the
-    // database and the workspace hold them (not the spec file, not the stored spec).
-    let earlier = format!("n={nonce}; echo STATE-CANARY-$n; echo WS-CANARY-$n > canary");
-    let (t, _) = run(&fleet, "earlier", &sh_spec("earlier", &earlier));
-    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    // State of another task: a file in the workspace of an attempt that runs beside the probes,
+    // and a session in the coordinator's database. The canaries are put together at run time,
+    // so that only the database and the workspace hold them (not the spec file, not the
+    // stored spec).
+    let earlier = format!(
+        "n={nonce}; echo STATE-CANARY-$n; echo WS-CANARY-$n > canary; while [ ! -e stop ]; do sleep 0.05; done"
+    );
+    let neighbour = submit(&fleet, "earlier", &sh_spec("earlier", &earlier));
+    let neighbour_ws = fleet_dir.join(format!("work/w1/tasks/{neighbour}-1"));
+    fleet.wait_for(DEADLINE, "the neighbour's canaries to be in place", || {
+        let stored = output(&events(&fleet, &neighbour, &[]), "stdout");
+        (neighbour_ws.join("canary").exists() && stored.contains(&state_canary))
+            .then_some(())
+            .ok_or(stored)
+    });
 
     let tls = fleet_dir.join("tls");
     let keys = [
@@ -339,6 +357,9 @@ echo end"#,
             "the trusted probe did not find {secret:?}, so the sandboxed one proves nothing: {stdout}"
         );
     }
+    std::fs::write(neighbour_ws.join("stop"), b"").expect("stop the neighbour");
+    let t = wait_final(&fleet, &neighbour, DEADLINE);
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
 }
 
 #[test]

@@ -2,9 +2,12 @@
 //!
 //! [`Sandbox::detect`] runs once at start-up: it finds a cgroup hierarchy the worker can create
 //! children in (v2, or the v1 fallback of hybrid hosts — see the `cgroup` module) and whether
-//! namespaces can be created. [`Sandbox::spawn`] then starts an attempt and returns an
-//! [`Attempt`], whose [`Attempt::wait`] enforces the wall-time limit, honours cancellation and
-//! classifies the end.
+//! namespaces can be created, and starts the spawner, the small process that forks every
+//! attempt for the worker (see the `spawner` module for why). [`Sandbox::spawn`] then starts an
+//! attempt and returns an [`Attempt`], whose [`Attempt::wait`] enforces the wall-time limit,
+//! honours cancellation and classifies the end. The attempt's first process is the worker's
+//! child either way (the spawner forks with `CLONE_PARENT`; where that is refused, as under
+//! qemu-user emulation, the worker forks itself).
 //!
 //! Per attempt, with `isolation = sandbox`:
 //! - new pid, mount, uts, ipc and cgroup namespaces, and a network namespace with only `lo` for
@@ -126,6 +129,9 @@ struct Inner {
     /// Files bound back read-only when a cover hides them (tests add to it).
     keep: Vec<PathBuf>,
     next_seq: AtomicU64,
+    /// Set once the spawner could not fork for the worker (`clone(CLONE_PARENT)` refused, as
+    /// under qemu-user emulation): attempts are then forked by the worker itself, cold.
+    fork_here: std::sync::atomic::AtomicBool,
     /// Attempts started, and how many of them in a warm cgroup.
     started: AtomicU64,
     started_warm: AtomicU64,
@@ -212,6 +218,7 @@ impl Sandbox {
                 private,
                 keep: Vec::new(),
                 next_seq: AtomicU64::new(1),
+                fork_here: std::sync::atomic::AtomicBool::new(false),
                 started: AtomicU64::new(0),
                 started_warm: AtomicU64::new(0),
                 leftovers: Mutex::new(Vec::new()),
@@ -369,19 +376,24 @@ impl Sandbox {
             warm: true,
             plan: child_plan,
         });
-        let reply = self
-            .inner
-            .spawner
-            .call(&request, &fds.list())
-            .await
-            .map_err(SpawnError::Fork)?;
+        let reply = if self.inner.fork_here.load(Ordering::Relaxed) {
+            None
+        } else {
+            Some(
+                self.inner
+                    .spawner
+                    .call(&request, &fds.list())
+                    .await
+                    .map_err(SpawnError::Fork)?,
+            )
+        };
         let (pid, name) = match reply {
-            spawner::Reply::Spawned {
+            Some(spawner::Reply::Spawned {
                 pid,
                 cgroup,
                 warm,
                 notes,
-            } => {
+            }) => {
                 log_notes(notes);
                 self.inner.started.fetch_add(1, Ordering::Relaxed);
                 if warm {
@@ -389,15 +401,28 @@ impl Sandbox {
                 }
                 (pid, cgroup)
             }
-            spawner::Reply::Failed { failure, notes } => {
+            Some(spawner::Reply::Failed {
+                failure: spawner::Failure::Fork { errno },
+                notes,
+            }) if errno == libc::EINVAL => {
+                log_notes(notes);
+                warn!(
+                    "this system refuses clone(CLONE_PARENT) (qemu-user emulation does): the \
+                     worker forks attempts itself from now on, without warm cgroups"
+                );
+                self.inner.fork_here.store(true, Ordering::Relaxed);
+                self.fork_here(request, pids_limit, spec.limits.memory_bytes)?
+            }
+            Some(spawner::Reply::Failed { failure, notes }) => {
                 log_notes(notes);
                 return Err(failure.into());
             }
-            spawner::Reply::Status { .. } => {
+            Some(spawner::Reply::Status { .. }) => {
                 return Err(SpawnError::Fork(std::io::Error::other(
                     "the spawner answered a spawn with its status",
                 )))
             }
+            None => self.fork_here(request, pids_limit, spec.limits.memory_bytes)?,
         };
         let mut process = process::Process::new(pid);
         let cgroup = self.inner.hierarchy.existing(&name);
@@ -494,6 +519,44 @@ impl Sandbox {
             spec.limits,
             pids_limit_enforced,
         ))
+    }
+
+    /// The fallback where the spawner cannot fork for the worker (see [`Inner::fork_here`]):
+    /// a new cgroup, which the child joins itself, and a fork of the worker. Returns (pid,
+    /// cgroup name).
+    fn fork_here(
+        &self,
+        request: spawner::Request,
+        pids: Option<u32>,
+        memory_bytes: Option<u64>,
+    ) -> Result<(i32, String), SpawnError> {
+        let spawner::Request::Spawn(spawner::SpawnRequest { name, mut plan, .. }) = request else {
+            return Err(SpawnError::Fork(std::io::Error::other("not a spawn request")));
+        };
+        let cgroup = self
+            .inner
+            .hierarchy
+            .create(&name, cgroup::CgroupLimits { memory_bytes, pids })?;
+        let bad_path = |p: &Path| SpawnError::Workspace {
+            path: p.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"),
+        };
+        plan.cgroup_procs = cgroup
+            .procs_files()
+            .iter()
+            .map(|p| plan::c_path(p).map_err(|_| bad_path(p)))
+            .collect::<Result<_, _>>()?;
+        match child::fork_process() {
+            Ok(0) => child::run(&plan),
+            Ok(pid) => {
+                self.inner.started.fetch_add(1, Ordering::Relaxed);
+                Ok((pid, name))
+            }
+            Err(errno) => {
+                let _ = cgroup.remove();
+                Err(SpawnError::Fork(errno.into()))
+            }
+        }
     }
 
     fn sandbox_setup(
@@ -626,6 +689,15 @@ impl Sandbox {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         false
+    }
+
+    /// A sandbox like `self` whose attempts the worker forks itself, as where the spawner
+    /// cannot (see [`Inner::fork_here`]).
+    #[cfg(test)]
+    pub(crate) fn forking_here(&self) -> Sandbox {
+        let sandbox = self.cold();
+        sandbox.inner.fork_here.store(true, Ordering::Relaxed);
+        sandbox
     }
 
     /// Forces (or stops) the use of a user namespace, to test that path as root.

@@ -873,6 +873,24 @@ async fn sandbox_spawns_in_a_row_never_hang() {
     }
 }
 
+/// Where the spawner cannot fork for the worker (qemu-user refuses `CLONE_PARENT`), the worker
+/// forks attempts itself: both isolations still run, exit codes and output come through, and
+/// a killed tree is gone.
+#[tokio::test]
+async fn sandbox_attempts_forked_by_the_worker_itself() {
+    if skip() {
+        return;
+    }
+    let sandbox = sandbox().forking_here();
+    for isolation in BOTH {
+        let job = Job::sh("echo here; exit 7", isolation);
+        let ws = tempfile::tempdir().expect("workspace");
+        let out = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
+        assert_eq!(out.outcome.class, ExitClass::Exited(7), "{isolation:?}: {out:?}");
+        assert_eq!(out.stdout, "here\n");
+    }
+}
+
 /// Not a test of anything: prints spawn latency (spawn() returning = the task has exec'd) and
 /// the whole round trip for a no-op task. `cargo test -p drover-worker-agent sandbox_latency
 /// -- --ignored --nocapture`.

@@ -304,13 +304,26 @@ pub fn coordinator_pid(config: &std::path::Path) -> Option<String> {
 
 /// The pid of the process whose command line contains every one of `needles`.
 pub fn pid_by_cmdline(needles: &[&str]) -> Option<String> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        name.parse::<u32>().ok()?;
-        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        needles.iter().all(|n| cmd.contains(n)).then_some(name)
-    })
+    pids_by_cmdline(needles).into_iter().next()
+}
+
+/// Every pid whose command line contains all of `needles`, lowest first (a worker and the
+/// spawner it forked share one).
+pub fn pids_by_cmdline(needles: &[&str]) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            needles.iter().all(|n| cmd.contains(n)).then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter().map(|p| p.to_string()).collect()
 }
 
 /// utime + stime of `pid`, in clock ticks.

@@ -33,8 +33,8 @@ pub struct RunResult {
     pub failed: usize,
     /// Cores busy on the whole machine during the run (all processes, out of `nproc`).
     pub machine_busy_cores: f64,
-    /// CPU time of drover's coordinator and worker processes (the worker's children, the tasks
-    /// and sandbox helpers, not included) per task, milliseconds.
+    /// CPU time of drover's coordinator and worker processes (the worker with its spawner; the
+    /// tasks and sandbox helpers not included) per task, milliseconds.
     pub coordinator_cpu_ms_per_task: Option<f64>,
     pub worker_cpu_ms_per_task: Option<f64>,
 }
@@ -50,16 +50,19 @@ pub async fn drover_run(
     for _ in 0..submitters {
         clients.push(common::connect(settings).await?);
     }
+    // The worker's figure counts its spawner too (a process of its own that forks every
+    // attempt; same command line), so moving work there moves none out of the count.
     let pids = [
-        common::coordinator_pid(&fleet.coordinator_config()),
-        common::pid_by_cmdline(&[
-            "drover-worker",
-            &fleet.worker_config("w1").to_string_lossy(),
-        ]),
+        common::coordinator_pid(&fleet.coordinator_config())
+            .into_iter()
+            .collect::<Vec<_>>(),
+        common::pids_by_cmdline(&["drover-worker", &fleet.worker_config("w1").to_string_lossy()]),
     ];
     let ticks = || {
-        pids.clone()
-            .map(|p| p.as_deref().and_then(common::cpu_ticks))
+        pids.clone().map(|ps| {
+            (!ps.is_empty())
+                .then(|| ps.iter().filter_map(|p| common::cpu_ticks(p)).sum::<u64>())
+        })
     };
     let ticks0 = ticks();
     let cpu0 = common::MachineCpu::take();
