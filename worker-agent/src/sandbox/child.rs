@@ -37,8 +37,8 @@
 //! first thing), [`EVENTS_FD`] the events pipe (the
 //! only one the task inherits besides stdio), 4 the setup pipe (close-on-exec: it reaches EOF in
 //! the parent once the task has exec'd, or carries an error record), 5 the status pipe (S and I
-//! only), 6 a socket to the worker (S only, `network = proxy`). Everything else inherited from
-//! the worker is closed first thing.
+//! only), 6 a socket to the worker (S only, `network = proxy`), 7 the spawner's go pipe (until
+//! read; see [`PidsOnceAlone`]). Everything else inherited is closed first thing.
 //!
 //! With `network = proxy`, S brings up `lo` in the new network namespace, listens on
 //! 127.0.0.1:3128 there, and sends that listening socket to the worker over fd 6 (SCM_RIGHTS)
@@ -64,6 +64,8 @@ pub(crate) const EVENTS_FD: RawFd = 3;
 const SETUP_FD: RawFd = 4;
 const STATUS_FD: RawFd = 5;
 const PROXY_FD: RawFd = 6;
+/// The go pipe of [`PidsOnceAlone`], until it has been read.
+const GO_FD: RawFd = 7;
 /// Most paths an attempt binds back over its masks (the workspace and kept files).
 pub(crate) const MAX_REBINDS: usize = 4;
 /// Device nodes of the sandbox's /dev, bound from the host's; [`NULL_DEVICE`] also masks files.
@@ -145,19 +147,17 @@ pub(crate) struct ChildPlan {
 }
 
 /// The pids limit of a warm spawn (`warm` module), set by the process itself before anything
-/// else: the worker thread that forked it still counts in the cgroup at first, so the limit
-/// can only be exact once that thread is gone — which this process sees as the thread's id
-/// missing from the cgroup's `tasks` file. It then writes the limit and goes on; no task code
-/// runs before.
+/// else: the spawner thread that forked it still counts in the cgroup at first, so the limit
+/// can only be exact once that thread is gone. The spawner writes a byte to the `go` pipe once
+/// it is (it joined the thread and saw its id leave the cgroup); this process waits for that
+/// byte, writes the limit and goes on. No task code runs before.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PidsOnceAlone {
-    /// The attempt's pids cgroup's `tasks` (thread ids, one per line).
-    pub(crate) tasks: CString,
-    /// Its `pids.max`, and what to write there.
+    /// The attempt's `pids.max`, and what to write there.
     pub(crate) max: CString,
     pub(crate) value: Vec<u8>,
-    /// The forking worker thread's id, in decimal.
-    pub(crate) launcher: Vec<u8>,
+    /// Read end of the spawner's go pipe (the spawner's number; moved to [`GO_FD`]).
+    pub(crate) go: RawFd,
 }
 
 /// The namespace part of a [`ChildPlan`].
@@ -384,8 +384,8 @@ impl Step {
                     .to_owned()
             }
             Step::PidsLimit => {
-                "set the attempt's pids limit once the worker thread that forked it has left \
-                 the cgroup (pids.current, pids.max)"
+                "set the attempt's pids limit once the spawner thread that forked it has left \
+                 the cgroup (pids.max)"
                     .to_owned()
             }
         }
@@ -523,51 +523,26 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
     }
 }
 
-/// Waits (yielding, then sleeping 50 µs at a time; 200,000 rounds at most) until the worker
-/// thread that forked this process has left its pids cgroup, then writes the limit. See
-/// [`PidsOnceAlone`].
+/// Waits until the spawner says its thread has left the cgroup (a byte on [`GO_FD`]), then
+/// writes the limit. See [`PidsOnceAlone`].
 fn pids_once_alone(limit: &PidsOnceAlone) {
-    let pause = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 50_000,
-    };
-    for round in 0..200_000u32 {
-        let mut buf = [0u8; 512];
-        // SAFETY: valid NUL-terminated path; a live buffer of the given length.
-        let n = unsafe {
-            let fd = libc::open(limit.tasks.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                fail(Step::PidsLimit, 0, Errno::last());
-            }
-            let n = libc::read(fd, buf.as_mut_ptr().cast::<c_void>(), buf.len());
-            libc::close(fd);
-            n
-        };
-        if n < 0 {
-            fail(Step::PidsLimit, 0, Errno::last());
-        }
-        let listed = &buf[..n as usize];
-        // A full buffer may have cut the list: read again later.
-        let gone = (n as usize) < buf.len()
-            && !listed
-                .split(|b| *b == b'\n')
-                .any(|line| line == limit.launcher.as_slice());
-        if gone {
-            if let Err(errno) = write_path(&limit.max, &limit.value) {
-                fail(Step::PidsLimit, 1, errno);
-            }
-            return;
-        }
-        // SAFETY: sched_yield and nanosleep take no memory but a live timespec.
-        unsafe {
-            if round < 100 {
-                libc::sched_yield();
-            } else {
-                libc::nanosleep(&pause, ptr::null_mut());
-            }
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: a live one-byte buffer.
+        let n = unsafe { libc::read(GO_FD, byte.as_mut_ptr().cast::<c_void>(), 1) };
+        match n {
+            1 => break,
+            // The spawner died before it could say: its thread may still count.
+            0 => fail(Step::PidsLimit, 0, Errno::EPIPE),
+            _ if Errno::last() == Errno::EINTR => {}
+            _ => fail(Step::PidsLimit, 0, Errno::last()),
         }
     }
-    fail(Step::PidsLimit, 0, Errno::ETIMEDOUT);
+    // SAFETY: closing the descriptor read above.
+    unsafe { libc::close(GO_FD) };
+    if let Err(errno) = write_path(&limit.max, &limit.value) {
+        fail(Step::PidsLimit, 1, errno);
+    }
 }
 
 /// S: creates the namespaces, forks the init, waits for it.
@@ -1049,6 +1024,10 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         Some(fd) => Some(scratch(fd)?),
         None => None,
     };
+    let go = match &plan.pids_once_alone {
+        Some(limit) => Some(scratch(limit.go)?),
+        None => None,
+    };
     // SAFETY: plain fd syscalls; sources (>= SCRATCH_FD) never equal targets (< SCRATCH_FD).
     unsafe {
         // Not close-on-exec: the task's stdio.
@@ -1064,15 +1043,21 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         if let Some(proxy) = proxy {
             Errno::result(libc::dup3(proxy, PROXY_FD, libc::O_CLOEXEC))?;
         }
+        if let Some(go) = go {
+            Errno::result(libc::dup3(go, GO_FD, libc::O_CLOEXEC))?;
+        }
+        // The fixed numbers not in use hold nothing of the parent's.
+        for (fd, used) in [
+            (STATUS_FD, status.is_some()),
+            (PROXY_FD, proxy.is_some()),
+            (GO_FD, go.is_some()),
+        ] {
+            if !used {
+                libc::close(fd);
+            }
+        }
     }
-    let first_free = if proxy.is_some() {
-        PROXY_FD + 1
-    } else if status.is_some() {
-        STATUS_FD + 1
-    } else {
-        STATUS_FD
-    };
-    close_range(first_free as u32, u32::MAX);
+    close_range((GO_FD + 1) as u32, u32::MAX);
     Ok(())
 }
 

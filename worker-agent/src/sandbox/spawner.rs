@@ -520,17 +520,34 @@ fn start(
                     return Err(Failure::cgroup(e));
                 }
             }
+            // With a pids limit, the child waits for word that the thread has left (see
+            // `child::PidsOnceAlone`); this end says it.
+            let mut go = None;
             if let (Some(dir), Some(max)) = (&group.pids, pids) {
+                let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        launcher.release();
+                        remove_dirs(group.dirs());
+                        return Err(Failure::Fork { errno: e as i32 });
+                    }
+                };
                 plan.pids_once_alone = Some(PidsOnceAlone {
-                    tasks: c_path(&dir.join("tasks")),
                     max: c_path(&dir.join("pids.max")),
                     value: max.to_string().into_bytes(),
-                    launcher: launcher.tid().to_string().into_bytes(),
+                    go: r.as_raw_fd(),
                 });
+                go = Some((r, w));
             }
             plan.cgroup_procs = Vec::new();
             let plan = Arc::new(plan);
+            // Returns once the thread has left the cgroup.
             let forked = launcher.spawn(move || fork_and_run(&plan));
+            if let Some((r, w)) = go {
+                drop(r);
+                // A failed write leaves the child to see EOF and fail its setup.
+                let _ = nix::unistd::write(&w, b"g");
+            }
             let name = group.name();
             match forked {
                 Ok(pid) => Ok((pid, name, true)),

@@ -18,12 +18,12 @@
 //! removes the attempt's cgroup can meet a spawner thread in it.
 //!
 //! The pids limit cannot be in place while the thread still counts in the cgroup, and the
-//! process the thread forked must not run task code before it is: that process waits until
-//! the thread's id is gone from the cgroup's `tasks` file and writes `pids.max` itself before
-//! anything else (`child::PidsOnceAlone`), so the thread is off the path. (Not "until
-//! `pids.current` reads 1": a process may have threads of its own from its first instruction —
-//! a worker under qemu-user emulation forks a child with qemu's threads.) The memory limit is
-//! written before the fork.
+//! process the thread forked must not run task code before it is: [`Launcher::spawn`] returns
+//! once the thread is joined and its id gone from the cgroup, the spawner then writes a byte to
+//! a pipe the process waits on, and the process writes `pids.max` itself before anything else
+//! (`child::PidsOnceAlone`). (Not "until `pids.current` reads 1": a process may have threads
+//! of its own from its first instruction — a worker under qemu-user emulation forks a child
+//! with qemu's threads.) The memory limit is written before the fork.
 //!
 //! The pool keeps up to [`Pool::want`] ready; the spawner tops it up when the worker says an
 //! attempt's cgroup is gone (a thread moving into a cgroup holds the kernel's cgroup mutex
@@ -85,19 +85,15 @@ pub(super) struct Warmed {
 #[derive(Debug)]
 pub(super) struct Launcher {
     tid: i32,
+    thread: std::thread::ThreadId,
     jobs: SyncSender<Job>,
+    /// Its handle, moved here from the pool when taken (joined once it has forked).
+    handle: Option<JoinHandle<()>>,
 }
 
 impl Warmed {
     pub(super) fn into_parts(self) -> (v1::Group, Launcher) {
         (self.group, self.launcher)
-    }
-}
-
-impl Launcher {
-    /// The waiting thread's id (what its cgroups' `tasks` files list until it exits).
-    pub(super) fn tid(&self) -> i32 {
-        self.tid
     }
 }
 
@@ -127,7 +123,16 @@ impl Pool {
 
     /// A ready warm cgroup, if there is one. Call [`Pool::refill`] after the spawn.
     pub(super) fn take(&self) -> Option<Warmed> {
-        lock(&self.state).ready.pop()
+        let mut state = lock(&self.state);
+        let mut warmed = state.ready.pop()?;
+        if let Some(i) = state
+            .threads
+            .iter()
+            .position(|h| h.thread().id() == warmed.launcher.thread)
+        {
+            warmed.launcher.handle = Some(state.threads.swap_remove(i));
+        }
+        Some(warmed)
     }
 
     /// Start threads until ready + starting reaches `want` (each creates its cgroup and moves
@@ -242,7 +247,12 @@ fn warm_thread(bases: &v1::Bases, name: &str, state: Arc<Mutex<State>>) {
         }
         s.ready.push(Warmed {
             group,
-            launcher: Launcher { tid, jobs },
+            launcher: Launcher {
+                tid,
+                thread: std::thread::current().id(),
+                jobs,
+                handle: None,
+            },
         });
     }
     // A job, or the pool closing (the sender dropped): either way this thread then exits.
@@ -263,23 +273,36 @@ impl Launcher {
         let job: Job = Box::new(move || {
             let _ = tx.send(fork());
         });
-        let sent = self.jobs.send(job);
-        drop(self.jobs);
+        let Launcher {
+            tid, jobs, handle, ..
+        } = self;
+        let sent = jobs.send(job);
+        drop(jobs);
         let forked = match sent {
             Ok(()) => rx
                 .recv()
                 .unwrap_or_else(|_| Err(io::Error::other("the warm thread ended without forking"))),
             Err(_) => Err(io::Error::other("the warm thread is gone")),
         };
-        wait_gone(self.tid);
+        gone(tid, handle);
         forked
     }
 
     /// Lets the thread go without a job (it exits, leaving the cgroup); returns once it has.
     pub(super) fn release(self) {
         drop(self.jobs);
-        wait_gone(self.tid);
+        gone(self.tid, self.handle);
     }
+}
+
+/// Until the thread `tid` has exited and left its cgroups: joined (sleeping until the kernel
+/// clears its thread id), then its /proc entry watched until it goes — that happens once the
+/// thread is released, after it left its cgroups, a moment after the join returns.
+fn gone(tid: i32, handle: Option<JoinHandle<()>>) {
+    if let Some(handle) = handle {
+        let _ = handle.join();
+    }
+    wait_gone(tid);
 }
 
 /// Until the thread `tid` of this process has exited (its /proc entry goes once it is
