@@ -478,6 +478,43 @@ pub(crate) fn fork_for_parent() -> Result<libc::pid_t, Errno> {
     Errno::result(r).map(|pid| pid as libc::pid_t)
 }
 
+/// Stack of a [`vfork_for_parent`] child until it execs: [`run`] keeps its buffers small.
+const VFORK_STACK: usize = 128 * 1024;
+
+/// Like [`fork_for_parent`], but the child shares the caller's memory until it execs, and the
+/// calling thread sleeps until then (`CLONE_VM | CLONE_VFORK`, as posix_spawn does): no page
+/// tables are copied and none of the caller's pages is write-protected, so nothing faults
+/// afterwards. Only for a plan whose first process execs (process isolation): the sandbox's
+/// outer helper lives on without exec'ing, and the caller would sleep as long.
+///
+/// The child runs [`run`] on a stack of its own; it writes nothing else of the caller's memory
+/// but the calling thread's errno, and that thread is asleep until the exec.
+pub(crate) fn vfork_for_parent(plan: &ChildPlan) -> Result<libc::pid_t, Errno> {
+    extern "C" fn start(arg: *mut c_void) -> c_int {
+        // SAFETY: `arg` is the `&ChildPlan` passed below, alive until the caller wakes, which
+        // is after this process has exec'd or exited.
+        let plan = unsafe { &*(arg as *const ChildPlan) };
+        run(plan)
+    }
+    let mut stack = vec![0u8; VFORK_STACK];
+    // The stack grows down: its top, 16-byte aligned.
+    let top = (stack.as_mut_ptr() as usize + VFORK_STACK) & !15;
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD;
+    // SAFETY: `start` never returns into the caller's frames (it execs or _exits) and touches
+    // only `plan` (read) and its own stack; `stack` and `plan` outlive the call, which returns
+    // only once the child has exec'd or exited.
+    let pid = unsafe {
+        libc::clone(
+            start,
+            top as *mut c_void,
+            flags,
+            plan as *const ChildPlan as *mut c_void,
+        )
+    };
+    drop(stack);
+    Errno::result(pid)
+}
+
 /// fork(2) as a bare clone syscall, for the helpers: glibc's fork would first take malloc's
 /// locks, and in a helper forked from a multi-threaded spawner one of them may be held forever
 /// (copied from a thread that held it). The helpers allocate nothing, so they need none of

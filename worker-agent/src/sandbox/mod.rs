@@ -674,21 +674,23 @@ impl Sandbox {
         .expect("start a spawner")
     }
 
-    /// Waits (bounded) until a warm cgroup is ready; false on a host without them.
+    /// Waits (bounded) until a warm cgroup is ready; false on a host without them (v2).
+    /// Panics, with what the spawner said, when a v1 host has none ready within 5 s.
     #[cfg(test)]
     pub(crate) async fn warm_ready(&self) -> bool {
         if !matches!(self.inner.hierarchy, Hierarchy::V1(_)) {
             return false;
         }
+        let mut said = Vec::new();
         for _ in 0..500 {
             match self.inner.spawner.call(&spawner::Request::Status, &[]).await {
                 Ok(spawner::Reply::Status { ready, .. }) if ready > 0 => return true,
-                Ok(_) => {}
-                Err(_) => return false,
+                Ok(spawner::Reply::Status { notes, .. }) => said.extend(notes),
+                other => panic!("the spawner's status: {other:?}"),
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        false
+        panic!("no warm cgroup ready within 5 s on a v1 host: {said:?}");
     }
 
     /// A sandbox like `self` whose attempts the worker forks itself, as where the spawner

@@ -48,6 +48,13 @@ use super::child::{self, ChildPlan, PidsOnceAlone};
 use super::error::CgroupError;
 use super::warm;
 
+/// The smallest pids limit an attempt is vforked under (process isolation). Its limit is
+/// written before the fork, while the spawner thread that forks still counts in the cgroup, and
+/// that thread goes a moment after the exec: for those microseconds the task may have one
+/// process fewer than its limit, never more. Below this, the exact (slower) way: a fork, and
+/// the process sets the limit itself once the thread has left (`child::PidsOnceAlone`).
+const VFORK_MIN_PIDS: u32 = 16;
+
 /// Largest request sent inline; a larger one (a huge argv or environment) goes in a memfd.
 const INLINE_MAX: usize = 48 * 1024;
 /// Room for one reply or inline request.
@@ -519,6 +526,34 @@ fn start(
                     remove_dirs(group.dirs());
                     return Err(Failure::cgroup(e));
                 }
+            }
+            // Process isolation with room to spare under its pids limit: a vfork, with the
+            // limit written first (see `VFORK_MIN_PIDS`).
+            if plan.sandbox.is_none() && pids.is_none_or(|p| p >= VFORK_MIN_PIDS) {
+                if let Some(max) = pids {
+                    if let Err(e) = group.set_pids_limit(max) {
+                        launcher.release();
+                        remove_dirs(group.dirs());
+                        return Err(Failure::cgroup(e));
+                    }
+                }
+                plan.cgroup_procs = Vec::new();
+                plan.pids_once_alone = None;
+                let plan = Arc::new(plan);
+                let forked = launcher.spawn(move || {
+                    child::vfork_for_parent(&plan).map_err(io::Error::from)
+                });
+                let name = group.name();
+                drop(fds);
+                return match forked {
+                    Ok(pid) => Ok((pid, name, true)),
+                    Err(e) => {
+                        remove_dirs(group.dirs());
+                        Err(Failure::Fork {
+                            errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
+                        })
+                    }
+                };
             }
             // With a pids limit, the child waits for word that the thread has left (see
             // `child::PidsOnceAlone`); this end says it.

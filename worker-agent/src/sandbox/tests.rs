@@ -411,6 +411,36 @@ async fn sandbox_pids_limit_stops_a_fork_bomb() {
     assert!(out.stderr.to_lowercase().contains("fork"), "{out:?}");
 }
 
+/// A vforked spawn (process isolation, a pids limit of at least `VFORK_MIN_PIDS`): the limit
+/// is in place from the start and holds against a fork bomb.
+#[tokio::test]
+async fn sandbox_vforked_process_keeps_its_pids_limit() {
+    if skip() || !sandbox().pids_limit_available() {
+        return;
+    }
+    let sandbox = Sandbox::detect(None).expect("detect");
+    if !sandbox.warm_ready().await {
+        eprintln!("*** SKIPPED: no warm cgroups on this host (cgroup v2) ***");
+        return;
+    }
+    // The path first (that forks), then the bomb, then builtins only (the slots are taken).
+    let script = "p=$(grep ':pids:' /proc/self/cgroup | cut -d: -f3); echo $p; \
+                  sh -c 'for i in $(seq 30); do sleep 100 >/dev/null 2>&1 3>&- & done'; \
+                  read max < /sys/fs/cgroup/pids$p/pids.max; echo $max; \
+                  read n < /sys/fs/cgroup/pids$p/pids.current; echo $n";
+    let mut job = Job::sh(script, Isolation::Process);
+    job.limits.pids = Some(24);
+    let ws = tempfile::tempdir().expect("workspace");
+    let out = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
+    assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[0].contains("-warm"), "not a warm cgroup: {out:?}");
+    assert_eq!(lines[1], "24", "{out:?}");
+    let current: u32 = lines[2].parse().expect("pids.current");
+    assert!((2..=24).contains(&current), "{current}: {out:?}");
+    assert!(out.stderr.to_lowercase().contains("fork"), "the bomb was not stopped: {out:?}");
+}
+
 /// A warm spawn (v1 hosts): the process is born in the attempt's cgroup in every hierarchy,
 /// the pids limit is exact once it runs (the forking thread no longer counts), the limit holds,
 /// and the worker's thread is gone from the cgroup.
@@ -439,7 +469,7 @@ async fn sandbox_warm_spawn_starts_in_its_cgroup_with_exact_limits() {
             .expect("a name")
             .to_string_lossy()
             .into_owned();
-        assert!(name.contains("-warm-"), "{name}: not a warm cgroup");
+        assert!(name.contains("-warm"), "{name}: not a warm cgroup");
         for dir in &dirs {
             let tasks = std::fs::read_to_string(dir.join("tasks")).expect("tasks");
             let me = std::fs::read_dir("/proc/self/task")

@@ -157,7 +157,14 @@ impl Pool {
         while !state.closed && !state.broken && state.ready.len() + state.starting < self.want {
             // Unique in the process: a worker has one sandbox, tests have many.
             static NEXT: AtomicU64 = AtomicU64::new(1);
-            let name = attempt_name_of(self.owner, NEXT.fetch_add(1, Ordering::Relaxed), "warm", 0);
+            // Several spawners may serve one worker over its life (and tests run several at
+            // once), each counting from the same copy of NEXT: its pid keeps names apart.
+            let name = attempt_name_of(
+                self.owner,
+                NEXT.fetch_add(1, Ordering::Relaxed),
+                &format!("warm{}", std::process::id()),
+                0,
+            );
             let (bases, shared) = (self.bases.clone(), self.state.clone());
             let spawned = std::thread::Builder::new()
                 .name("drover-warm".into())
