@@ -175,7 +175,8 @@ struct WorkerLink {
 pub struct Core {
     fleet: Fleet,
     tasks: Tasks,
-    store: Store,
+    /// This step's writes, handed to the store as one command at its end (see `store::batch`).
+    writes: crate::store::batch::Batch,
     clock: Clock,
     links: HashMap<String, WorkerLink>,
     tick: Duration,
@@ -204,7 +205,7 @@ impl Core {
         Self {
             fleet,
             tasks,
-            store,
+            writes: crate::store::batch::Batch::new(store),
             clock,
             links: HashMap::new(),
             tick,
@@ -224,6 +225,7 @@ impl Core {
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.recover(self.clock.now_ms());
+        self.writes.flush();
         // Liveness probes of workers whose heartbeat is late (owned here, dropped on exit).
         let mut probes: tokio::task::JoinSet<Option<(String, Option<ConnId>, String)>> =
             tokio::task::JoinSet::new();
@@ -269,7 +271,10 @@ impl Core {
                     self.schedule(now);
                 }
             }
+            // Whatever this step wrote goes to the store now, as one command.
+            self.writes.flush();
         }
+        self.writes.flush();
     }
 
     fn handle(&mut self, msg: CoreMsg) {
@@ -369,7 +374,7 @@ impl Core {
             CoreMsg::PutOutputs { name, row, reply } => {
                 let answer = self
                     .current_attempt(&name, &row.task_id, row.epoch)
-                    .map(|_| self.store.put_outputs(row));
+                    .map(|_| self.writes.put_outputs(row));
                 let _ = reply.send(answer);
             }
             CoreMsg::NameKnown { name, reply } => {
@@ -436,7 +441,7 @@ impl Core {
         if let Some(seq) = acked {
             let after = match self.apply_tasks(actions) {
                 Some(after) => after,
-                None => self.store.append_events(Vec::new()),
+                None => self.writes.append_events(Vec::new()),
             };
             answer.push(AttemptReply::Ack {
                 seq,
@@ -512,7 +517,7 @@ impl Core {
                     };
                     // Its own answer is not needed: the `submitted` event queued next cannot be
                     // stored without the task row (foreign key), so its answer covers both.
-                    drop(self.store.put_task_with_inputs(t, row));
+                    drop(self.writes.put_task_with_inputs(t, row));
                 }
             }
         }
@@ -548,7 +553,7 @@ impl Core {
                 Action::DrainDeadline { name } => drained.push(name),
             }
         }
-        let durable = (!records.is_empty()).then(|| self.store.put_workers(records));
+        let durable = (!records.is_empty()).then(|| self.writes.put_workers(records));
         for (name, how) in gone {
             let actions = self.tasks.handle_worker_gone(now, &name, how);
             self.apply_tasks(actions);
@@ -582,8 +587,8 @@ impl Core {
         let mut last = None;
         for action in actions {
             match action {
-                TaskAction::PutTask(t) => last = Some(self.store.put_task(t)),
-                TaskAction::Append(events) => last = Some(self.store.append_events(events)),
+                TaskAction::PutTask(t) => last = Some(self.writes.put_task(t)),
+                TaskAction::Append(events) => last = Some(self.writes.append_events(events)),
                 TaskAction::Assign {
                     worker,
                     mut assignment,

@@ -13,6 +13,7 @@
 //! Task file archives (inputs, outputs) live beside the database as content-addressed files,
 //! with their rows here: see [`blobs`].
 
+pub mod batch;
 pub mod blobs;
 pub mod registry;
 pub mod secrets;
@@ -170,11 +171,18 @@ enum Command {
     PutOutputs(blobs::OutputsRow, Reply),
     Trust(Vec<crate::trust::TrustWrite>, Reply),
     Secrets(Vec<crate::secrets::SecretWrite>, Reply),
+    /// Several of the above, gathered over one step of the core ([`batch`]); never nested.
+    Batch(Vec<Command>),
 }
 
 impl Command {
+    /// Its reply; a batch's are its writes' (see `writer`, which takes batches apart).
     fn into_reply(self) -> Reply {
         match self {
+            Command::Batch(mut cmds) => match cmds.pop() {
+                Some(cmd) => cmd.into_reply(),
+                None => oneshot::channel().0,
+            },
             Command::PutWorkers(_, r)
             | Command::PutTask(_, r)
             | Command::AppendEvents(_, r)
@@ -297,10 +305,21 @@ impl Store {
 
     fn submit(&self, make: impl FnOnce(Reply) -> Command) -> Durable {
         let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(cmd)) = self.tx.send(make(tx)) {
-            let _ = cmd.into_reply().send(Err(StoreError::Closed.to_string()));
-        }
+        self.send(make(tx));
         rx
+    }
+
+    /// Hands a command to the writer; if it has stopped, every reply says so.
+    fn send(&self, cmd: Command) {
+        if let Err(mpsc::SendError(cmd)) = self.tx.send(cmd) {
+            let cmds = match cmd {
+                Command::Batch(cmds) => cmds,
+                other => vec![other],
+            };
+            for cmd in cmds {
+                let _ = cmd.into_reply().send(Err(StoreError::Closed.to_string()));
+            }
+        }
     }
 
     /// Queue registry records for the next group commit.
@@ -410,8 +429,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
+        let mut batch = Vec::new();
+        for cmd in std::iter::once(first).chain(rx.try_iter()) {
+            match cmd {
+                Command::Batch(cmds) => batch.extend(cmds),
+                other => batch.push(other),
+            }
+        }
         let result = commit_batch(&mut conn, &batch).map_err(|e| {
             tracing::error!(db = %path.display(), error = %e, "database commit failed");
             format!("database {}: {e}", path.display())
@@ -426,20 +450,26 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
 fn commit_batch(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     for cmd in batch {
-        match cmd {
-            Command::PutWorkers(records, _) => registry::put_workers(&tx, records)?,
-            Command::PutTask(task, _) => session::put_task(&tx, task)?,
-            Command::AppendEvents(events, _) => session::append_events(&tx, events)?,
-            Command::PutTaskWithInputs(task, inputs, _) => {
-                session::put_task(&tx, task)?;
-                blobs::put_inputs(&tx, inputs)?;
-            }
-            Command::PutOutputs(row, _) => blobs::put_outputs(&tx, row)?,
-            Command::Trust(writes, _) => trust::apply(&tx, writes)?,
-            Command::Secrets(writes, _) => secrets::apply(&tx, writes)?,
-        }
+        apply(&tx, cmd)?;
     }
     tx.commit()
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, cmd: &Command) -> rusqlite::Result<()> {
+    match cmd {
+        Command::PutWorkers(records, _) => registry::put_workers(tx, records),
+        Command::PutTask(task, _) => session::put_task(tx, task),
+        Command::AppendEvents(events, _) => session::append_events(tx, events),
+        Command::PutTaskWithInputs(task, inputs, _) => {
+            session::put_task(tx, task)?;
+            blobs::put_inputs(tx, inputs)
+        }
+        Command::PutOutputs(row, _) => blobs::put_outputs(tx, row),
+        Command::Trust(writes, _) => trust::apply(tx, writes),
+        Command::Secrets(writes, _) => secrets::apply(tx, writes),
+        // `writer` takes batches apart; applied in order all the same.
+        Command::Batch(cmds) => cmds.iter().try_for_each(|c| apply(tx, c)),
+    }
 }
 
 #[cfg(test)]

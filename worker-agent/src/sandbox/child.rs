@@ -1,24 +1,29 @@
 //! The forked side of an attempt: everything that runs between `fork` and `exec`.
 //!
-//! The worker is a multithreaded tokio process, so a forked child may only make
-//! async-signal-safe calls until it execs (another thread may have held the allocator's lock at
-//! the fork). This module therefore works from a [`ChildPlan`] the parent prepared completely
-//! (every path, argv, envp and id map as C data) and makes raw syscalls only: no allocation, no
-//! locks, no panics, no `std` I/O. All of the crate's `unsafe` for the sandbox lives here.
+//! The processes here are forked from the spawner (a multi-threaded process: see the
+//! `spawner` module) or, where it cannot, from the worker, so they may only make
+//! async-signal-safe calls until they exec (another thread may have held the allocator's lock
+//! at the fork). This module therefore works from a [`ChildPlan`] prepared completely
+//! beforehand (every path, argv, envp and id map as C data, the helpers' stacks) and makes raw
+//! syscalls only: no allocation, no locks, no panics, no `std` I/O. All of the crate's `unsafe`
+//! for the sandbox lives here.
 //!
 //! Processes (sandbox isolation):
 //! ```text
-//! worker ─fork→ S (host pid ns): join cgroup, unshare(user?, mnt, uts, ipc, net?, pid, cgroup),
-//!        │        make / private, set hostname; waits for I, reports I's status, exits
-//!        └─fork→ I (pid 1 of the new pid ns, init): builds the task's file system view (below);
-//!                 │ reaps orphans;
-//!                 │ when the task exits, reports its wait status and exits — the kernel then
-//!                 │ SIGKILLs everything left in the pid namespace
-//!                 └─fork→ T (pid 2): setsid, drop capabilities, no_new_privs, chdir, exec
+//! spawner ─fork→ S (host pid ns): (cgroup), unshare(user?, mnt, uts, ipc, net?, pid, cgroup),
+//!         │        make / private, set hostname; sleeps until I is gone, reports its status
+//!         └─vfork→ I (pid 1 of the new pid ns, init; shares S's memory and descriptors):
+//!                  │ builds the task's file system view (below); reaps orphans; when the
+//!                  │ task exits, reports its wait status and exits — the kernel then
+//!                  │ SIGKILLs everything left in the pid namespace
+//!                  └─vfork→ T (pid 2; shares I's memory until exec): setsid, drop
+//!                           capabilities, no_new_privs, chdir, exec
 //! ```
-//! The task is not pid 1 on purpose: pid 1 ignores signals it has no handler for, so a task's
-//! `kill -TERM $$` would do nothing. With process isolation S is T: it joins the cgroup, makes
-//! its own process group and execs.
+//! "vfork" is `clone(CLONE_VM | CLONE_VFORK)` ([`vm_child`]): one copy of memory per attempt
+//! (S's, of the spawner's), none for I and T. The task is not pid 1 on purpose: pid 1 ignores
+//! signals it has no handler for, so a task's `kill -TERM $$` would do nothing. With process
+//! isolation the first process is T: it makes its own process group and execs (and is
+//! vforked itself when its pids limit allows, see the `spawner` module).
 //!
 //! The task's file system view, built by I in its mount namespace (see [`SandboxSetup`]):
 //! 1. open (O_PATH) everything that is bound back later — the workspace, kept files, the few
@@ -37,8 +42,9 @@
 //! first thing), [`EVENTS_FD`] the events pipe (the
 //! only one the task inherits besides stdio), 4 the setup pipe (close-on-exec: it reaches EOF in
 //! the parent once the task has exec'd, or carries an error record), 5 the status pipe (S and I
-//! only), 6 a socket to the worker (S only, `network = proxy`), 7 the spawner's go pipe (until
-//! read; see [`PidsOnceAlone`]). Everything else inherited is closed first thing.
+//! only), 6 a socket to the worker (S only, `network = proxy`), 7 the spawner's go pipe and 8
+//! the attempt's `pids.max` (until the limit is written; see [`PidsOnceAlone`]). Everything else
+//! inherited is closed first thing.
 //!
 //! With `network = proxy`, S brings up `lo` in the new network namespace, listens on
 //! 127.0.0.1:3128 there, and sends that listening socket to the worker over fd 6 (SCM_RIGHTS)
@@ -66,6 +72,8 @@ const STATUS_FD: RawFd = 5;
 const PROXY_FD: RawFd = 6;
 /// The go pipe of [`PidsOnceAlone`], until it has been read.
 const GO_FD: RawFd = 7;
+/// `pids.max` of [`PidsOnceAlone`], open until written.
+const PIDS_MAX_FD: RawFd = 8;
 /// Most paths an attempt binds back over its masks (the workspace and kept files).
 pub(crate) const MAX_REBINDS: usize = 4;
 /// Device nodes of the sandbox's /dev, bound from the host's; [`NULL_DEVICE`] also masks files.
@@ -144,13 +152,64 @@ pub(crate) struct ChildPlan {
     pub(crate) pids_once_alone: Option<PidsOnceAlone>,
     /// `None`: process isolation.
     pub(crate) sandbox: Option<SandboxSetup>,
+    /// Stacks of the sandbox's init and of the task until its exec, which share the outer
+    /// helper's memory: made by whoever forks the outer helper (set with `sandbox`), so that no
+    /// helper allocates.
+    #[serde(skip)]
+    pub(crate) stacks: Option<HelperStacks>,
 }
 
-/// The pids limit of a warm spawn (`warm` module), set by the process itself before anything
-/// else: the spawner thread that forked it still counts in the cgroup at first, so the limit
-/// can only be exact once that thread is gone. The spawner writes a byte to the `go` pipe once
-/// it is (it joined the thread and saw its id leave the cgroup); this process waits for that
-/// byte, writes the limit and goes on. No task code runs before.
+/// Two stacks for [`vm_child`] children, owned as raw memory (only those children write to
+/// it, through their stack pointer).
+pub(crate) struct HelperStacks {
+    base: *mut u8,
+}
+
+/// Bytes of each [`HelperStacks`] stack: the init and the task's set-up keep small frames.
+const HELPER_STACK: usize = 128 * 1024;
+
+impl HelperStacks {
+    pub(crate) fn new() -> HelperStacks {
+        let memory: Box<[u8]> = vec![0u8; 2 * HELPER_STACK].into_boxed_slice();
+        HelperStacks {
+            base: Box::into_raw(memory).cast::<u8>(),
+        }
+    }
+
+    /// The top of stack `i` (0 or 1), 16-byte aligned: stacks grow down.
+    fn top(&self, i: usize) -> *mut c_void {
+        let top = self.base as usize + (i + 1) * HELPER_STACK;
+        (top & !15) as *mut c_void
+    }
+}
+
+impl Drop for HelperStacks {
+    fn drop(&mut self) {
+        // SAFETY: `base` came from `Box::into_raw` of a slice of this length in `new`.
+        drop(unsafe {
+            Box::from_raw(ptr::slice_from_raw_parts_mut(self.base, 2 * HELPER_STACK))
+        });
+    }
+}
+
+impl fmt::Debug for HelperStacks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HelperStacks({} bytes)", 2 * HELPER_STACK)
+    }
+}
+
+// SAFETY: the memory is only written by helper processes, each on its own stack, while the
+// process that made it waits (vfork) or in a copy of its memory; nothing reads it.
+unsafe impl Send for HelperStacks {}
+// SAFETY: as above: no shared access to the contents from this process.
+unsafe impl Sync for HelperStacks {}
+
+/// The pids limit of a warm spawn (`warm` module), set by the attempt's own processes: the
+/// spawner thread that forked them still counts in the cgroup at first, so the limit can only
+/// be exact once that thread is gone. The spawner writes a byte to the `go` pipe once it is (it
+/// joined the thread and saw its id leave the cgroup). The task's process waits for that byte
+/// and writes the limit before it execs; in a sandbox the init does, just before it forks the
+/// task, so the sandbox's set-up overlaps the wait. No task code runs before.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PidsOnceAlone {
     /// The attempt's `pids.max`, and what to write there.
@@ -515,24 +574,29 @@ pub(crate) fn vfork_for_parent(plan: &ChildPlan) -> Result<libc::pid_t, Errno> {
     Errno::result(pid)
 }
 
-/// fork(2) as a bare clone syscall, for the helpers: glibc's fork would first take malloc's
-/// locks, and in a helper forked from a multi-threaded spawner one of them may be held forever
-/// (copied from a thread that held it). The helpers allocate nothing, so they need none of
-/// what glibc's fork keeps in order.
-fn raw_fork() -> Result<libc::pid_t, Errno> {
-    // SAFETY: clone without CLONE_VM is a fork; the unused arguments are ignored without
-    // their flags. The child continues with this module's async-signal-safe code only.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::SIGCHLD as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
-    Errno::result(r).map(|pid| pid as libc::pid_t)
+/// Starts `f(arg)` in a child that shares this process's memory — and, with `files`, its
+/// descriptor table — on the stack whose top is `stack`; the calling thread sleeps until the
+/// child execs or exits (`CLONE_VM | CLONE_VFORK`). No page tables are copied and nothing of
+/// the caller's is write-protected. The child must not return into the caller's frames, and
+/// writes the caller's memory only on its own stack and through errno (the caller is asleep).
+///
+/// Not glibc's fork: that takes malloc's locks first, and in a helper forked from the
+/// multi-threaded spawner one of them may be held forever (copied from a thread that held it);
+/// `sandbox_spawns_in_a_row_never_hang` caught that. clone runs no fork handlers.
+fn vm_child(
+    stack: *mut c_void,
+    files: bool,
+    f: extern "C" fn(*mut c_void) -> c_int,
+    arg: *mut c_void,
+) -> Result<libc::pid_t, Errno> {
+    let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    if files {
+        flags |= libc::CLONE_FILES;
+    }
+    // SAFETY: per the contract above; `stack` is the top of memory that outlives the child's
+    // use of it (the helpers' stacks live as long as the plan, which outlives the attempt's
+    // helpers in their memory).
+    Errno::result(unsafe { libc::clone(f, stack, flags, arg) })
 }
 
 /// Runs in the forked child, in place of its exec. Never returns: it execs the task or
@@ -548,7 +612,26 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
         }
     }
     if let Some(limit) = &plan.pids_once_alone {
-        pids_once_alone(limit);
+        // Opened now, while the host's cgroup file system is still in view; written once the
+        // spawner's thread is gone: right away for a task that execs next, or, in a sandbox,
+        // by the init just before it forks the task (the set-up in between overlaps the wait).
+        let max = check_fd(
+            Step::PidsLimit,
+            1,
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::open(limit.max.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) },
+        );
+        // The lowest free number may be the one it goes to already (dup3 refuses that).
+        if max != PIDS_MAX_FD {
+            // SAFETY: plain fd syscalls on descriptors this process owns.
+            unsafe {
+                check(Step::PidsLimit, libc::dup3(max, PIDS_MAX_FD, libc::O_CLOEXEC));
+                libc::close(max);
+            }
+        }
+        if plan.sandbox.is_none() {
+            pids_once_alone(limit);
+        }
     }
     match &plan.sandbox {
         None => {
@@ -561,7 +644,7 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
 }
 
 /// Waits until the spawner says its thread has left the cgroup (a byte on [`GO_FD`]), then
-/// writes the limit. See [`PidsOnceAlone`].
+/// writes the limit to `pids.max` (open at [`PIDS_MAX_FD`]). See [`PidsOnceAlone`].
 fn pids_once_alone(limit: &PidsOnceAlone) {
     let mut byte = [0u8; 1];
     loop {
@@ -575,10 +658,19 @@ fn pids_once_alone(limit: &PidsOnceAlone) {
             _ => fail(Step::PidsLimit, 0, Errno::last()),
         }
     }
-    // SAFETY: closing the descriptor read above.
-    unsafe { libc::close(GO_FD) };
-    if let Err(errno) = write_path(&limit.max, &limit.value) {
-        fail(Step::PidsLimit, 1, errno);
+    // SAFETY: a live buffer; then closing descriptors this process owns.
+    let written = unsafe {
+        let n = libc::write(
+            PIDS_MAX_FD,
+            limit.value.as_ptr().cast::<c_void>(),
+            limit.value.len(),
+        );
+        libc::close(GO_FD);
+        libc::close(PIDS_MAX_FD);
+        n
+    };
+    if written < 0 {
+        fail(Step::PidsLimit, 1, Errno::last());
     }
 }
 
@@ -623,13 +715,27 @@ fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
     check(Step::Hostname, unsafe {
         libc::sethostname(setup.hostname.as_ptr().cast(), setup.hostname.len())
     });
-    let init = match raw_fork() {
+    // I shares this process's memory and descriptor table, and this process sleeps until I
+    // is gone (vfork): nothing is copied, and I closes what the attempt no longer needs in the
+    // one table both hold — so the worker sees the setup pipe end when the task has exec'd.
+    extern "C" fn init_start(arg: *mut c_void) -> c_int {
+        // SAFETY: `arg` is the plan passed below, in memory this process shares and that
+        // outlives it (the outer helper waits until the init is gone).
+        let plan = unsafe { &*(arg as *const ChildPlan) };
+        match &plan.sandbox {
+            Some(setup) => run_init(plan, setup),
+            None => exit(EXIT_SETUP),
+        }
+    }
+    let Some(stacks) = &plan.stacks else {
+        fail(Step::ForkInit, 1, Errno::EFAULT)
+    };
+    let arg = plan as *const ChildPlan as *mut c_void;
+    let init = match vm_child(stacks.top(0), true, init_start, arg) {
         Ok(pid) => pid,
         Err(errno) => fail(Step::ForkInit, 0, errno),
     };
-    if init == 0 {
-        run_init(plan, setup);
-    }
+    // The init has exited (or the clone failed); what is left is to learn how it ended.
     close_range(0, (STATUS_FD - 1) as u32);
     close_range((STATUS_FD + 1) as u32, u32::MAX);
     let status = wait_for(init);
@@ -649,7 +755,8 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             0,
             0,
         );
-        // This process is a copy of the worker's memory: keep /proc/1/{mem,environ,...}
+        // This process shares the outer helper's memory, a copy of the spawner's: keep
+        // /proc/1/{mem,environ,...}
         // closed to a task that lacks CAP_SYS_PTRACE in the worker's user namespace.
         libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0);
     }
@@ -809,18 +916,29 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             unsafe { libc::close(fd) };
         }
     }
-    let task = match raw_fork() {
-        Ok(pid) => pid,
-        Err(errno) => fail(Step::ForkTask, 0, errno),
-    };
-    if task == 0 {
+    if let Some(limit) = &plan.pids_once_alone {
+        pids_once_alone(limit);
+    }
+    // T shares the init's memory until its exec (vfork), with a descriptor table of its own.
+    extern "C" fn task_start(arg: *mut c_void) -> c_int {
+        // SAFETY: as for `init_start`: the init sleeps until this process has exec'd.
+        let plan = unsafe { &*(arg as *const ChildPlan) };
         // SAFETY: plain syscalls.
         unsafe { libc::close(STATUS_FD) };
         // SAFETY: as above.
         check(Step::Setsid, unsafe { libc::setsid() });
         drop_capabilities();
-        exec_task(plan);
+        exec_task(plan)
     }
+    let Some(stacks) = &plan.stacks else {
+        fail(Step::ForkTask, 1, Errno::EFAULT)
+    };
+    let arg = plan as *const ChildPlan as *mut c_void;
+    let task = match vm_child(stacks.top(1), false, task_start, arg) {
+        Ok(pid) => pid,
+        Err(errno) => fail(Step::ForkTask, 0, errno),
+    };
+    // The task has exec'd: the table the outer helper shares keeps only the status pipe.
     close_range(0, (STATUS_FD - 1) as u32);
     loop {
         let mut status: c_int = 0;
@@ -1088,13 +1206,15 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
             (STATUS_FD, status.is_some()),
             (PROXY_FD, proxy.is_some()),
             (GO_FD, go.is_some()),
+            // Opened later, by `run`.
+            (PIDS_MAX_FD, false),
         ] {
             if !used {
                 libc::close(fd);
             }
         }
     }
-    close_range((GO_FD + 1) as u32, u32::MAX);
+    close_range((PIDS_MAX_FD + 1) as u32, u32::MAX);
     Ok(())
 }
 

@@ -358,6 +358,8 @@ impl Sandbox {
             sandbox: sandboxed
                 .then(|| self.sandbox_setup(&spec, &workspace))
                 .transpose()?,
+            // Made where the outer helper is forked (the spawner, or `fork_here`).
+            stacks: None,
         };
         let mask_paths_and_rebinds = child_plan.sandbox.as_ref().map_or_else(
             || (Vec::new(), Vec::new()),
@@ -533,6 +535,9 @@ impl Sandbox {
         let spawner::Request::Spawn(spawner::SpawnRequest { name, mut plan, .. }) = request else {
             return Err(SpawnError::Fork(std::io::Error::other("not a spawn request")));
         };
+        if plan.sandbox.is_some() {
+            plan.stacks = Some(child::HelperStacks::new());
+        }
         let cgroup = self
             .inner
             .hierarchy

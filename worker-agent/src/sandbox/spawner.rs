@@ -516,6 +516,9 @@ fn start(
     if plan.proxy_fd.is_some() {
         plan.proxy_fd = Some(raw[next]);
     }
+    if plan.sandbox.is_some() {
+        plan.stacks = Some(child::HelperStacks::new());
+    }
     let warmed = if warm { pool.and_then(warm::Pool::take) } else { None };
     let result = match warmed {
         Some(warmed) => {
