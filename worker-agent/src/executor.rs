@@ -178,7 +178,8 @@ pub async fn run_attempt(
         registry.remove(&key);
     }
     if end.is_done() {
-        tracing::info!(task = %key.0, epoch = key.1, "attempt done, every event acknowledged");
+        // Per attempt: debug, as `attempt assigned` (the session has both; see link.rs).
+        tracing::debug!(task = %key.0, epoch = key.1, "attempt done, every event acknowledged");
     } else {
         tracing::warn!(task = %key.0, epoch = key.1, reason = %end, "attempt stopped");
     }

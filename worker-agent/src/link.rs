@@ -535,7 +535,7 @@ impl Link {
                     Ok(Some(CoordinatorMessage::Assign(a))) => {
                         let key = (a.task_id.clone(), a.epoch);
                         let policy = self.exec.policy(&a);
-                        tracing::info!(task = %a.task_id, epoch = a.epoch, attempt = a.attempt, name = %a.spec.name, on_disconnect = policy.on_disconnect.as_str(), "attempt assigned");
+                        tracing::debug!(task = %a.task_id, epoch = a.epoch, attempt = a.attempt, name = %a.spec.name, on_disconnect = policy.on_disconnect.as_str(), "attempt assigned");
                         let token = CancellationToken::new();
                         self.registry.insert(key, token.clone(), policy);
                         let run = executor::run_attempt(self.exec.clone(), self.conns.subscribe(), self.registry.clone(), *a, token);

@@ -521,7 +521,9 @@ impl Core {
                 }
             }
         }
-        tracing::info!(task = %id, "task submitted");
+        // Per task: debug (the session records it; info would flood the journal at hundreds a
+        // second).
+        tracing::debug!(task = %id, "task submitted");
         let durable = self.apply_tasks(actions);
         self.schedule(now);
         (OperatorResponse::Submitted { id }, durable)
@@ -593,7 +595,7 @@ impl Core {
                     worker,
                     mut assignment,
                 } => {
-                    tracing::info!(task = %assignment.task_id, epoch = assignment.epoch, %worker, "assigning attempt");
+                    tracing::debug!(task = %assignment.task_id, epoch = assignment.epoch, %worker, "assigning attempt");
                     // Values only for the task's own work: a verdict checks, it does not act.
                     if assignment.kind == AttemptKind::Work {
                         assignment.secrets = self.secrets.values_for(&assignment.spec);
