@@ -11,10 +11,16 @@ fn main() {
         _ => "warn",
     };
     drover::logging::init("drover", default_log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Half the CPUs, at least one (TOKIO_WORKER_THREADS overrides): the coordinator's state
+    // lives in one task and its database in one thread, so more runtime threads mostly hand
+    // wake-ups back and forth; on 2 CPUs one thread took about 10% less CPU per task than two
+    // (docs/benchmarks.md). The CLI's one request needs no more either.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        builder.worker_threads((cpus / 2).max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("drover: cannot start the async runtime: {e}");

@@ -74,6 +74,8 @@ const PROXY_FD: RawFd = 6;
 const GO_FD: RawFd = 7;
 /// `pids.max` of [`PidsOnceAlone`], open until written.
 const PIDS_MAX_FD: RawFd = 8;
+/// The network namespace of [`SandboxSetup::net_ns`], until joined.
+const NETNS_FD: RawFd = 9;
 /// Most paths an attempt binds back over its masks (the workspace and kept files).
 pub(crate) const MAX_REBINDS: usize = 4;
 /// Device nodes of the sandbox's /dev, bound from the host's; [`NULL_DEVICE`] also masks files.
@@ -223,6 +225,10 @@ pub(crate) struct PidsOnceAlone {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct SandboxSetup {
     pub(crate) unshare_flags: c_int,
+    /// A network namespace made ahead (the spawner's `netns` pool) to join instead of making
+    /// one (then `unshare_flags` lacks `CLONE_NEWNET`): the spawner's number, moved to
+    /// [`NETNS_FD`].
+    pub(crate) net_ns: Option<RawFd>,
     /// `network = proxy`: bring up `lo`, listen on 127.0.0.1:`proxy_port`, send the socket.
     pub(crate) proxy_port: Option<u16>,
     /// `/proc/self/uid_map` and `gid_map` contents when a user namespace is made.
@@ -348,10 +354,11 @@ pub(crate) enum Step {
     Loopback,
     ProxySocket,
     PidsLimit,
+    JoinNetwork,
 }
 
 impl Step {
-    const ALL: [Step; 27] = [
+    const ALL: [Step; 28] = [
         Step::JoinCgroup,
         Step::Setpgid,
         Step::Unshare,
@@ -379,6 +386,7 @@ impl Step {
         Step::Loopback,
         Step::ProxySocket,
         Step::PidsLimit,
+        Step::JoinNetwork,
     ];
 
     fn from_u8(v: u8) -> Option<Step> {
@@ -441,6 +449,9 @@ impl Step {
             Step::ProxySocket => {
                 "make the egress proxy's socket on 127.0.0.1 in the sandbox and hand it to the worker"
                     .to_owned()
+            }
+            Step::JoinNetwork => {
+                "join the network namespace made ahead for the attempt (setns)".to_owned()
             }
             Step::PidsLimit => {
                 "set the attempt's pids limit once the spawner thread that forked it has left \
@@ -574,6 +585,27 @@ pub(crate) fn vfork_for_parent(plan: &ChildPlan) -> Result<libc::pid_t, Errno> {
     Errno::result(pid)
 }
 
+/// A new network namespace, returned as a descriptor, made by the calling thread (which is
+/// back in `home` afterwards): for the spawner's pool of namespaces made ahead. Its only
+/// interface is `lo`, down, as in a namespace the sandbox makes itself.
+pub(crate) fn make_netns(home: std::os::fd::BorrowedFd<'_>) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: unshare and setns change only this thread's network namespace.
+    Errno::result(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+    // SAFETY: a valid NUL-terminated path.
+    let made = Errno::result(unsafe {
+        libc::open(
+            c"/proc/thread-self/ns/net".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    });
+    // SAFETY: as above; back home whatever happened.
+    let back = Errno::result(unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) });
+    let made = owned_fd(made?);
+    back?;
+    Ok(made)
+}
+
 /// Starts `f(arg)` in a child that shares this process's memory — and, with `files`, its
 /// descriptor table — on the stack whose top is `stack`; the calling thread sleeps until the
 /// child execs or exits (`CLONE_VM | CLONE_VFORK`). No page tables are copied and nothing of
@@ -678,6 +710,14 @@ fn pids_once_alone(limit: &PidsOnceAlone) {
 fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
     // SAFETY: unshare has no memory arguments.
     check(Step::Unshare, unsafe { libc::unshare(setup.unshare_flags) });
+    if setup.net_ns.is_some() {
+        // SAFETY: setns and close on a descriptor this process owns.
+        check(Step::JoinNetwork, unsafe {
+            libc::setns(NETNS_FD, libc::CLONE_NEWNET)
+        });
+        // SAFETY: as above.
+        unsafe { libc::close(NETNS_FD) };
+    }
     if let Some((uid_map, gid_map)) = &setup.id_maps {
         // gid_map may only be written by an unprivileged process once setgroups is denied.
         if let Err(e) = write_path(c"/proc/self/setgroups", b"deny") {
@@ -1094,8 +1134,11 @@ fn drop_capabilities() {
         }
         // SAFETY: prctl with integer arguments only.
         let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        // EINVAL: past the kernel's last capability.
-        if r < 0 && Errno::last() != Errno::EINVAL {
+        if r < 0 {
+            // EINVAL: past the kernel's last capability (they are numbered without gaps).
+            if Errno::last() == Errno::EINVAL {
+                break;
+            }
             fail(Step::DropCaps, cap as usize, Errno::last());
         }
     }
@@ -1183,6 +1226,10 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         Some(limit) => Some(scratch(limit.go)?),
         None => None,
     };
+    let netns = match plan.sandbox.as_ref().and_then(|s| s.net_ns) {
+        Some(fd) => Some(scratch(fd)?),
+        None => None,
+    };
     // SAFETY: plain fd syscalls; sources (>= SCRATCH_FD) never equal targets (< SCRATCH_FD).
     unsafe {
         // Not close-on-exec: the task's stdio.
@@ -1201,6 +1248,9 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         if let Some(go) = go {
             Errno::result(libc::dup3(go, GO_FD, libc::O_CLOEXEC))?;
         }
+        if let Some(netns) = netns {
+            Errno::result(libc::dup3(netns, NETNS_FD, libc::O_CLOEXEC))?;
+        }
         // The fixed numbers not in use hold nothing of the parent's.
         for (fd, used) in [
             (STATUS_FD, status.is_some()),
@@ -1208,13 +1258,14 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
             (GO_FD, go.is_some()),
             // Opened later, by `run`.
             (PIDS_MAX_FD, false),
+            (NETNS_FD, netns.is_some()),
         ] {
             if !used {
                 libc::close(fd);
             }
         }
     }
-    close_range((PIDS_MAX_FD + 1) as u32, u32::MAX);
+    close_range((NETNS_FD + 1) as u32, u32::MAX);
     Ok(())
 }
 

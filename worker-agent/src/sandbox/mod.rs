@@ -44,6 +44,7 @@ mod attempt;
 pub(crate) mod cgroup;
 mod child;
 mod error;
+mod netns;
 pub mod plan;
 mod process;
 mod spawner;
@@ -209,7 +210,11 @@ impl Sandbox {
         private: Vec<PathBuf>,
         warm: bool,
     ) -> std::io::Result<Sandbox> {
-        let spawner = spawner::Spawner::start(hierarchy.clone(), warm)?;
+        let options = spawner::Options {
+            warm,
+            netns: namespaces && !user_namespace,
+        };
+        let spawner = spawner::Spawner::start(hierarchy.clone(), options)?;
         Ok(Sandbox {
             inner: Arc::new(Inner {
                 hierarchy,
@@ -643,6 +648,8 @@ impl Sandbox {
             .collect::<Result<_, SpawnError>>()?;
         Ok(SandboxSetup {
             unshare_flags: flags,
+            // The spawner's, when it has one made ahead (see the `netns` module).
+            net_ns: None,
             proxy_port: (spec.network == NetworkPolicy::Proxy).then_some(crate::egress::PROXY_PORT),
             // sysfs may only be mounted by the owner of the network namespace, and inside a
             // user namespace the host's /sys cannot be bound without its locked sub-mounts.

@@ -46,7 +46,7 @@ use tokio::io::Interest;
 use super::cgroup::{CgroupLimits, Hierarchy};
 use super::child::{self, ChildPlan, PidsOnceAlone};
 use super::error::CgroupError;
-use super::warm;
+use super::{netns, warm};
 
 /// The smallest pids limit an attempt is vforked under (process isolation). Its limit is
 /// written before the fork, while the spawner thread that forks still counts in the cgroup, and
@@ -181,11 +181,21 @@ impl From<Failure> for super::SpawnError {
     }
 }
 
+/// What a spawner keeps ready.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Options {
+    /// Warm cgroups (v1 hosts only; see the `warm` module).
+    pub(super) warm: bool,
+    /// Network namespaces made ahead (see the `netns` module): only where the sandbox makes no
+    /// user namespace of its own.
+    pub(super) netns: bool,
+}
+
 /// The worker's handle on its spawner; see the module docs.
 #[derive(Debug)]
 pub(super) struct Spawner {
     hierarchy: Hierarchy,
-    warm: bool,
+    options: Options,
     running: tokio::sync::Mutex<Option<Running>>,
     /// The running spawner's socket, for `Refill` from synchronous code (-1: none).
     refill_fd: std::sync::atomic::AtomicI32,
@@ -198,13 +208,13 @@ struct Running {
 }
 
 impl Spawner {
-    /// Starts a spawner with `hierarchy` (and warm cgroups when `warm` and it is v1).
-    pub(super) fn start(hierarchy: Hierarchy, warm: bool) -> io::Result<Spawner> {
-        let running = fork_spawner(&hierarchy, warm)?;
+    /// Starts a spawner with `hierarchy` and what `options` ask for.
+    pub(super) fn start(hierarchy: Hierarchy, options: Options) -> io::Result<Spawner> {
+        let running = fork_spawner(&hierarchy, options)?;
         let refill_fd = std::sync::atomic::AtomicI32::new(running.sock.as_raw_fd());
         Ok(Spawner {
             hierarchy,
-            warm,
+            options,
             running: tokio::sync::Mutex::new(Some(running)),
             refill_fd,
         })
@@ -216,7 +226,7 @@ impl Spawner {
         let mut running = self.running.lock().await;
         for round in 0..2 {
             if running.is_none() {
-                let fresh = fork_spawner(&self.hierarchy, self.warm)?;
+                let fresh = fork_spawner(&self.hierarchy, self.options)?;
                 self.refill_fd
                     .store(fresh.sock.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
                 *running = Some(fresh);
@@ -242,7 +252,7 @@ impl Spawner {
     /// Asks for the warm cgroups to be topped up; never waits (a full socket drops it: the
     /// next one asks again).
     pub(super) fn refill(&self) {
-        if !self.warm {
+        if !self.options.warm {
             return;
         }
         let fd = self.refill_fd.load(std::sync::atomic::Ordering::Relaxed);
@@ -365,7 +375,7 @@ fn receive(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
 }
 
 /// Forks the spawner: the child serves requests until the socket closes.
-fn fork_spawner(hierarchy: &Hierarchy, warm: bool) -> io::Result<Running> {
+fn fork_spawner(hierarchy: &Hierarchy, options: Options) -> io::Result<Running> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -373,15 +383,16 @@ fn fork_spawner(hierarchy: &Hierarchy, warm: bool) -> io::Result<Running> {
         SockFlag::SOCK_CLOEXEC,
     )?;
     let owner = std::process::id();
-    let pools = match (warm, hierarchy) {
+    let pools = match (options.warm, hierarchy) {
         (true, Hierarchy::V1(bases)) => Some(bases.clone()),
         _ => None,
     };
+    let netns = options.netns;
     let hierarchy = hierarchy.clone();
     let pid = child::fork_process()?;
     if pid == 0 {
         drop(ours);
-        serve(theirs, hierarchy, pools, owner);
+        serve(theirs, hierarchy, pools, netns, owner);
     }
     drop(theirs);
     nix::fcntl::fcntl(
@@ -397,13 +408,22 @@ fn fork_spawner(hierarchy: &Hierarchy, warm: bool) -> io::Result<Running> {
 /// The spawner's life. It is a fork of the worker, possibly of a multi-threaded one: glibc's
 /// fork leaves malloc usable, but no lock the other threads may have held is taken here (no
 /// logging, no stdio), and the worker's descriptors and signal handlers are let go first.
-fn serve(sock: OwnedFd, hierarchy: Hierarchy, warm_bases: Option<super::cgroup::v1::Bases>, owner: u32) -> ! {
+fn serve(
+    sock: OwnedFd,
+    hierarchy: Hierarchy,
+    warm_bases: Option<super::cgroup::v1::Bases>,
+    netns: bool,
+    owner: u32,
+) -> ! {
     if child::become_spawner(sock.as_raw_fd(), SPAWNER_SOCKET_FD).is_err() {
         child::exit(1);
     }
     // Now at SPAWNER_SOCKET_FD (the number it had is closed, unless it was that one).
     std::mem::forget(sock);
-    let pool = warm_bases.map(|bases| warm::Pool::new(bases, super::WARM_CGROUPS, owner));
+    let pools = Pools {
+        warm: warm_bases.map(|bases| warm::Pool::new(bases, super::WARM_CGROUPS, owner)),
+        netns: netns.then(netns::Pool::new),
+    };
     let mut buf = vec![0u8; MESSAGE_MAX];
     loop {
         let (n, fds) = match receive(SPAWNER_SOCKET_FD, &mut buf) {
@@ -412,7 +432,7 @@ fn serve(sock: OwnedFd, hierarchy: Hierarchy, warm_bases: Option<super::cgroup::
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(_) => break,
         };
-        let reply = handle(&buf[..n], fds, &hierarchy, pool.as_ref());
+        let reply = handle(&buf[..n], fds, &hierarchy, &pools);
         if let Some(reply) = reply {
             let sent = postcard::to_allocvec(&reply)
                 .map_err(io::Error::other)
@@ -422,8 +442,15 @@ fn serve(sock: OwnedFd, hierarchy: Hierarchy, warm_bases: Option<super::cgroup::
             }
         }
     }
-    drop(pool);
+    drop(pools);
     child::exit(0)
+}
+
+/// What the spawner keeps ready.
+#[derive(Debug)]
+struct Pools {
+    warm: Option<warm::Pool>,
+    netns: Option<netns::Pool>,
 }
 
 /// One request; `None` for those without a reply.
@@ -431,9 +458,14 @@ fn handle(
     message: &[u8],
     mut fds: Vec<OwnedFd>,
     hierarchy: &Hierarchy,
-    pool: Option<&warm::Pool>,
+    pools: &Pools,
 ) -> Option<Reply> {
-    let notes = || pool.map(warm::Pool::take_notes).unwrap_or_default();
+    let pool = pools.warm.as_ref();
+    let notes = || {
+        let mut notes = pool.map(warm::Pool::take_notes).unwrap_or_default();
+        notes.extend(pools.netns.as_ref().and_then(netns::Pool::take_broken));
+        notes
+    };
     let failed = |why: String| Reply::Failed {
         failure: Failure::Request(why),
         notes: notes(),
@@ -467,7 +499,7 @@ fn handle(
             notes: notes(),
         }),
         Request::InMemfd => Some(failed("a memfd request inside a memfd".into())),
-        Request::Spawn(spawn) => Some(match start(spawn, fds, hierarchy, pool) {
+        Request::Spawn(spawn) => Some(match start(spawn, fds, hierarchy, pools) {
             Ok((pid, cgroup, warm)) => Reply::Spawned {
                 pid,
                 cgroup,
@@ -488,8 +520,9 @@ fn start(
     spawn: SpawnRequest,
     fds: Vec<OwnedFd>,
     hierarchy: &Hierarchy,
-    pool: Option<&warm::Pool>,
+    pools: &Pools,
 ) -> Result<(i32, String, bool), Failure> {
+    let pool = pools.warm.as_ref();
     let SpawnRequest {
         name,
         memory_bytes,
@@ -516,9 +549,21 @@ fn start(
     if plan.proxy_fd.is_some() {
         plan.proxy_fd = Some(raw[next]);
     }
-    if plan.sandbox.is_some() {
-        plan.stacks = Some(child::HelperStacks::new());
-    }
+    // Held until after the fork: the outer helper joins it (see the `netns` module).
+    let net_ns = match plan.sandbox.as_mut() {
+        Some(setup) => {
+            plan.stacks = Some(child::HelperStacks::new());
+            let made = (setup.unshare_flags & libc::CLONE_NEWNET != 0)
+                .then(|| pools.netns.as_ref().and_then(netns::Pool::take))
+                .flatten();
+            if let Some(fd) = &made {
+                setup.net_ns = Some(fd.as_raw_fd());
+                setup.unshare_flags &= !libc::CLONE_NEWNET;
+            }
+            made
+        }
+        None => None,
+    };
     let warmed = if warm { pool.and_then(warm::Pool::take) } else { None };
     let result = match warmed {
         Some(warmed) => {
@@ -615,7 +660,7 @@ fn start(
         }
     };
     // The child has its copies; the spawner's go now.
-    drop(fds);
+    drop((fds, net_ns));
     result
 }
 

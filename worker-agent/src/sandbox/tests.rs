@@ -294,6 +294,36 @@ async fn sandbox_network_none_has_only_loopback() {
     assert_eq!(lines(&out.stdout), ["lo"], "{out:?}");
 }
 
+/// Every attempt gets a network namespace of its own — made ahead by the spawner or by the
+/// sandbox itself — never the host's, never one another live attempt has. (Run side by side:
+/// a namespace's inode number may come back once it is freed.)
+#[tokio::test]
+async fn sandbox_network_namespaces_are_fresh_for_every_attempt() {
+    if skip() {
+        return;
+    }
+    let host = std::fs::read_link("/proc/self/ns/net").expect("host netns");
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        set.spawn(async {
+            run(&Job::sh(
+                "readlink /proc/self/ns/net; cat /sys/class/net/lo/operstate; sleep 1",
+                Isolation::Sandbox,
+            ))
+            .await
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(out) = bounded(set.join_next()).await {
+        let out = out.expect("join");
+        let lines = lines(&out.stdout);
+        assert_eq!(lines.len(), 2, "{out:?}");
+        assert_ne!(lines[0], host.to_string_lossy(), "the host's namespace");
+        assert_eq!(lines[1], "down", "lo as a new namespace has it: {out:?}");
+        assert!(seen.insert(lines[0].to_owned()), "{} used twice", lines[0]);
+    }
+}
+
 #[tokio::test]
 async fn sandbox_network_host_sees_host_interfaces() {
     if skip() {
