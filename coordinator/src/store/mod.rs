@@ -6,7 +6,8 @@
 //! commit), then answers each. `synchronous=FULL` makes a commit durable (WAL fsync) before any
 //! caller hears "ok". Readers at start-up use the same connection before the thread starts;
 //! later reads (session slices) use their own read-only connections, which WAL lets run beside
-//! the writer.
+//! the writer. WAL checkpoints run beside the writer too, on a thread of their own, and the
+//! WAL file's length is bounded: see [`checkpoint`].
 //!
 //! Schema changes go through [`MIGRATIONS`]; `meta.schema_version` records how far a file got.
 //!
@@ -14,6 +15,7 @@
 //! with their rows here: see [`blobs`].
 
 pub mod blobs;
+pub mod checkpoint;
 pub mod registry;
 pub mod secrets;
 pub mod session;
@@ -182,6 +184,16 @@ pub enum StoreError {
         name: String,
         reason: String,
     },
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("the database writer has stopped")]
     Closed,
     #[error(transparent)]
@@ -305,13 +317,14 @@ impl Store {
             trust: trust::load(&conn, &path, crate::clock::wall_ms())?,
             secrets: secrets::load(&conn, &path)?,
         };
+        let wal = checkpoint::Wal::start(&conn, &path, checkpoint::Limits::default())?;
         let (tx, rx) = mpsc::channel();
         let thread_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("drover-store".into())
-            .spawn(move || writer(conn, rx, thread_path))
-            .map_err(|source| StoreError::CreateDir {
-                path: dir.into(),
+            .spawn(move || writer(conn, wal, rx, thread_path))
+            .map_err(|source| StoreError::Thread {
+                name: "drover-store",
                 source,
             })?;
         let store = Store {
@@ -446,7 +459,12 @@ fn migrate_to(conn: &mut Connection, path: &Path, target: usize) -> Result<(), S
     Ok(())
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
+fn writer(
+    mut conn: Connection,
+    mut wal: checkpoint::Wal,
+    rx: mpsc::Receiver<Command>,
+    path: PathBuf,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -457,7 +475,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
         for cmd in batch {
             let _ = cmd.into_reply().send(result.clone());
         }
+        // Between batches, never inside a commit: what waits for it is the next batch only.
+        wal.committed(&conn);
     }
+    wal.stop();
 }
 
 /// Apply a whole batch in one transaction: one fsync for every write waiting.
