@@ -6,7 +6,8 @@
 //! commit), then answers each. `synchronous=FULL` makes a commit durable (WAL fsync) before any
 //! caller hears "ok". Readers at start-up use the same connection before the thread starts;
 //! later reads (session slices) use their own read-only connections, which WAL lets run beside
-//! the writer.
+//! the writer. WAL checkpoints run beside the writer too, on a thread of their own, and the
+//! WAL file's length is bounded: see [`checkpoint`].
 //!
 //! Schema changes go through [`MIGRATIONS`]; `meta.schema_version` records how far a file got.
 //!
@@ -15,6 +16,7 @@
 
 pub mod batch;
 pub mod blobs;
+pub mod checkpoint;
 pub mod registry;
 pub mod secrets;
 pub mod session;
@@ -129,6 +131,34 @@ const MIGRATIONS: &[&str] = &[
         updated_ms INTEGER NOT NULL,
         version INTEGER NOT NULL
     ) STRICT;",
+    // 6 -> 7: session events in insertion order. Clustered by (task_id, pos), with a second
+    // index by (task_id, epoch, seq), a group commit holding events of ~64 sessions dirtied a
+    // leaf page per session in the table and another in that index: ~130 pages written to the
+    // WAL (and again by the checkpoint) for ~120 small events. Rows now go at the end of a
+    // rowid table, so a commit fills a few pages, plus one leaf per session in the one index,
+    // (task_id, pos), which serves slices and refuses a second row at a position. No index
+    // keeps (task, epoch, seq) unique: the task state machine (tasks/lifecycle.rs) accepts a
+    // worker event only at the next seq of the current epoch, so a duplicate never reaches the
+    // store. Every event is copied, session by session; DROP TABLE fires no DELETE trigger.
+    "CREATE TABLE events_by_id (
+        id INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        pos INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        seq INTEGER,
+        ts_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL
+    ) STRICT;
+    INSERT INTO events_by_id (task_id, pos, epoch, seq, ts_ms, kind, payload)
+        SELECT task_id, pos, epoch, seq, ts_ms, kind, payload FROM events ORDER BY task_id, pos;
+    DROP TABLE events;
+    ALTER TABLE events_by_id RENAME TO events;
+    CREATE UNIQUE INDEX events_pos ON events (task_id, pos);
+    CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'session events are append-only'); END;
+    CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'session events are append-only'); END;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +184,16 @@ pub enum StoreError {
         path: PathBuf,
         name: String,
         reason: String,
+    },
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
     },
     #[error("the database writer has stopped")]
     Closed,
@@ -285,13 +325,14 @@ impl Store {
             trust: trust::load(&conn, &path, crate::clock::wall_ms())?,
             secrets: secrets::load(&conn, &path)?,
         };
+        let wal = checkpoint::Wal::start(&conn, &path, checkpoint::Limits::default())?;
         let (tx, rx) = mpsc::channel();
         let thread_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("drover-store".into())
-            .spawn(move || writer(conn, rx, thread_path))
-            .map_err(|source| StoreError::CreateDir {
-                path: dir.into(),
+            .spawn(move || writer(conn, wal, rx, thread_path))
+            .map_err(|source| StoreError::Thread {
+                name: "drover-store",
                 source,
             })?;
         let store = Store {
@@ -333,8 +374,8 @@ impl Store {
     }
 
     /// Queue session events for the next group commit. The caller (the task state machine)
-    /// assigns positions and has already refused stale or out-of-order events; a duplicate
-    /// (task, epoch, seq) that still reaches here is skipped, never written twice.
+    /// assigns positions and has already refused stale, duplicate and out-of-order events; an
+    /// event at a position already stored is skipped (and logged), never written twice.
     pub fn append_events(&self, events: Vec<session::NewEvent>) -> Durable {
         self.submit(|r| Command::AppendEvents(events, r))
     }
@@ -389,6 +430,11 @@ impl Store {
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    migrate_to(conn, path, MIGRATIONS.len())
+}
+
+/// Apply the migrations a database lacks, up to schema version `target`.
+fn migrate_to(conn: &mut Connection, path: &Path, target: usize) -> Result<(), StoreError> {
     let sq = |source| StoreError::Sqlite {
         path: path.into(),
         source,
@@ -412,7 +458,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             known: MIGRATIONS.len(),
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target)
+        .skip(version as usize)
+    {
         let tx = conn.transaction().map_err(sq)?;
         tx.execute_batch(sql).map_err(sq)?;
         tx.execute(
@@ -427,7 +478,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
+fn writer(
+    mut conn: Connection,
+    mut wal: checkpoint::Wal,
+    rx: mpsc::Receiver<Command>,
+    path: PathBuf,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::new();
         for cmd in std::iter::once(first).chain(rx.try_iter()) {
@@ -443,7 +499,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, path: PathBuf) {
         for cmd in batch {
             let _ = cmd.into_reply().send(result.clone());
         }
+        // Between batches, never inside a commit: what waits for it is the next batch only.
+        wal.committed(&conn);
     }
+    wal.stop();
 }
 
 /// Apply a whole batch in one transaction: one fsync for every write waiting.
@@ -518,6 +577,117 @@ mod tests {
             loaded.workers,
             vec![record("a", WorkerState::Lost), drained]
         );
+    }
+
+    /// A database at schema version 6 (events clustered by (task_id, pos), with the seq
+    /// index) holding sessions: after the upgrade every event reads back as it was.
+    #[tokio::test]
+    async fn upgrade_to_insertion_ordered_events_keeps_every_event() {
+        use session::NewEvent;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let mut want: Vec<(String, Vec<NewEvent>)> = Vec::new();
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            migrate_to(&mut conn, &path, 6).unwrap();
+            let tx = conn.transaction().unwrap();
+            // Submitted in an order that is not the ids' order; events written interleaved.
+            for (n, id) in ["t2", "t10", "t1"].iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO tasks (id, submit_seq, name, spec, submitted_ms)
+                     VALUES (?1, ?2, 'n', '{}', 1)",
+                    params![id, n as i64 + 1],
+                )
+                .unwrap();
+                want.push((id.to_string(), Vec::new()));
+            }
+            for pos in 0..40u64 {
+                for (id, events) in want.iter_mut() {
+                    let e = NewEvent {
+                        task_id: id.clone(),
+                        pos,
+                        epoch: 1 + pos / 20,
+                        seq: (pos % 5 != 0).then_some(pos % 20),
+                        ts_ms: 1_700_000_000_000 + pos,
+                        kind: if pos % 5 == 0 { "assigned" } else { "stdout" }.into(),
+                        payload: match pos {
+                            7 => format!("{{\"big\":\"{}\"}}", "é".repeat(6000)),
+                            8 => String::new(),
+                            _ => format!("{{\"n\":{pos},\"s\":\"ü\\n\"}}"),
+                        },
+                    };
+                    tx.execute(
+                        "INSERT INTO events (task_id, pos, epoch, seq, ts_ms, kind, payload)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![
+                            e.task_id,
+                            e.pos as i64,
+                            e.epoch as i64,
+                            e.seq.map(|s| s as i64),
+                            e.ts_ms as i64,
+                            e.kind,
+                            e.payload
+                        ],
+                    )
+                    .unwrap();
+                    events.push(e);
+                }
+            }
+            tx.commit().unwrap();
+        }
+        let (store, thread, loaded) = Store::open(dir.path()).unwrap();
+        let got: Vec<(String, Vec<NewEvent>)> = loaded
+            .tasks
+            .into_iter()
+            .map(|t| (t.task.id, t.events))
+            .collect();
+        assert_eq!(got, want, "load_tasks after the upgrade");
+        let reader = store.reader().unwrap();
+        for (id, events) in &want {
+            assert_eq!(reader.len(id).unwrap(), events.len() as u64);
+            assert_eq!(&reader.slice(id, 0, None, 1000).unwrap(), events);
+            assert_eq!(reader.slice(id, 6, Some(9), 1000).unwrap(), events[6..9]);
+        }
+        // Appends continue at the next position; a second row at a position is still refused.
+        let next = NewEvent {
+            pos: 40,
+            ..want[0].1[1].clone()
+        };
+        let mut dup = want[0].1[3].clone();
+        dup.payload = "\"other\"".into();
+        store
+            .append_events(vec![dup, next.clone()])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reader.slice("t2", 39, None, 10).unwrap()[1], next);
+        assert_eq!(reader.slice("t2", 3, Some(4), 10).unwrap(), want[0].1[3..4]);
+        drop((store, reader));
+        thread.join();
+        let conn = Connection::open(&path).unwrap();
+        let version: String = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len().to_string());
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'events' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["events_pos"]);
+        let e = conn
+            .execute("UPDATE events SET payload = 'x'", [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("append-only"), "{e}");
+        assert!(conn.execute("DELETE FROM events", []).is_err());
     }
 
     #[test]

@@ -1,12 +1,20 @@
 //! Task sessions on disk: the `tasks` table (one row per submitted task, its spec) and the
-//! append-only `events` table (every event of every session, by position).
+//! append-only `events` table (every event of every session).
+//!
+//! Layout: `events` is a rowid table in insertion order (`id`), so a group commit, which holds
+//! events of many sessions, appends to a few pages instead of dirtying one per session; the
+//! unique index `events_pos (task_id, pos)` finds a session's events by position (slices,
+//! lengths) and is the only per-session page a commit touches.
 //!
 //! Invariants, enforced here and by the schema:
 //! - events are only ever inserted (triggers abort any UPDATE or DELETE);
-//! - positions of a session run from 0 without gaps (the caller assigns them; the primary key
-//!   refuses a second row at one position);
-//! - a worker event is stored at most once per (task, epoch, seq) — a duplicate reaching the
-//!   writer is skipped and logged, never written twice.
+//! - positions of a session run from 0 without gaps (the caller assigns them; `events_pos`
+//!   refuses a second row at one position: such an event is skipped and logged, never written
+//!   twice, and the rest of its batch commits);
+//! - a worker event is stored at most once per (task, epoch, seq): the task state machine
+//!   accepts one only at the next seq of the current epoch (anything lower is a duplicate,
+//!   acknowledged again without a write), and rebuilds that from this log at start-up;
+//! - events are read back exactly as stored, by position.
 
 use super::StoreError;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
@@ -70,7 +78,7 @@ pub(super) fn append_events(tx: &Transaction<'_>, events: &[NewEvent]) -> rusqli
         if changed == 0 {
             tracing::error!(
                 task = %e.task_id, pos = e.pos, epoch = e.epoch, seq = ?e.seq,
-                "duplicate session event skipped (position or attempt seq already stored)"
+                "duplicate session event skipped (its position is already stored)"
             );
         }
     }
@@ -120,16 +128,20 @@ pub(super) fn load_tasks(conn: &Connection, path: &Path) -> Result<Vec<StoredTas
         .enumerate()
         .map(|(i, t)| (t.task.id.clone(), i))
         .collect();
+    // In insertion order, a scan of the table (by (task_id, pos) it would be a lookup per row
+    // through the index); each session comes out by position since its events are appended
+    // in position order, and the sort below (linear on sorted input) makes sure of it.
     let mut stmt = conn
-        .prepare(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events ORDER BY task_id, pos"
-        ))
+        .prepare(&format!("SELECT {EVENT_COLUMNS} FROM events ORDER BY id"))
         .map_err(sq)?;
     for event in stmt.query_map([], row_event).map_err(sq)? {
         let event = event.map_err(sq)?;
         if let Some(&i) = index.get(&event.task_id) {
             tasks[i].events.push(event);
         }
+    }
+    for t in &mut tasks {
+        t.events.sort_by_key(|e| e.pos);
     }
     Ok(tasks)
 }
@@ -259,7 +271,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn duplicates_are_skipped_not_rewritten() {
+    async fn a_second_row_at_a_position_is_skipped_not_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _thread, _) = Store::open(dir.path()).unwrap();
         store.put_task(task("a", 1)).await.unwrap().unwrap();
@@ -268,10 +280,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let mut again = ev("a", 1, 1, Some(0));
+        let mut again = ev("a", 0, 1, Some(0));
         again.payload = "\"other\"".into();
-        // Same (epoch, seq) at a new position, and a new event in the same batch: the
-        // duplicate is skipped, the batch still commits.
+        // A position already stored, and a new event in the same batch: the first is skipped,
+        // the batch still commits.
         store
             .append_events(vec![again, ev("a", 1, 1, Some(1))])
             .await
@@ -279,6 +291,52 @@ mod tests {
             .unwrap();
         let got = store.reader().unwrap().slice("a", 0, None, 10).unwrap();
         assert_eq!(got, vec![ev("a", 0, 1, Some(0)), ev("a", 1, 1, Some(1))]);
+    }
+
+    #[tokio::test]
+    async fn sessions_interleaved_in_commits_read_back_by_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread, _) = Store::open(dir.path()).unwrap();
+        for (n, id) in ["b", "a", "c"].iter().enumerate() {
+            store
+                .put_task(task(id, n as u64 + 1))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // Commits hold events of several sessions, as under load.
+        let mut want: Vec<Vec<NewEvent>> = vec![Vec::new(); 3];
+        for round in 0..50u64 {
+            let mut batch = Vec::new();
+            for (s, id) in ["b", "a", "c"].iter().enumerate() {
+                for k in 0..(s as u64 + 1) {
+                    let pos = want[s].len() as u64;
+                    let e = ev(id, pos, 1, Some(pos).filter(|_| (round + k) % 7 != 0));
+                    want[s].push(e.clone());
+                    batch.push(e);
+                }
+            }
+            store.append_events(batch).await.unwrap().unwrap();
+        }
+        let reader = store.reader().unwrap();
+        for (s, id) in ["b", "a", "c"].iter().enumerate() {
+            let len = want[s].len() as u64;
+            assert_eq!(reader.len(id).unwrap(), len);
+            assert_eq!(reader.slice(id, 0, None, 10_000).unwrap(), want[s]);
+            assert_eq!(
+                reader.slice(id, 5, Some(9), 10_000).unwrap(),
+                want[s][5..9].to_vec()
+            );
+            assert_eq!(reader.slice(id, len, None, 10).unwrap(), vec![]);
+        }
+        drop((store, reader));
+        thread.join();
+        let (_s, _t, loaded) = Store::open(dir.path()).unwrap();
+        let ids: Vec<&str> = loaded.tasks.iter().map(|t| t.task.id.as_str()).collect();
+        assert_eq!(ids, ["b", "a", "c"], "in submission order");
+        for (s, t) in loaded.tasks.iter().enumerate() {
+            assert_eq!(t.events, want[s]);
+        }
     }
 
     #[tokio::test]

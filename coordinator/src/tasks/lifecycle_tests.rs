@@ -859,3 +859,98 @@ fn random_schedules_with_holds_keep_every_invariant() {
         "held {holds}, waited {waited}: the walk exercises holds"
     );
 }
+
+/// The store keeps no index by (task, epoch, seq): this state machine is what keeps a worker
+/// event from being stored twice. Workers resend, send stale epochs, skip ahead, retry and the
+/// coordinator restarts (state rebuilt from the log), in a seeded random order; after every
+/// step each (task, epoch, seq) is in the log at most once and positions run from 0 without
+/// gaps.
+#[test]
+fn worker_events_reach_the_log_at_most_once_per_attempt_seq() {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut tasks = Tasks::default();
+    let mut log = Log::default();
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            let (id, a) = tasks.submit(1, spec(50));
+            log.take(&a);
+            id
+        })
+        .collect();
+    let workers = [worker("w1"), worker("w2")];
+    let mut now = 2;
+    // Next seq per (task, epoch) as its worker knows it from acks: resends go back from there.
+    let mut acked: HashMap<(String, u64), u64> = HashMap::new();
+    let mut duplicates = 0;
+    for step in 0..4_000 {
+        now += 200;
+        match next(20) {
+            0 => log.take(&tasks.schedule(now, &workers)),
+            1 => tasks = Tasks::restore(log.stored()),
+            _ => {
+                let id = &ids[next(ids.len() as u64) as usize];
+                let info = tasks.info(id).unwrap();
+                let Some(current) = info.worker.clone() else {
+                    continue;
+                };
+                // Mostly the current attempt, sometimes an older epoch or the other worker.
+                let epoch = info.epoch.saturating_sub(u64::from(next(8) == 0));
+                let w = if next(10) == 0 {
+                    "w2"
+                } else {
+                    current.as_str()
+                };
+                let expected = acked.entry((id.clone(), epoch)).or_insert(0);
+                // From two back (resends) to one ahead (a gap).
+                let seq = (*expected + 1).saturating_sub(next(5).min(3));
+                let e = if next(25) == 0 {
+                    ev(seq, "exited", r#"{"class":{"exited":1}}"#)
+                } else {
+                    ev(seq, "stdout", "{}")
+                };
+                match tasks.handle_event(now, w, id, epoch, e) {
+                    EventVerdict::Accept { seq, actions } => {
+                        *expected = seq + 1;
+                        log.take(&actions);
+                    }
+                    EventVerdict::Duplicate { .. } => duplicates += 1,
+                    EventVerdict::Fenced { .. } => {}
+                }
+            }
+        }
+        tasks.sanity_check();
+        let mut seen = std::collections::HashSet::new();
+        for e in &log.events {
+            if let Some(seq) = e.seq {
+                assert!(
+                    seen.insert((e.task_id.clone(), e.epoch, seq)),
+                    "step {step}: {}/{} seq {seq} stored twice",
+                    e.task_id,
+                    e.epoch
+                );
+            }
+        }
+        for id in &ids {
+            let positions: Vec<u64> = log
+                .events
+                .iter()
+                .filter(|e| &e.task_id == id)
+                .map(|e| e.pos)
+                .collect();
+            assert!(positions.iter().copied().eq(0..positions.len() as u64));
+        }
+    }
+    let worker_events = log.events.iter().filter(|e| e.seq.is_some()).count();
+    let epochs: u64 = ids.iter().map(|id| tasks.info(id).unwrap().epoch).sum();
+    assert!(
+        worker_events > 400 && epochs > 10 && duplicates > 400,
+        "the walk should store many events over several attempts and resend many \
+         ({worker_events} events, {epochs} epochs, {duplicates} duplicates)"
+    );
+}
