@@ -58,6 +58,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("stopped because a database write failed ({0}); nothing acknowledged was lost: fix the disk (space, errors in the kernel log) and start again, and the state is rebuilt from the database")]
+    WriteFailed(String),
 }
 
 impl ServeError {
@@ -65,6 +67,8 @@ impl ServeError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ServeError::Tls(_) | ServeError::Quic(_) | ServeError::SecretsKey(_) => 64,
+            // EX_IOERR
+            ServeError::WriteFailed(_) => 74,
             _ => 1,
         }
     }
@@ -299,6 +303,10 @@ impl Server {
             )
             .run(core_rx),
         );
+        let store_failed = store.clone();
+        let store_failed = store_failed.failed();
+        tokio::pin!(store_failed);
+        let mut write_failed = None;
         let ctx = conn::ConnCtx {
             core: core_handle,
             store,
@@ -319,6 +327,10 @@ impl Server {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                why = &mut store_failed => {
+                    write_failed = Some(why);
+                    break;
+                }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let Ok(slot) = handshakes.clone().try_acquire_owned() else {
@@ -366,6 +378,9 @@ impl Server {
             .await
             .ok();
         tracing::info!("coordinator stopped");
-        Ok(())
+        match write_failed {
+            Some(why) => Err(ServeError::WriteFailed(why)),
+            None => Ok(()),
+        }
     }
 }

@@ -248,6 +248,8 @@ pub struct Store {
     /// Read-only connections handed back after use: opening one parses the schema, which cost
     /// more than the read itself when every `Events` request opened its own.
     readers: Arc<Mutex<Vec<session::Reader>>>,
+    /// Set (with why) once a commit has failed; see [`Store::failed`].
+    failed: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Read-only connections kept for reuse (more are opened when more reads run at once).
@@ -327,10 +329,11 @@ impl Store {
         };
         let wal = checkpoint::Wal::start(&conn, &path, checkpoint::Limits::default())?;
         let (tx, rx) = mpsc::channel();
+        let (failure, failed) = tokio::sync::watch::channel(None);
         let thread_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("drover-store".into())
-            .spawn(move || writer(conn, wal, rx, thread_path))
+            .spawn(move || writer(conn, wal, rx, thread_path, failure))
             .map_err(|source| StoreError::Thread {
                 name: "drover-store",
                 source,
@@ -340,8 +343,24 @@ impl Store {
             path,
             blobs: blob_store,
             readers: Arc::default(),
+            failed,
         };
         Ok((store, StoreThread(thread), loaded))
+    }
+
+    /// Resolves with why once a commit has failed (a full or failing disk). Every write after
+    /// it is refused: the state machines moved on when they queued the lost writes, so their
+    /// state is ahead of the log, and the only sound state is the log's. The server stops on
+    /// this, and the next start rebuilds from what is durable; nothing acknowledged is lost, as
+    /// nothing of the failed commit was acknowledged.
+    pub async fn failed(&self) -> String {
+        let mut failed = self.failed.clone();
+        let why = match failed.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            // The writer is gone without a failure: the store is closing.
+            Err(_) => return std::future::pending().await,
+        };
+        why
     }
 
     fn submit(&self, make: impl FnOnce(Reply) -> Command) -> Durable {
@@ -483,7 +502,9 @@ fn writer(
     mut wal: checkpoint::Wal,
     rx: mpsc::Receiver<Command>,
     path: PathBuf,
+    failure: tokio::sync::watch::Sender<Option<String>>,
 ) {
+    let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::new();
         for cmd in std::iter::once(first).chain(rx.try_iter()) {
@@ -492,10 +513,17 @@ fn writer(
                 other => batch.push(other),
             }
         }
-        let result = commit_batch(&mut conn, &batch).map_err(|e| {
-            tracing::error!(db = %path.display(), error = %e, "database commit failed");
-            format!("database {}: {e}", path.display())
-        });
+        // After a failed commit nothing more is written (see `Store::failed`).
+        let result = match &failed {
+            Some(why) => Err(why.clone()),
+            None => commit_batch(&mut conn, &batch).map_err(|e| {
+                let why = format!("database {}: commit failed: {e}", path.display());
+                tracing::error!(db = %path.display(), error = %e, "database commit failed; refusing every later write and stopping, so that the coordinator starts again from what is durable");
+                failed = Some(why.clone());
+                failure.send_replace(Some(why.clone()));
+                why
+            }),
+        };
         for cmd in batch {
             let _ = cmd.into_reply().send(result.clone());
         }
@@ -688,6 +716,35 @@ mod tests {
             .to_string();
         assert!(e.contains("append-only"), "{e}");
         assert!(conn.execute("DELETE FROM events", []).is_err());
+    }
+
+    /// A failed commit stops the store: that write and every later one are refused, and
+    /// `failed` says why (the server stops on it; the next start rebuilds from the log).
+    #[tokio::test]
+    async fn a_failed_commit_refuses_every_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread, _) = Store::open(dir.path()).unwrap();
+        let task = |id: &str, n: u64| session::NewTask {
+            id: id.into(),
+            submit_seq: n,
+            name: "t".into(),
+            spec_json: "{}".into(),
+            submitted_ms: 1,
+        };
+        store.put_task(task("t1", 1)).await.unwrap().unwrap();
+        // The same id again: the primary key refuses it, so the commit fails.
+        let e = store.put_task(task("t1", 2)).await.unwrap().unwrap_err();
+        assert!(e.contains("commit failed"), "{e}");
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), store.failed())
+            .await
+            .expect("failed() resolves");
+        assert_eq!(why, e);
+        let later = store.put_task(task("t2", 3)).await.unwrap();
+        assert_eq!(later, Err(e), "nothing is written after a failed commit");
+        drop(store);
+        thread.join();
+        let (_s, _t, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded.tasks.len(), 1, "only what was durable");
     }
 
     #[test]
