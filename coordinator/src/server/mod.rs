@@ -303,8 +303,7 @@ impl Server {
             )
             .run(core_rx),
         );
-        let store_failed = store.clone();
-        let store_failed = store_failed.failed();
+        let store_failed = store.failed();
         tokio::pin!(store_failed);
         let mut write_failed = None;
         let ctx = conn::ConnCtx {
@@ -374,9 +373,11 @@ impl Server {
         // The core stops when the last handle (held by connection tasks) is gone.
         let _ = tokio::time::timeout(DRAIN_DEADLINE, core_task).await;
         let _ = tokio::time::timeout(DRAIN_DEADLINE, self.endpoint.wait_idle()).await;
-        tokio::task::spawn_blocking(move || store_thread.join())
-            .await
-            .ok();
+        // The writer commits what is queued and stops once the last store handle is gone.
+        let writer = tokio::task::spawn_blocking(move || store_thread.join());
+        if tokio::time::timeout(DRAIN_DEADLINE, writer).await.is_err() {
+            tracing::warn!("the store writer did not stop within the deadline; exiting without it");
+        }
         tracing::info!("coordinator stopped");
         match write_failed {
             Some(why) => Err(ServeError::WriteFailed(why)),

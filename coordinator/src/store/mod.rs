@@ -353,14 +353,22 @@ impl Store {
     /// state is ahead of the log, and the only sound state is the log's. The server stops on
     /// this, and the next start rebuilds from what is durable; nothing acknowledged is lost, as
     /// nothing of the failed commit was acknowledged.
-    pub async fn failed(&self) -> String {
+    ///
+    /// The future holds only the failure signal, not the store: the writer still stops once
+    /// every handle is dropped.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
         let mut failed = self.failed.clone();
-        let why = match failed.wait_for(Option::is_some).await {
-            Ok(why) => why.clone().unwrap_or_default(),
-            // The writer is gone without a failure: the store is closing.
-            Err(_) => return std::future::pending().await,
-        };
-        why
+        async move {
+            let why = failed
+                .wait_for(Option::is_some)
+                .await
+                .map(|why| why.clone().unwrap_or_default());
+            match why {
+                Ok(why) => why,
+                // The writer is gone without a failure: the store is closing.
+                Err(_) => std::future::pending().await,
+            }
+        }
     }
 
     fn submit(&self, make: impl FnOnce(Reply) -> Command) -> Durable {
@@ -745,6 +753,22 @@ mod tests {
         thread.join();
         let (_s, _t, loaded) = Store::open(dir.path()).unwrap();
         assert_eq!(loaded.tasks.len(), 1, "only what was durable");
+    }
+
+    /// Waiting on `failed` does not keep the store open: once every handle is gone the writer
+    /// stops (the server waits on both; a held handle made every shutdown hang).
+    #[tokio::test]
+    async fn waiting_for_a_failure_does_not_keep_the_writer_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread, _) = Store::open(dir.path()).unwrap();
+        let failed = store.failed();
+        drop(store);
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        tokio::time::timeout(std::time::Duration::from_secs(10), joined)
+            .await
+            .expect("the writer stops once the last handle is dropped")
+            .unwrap();
+        drop(failed);
     }
 
     #[test]
