@@ -171,9 +171,7 @@ impl From<Failure> for super::SpawnError {
                     None => io::Error::other(message),
                 },
             }),
-            Failure::Fork { errno } => {
-                super::SpawnError::Fork(io::Error::from_raw_os_error(errno))
-            }
+            Failure::Fork { errno } => super::SpawnError::Fork(io::Error::from_raw_os_error(errno)),
             Failure::Request(why) => {
                 super::SpawnError::Fork(io::Error::other(format!("the spawner refused: {why}")))
             }
@@ -238,7 +236,8 @@ impl Spawner {
                 Ok(reply) => return Ok(reply),
                 Err(e) if round == 0 && is_gone(&e) => {
                     tracing::warn!(error = %e, "the spawner is gone; starting a new one");
-                    self.refill_fd.store(-1, std::sync::atomic::Ordering::Relaxed);
+                    self.refill_fd
+                        .store(-1, std::sync::atomic::Ordering::Relaxed);
                     if let Some(dead) = running.take() {
                         reap(dead);
                     }
@@ -368,7 +367,10 @@ fn receive(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
             fds.extend(received.into_iter().map(child::owned_fd));
         }
     }
-    if msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+    if msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+    {
         return Err(io::Error::other("a spawner message was truncated"));
     }
     Ok((msg.bytes, fds))
@@ -553,7 +555,11 @@ fn start(
     let net_ns = match plan.sandbox.as_mut() {
         Some(setup) => {
             plan.stacks = Some(child::HelperStacks::new());
-            let made = (setup.unshare_flags & libc::CLONE_NEWNET != 0)
+            // Never into a user namespace of the attempt's own: a namespace made here belongs
+            // to ours, and joining it from inside a new one is refused (EPERM).
+            let joinable = setup.unshare_flags & libc::CLONE_NEWNET != 0
+                && setup.unshare_flags & libc::CLONE_NEWUSER == 0;
+            let made = joinable
                 .then(|| pools.netns.as_ref().and_then(netns::Pool::take))
                 .flatten();
             if let Some(fd) = &made {
@@ -564,7 +570,11 @@ fn start(
         }
         None => None,
     };
-    let warmed = if warm { pool.and_then(warm::Pool::take) } else { None };
+    let warmed = if warm {
+        pool.and_then(warm::Pool::take)
+    } else {
+        None
+    };
     let result = match warmed {
         Some(warmed) => {
             let (group, launcher) = warmed.into_parts();
@@ -588,9 +598,8 @@ fn start(
                 plan.cgroup_procs = Vec::new();
                 plan.pids_once_alone = None;
                 let plan = Arc::new(plan);
-                let forked = launcher.spawn(move || {
-                    child::vfork_for_parent(&plan).map_err(io::Error::from)
-                });
+                let forked =
+                    launcher.spawn(move || child::vfork_for_parent(&plan).map_err(io::Error::from));
                 let name = group.name();
                 drop(fds);
                 return match forked {
@@ -718,6 +727,9 @@ mod tests {
             panic!("round trip");
         };
         let e = super::super::SpawnError::from(failure).to_string();
-        assert!(e.contains("/sys/fs/cgroup/x") && e.contains("create"), "{e}");
+        assert!(
+            e.contains("/sys/fs/cgroup/x") && e.contains("create"),
+            "{e}"
+        );
     }
 }
