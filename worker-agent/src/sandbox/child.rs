@@ -188,9 +188,7 @@ impl HelperStacks {
 impl Drop for HelperStacks {
     fn drop(&mut self) {
         // SAFETY: `base` came from `Box::into_raw` of a slice of this length in `new`.
-        drop(unsafe {
-            Box::from_raw(ptr::slice_from_raw_parts_mut(self.base, 2 * HELPER_STACK))
-        });
+        drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(self.base, 2 * HELPER_STACK)) });
     }
 }
 
@@ -606,6 +604,25 @@ pub(crate) fn make_netns(home: std::os::fd::BorrowedFd<'_>) -> Result<std::os::f
     Ok(made)
 }
 
+/// Starts helper `f(plan)` with [`vm_child`] on the plan's stack `stack`; its pid, or the
+/// attempt fails at `step`.
+fn start_helper(
+    plan: &ChildPlan,
+    stack: usize,
+    files: bool,
+    f: extern "C" fn(*mut c_void) -> c_int,
+    step: Step,
+) -> libc::pid_t {
+    let Some(stacks) = &plan.stacks else {
+        fail(step, 1, Errno::EFAULT)
+    };
+    let arg = plan as *const ChildPlan as *mut c_void;
+    match vm_child(stacks.top(stack), files, f, arg) {
+        Ok(pid) => pid,
+        Err(errno) => fail(step, 0, errno),
+    }
+}
+
 /// Starts `f(arg)` in a child that shares this process's memory — and, with `files`, its
 /// descriptor table — on the stack whose top is `stack`; the calling thread sleeps until the
 /// child execs or exits (`CLONE_VM | CLONE_VFORK`). No page tables are copied and nothing of
@@ -657,7 +674,10 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
         if max != PIDS_MAX_FD {
             // SAFETY: plain fd syscalls on descriptors this process owns.
             unsafe {
-                check(Step::PidsLimit, libc::dup3(max, PIDS_MAX_FD, libc::O_CLOEXEC));
+                check(
+                    Step::PidsLimit,
+                    libc::dup3(max, PIDS_MAX_FD, libc::O_CLOEXEC),
+                );
                 libc::close(max);
             }
         }
@@ -767,14 +787,7 @@ fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             None => exit(EXIT_SETUP),
         }
     }
-    let Some(stacks) = &plan.stacks else {
-        fail(Step::ForkInit, 1, Errno::EFAULT)
-    };
-    let arg = plan as *const ChildPlan as *mut c_void;
-    let init = match vm_child(stacks.top(0), true, init_start, arg) {
-        Ok(pid) => pid,
-        Err(errno) => fail(Step::ForkInit, 0, errno),
-    };
+    let init = start_helper(plan, 0, true, init_start, Step::ForkInit);
     // The init has exited (or the clone failed); what is left is to learn how it ended.
     close_range(0, (STATUS_FD - 1) as u32);
     close_range((STATUS_FD + 1) as u32, u32::MAX);
@@ -970,14 +983,7 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         drop_capabilities();
         exec_task(plan)
     }
-    let Some(stacks) = &plan.stacks else {
-        fail(Step::ForkTask, 1, Errno::EFAULT)
-    };
-    let arg = plan as *const ChildPlan as *mut c_void;
-    let task = match vm_child(stacks.top(1), false, task_start, arg) {
-        Ok(pid) => pid,
-        Err(errno) => fail(Step::ForkTask, 0, errno),
-    };
+    let task = start_helper(plan, 1, false, task_start, Step::ForkTask);
     // The task has exec'd: the table the outer helper shares keeps only the status pipe.
     close_range(0, (STATUS_FD - 1) as u32);
     loop {
