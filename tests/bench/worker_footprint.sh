@@ -10,7 +10,7 @@
 # Starts its own coordinator and worker in a temporary directory, with the default heartbeat
 # interval and lease, waits until `drover status --json` shows the worker ready, lets it
 # heartbeat for IDLE_SECONDS, reads VmRSS / VmHWM / RssAnon / RssFile from
-# /proc/PID/status, then stops both with SIGTERM.
+# /proc/PID/status, and the Pss of the worker and its spawner, then stops both with SIGTERM.
 set -euo pipefail
 
 idle=${1:-30}
@@ -103,3 +103,13 @@ echo "worker idle VmRSS       $rss KiB ($(mib "$rss" 1024) MiB) after ${idle}s r
 echo "worker VmHWM            $hwm KiB ($(mib "$hwm" 1024) MiB)"
 echo "worker RssAnon/RssFile  $(field RssAnon) / $(field RssFile) KiB"
 echo "worker threads          $(field Threads)"
+# The spawner (worker-agent/src/sandbox/spawner.rs) is forked from the worker and shares its
+# pages; Pss splits shared pages between the two, so their Pss sum is the pair's footprint.
+pss() { awk '$1 == "Pss:" { print $2 }' "/proc/$1/smaps_rollup"; }
+total_pss=$(pss "$worker_pid")
+for child in $(cat "/proc/$worker_pid/task/"*/children 2>/dev/null); do
+    crss=$(awk '$1 == "VmRSS:" { print $2 }' "/proc/$child/status")
+    echo "child $child ($(cat "/proc/$child/comm"))  VmRSS $crss KiB, Pss $(pss "$child") KiB"
+    total_pss=$((total_pss + $(pss "$child")))
+done
+echo "worker + children Pss   $total_pss KiB ($(mib "$total_pss" 1024) MiB)"
