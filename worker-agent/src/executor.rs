@@ -24,11 +24,11 @@
 use crate::acceptance::{self, Checks, FEEDBACK_FILE};
 use crate::egress::{self, Egress};
 use crate::gate::Gate;
+use crate::outbox::Outbox;
 use crate::redact::{Redactor, StreamRedactor};
 use crate::sandbox::{AttemptSpec, Sandbox};
-use crate::outbox::Outbox;
-use crate::workdirs::Workdirs;
 use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry, StreamEnd};
+use crate::workdirs::Workdirs;
 use crate::workspace;
 use drover_protocol::acceptance::Feedback;
 use drover_protocol::task::{ExitClass, Limits, NetworkPolicy, OnDisconnect};

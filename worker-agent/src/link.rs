@@ -9,13 +9,13 @@
 //! (`WorkerMessage::Attempts`: `keep_running` attempts that survived the outage); when a session
 //! ends it stops every `on_disconnect = "kill"` attempt.
 
-use crate::workdirs::Workdirs;
 use crate::config::WorkerConfig;
 use crate::executor::{self, ExecContext};
 use crate::pki::{self, PkiError, TlsFiles};
 use crate::resources::Resources;
 use crate::stream::Registry;
 use crate::wire::{self, FramedRecv};
+use crate::workdirs::Workdirs;
 use drover_protocol::{
     close_code, CoordinatorMessage, Hello, HelloReply, Refusal, Role, WorkerMessage,
     SUPPORTED_VERSIONS,
@@ -46,7 +46,9 @@ pub enum LinkError {
     Quic(String),
     #[error("cannot open a UDP socket: {0}")]
     Socket(std::io::Error),
-    #[error("cannot set up the attempts' workspaces under {path} (config key `work_dir`): {source}")]
+    #[error(
+        "cannot set up the attempts' workspaces under {path} (config key `work_dir`): {source}"
+    )]
     WorkDir {
         path: std::path::PathBuf,
         source: std::io::Error,

@@ -189,7 +189,10 @@ fn empty(dir: &Path) -> io::Result<()> {
 fn move_to(path: &Path, trash: &Path) -> io::Result<()> {
     fs::create_dir_all(trash)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    fs::rename(path, trash.join(format!("free-{}-{name}", std::process::id())))
+    fs::rename(
+        path,
+        trash.join(format!("free-{}-{name}", std::process::id())),
+    )
 }
 
 #[cfg(test)]
@@ -210,7 +213,10 @@ mod tests {
         let first = inode(&a);
         w.recycle(a.clone()).await;
         assert!(!a.exists());
-        assert!(Path::new("/etc").is_dir(), "a link is removed, not followed");
+        assert!(
+            Path::new("/etc").is_dir(),
+            "a link is removed, not followed"
+        );
         let b = w.path("t2", 1);
         w.make(&b).unwrap();
         assert_eq!(inode(&b), first, "the same directory, renamed");
@@ -228,7 +234,10 @@ mod tests {
         for p in paths {
             w.recycle(p).await;
         }
-        assert_eq!(fs::read_dir(dir.path().join("free")).unwrap().count(), KEPT_FREE);
+        assert_eq!(
+            fs::read_dir(dir.path().join("free")).unwrap().count(),
+            KEPT_FREE
+        );
         assert_eq!(fs::read_dir(dir.path().join("tasks")).unwrap().count(), 0);
     }
 

@@ -118,7 +118,11 @@ mod tests {
         let mut durables = vec![batch.put_task(task("t1", 1))];
         durables.push(batch.append_events(vec![ev("t1", 0)]));
         durables.push(batch.append_events(vec![ev("t1", 1)]));
-        assert_eq!(store.reader().unwrap().len("t1").unwrap(), 0, "not before the flush");
+        assert_eq!(
+            store.reader().unwrap().len("t1").unwrap(),
+            0,
+            "not before the flush"
+        );
         batch.flush();
         for d in durables {
             d.await.unwrap().unwrap();

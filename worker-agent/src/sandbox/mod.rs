@@ -538,7 +538,9 @@ impl Sandbox {
         memory_bytes: Option<u64>,
     ) -> Result<(i32, String), SpawnError> {
         let spawner::Request::Spawn(spawner::SpawnRequest { name, mut plan, .. }) = request else {
-            return Err(SpawnError::Fork(std::io::Error::other("not a spawn request")));
+            return Err(SpawnError::Fork(std::io::Error::other(
+                "not a spawn request",
+            )));
         };
         if plan.sandbox.is_some() {
             plan.stacks = Some(child::HelperStacks::new());
@@ -695,7 +697,12 @@ impl Sandbox {
         }
         let mut said = Vec::new();
         for _ in 0..500 {
-            match self.inner.spawner.call(&spawner::Request::Status, &[]).await {
+            match self
+                .inner
+                .spawner
+                .call(&spawner::Request::Status, &[])
+                .await
+            {
                 Ok(spawner::Reply::Status { ready, .. }) if ready > 0 => return true,
                 Ok(spawner::Reply::Status { notes, .. }) => said.extend(notes),
                 other => panic!("the spawner's status: {other:?}"),

@@ -56,7 +56,9 @@ impl Process {
                 return Ok(status);
             }
             if sigchld.recv().await.is_none() {
-                return Err(io::Error::other("the runtime's signal handling has stopped"));
+                return Err(io::Error::other(
+                    "the runtime's signal handling has stopped",
+                ));
             }
         }
     }
@@ -69,7 +71,9 @@ impl Process {
         let raw = match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => return Ok(None),
             Ok(WaitStatus::Exited(_, code)) => code << 8,
-            Ok(WaitStatus::Signaled(_, signal, core)) => signal as i32 | if core { 0x80 } else { 0 },
+            Ok(WaitStatus::Signaled(_, signal, core)) => {
+                signal as i32 | if core { 0x80 } else { 0 }
+            }
             // Stopped or continued (only reported with flags not given here): still alive.
             Ok(_) => return Ok(None),
             Err(Errno::EINTR) => return Ok(None),

@@ -468,7 +468,10 @@ async fn sandbox_vforked_process_keeps_its_pids_limit() {
     assert_eq!(lines[1], "24", "{out:?}");
     let current: u32 = lines[2].parse().expect("pids.current");
     assert!((2..=24).contains(&current), "{current}: {out:?}");
-    assert!(out.stderr.to_lowercase().contains("fork"), "the bomb was not stopped: {out:?}");
+    assert!(
+        out.stderr.to_lowercase().contains("fork"),
+        "the bomb was not stopped: {out:?}"
+    );
 }
 
 /// A warm spawn (v1 hosts): the process is born in the attempt's cgroup in every hierarchy,
@@ -925,7 +928,10 @@ async fn sandbox_spawns_in_a_row_never_hang() {
             assert_eq!(outcome.class, ExitClass::Exited(0), "attempt {i}");
         });
         while set.len() >= 4 {
-            bounded(set.join_next()).await.expect("a job").expect("join");
+            bounded(set.join_next())
+                .await
+                .expect("a job")
+                .expect("join");
         }
     }
     while let Some(joined) = bounded(set.join_next()).await {
@@ -946,7 +952,11 @@ async fn sandbox_attempts_forked_by_the_worker_itself() {
         let job = Job::sh("echo here; exit 7", isolation);
         let ws = tempfile::tempdir().expect("workspace");
         let out = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
-        assert_eq!(out.outcome.class, ExitClass::Exited(7), "{isolation:?}: {out:?}");
+        assert_eq!(
+            out.outcome.class,
+            ExitClass::Exited(7),
+            "{isolation:?}: {out:?}"
+        );
         assert_eq!(out.stdout, "here\n");
     }
 }

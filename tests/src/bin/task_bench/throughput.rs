@@ -56,12 +56,14 @@ pub async fn drover_run(
         common::coordinator_pid(&fleet.coordinator_config())
             .into_iter()
             .collect::<Vec<_>>(),
-        common::pids_by_cmdline(&["drover-worker", &fleet.worker_config("w1").to_string_lossy()]),
+        common::pids_by_cmdline(&[
+            "drover-worker",
+            &fleet.worker_config("w1").to_string_lossy(),
+        ]),
     ];
     let ticks = || {
         pids.clone().map(|ps| {
-            (!ps.is_empty())
-                .then(|| ps.iter().filter_map(|p| common::cpu_ticks(p)).sum::<u64>())
+            (!ps.is_empty()).then(|| ps.iter().filter_map(|p| common::cpu_ticks(p)).sum::<u64>())
         })
     };
     let ticks0 = ticks();

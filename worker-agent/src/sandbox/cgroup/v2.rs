@@ -103,7 +103,8 @@ impl Base {
             if let Some(bytes) = limits.memory_bytes {
                 if !self.memory {
                     return Err(CgroupError {
-                        action: "set a memory limit: the memory controller is not enabled for".into(),
+                        action: "set a memory limit: the memory controller is not enabled for"
+                            .into(),
                         path: self.dir.clone(),
                         source: io::Error::from(io::ErrorKind::Unsupported),
                     });
