@@ -228,16 +228,8 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::tests::ev;
     use crate::spool::MIN_SPOOL_BYTES;
-
-    fn ev(seq: u64, payload: &str) -> AttemptEvent {
-        AttemptEvent {
-            seq,
-            ts_ms: 1_700_000_000_000 + seq,
-            kind: "stdout".into(),
-            payload: payload.into(),
-        }
-    }
 
     fn drain(o: &mut Outbox) -> Vec<u64> {
         std::iter::from_fn(|| o.next_unsent().unwrap().map(|e| e.seq)).collect()

@@ -648,4 +648,4 @@ fn new_segment(dir: &Path, id: u64) -> Result<(Segment, File), SpoolError> {
 
 #[cfg(test)]
 #[path = "spool_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -1,6 +1,6 @@
 use super::*;
 
-fn ev(seq: u64, payload: &str) -> AttemptEvent {
+pub(crate) fn ev(seq: u64, payload: &str) -> AttemptEvent {
     AttemptEvent {
         seq,
         ts_ms: 1_700_000_000_000 + seq,

@@ -653,20 +653,7 @@ mod tests {
                             _ => format!("{{\"n\":{pos},\"s\":\"ü\\n\"}}"),
                         },
                     };
-                    tx.execute(
-                        "INSERT INTO events (task_id, pos, epoch, seq, ts_ms, kind, payload)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![
-                            e.task_id,
-                            e.pos as i64,
-                            e.epoch as i64,
-                            e.seq.map(|s| s as i64),
-                            e.ts_ms as i64,
-                            e.kind,
-                            e.payload
-                        ],
-                    )
-                    .unwrap();
+                    session::append_events(&tx, std::slice::from_ref(&e)).unwrap();
                     events.push(e);
                 }
             }
@@ -718,12 +705,7 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(indexes, ["events_pos"]);
-        let e = conn
-            .execute("UPDATE events SET payload = 'x'", [])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("append-only"), "{e}");
-        assert!(conn.execute("DELETE FROM events", []).is_err());
+        session::tests::assert_append_only(&conn);
     }
 
     /// A failed commit stops the store: that write and every later one are refused, and

@@ -216,7 +216,7 @@ impl Reader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::Store;
     use super::*;
 
@@ -350,6 +350,11 @@ mod tests {
             .unwrap()
             .unwrap();
         let conn = Connection::open(dir.path().join(super::super::DB_FILE)).unwrap();
+        assert_append_only(&conn);
+    }
+
+    /// The triggers refuse to change or remove a stored event.
+    pub(crate) fn assert_append_only(conn: &Connection) {
         let e = conn
             .execute("UPDATE events SET payload = 'x'", [])
             .unwrap_err()

@@ -376,13 +376,13 @@ impl Sandbox {
                 )
             },
         );
-        let request = spawner::Request::Spawn(spawner::SpawnRequest {
+        let request = spawner::Request::Spawn(Box::new(spawner::SpawnRequest {
             name,
             memory_bytes: spec.limits.memory_bytes,
             pids: pids_limit,
             warm: true,
             plan: child_plan,
-        });
+        }));
         let reply = if self.inner.fork_here.load(Ordering::Relaxed) {
             None
         } else {
@@ -537,11 +537,12 @@ impl Sandbox {
         pids: Option<u32>,
         memory_bytes: Option<u64>,
     ) -> Result<(i32, String), SpawnError> {
-        let spawner::Request::Spawn(spawner::SpawnRequest { name, mut plan, .. }) = request else {
+        let spawner::Request::Spawn(spawn) = request else {
             return Err(SpawnError::Fork(std::io::Error::other(
                 "not a spawn request",
             )));
         };
+        let spawner::SpawnRequest { name, mut plan, .. } = *spawn;
         if plan.sandbox.is_some() {
             plan.stacks = Some(child::HelperStacks::new());
         }

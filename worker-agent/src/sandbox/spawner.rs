@@ -68,7 +68,7 @@ const SPAWNER_SOCKET_FD: RawFd = 3;
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum Request {
     /// Fork an attempt's first process in a cgroup of its own.
-    Spawn(SpawnRequest),
+    Spawn(Box<SpawnRequest>),
     /// An attempt's cgroup is gone: top the warm cgroups up. No reply.
     Refill,
     /// How many warm cgroups are ready (tests).
@@ -501,7 +501,7 @@ fn handle(
             notes: notes(),
         }),
         Request::InMemfd => Some(failed("a memfd request inside a memfd".into())),
-        Request::Spawn(spawn) => Some(match start(spawn, fds, hierarchy, pools) {
+        Request::Spawn(spawn) => Some(match start(*spawn, fds, hierarchy, pools) {
             Ok((pid, cgroup, warm)) => Reply::Spawned {
                 pid,
                 cgroup,
