@@ -54,8 +54,7 @@ impl Workdirs {
             stale = fs::read_dir(&tasks)?.count();
             if stale > 0 {
                 fs::create_dir_all(&trash)?;
-                let aside = trash.join(format!("tasks-{}", std::process::id()));
-                fs::rename(&tasks, &aside)?;
+                rename_aside(&tasks, &trash, &format!("tasks-{}", std::process::id()))?;
             }
         }
         fs::create_dir_all(&tasks)?;
@@ -189,10 +188,34 @@ fn empty(dir: &Path) -> io::Result<()> {
 fn move_to(path: &Path, trash: &Path) -> io::Result<()> {
     fs::create_dir_all(trash)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    fs::rename(
-        path,
-        trash.join(format!("free-{}-{name}", std::process::id())),
-    )
+    rename_aside(path, trash, &format!("free-{}-{name}", std::process::id()))
+}
+
+/// Renames `from` to `trash/<base>`, or `trash/<base>.1`, `.2`, ... when that name is taken:
+/// by what an earlier run with the same pid (a container's worker is often pid 1) moved
+/// aside and had not finished removing when it stopped.
+fn rename_aside(from: &Path, trash: &Path, base: &str) -> io::Result<()> {
+    let mut last = None;
+    for n in 0..1000 {
+        let name = if n == 0 {
+            base.to_owned()
+        } else {
+            format!("{base}.{n}")
+        };
+        match fs::rename(from, trash.join(name)) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EEXIST | nix::libc::ENOTEMPTY)
+                ) || e.kind() == io::ErrorKind::AlreadyExists =>
+            {
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free name in the trash directory")))
 }
 
 #[cfg(test)]
@@ -239,6 +262,31 @@ mod tests {
             KEPT_FREE
         );
         assert_eq!(fs::read_dir(dir.path().join("tasks")).unwrap().count(), 0);
+    }
+
+    /// A restart with the same pid (a container's pid 1) finds the trash an earlier run left
+    /// half removed under the name it would use: it takes another name, not a failed start.
+    #[test]
+    fn a_half_removed_trash_of_the_same_pid_does_not_stop_a_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = std::process::id();
+        for taken in [format!("tasks-{pid}"), format!("tasks-{pid}.1")] {
+            fs::create_dir_all(dir.path().join("trash").join(taken).join("t1-1/sub")).unwrap();
+        }
+        fs::create_dir_all(dir.path().join(format!("trash/free-{pid}-3/x"))).unwrap();
+        fs::create_dir_all(dir.path().join("tasks/t9-1")).unwrap();
+        fs::create_dir_all(dir.path().join("free/3/not-empty")).unwrap();
+        let (w, stale) = Workdirs::open(dir.path()).expect("a start despite the trash");
+        assert_eq!(stale, 1);
+        assert_eq!(fs::read_dir(dir.path().join("tasks")).unwrap().count(), 0);
+        assert!(!dir.path().join("free/3").exists());
+        for _ in 0..500 {
+            if !w.sweeping() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!dir.path().join("trash").exists(), "all of it swept");
     }
 
     #[test]
