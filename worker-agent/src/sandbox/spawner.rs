@@ -195,13 +195,14 @@ pub(super) struct Spawner {
     hierarchy: Hierarchy,
     options: Options,
     running: tokio::sync::Mutex<Option<Running>>,
-    /// The running spawner's socket, for `Refill` from synchronous code (-1: none).
-    refill_fd: std::sync::atomic::AtomicI32,
+    /// The running spawner's socket, for `Refill` from synchronous code. Shared, not a bare
+    /// number: a number read here could meanwhile be closed and reused for another file.
+    refill_sock: std::sync::Mutex<Option<Arc<OwnedFd>>>,
 }
 
 #[derive(Debug)]
 struct Running {
-    sock: OwnedFd,
+    sock: Arc<OwnedFd>,
     pid: nix::unistd::Pid,
 }
 
@@ -209,40 +210,63 @@ impl Spawner {
     /// Starts a spawner with `hierarchy` and what `options` ask for.
     pub(super) fn start(hierarchy: Hierarchy, options: Options) -> io::Result<Spawner> {
         let running = fork_spawner(&hierarchy, options)?;
-        let refill_fd = std::sync::atomic::AtomicI32::new(running.sock.as_raw_fd());
+        let refill_sock = std::sync::Mutex::new(Some(running.sock.clone()));
         Ok(Spawner {
             hierarchy,
             options,
             running: tokio::sync::Mutex::new(Some(running)),
-            refill_fd,
+            refill_sock,
         })
     }
 
+    /// The running spawner's pid, if one runs.
+    #[cfg(test)]
+    pub(super) async fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.running.lock().await.as_ref().map(|r| r.pid)
+    }
+
+    fn set_refill(&self, sock: Option<Arc<OwnedFd>>) {
+        *self.refill_sock.lock().unwrap_or_else(|e| e.into_inner()) = sock;
+    }
+
     /// Sends `request` (`Spawn` with `fds`, or `Status`) and waits for the reply. A spawner
-    /// found dead is started again once.
+    /// found dead before it took the request is started again once. Once the request is
+    /// sent it is never sent again (the spawner may have forked the attempt before it died),
+    /// and a call that ends without its reply — an error, or the caller gone — retires the
+    /// spawner, so that no later call reads that reply as its own.
     pub(super) async fn call(&self, request: &Request, fds: &[RawFd]) -> io::Result<Reply> {
         let mut running = self.running.lock().await;
         for round in 0..2 {
             if running.is_none() {
                 let fresh = fork_spawner(&self.hierarchy, self.options)?;
-                self.refill_fd
-                    .store(fresh.sock.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+                self.set_refill(Some(fresh.sock.clone()));
                 *running = Some(fresh);
             }
-            let Some(r) = running.as_ref() else {
+            let Some(sock) = running.as_ref().map(|r| r.sock.clone()) else {
                 continue;
             };
-            match round_trip(&r.sock, request, fds).await {
-                Ok(reply) => return Ok(reply),
-                Err(e) if round == 0 && is_gone(&e) => {
-                    tracing::warn!(error = %e, "the spawner is gone; starting a new one");
-                    self.refill_fd
-                        .store(-1, std::sync::atomic::Ordering::Relaxed);
-                    if let Some(dead) = running.take() {
-                        reap(dead);
-                    }
+            let mut pending = Retire {
+                spawner: self,
+                running: &mut running,
+                armed: true,
+            };
+            match round_trip(&sock, request, fds).await {
+                Ok(reply) => {
+                    pending.armed = false;
+                    return Ok(reply);
                 }
-                Err(e) => return Err(e),
+                Err(RoundTrip::NotSent(e)) if round == 0 && is_gone(&e) => {
+                    tracing::warn!(error = %e, "the spawner is gone; starting a new one");
+                }
+                Err(RoundTrip::NotSent(e)) => {
+                    // Nothing reached it (a message is sent whole or not at all): it stays.
+                    pending.armed = false;
+                    return Err(e);
+                }
+                Err(RoundTrip::NoReply(e)) => {
+                    tracing::warn!(error = %e, "the spawner took a request and gave no answer; starting a new one for the next");
+                    return Err(e);
+                }
             }
         }
         Err(io::Error::other("the spawner could not be started"))
@@ -254,15 +278,43 @@ impl Spawner {
         if !self.options.warm {
             return;
         }
-        let fd = self.refill_fd.load(std::sync::atomic::Ordering::Relaxed);
-        if fd < 0 {
+        let sock = self
+            .refill_sock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(sock) = sock else {
             return;
-        }
+        };
         if let Ok(bytes) = postcard::to_allocvec(&Request::Refill) {
             let iov = [io::IoSlice::new(&bytes)];
-            let _ = sendmsg::<()>(fd, &iov, &[], MsgFlags::MSG_DONTWAIT, None);
+            let _ = sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::MSG_DONTWAIT, None);
         }
     }
+}
+
+/// Retires the spawner of a call that ended without its reply (see [`Spawner::call`]).
+struct Retire<'a, 'b> {
+    spawner: &'a Spawner,
+    running: &'b mut Option<Running>,
+    armed: bool,
+}
+
+impl Drop for Retire<'_, '_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.spawner.set_refill(None);
+            if let Some(dead) = self.running.take() {
+                reap(dead);
+            }
+        }
+    }
+}
+
+/// How a round trip failed: before the spawner had the request, or after.
+enum RoundTrip {
+    NotSent(io::Error),
+    NoReply(io::Error),
 }
 
 impl Drop for Spawner {
@@ -295,13 +347,44 @@ fn is_gone(e: &io::Error) -> bool {
     ) || e.kind() == io::ErrorKind::UnexpectedEof
 }
 
-async fn round_trip(sock: &OwnedFd, request: &Request, fds: &[RawFd]) -> io::Result<Reply> {
+async fn round_trip(sock: &OwnedFd, request: &Request, fds: &[RawFd]) -> Result<Reply, RoundTrip> {
+    let prepared = prepare(sock, request, fds).map_err(RoundTrip::NotSent)?;
+    let (registered, message, fds) = (&prepared.registered, &prepared.message, &prepared.fds);
+    let fd = registered.as_raw_fd();
+    loop {
+        registered.writable().await.map_err(RoundTrip::NotSent)?;
+        match registered.try_io(Interest::WRITABLE, || send(fd, message, fds)) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(RoundTrip::NotSent(e)),
+        }
+    }
+    let mut buf = vec![0u8; MESSAGE_MAX];
+    loop {
+        registered.readable().await.map_err(RoundTrip::NoReply)?;
+        match registered.try_io(Interest::READABLE, || receive(fd, &mut buf)) {
+            Ok((0, _)) => return Err(RoundTrip::NoReply(io::ErrorKind::UnexpectedEof.into())),
+            // A reply carries no descriptors; any that came anyway are closed here.
+            Ok((n, _)) => {
+                return postcard::from_bytes(&buf[..n])
+                    .map_err(|e| RoundTrip::NoReply(io::Error::other(e)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(RoundTrip::NoReply(e)),
+        }
+    }
+}
+
+/// The message for `request` (inline, or in a memfd sent along), and the socket registered
+/// with the current runtime.
+fn prepare(sock: &OwnedFd, request: &Request, fds: &[RawFd]) -> io::Result<Prepared> {
     let bytes = postcard::to_allocvec(request).map_err(io::Error::other)?;
-    let memfd;
+    let mut memfd = None;
     let (message, fds) = if bytes.len() > INLINE_MAX {
-        memfd = request_memfd(&bytes)?;
+        let made = request_memfd(&bytes)?;
         let mut all = fds.to_vec();
-        all.push(memfd.as_raw_fd());
+        all.push(made.as_raw_fd());
+        memfd = Some(made);
         (
             postcard::to_allocvec(&Request::InMemfd).map_err(io::Error::other)?,
             all,
@@ -314,26 +397,22 @@ async fn round_trip(sock: &OwnedFd, request: &Request, fds: &[RawFd]) -> io::Res
     // type is only a readiness handle here; every read and write is a sendmsg/recvmsg.
     let registered =
         tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(sock.try_clone()?))?;
-    let fd = registered.as_raw_fd();
-    loop {
-        registered.writable().await?;
-        match registered.try_io(Interest::WRITABLE, || send(fd, &message, &fds)) {
-            Ok(()) => break,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    let mut buf = vec![0u8; MESSAGE_MAX];
-    loop {
-        registered.readable().await?;
-        match registered.try_io(Interest::READABLE, || receive(fd, &mut buf)) {
-            Ok((0, _)) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            // A reply carries no descriptors; any that came anyway are closed here.
-            Ok((n, _)) => return postcard::from_bytes(&buf[..n]).map_err(io::Error::other),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    Ok(Prepared {
+        registered,
+        message,
+        fds,
+        _memfd: memfd,
+    })
+}
+
+/// A request ready to send: see [`prepare`].
+struct Prepared {
+    registered: tokio::net::UnixStream,
+    message: Vec<u8>,
+    /// The descriptors to pass, the memfd's among them.
+    fds: Vec<RawFd>,
+    /// Open until the request is sent.
+    _memfd: Option<OwnedFd>,
 }
 
 fn request_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
@@ -402,7 +481,7 @@ fn fork_spawner(hierarchy: &Hierarchy, options: Options) -> io::Result<Running> 
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     )?;
     Ok(Running {
-        sock: ours,
+        sock: Arc::new(ours),
         pid: nix::unistd::Pid::from_raw(pid),
     })
 }

@@ -939,6 +939,46 @@ async fn sandbox_spawns_in_a_row_never_hang() {
     }
 }
 
+/// A call whose caller goes before the spawner answers retires that spawner: its late reply
+/// can never be read as the next call's, and the next call gets a new spawner that answers.
+#[tokio::test]
+async fn sandbox_call_given_up_before_its_reply_retires_the_spawner() {
+    if skip() {
+        return;
+    }
+    use nix::sys::signal::{kill, Signal};
+    let sandbox = sandbox();
+    let spawner = &sandbox.inner.spawner;
+    let stopped = spawner.pid().await.expect("a spawner runs");
+    // Stopped, it takes the request into its socket and never answers.
+    kill(stopped, Signal::SIGSTOP).expect("stop the spawner");
+    let call = spawner.call(&spawner::Request::Status, &[]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), call)
+            .await
+            .is_err(),
+        "a stopped spawner cannot answer"
+    );
+    let _ = kill(stopped, Signal::SIGCONT);
+    let reply = bounded(spawner.call(&spawner::Request::Status, &[])).await;
+    assert!(
+        matches!(reply, Ok(spawner::Reply::Status { .. })),
+        "{reply:?}"
+    );
+    let now = spawner.pid().await.expect("a spawner runs");
+    assert_ne!(now, stopped, "the spawner that owed a reply was retired");
+    // And attempts still run.
+    let ws = tempfile::tempdir().expect("workspace");
+    let out = run_with(
+        &sandbox,
+        &Job::sh("echo fine", Isolation::Sandbox),
+        ws.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+}
+
 /// Where the spawner cannot fork for the worker (qemu-user refuses `CLONE_PARENT`), the worker
 /// forks attempts itself: both isolations still run, exit codes and output come through, and
 /// a killed tree is gone.
