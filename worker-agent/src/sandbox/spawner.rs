@@ -248,9 +248,11 @@ impl Spawner {
             let mut pending = Retire {
                 spawner: self,
                 running: &mut running,
+                sock: Some(sock),
                 armed: true,
             };
-            match round_trip(&sock, request, fds).await {
+            let sock = pending.sock.as_deref().expect("just set");
+            match round_trip(sock, request, fds).await {
                 Ok(reply) => {
                     pending.armed = false;
                     return Ok(reply);
@@ -297,11 +299,15 @@ impl Spawner {
 struct Retire<'a, 'b> {
     spawner: &'a Spawner,
     running: &'b mut Option<Running>,
+    /// The call's own handle on the socket, let go before the spawner is reaped: the spawner
+    /// exits once every handle is closed.
+    sock: Option<Arc<OwnedFd>>,
     armed: bool,
 }
 
 impl Drop for Retire<'_, '_> {
     fn drop(&mut self) {
+        self.sock = None;
         if self.armed {
             self.spawner.set_refill(None);
             if let Some(dead) = self.running.take() {
@@ -325,19 +331,28 @@ impl Drop for Spawner {
     }
 }
 
-/// Closes the socket (the spawner exits on that) and reaps the spawner if it is already gone;
-/// otherwise it is left to exit on its own (the worker's exit reparents it).
+/// Closes the socket (the spawner exits on that) and reaps the spawner. One still there after
+/// 5 ms (stuck, or stopped) is killed and reaped by a thread of its own, so that no retired
+/// spawner stays a zombie while the worker runs.
 fn reap(running: Running) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     let Running { sock, pid } = running;
     drop(sock);
     for _ in 0..20 {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
                 std::thread::sleep(std::time::Duration::from_micros(250));
             }
             _ => return,
         }
     }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = std::thread::Builder::new()
+        .name("drover-reap".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let _ = waitpid(pid, None);
+        });
 }
 
 fn is_gone(e: &io::Error) -> bool {

@@ -959,7 +959,6 @@ async fn sandbox_call_given_up_before_its_reply_retires_the_spawner() {
             .is_err(),
         "a stopped spawner cannot answer"
     );
-    let _ = kill(stopped, Signal::SIGCONT);
     let reply = bounded(spawner.call(&spawner::Request::Status, &[])).await;
     assert!(
         matches!(reply, Ok(spawner::Reply::Status { .. })),
@@ -967,6 +966,17 @@ async fn sandbox_call_given_up_before_its_reply_retires_the_spawner() {
     );
     let now = spawner.pid().await.expect("a spawner runs");
     assert_ne!(now, stopped, "the spawner that owed a reply was retired");
+    // Killed and reaped, not left a zombie: its pid is gone (bounded wait).
+    for _ in 0..500 {
+        if kill(stopped, None).is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        kill(stopped, None).is_err(),
+        "the retired spawner was reaped"
+    );
     // And attempts still run.
     let ws = tempfile::tempdir().expect("workspace");
     let out = run_with(
