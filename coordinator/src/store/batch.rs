@@ -72,12 +72,8 @@ impl Batch {
 
     /// Hands everything gathered to the writer as one command.
     pub fn flush(&mut self) {
-        match self.pending.len() {
-            0 => {}
-            1 => self.store.send(self.pending.remove(0)),
-            _ => self
-                .store
-                .send(Command::Batch(std::mem::take(&mut self.pending))),
+        if !self.pending.is_empty() {
+            self.store.send(std::mem::take(&mut self.pending));
         }
     }
 }

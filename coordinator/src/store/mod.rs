@@ -211,18 +211,11 @@ enum Command {
     PutOutputs(blobs::OutputsRow, Reply),
     Trust(Vec<crate::trust::TrustWrite>, Reply),
     Secrets(Vec<crate::secrets::SecretWrite>, Reply),
-    /// Several of the above, gathered over one step of the core ([`batch`]); never nested.
-    Batch(Vec<Command>),
 }
 
 impl Command {
-    /// Its reply; a batch's are its writes' (see `writer`, which takes batches apart).
     fn into_reply(self) -> Reply {
         match self {
-            Command::Batch(mut cmds) => match cmds.pop() {
-                Some(cmd) => cmd.into_reply(),
-                None => oneshot::channel().0,
-            },
             Command::PutWorkers(_, r)
             | Command::PutTask(_, r)
             | Command::AppendEvents(_, r)
@@ -242,7 +235,9 @@ pub type Durable = oneshot::Receiver<Result<(), String>>;
 /// Handle to the writer thread. Dropping every handle stops the thread after it drains.
 #[derive(Debug, Clone)]
 pub struct Store {
-    tx: mpsc::Sender<Command>,
+    /// Commands for the writer, a core step's at once (see [`batch`]); each send is committed
+    /// whole, in one transaction with whatever else is queued.
+    tx: mpsc::Sender<Vec<Command>>,
     path: PathBuf,
     blobs: blobs::BlobStore,
     /// Read-only connections handed back after use: opening one parses the schema, which cost
@@ -373,17 +368,13 @@ impl Store {
 
     fn submit(&self, make: impl FnOnce(Reply) -> Command) -> Durable {
         let (tx, rx) = oneshot::channel();
-        self.send(make(tx));
+        self.send(vec![make(tx)]);
         rx
     }
 
-    /// Hands a command to the writer; if it has stopped, every reply says so.
-    fn send(&self, cmd: Command) {
-        if let Err(mpsc::SendError(cmd)) = self.tx.send(cmd) {
-            let cmds = match cmd {
-                Command::Batch(cmds) => cmds,
-                other => vec![other],
-            };
+    /// Hands commands to the writer; if it has stopped, every reply says so.
+    fn send(&self, cmds: Vec<Command>) {
+        if let Err(mpsc::SendError(cmds)) = self.tx.send(cmds) {
             for cmd in cmds {
                 let _ = cmd.into_reply().send(Err(StoreError::Closed.to_string()));
             }
@@ -508,18 +499,15 @@ fn migrate_to(conn: &mut Connection, path: &Path, target: usize) -> Result<(), S
 fn writer(
     mut conn: Connection,
     mut wal: checkpoint::Wal,
-    rx: mpsc::Receiver<Command>,
+    rx: mpsc::Receiver<Vec<Command>>,
     path: PathBuf,
     failure: tokio::sync::watch::Sender<Option<String>>,
 ) {
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
-        let mut batch = Vec::new();
-        for cmd in std::iter::once(first).chain(rx.try_iter()) {
-            match cmd {
-                Command::Batch(cmds) => batch.extend(cmds),
-                other => batch.push(other),
-            }
+        let mut batch = first;
+        for cmds in rx.try_iter() {
+            batch.extend(cmds);
         }
         // After a failed commit nothing more is written (see `Store::failed`).
         let result = match &failed {
@@ -562,8 +550,6 @@ fn apply(tx: &rusqlite::Transaction<'_>, cmd: &Command) -> rusqlite::Result<()> 
         Command::PutOutputs(row, _) => blobs::put_outputs(tx, row),
         Command::Trust(writes, _) => trust::apply(tx, writes),
         Command::Secrets(writes, _) => secrets::apply(tx, writes),
-        // `writer` takes batches apart; applied in order all the same.
-        Command::Batch(cmds) => cmds.iter().try_for_each(|c| apply(tx, c)),
     }
 }
 
