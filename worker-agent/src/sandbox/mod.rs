@@ -380,7 +380,6 @@ impl Sandbox {
             name,
             memory_bytes: spec.limits.memory_bytes,
             pids: pids_limit,
-            warm: true,
             plan: child_plan,
         }));
         let reply = if self.inner.fork_here.load(Ordering::Relaxed) {
@@ -418,7 +417,7 @@ impl Sandbox {
                      worker forks attempts itself from now on, without warm cgroups"
                 );
                 self.inner.fork_here.store(true, Ordering::Relaxed);
-                self.fork_here(request, pids_limit, spec.limits.memory_bytes)?
+                self.fork_here(request)?
             }
             Some(spawner::Reply::Failed { failure, notes }) => {
                 log_notes(notes);
@@ -429,7 +428,7 @@ impl Sandbox {
                     "the spawner answered a spawn with its status",
                 )))
             }
-            None => self.fork_here(request, pids_limit, spec.limits.memory_bytes)?,
+            None => self.fork_here(request)?,
         };
         let mut process = process::Process::new(pid);
         let cgroup = self.inner.hierarchy.existing(&name);
@@ -531,18 +530,18 @@ impl Sandbox {
     /// The fallback where the spawner cannot fork for the worker (see [`Inner::fork_here`]):
     /// a new cgroup, which the child joins itself, and a fork of the worker. Returns (pid,
     /// cgroup name).
-    fn fork_here(
-        &self,
-        request: spawner::Request,
-        pids: Option<u32>,
-        memory_bytes: Option<u64>,
-    ) -> Result<(i32, String), SpawnError> {
+    fn fork_here(&self, request: spawner::Request) -> Result<(i32, String), SpawnError> {
         let spawner::Request::Spawn(spawn) = request else {
             return Err(SpawnError::Fork(std::io::Error::other(
                 "not a spawn request",
             )));
         };
-        let spawner::SpawnRequest { name, mut plan, .. } = *spawn;
+        let spawner::SpawnRequest {
+            name,
+            memory_bytes,
+            pids,
+            mut plan,
+        } = *spawn;
         if plan.sandbox.is_some() {
             plan.stacks = Some(child::HelperStacks::new());
         }

@@ -83,8 +83,6 @@ pub(super) struct SpawnRequest {
     pub(super) name: String,
     pub(super) memory_bytes: Option<u64>,
     pub(super) pids: Option<u32>,
-    /// Whether a warm cgroup may be used.
-    pub(super) warm: bool,
     pub(super) plan: ChildPlan,
 }
 
@@ -610,8 +608,8 @@ fn handle(
     }
 }
 
-/// Puts the received descriptors in the plan, gets the attempt a cgroup (warm if one is ready
-/// and allowed) and forks. Returns (pid, cgroup name, warm).
+/// Puts the received descriptors in the plan, gets the attempt a cgroup (warm if one is ready)
+/// and forks. Returns (pid, cgroup name, warm).
 fn start(
     spawn: SpawnRequest,
     fds: Vec<OwnedFd>,
@@ -623,7 +621,6 @@ fn start(
         name,
         memory_bytes,
         pids,
-        warm,
         mut plan,
     } = spawn;
     let want = 5 + usize::from(plan.status_fd.is_some()) + usize::from(plan.proxy_fd.is_some());
@@ -664,19 +661,18 @@ fn start(
         }
         None => None,
     };
-    let warmed = if warm {
-        pool.and_then(warm::Pool::take)
-    } else {
-        None
-    };
-    let result = match warmed {
+    let result = match pool.and_then(warm::Pool::take) {
         Some(warmed) => {
             let (group, launcher) = warmed.into_parts();
+            // Before the fork: the thread goes, and the cgroup with it.
+            let give_up = |launcher: warm::Launcher, failure: Failure| {
+                launcher.release();
+                remove_dirs(group.dirs());
+                failure
+            };
             if let Some(bytes) = memory_bytes {
                 if let Err(e) = group.set_memory_limit(bytes) {
-                    launcher.release();
-                    remove_dirs(group.dirs());
-                    return Err(Failure::cgroup(e));
+                    return Err(give_up(launcher, Failure::cgroup(e)));
                 }
             }
             // Process isolation with room to spare under its pids limit: a vfork, with the
@@ -684,9 +680,7 @@ fn start(
             if plan.sandbox.is_none() && pids.is_none_or(|p| p >= VFORK_MIN_PIDS) {
                 if let Some(max) = pids {
                     if let Err(e) = group.set_pids_limit(max) {
-                        launcher.release();
-                        remove_dirs(group.dirs());
-                        return Err(Failure::cgroup(e));
+                        return Err(give_up(launcher, Failure::cgroup(e)));
                     }
                 }
                 plan.cgroup_procs = Vec::new();
@@ -694,17 +688,10 @@ fn start(
                 let plan = Arc::new(plan);
                 let forked =
                     launcher.spawn(move || child::vfork_for_parent(&plan).map_err(io::Error::from));
-                let name = group.name();
                 drop(fds);
-                return match forked {
-                    Ok(pid) => Ok((pid, name, true)),
-                    Err(e) => {
-                        remove_dirs(group.dirs());
-                        Err(Failure::Fork {
-                            errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
-                        })
-                    }
-                };
+                return forked
+                    .map(|pid| (pid, group.name(), true))
+                    .map_err(|e| fork_failed(&e, || remove_dirs(group.dirs())));
             }
             // With a pids limit, the child waits for word that the thread has left (see
             // `child::PidsOnceAlone`); this end says it.
@@ -712,11 +699,7 @@ fn start(
             if let (Some(dir), Some(max)) = (&group.pids, pids) {
                 let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
                     Ok(pair) => pair,
-                    Err(e) => {
-                        launcher.release();
-                        remove_dirs(group.dirs());
-                        return Err(Failure::Fork { errno: e as i32 });
-                    }
+                    Err(e) => return Err(give_up(launcher, Failure::Fork { errno: e as i32 })),
                 };
                 plan.pids_once_alone = Some(PidsOnceAlone {
                     max: c_path(&dir.join("pids.max")),
@@ -734,16 +717,9 @@ fn start(
                 // A failed write leaves the child to see EOF and fail its setup.
                 let _ = nix::unistd::write(&w, b"g");
             }
-            let name = group.name();
-            match forked {
-                Ok(pid) => Ok((pid, name, true)),
-                Err(e) => {
-                    remove_dirs(group.dirs());
-                    Err(Failure::Fork {
-                        errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
-                    })
-                }
-            }
+            forked
+                .map(|pid| (pid, group.name(), true))
+                .map_err(|e| fork_failed(&e, || remove_dirs(group.dirs())))
         }
         None => {
             let group = hierarchy
@@ -751,15 +727,13 @@ fn start(
                 .map_err(Failure::cgroup)?;
             plan.cgroup_procs = group.procs_files().iter().map(|p| c_path(p)).collect();
             plan.pids_once_alone = None;
-            match fork_and_run(&plan) {
-                Ok(pid) => Ok((pid, name, false)),
-                Err(e) => {
-                    let _ = group.remove();
-                    Err(Failure::Fork {
-                        errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
+            fork_and_run(&plan)
+                .map(|pid| (pid, name, false))
+                .map_err(|e| {
+                    fork_failed(&e, || {
+                        let _ = group.remove();
                     })
-                }
-            }
+                })
         }
     };
     // The child has its copies; the spawner's go now.
@@ -775,18 +749,24 @@ fn fork_and_run(plan: &ChildPlan) -> io::Result<i32> {
     }
 }
 
+/// A failed fork, after `undo` has removed the attempt's cgroup.
+fn fork_failed(e: &io::Error, undo: impl FnOnce()) -> Failure {
+    undo();
+    Failure::Fork {
+        errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
+    }
+}
+
 fn remove_dirs(dirs: Vec<&std::path::Path>) {
     for dir in dirs {
         let _ = std::fs::remove_dir(dir);
     }
 }
 
-/// Paths from the worker never hold NUL (it made them); one that would is cut there.
+/// Paths from the worker never hold NUL (it made them, like the cgroup's); one that would
+/// becomes empty, and its use fails.
 fn c_path(p: &std::path::Path) -> CString {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = p.as_os_str().as_bytes();
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    CString::new(&bytes[..end]).unwrap_or_default()
+    super::plan::c_path(p).unwrap_or_default()
 }
 
 #[cfg(test)]
