@@ -79,7 +79,13 @@ impl Workdirs {
                     })
             })
             .transpose()?;
-        let next = free.len() as u64;
+        // Past every kept one's name: renaming onto a kept (empty) directory would replace it
+        // and leave the list with one directory under two entries.
+        let next = free
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str()?.parse::<u64>().ok())
+            .max()
+            .map_or(0, |n| n + 1);
         Ok((
             Workdirs {
                 inner: Arc::new(Inner {
@@ -262,6 +268,22 @@ mod tests {
             KEPT_FREE
         );
         assert_eq!(fs::read_dir(dir.path().join("tasks")).unwrap().count(), 0);
+    }
+
+    /// Names of kept workspaces a new run reuses do not collide with the ones it gives out.
+    #[tokio::test]
+    async fn kept_names_are_not_given_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("free/1")).unwrap();
+        let (w, _) = Workdirs::open(dir.path()).unwrap();
+        let ended = w.path("t1", 1);
+        fs::create_dir_all(&ended).unwrap();
+        fs::write(ended.join("out"), b"x").unwrap();
+        w.recycle(ended).await;
+        let free = w.free().clone();
+        let distinct: std::collections::BTreeSet<_> = free.iter().collect();
+        assert_eq!(distinct.len(), 2, "{free:?}");
+        assert!(free.iter().all(|p| p.is_dir()), "{free:?}");
     }
 
     /// A restart with the same pid (a container's pid 1) finds the trash an earlier run left
