@@ -58,6 +58,7 @@
 
 use std::ffi::{CStr, CString};
 use std::fmt;
+use std::io;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::ptr;
@@ -159,50 +160,108 @@ pub(crate) struct ChildPlan {
     /// helper allocates.
     #[serde(skip)]
     pub(crate) stacks: Option<HelperStacks>,
+    /// Set by the spawner on the plans it forks: its signal dispositions are all default but
+    /// [`SPAWNER_IGNORED`], so a child has only those to restore (5 calls instead of 62).
+    /// Unset, the child resets every signal (the worker's handlers are installed).
+    #[serde(skip)]
+    pub(crate) from_spawner: bool,
 }
 
-/// Two stacks for [`vm_child`] children, owned as raw memory (only those children write to
-/// it, through their stack pointer).
-pub(crate) struct HelperStacks {
-    base: *mut u8,
-}
+/// Two stacks for [`vm_child`] children (see [`Stacks`]).
+pub(crate) struct HelperStacks(Stacks);
 
 /// Bytes of each [`HelperStacks`] stack: the init and the task's set-up keep small frames.
 const HELPER_STACK: usize = 128 * 1024;
 
 impl HelperStacks {
-    pub(crate) fn new() -> HelperStacks {
-        let memory: Box<[u8]> = vec![0u8; 2 * HELPER_STACK].into_boxed_slice();
-        HelperStacks {
-            base: Box::into_raw(memory).cast::<u8>(),
-        }
+    pub(crate) fn new() -> io::Result<HelperStacks> {
+        Stacks::new(2, HELPER_STACK).map(HelperStacks)
     }
 
-    /// The top of stack `i` (0 or 1), 16-byte aligned: stacks grow down.
     fn top(&self, i: usize) -> *mut c_void {
-        let top = self.base as usize + (i + 1) * HELPER_STACK;
+        self.0.top(i)
+    }
+}
+
+/// Stacks for children started with `clone` on memory of ours, mapped fresh and never
+/// touched here: a child faults in only the few pages it uses, and a fork copies no page
+/// table entries for them. (A zeroed heap buffer cost 64 page faults before every sandbox
+/// fork, and its pages then had to be copied by the fork.) Each stack sits above a guard page,
+/// so an overflow faults instead of writing over its neighbour.
+pub(crate) struct Stacks {
+    base: *mut u8,
+    len: usize,
+    each: usize,
+}
+
+/// Size of the inaccessible page below each stack.
+const GUARD: usize = 4096;
+
+impl Stacks {
+    pub(crate) fn new(count: usize, bytes: usize) -> io::Result<Stacks> {
+        let each = GUARD + bytes.next_multiple_of(GUARD);
+        let len = count * each;
+        // SAFETY: a fresh anonymous mapping; no existing memory is named.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stacks = Stacks {
+            base: base.cast::<u8>(),
+            len,
+            each,
+        };
+        for i in 0..count {
+            // SAFETY: the guard page lies inside the mapping made above.
+            let guarded = unsafe {
+                libc::mprotect(
+                    stacks.base.add(i * each).cast::<c_void>(),
+                    GUARD,
+                    libc::PROT_NONE,
+                )
+            };
+            if guarded < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(stacks)
+    }
+
+    /// The top of stack `i`, 16-byte aligned: stacks grow down.
+    fn top(&self, i: usize) -> *mut c_void {
+        let top = self.base as usize + (i + 1) * self.each;
         (top & !15) as *mut c_void
     }
 }
 
-impl Drop for HelperStacks {
+impl Drop for Stacks {
     fn drop(&mut self) {
-        // SAFETY: `base` came from `Box::into_raw` of a slice of this length in `new`.
-        drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(self.base, 2 * HELPER_STACK)) });
-    }
-}
-
-impl fmt::Debug for HelperStacks {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HelperStacks({} bytes)", 2 * HELPER_STACK)
+        // SAFETY: the mapping made in `new`, of this length; no child runs on it any more
+        // (its owner outlives them).
+        unsafe { libc::munmap(self.base.cast::<c_void>(), self.len) };
     }
 }
 
 // SAFETY: the memory is only written by helper processes, each on its own stack, while the
-// process that made it waits (vfork) or in a copy of its memory; nothing reads it.
-unsafe impl Send for HelperStacks {}
-// SAFETY: as above: no shared access to the contents from this process.
-unsafe impl Sync for HelperStacks {}
+// process that made it waits (vfork) or in a copy of its memory; nothing here reads it.
+unsafe impl Send for Stacks {}
+// SAFETY: as above: `&Stacks` hands out nothing but addresses.
+unsafe impl Sync for Stacks {}
+
+impl fmt::Debug for HelperStacks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HelperStacks({} bytes)", self.0.len)
+    }
+}
 
 /// The pids limit of a warm spawn (`warm` module), set by the attempt's own processes: the
 /// spawner thread that forked them still counts in the cgroup at first, so the limit can only
@@ -509,19 +568,9 @@ pub(crate) fn fork_process() -> Result<libc::pid_t, Errno> {
 /// descriptor but stdio closed.
 pub(crate) fn become_spawner(sock: RawFd, to: RawFd) -> Result<(), Errno> {
     reset_signal_dispositions();
-    // SAFETY: a zeroed sigaction is valid (SIG_DFL, empty mask); then SIG_IGN for a few.
+    set_disposition(&SPAWNER_IGNORED, libc::SIG_IGN);
+    // SAFETY: a zeroed sigset is valid input for sigemptyset; then an empty mask is set.
     unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = libc::SIG_IGN;
-        for signal in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGPIPE,
-            libc::SIGQUIT,
-        ] {
-            libc::sigaction(signal, &action, ptr::null_mut());
-        }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
@@ -564,21 +613,14 @@ pub(crate) fn vfork_for_parent(plan: &ChildPlan) -> Result<libc::pid_t, Errno> {
         let plan = unsafe { &*(arg as *const ChildPlan) };
         run(plan)
     }
-    let mut stack = vec![0u8; VFORK_STACK];
-    // The stack grows down: its top, 16-byte aligned.
-    let top = (stack.as_mut_ptr() as usize + VFORK_STACK) & !15;
+    let stack = Stacks::new(1, VFORK_STACK)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
+    let top = stack.top(0);
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD;
     // SAFETY: `start` never returns into the caller's frames (it execs or _exits) and touches
     // only `plan` (read) and its own stack; `stack` and `plan` outlive the call, which returns
     // only once the child has exec'd or exited.
-    let pid = unsafe {
-        libc::clone(
-            start,
-            top as *mut c_void,
-            flags,
-            plan as *const ChildPlan as *mut c_void,
-        )
-    };
+    let pid = unsafe { libc::clone(start, top, flags, plan as *const ChildPlan as *mut c_void) };
     drop(stack);
     Errno::result(pid)
 }
@@ -651,7 +693,11 @@ fn vm_child(
 /// Runs in the forked child, in place of its exec. Never returns: it execs the task or
 /// `_exit`s (after an error record).
 pub(crate) fn run(plan: &ChildPlan) -> ! {
-    reset_signal_dispositions();
+    if plan.from_spawner {
+        set_disposition(&SPAWNER_IGNORED, libc::SIG_DFL);
+    } else {
+        reset_signal_dispositions();
+    }
     if arrange_fds(plan).is_err() {
         exit(EXIT_SETUP);
     }
@@ -1197,15 +1243,41 @@ fn drop_capabilities() {
 /// Signal handlers installed by the worker (tokio's) must not run in a helper: they would
 /// write to file descriptors whose numbers now mean something else.
 fn reset_signal_dispositions() {
-    // SAFETY: a zeroed sigaction is a valid value (SIG_DFL, empty mask, no flags).
-    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-    action.sa_sigaction = libc::SIG_DFL;
     for signal in 1..65 {
         if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-            // SAFETY: `action` is a live, initialised sigaction; errors (reserved signals)
-            // are harmless.
-            unsafe { libc::sigaction(signal, &action, ptr::null_mut()) };
+            set_disposition(&[signal], libc::SIG_DFL);
         }
+    }
+}
+
+/// Signals the spawner ignores (the worker's to handle); everything else is default there.
+/// Ignoring survives exec, so its children restore these before the task runs.
+const SPAWNER_IGNORED: [c_int; 5] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGPIPE,
+    libc::SIGQUIT,
+];
+
+/// Sets `signals` to `disposition` (SIG_DFL or SIG_IGN), empty mask, no flags. The raw
+/// syscall: glibc's wrapper refuses the signals it reserves (32 and 33) and so would leave an
+/// inherited SIG_IGN on them in place, through the exec, for the task.
+fn set_disposition(signals: &[c_int], disposition: libc::sighandler_t) {
+    // The kernel's struct sigaction on x86_64 and arm64: handler, flags, restorer, mask.
+    let action: [u64; 4] = [disposition as u64, 0, 0, 0];
+    for &signal in signals {
+        // SAFETY: rt_sigaction reading a live struct of the kernel's layout (the old action
+        // is not asked for); errors (SIGKILL, SIGSTOP, numbers past the last) are harmless.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                action.as_ptr(),
+                ptr::null_mut::<c_void>(),
+                8usize,
+            )
+        };
     }
 }
 

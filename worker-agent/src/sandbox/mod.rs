@@ -365,6 +365,8 @@ impl Sandbox {
                 .transpose()?,
             // Made where the outer helper is forked (the spawner, or `fork_here`).
             stacks: None,
+            // The spawner sets it on what it receives.
+            from_spawner: false,
         };
         let mask_paths_and_rebinds = child_plan.sandbox.as_ref().map_or_else(
             || (Vec::new(), Vec::new()),
@@ -543,7 +545,7 @@ impl Sandbox {
             mut plan,
         } = *spawn;
         if plan.sandbox.is_some() {
-            plan.stacks = Some(child::HelperStacks::new());
+            plan.stacks = Some(child::HelperStacks::new().map_err(SpawnError::Fork)?);
         }
         let cgroup = self
             .inner

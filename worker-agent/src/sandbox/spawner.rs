@@ -631,6 +631,7 @@ fn start(
         )));
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    plan.from_spawner = true;
     plan.stdio = [raw[0], raw[1], raw[2]];
     plan.setup_fd = raw[3];
     plan.events_fd = raw[4];
@@ -645,7 +646,10 @@ fn start(
     // Held until after the fork: the outer helper joins it (see the `netns` module).
     let net_ns = match plan.sandbox.as_mut() {
         Some(setup) => {
-            plan.stacks = Some(child::HelperStacks::new());
+            let stacks = child::HelperStacks::new().map_err(|e| Failure::Fork {
+                errno: e.raw_os_error().unwrap_or(libc::ENOMEM),
+            })?;
+            plan.stacks = Some(stacks);
             // Never into a user namespace of the attempt's own: a namespace made here belongs
             // to ours, and joining it from inside a new one is refused (EPERM).
             let joinable = setup.unshare_flags & libc::CLONE_NEWNET != 0

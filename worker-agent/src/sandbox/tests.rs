@@ -1011,6 +1011,38 @@ async fn sandbox_attempts_forked_by_the_worker_itself() {
     }
 }
 
+/// A task starts with every signal at its default: none ignored (an ignored SIGPIPE or SIGTERM
+/// would survive the exec) and none caught — whether the spawner forked it (which ignores a
+/// few signals itself, so its children restore only those) or the worker did (whose runtime
+/// catches several, so its children reset them all).
+#[tokio::test]
+async fn sandbox_tasks_start_with_default_signal_dispositions() {
+    if skip() {
+        return;
+    }
+    let from_spawner = sandbox();
+    let from_worker = from_spawner.forking_here();
+    for (which, sandbox) in [("spawner", &from_spawner), ("worker", &from_worker)] {
+        for isolation in BOTH {
+            let job = Job::sh(
+                "cat /proc/self/status | grep -E '^Sig(Ign|Cgt):'",
+                isolation,
+            );
+            let ws = tempfile::tempdir().expect("workspace");
+            let out = run_with(sandbox, &job, ws.path(), CancellationToken::new()).await;
+            assert_eq!(
+                out.outcome.class,
+                ExitClass::Exited(0),
+                "{which}, {isolation:?}: {out:?}"
+            );
+            assert_eq!(
+                out.stdout, "SigIgn:\t0000000000000000\nSigCgt:\t0000000000000000\n",
+                "{which}, {isolation:?}: the task inherited non-default signal dispositions"
+            );
+        }
+    }
+}
+
 /// Not a test of anything: prints spawn latency (spawn() returning = the task has exec'd) and
 /// the whole round trip for a no-op task. `cargo test -p drover-worker-agent sandbox_latency
 /// -- --ignored --nocapture`.
