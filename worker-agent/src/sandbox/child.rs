@@ -613,17 +613,32 @@ pub(crate) fn vfork_for_parent(plan: &ChildPlan) -> Result<libc::pid_t, Errno> {
         let plan = unsafe { &*(arg as *const ChildPlan) };
         run(plan)
     }
-    let stack = Stacks::new(1, VFORK_STACK)
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
+    let free = || VFORK_STACKS.lock().unwrap_or_else(|e| e.into_inner());
+    let stack = match free().pop() {
+        Some(stack) => stack,
+        None => Stacks::new(1, VFORK_STACK)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::ENOMEM)))?,
+    };
     let top = stack.top(0);
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD;
     // SAFETY: `start` never returns into the caller's frames (it execs or _exits) and touches
     // only `plan` (read) and its own stack; `stack` and `plan` outlive the call, which returns
     // only once the child has exec'd or exited.
     let pid = unsafe { libc::clone(start, top, flags, plan as *const ChildPlan as *mut c_void) };
-    drop(stack);
+    // The child has exec'd or exited: its stack is free for the next one.
+    let mut free = free();
+    if free.len() < VFORK_STACKS_KEPT {
+        free.push(stack);
+    }
     Errno::result(pid)
 }
+
+/// Stacks of [`vfork_for_parent`] children, reused: mapping a fresh one per spawn costs an
+/// mmap, page faults in the child and a munmap.
+static VFORK_STACKS: std::sync::Mutex<Vec<Stacks>> = std::sync::Mutex::new(Vec::new());
+
+/// How many free [`VFORK_STACKS`] are kept: one per concurrent spawn (warm cgroups).
+const VFORK_STACKS_KEPT: usize = 8;
 
 /// A new network namespace, returned as a descriptor, made by the calling thread (which is
 /// back in `home` afterwards): for the spawner's pool of namespaces made ahead. Its only
