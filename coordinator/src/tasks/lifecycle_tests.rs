@@ -111,6 +111,18 @@ fn accept(tasks: &mut Tasks, log: &mut Log, w: &str, id: &str, epoch: u64, e: At
     tasks.sanity_check();
 }
 
+/// Submits `n` tasks of `spec(max_attempts)` at time 1, logging what each submit wrote; their
+/// ids in submission order.
+fn submit_many(tasks: &mut Tasks, log: &mut Log, n: usize, max_attempts: u32) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let (id, a) = tasks.submit(1, spec(max_attempts));
+            log.take(&a);
+            id
+        })
+        .collect()
+}
+
 fn assert_replays_to_same(tasks: &Tasks, log: &Log) {
     let rebuilt = Tasks::restore(log.stored());
     assert_eq!(rebuilt.list(None), tasks.list(None));
@@ -615,13 +627,7 @@ fn a_full_worker_holds_one_task_ahead_until_it_starts() {
     let mut tasks = Tasks::default();
     tasks.set_assign_ahead(true);
     let mut log = Log::default();
-    let ids: Vec<String> = (0..5)
-        .map(|_| {
-            let (id, a) = tasks.submit(1, spec(3));
-            log.take(&a);
-            id
-        })
-        .collect();
+    let ids = submit_many(&mut tasks, &mut log, 5, 3);
     let w1 = || {
         let mut w = worker("w1");
         w.reserved = Capacity::default();
@@ -876,13 +882,7 @@ fn worker_events_reach_the_log_at_most_once_per_attempt_seq() {
     };
     let mut tasks = Tasks::default();
     let mut log = Log::default();
-    let ids: Vec<String> = (0..3)
-        .map(|_| {
-            let (id, a) = tasks.submit(1, spec(50));
-            log.take(&a);
-            id
-        })
-        .collect();
+    let ids = submit_many(&mut tasks, &mut log, 3, 50);
     let workers = [worker("w1"), worker("w2")];
     let mut now = 2;
     // Next seq per (task, epoch) as its worker knows it from acks: resends go back from there.
