@@ -159,7 +159,7 @@ pub(crate) struct ChildPlan {
     /// helper's memory: made by whoever forks the outer helper (set with `sandbox`), so that no
     /// helper allocates.
     #[serde(skip)]
-    pub(crate) stacks: Option<HelperStacks>,
+    pub(crate) stacks: Option<Stacks>,
     /// Set by the spawner on the plans it forks: its signal dispositions are all default but
     /// [`SPAWNER_IGNORED`], so a child has only those to restore (5 calls instead of 62).
     /// Unset, the child resets every signal (the worker's handlers are installed).
@@ -167,21 +167,9 @@ pub(crate) struct ChildPlan {
     pub(crate) from_spawner: bool,
 }
 
-/// Two stacks for [`vm_child`] children (see [`Stacks`]).
-pub(crate) struct HelperStacks(Stacks);
-
-/// Bytes of each [`HelperStacks`] stack: the init and the task's set-up keep small frames.
+/// Bytes of each helper stack (see [`Stacks::helpers`]): the init and the task's set-up keep
+/// small frames.
 const HELPER_STACK: usize = 128 * 1024;
-
-impl HelperStacks {
-    pub(crate) fn new() -> io::Result<HelperStacks> {
-        Stacks::new(2, HELPER_STACK).map(HelperStacks)
-    }
-
-    fn top(&self, i: usize) -> *mut c_void {
-        self.0.top(i)
-    }
-}
 
 /// Stacks for children started with `clone` on memory of ours, mapped fresh and never
 /// touched here: a child faults in only the few pages it uses, and a fork copies no page
@@ -198,6 +186,11 @@ pub(crate) struct Stacks {
 const GUARD: usize = 4096;
 
 impl Stacks {
+    /// The two stacks of a sandbox's helpers: 0 for the init, 1 for the task until its exec.
+    pub(crate) fn helpers() -> io::Result<Stacks> {
+        Stacks::new(2, HELPER_STACK)
+    }
+
     pub(crate) fn new(count: usize, bytes: usize) -> io::Result<Stacks> {
         let each = GUARD + bytes.next_multiple_of(GUARD);
         let len = count * each;
@@ -257,9 +250,9 @@ unsafe impl Send for Stacks {}
 // SAFETY: as above: `&Stacks` hands out nothing but addresses.
 unsafe impl Sync for Stacks {}
 
-impl fmt::Debug for HelperStacks {
+impl fmt::Debug for Stacks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HelperStacks({} bytes)", self.0.len)
+        write!(f, "Stacks({} bytes)", self.len)
     }
 }
 

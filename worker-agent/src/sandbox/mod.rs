@@ -545,7 +545,7 @@ impl Sandbox {
             mut plan,
         } = *spawn;
         if plan.sandbox.is_some() {
-            plan.stacks = Some(child::HelperStacks::new().map_err(SpawnError::Fork)?);
+            plan.stacks = Some(child::Stacks::helpers().map_err(SpawnError::Fork)?);
         }
         let cgroup = self
             .inner

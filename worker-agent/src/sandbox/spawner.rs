@@ -646,7 +646,7 @@ fn start(
     // Held until after the fork: the outer helper joins it (see the `netns` module).
     let net_ns = match plan.sandbox.as_mut() {
         Some(setup) => {
-            let stacks = child::HelperStacks::new().map_err(|e| Failure::Fork {
+            let stacks = child::Stacks::helpers().map_err(|e| Failure::Fork {
                 errno: e.raw_os_error().unwrap_or(libc::ENOMEM),
             })?;
             plan.stacks = Some(stacks);
