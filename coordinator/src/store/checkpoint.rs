@@ -22,8 +22,8 @@
 //!   than [`WAL_LIMIT_BYTES`] (the checkpointer fell behind), and `journal_size_limit` cuts the
 //!   file back to that length when the WAL starts over. So the WAL file stays within
 //!   [`WAL_LIMIT_BYTES`] plus one batch, as long as no reader keeps a read transaction open
-//!   across commits (ours run one statement each); in steady state it cycles at about
-//!   [`WRAP_FRAMES`] frames (~34 MB with 4 KiB pages).
+//!   across commits (ours hold one for the few statements of one read); in steady state it
+//!   cycles at about [`WRAP_FRAMES`] frames (~34 MB with 4 KiB pages).
 //!
 //! Durability is SQLite's own: a checkpoint fsyncs the WAL before copying and the database
 //! file before it lets the WAL start over; commits stay `synchronous=FULL`.

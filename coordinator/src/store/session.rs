@@ -1,16 +1,25 @@
-//! Task sessions on disk: the `tasks` table (one row per submitted task, its spec) and the
-//! append-only `events` table (every event of every session).
+//! Task sessions on disk: the `tasks` table (one row per submitted task, its spec), the
+//! append-only `events` table (every event of every session), and `event_runs`, which finds a
+//! session's events by position.
 //!
 //! Layout: `events` is a rowid table in insertion order (`id`), so a group commit, which holds
-//! events of many sessions, appends to a few pages instead of dirtying one per session; the
-//! unique index `events_pos (task_id, pos)` finds a session's events by position (slices,
-//! lengths) and is the only per-session page a commit touches.
+//! events of many sessions, appends to a few pages instead of dirtying one per session. An
+//! index by (task, position) would put each event's entry on a page of its session — with 64
+//! sessions streaming, three quarters of the pages a commit wrote, and the cost that set the
+//! ack latency. Instead the writer keeps each session's newest (position → id) entries in
+//! memory ([`Positions`]) and writes them as one row of `event_runs` — `(task_id,
+//! first_pos) → ids`, the ids packed — once it has [`RUN`] of them or they are [`LAG_ROWS`]
+//! events old; a commit writes about as many entries as it appended. The meta row
+//! `event_runs_through` says how far that has gone: every event with `id` ≤ it is in a run.
+//! A read finds those through the runs and the rest — at most [`LAG_ROWS`] events plus the
+//! last commit's — by a scan of the rows after it, in one read transaction. At start-up the
+//! entries not yet in a run are read back from those rows.
 //!
 //! Invariants, enforced here and by the schema:
 //! - events are only ever inserted (triggers abort any UPDATE or DELETE);
-//! - positions of a session run from 0 without gaps (the caller assigns them; `events_pos`
-//!   refuses a second row at one position: such an event is skipped and logged, never written
-//!   twice, and the rest of its batch commits);
+//! - positions of a session run from 0 without gaps (the caller assigns them); an event at a
+//!   position at or below the session's last stored one is skipped and logged, never written
+//!   twice, and the rest of its batch commits;
 //! - a worker event is stored at most once per (task, epoch, seq): the task state machine
 //!   accepts one only at the next seq of the current epoch (anything lower is a duplicate,
 //!   acknowledged again without a write), and rebuilds that from this log at start-up;
@@ -18,7 +27,21 @@
 
 use super::StoreError;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// A session's entries wait in memory until there are this many, then go into one run.
+pub const RUN: usize = 128;
+
+/// Most entries in one run (8 bytes each), so a row stays within a page.
+const RUN_MAX: usize = 256;
+
+/// Entries wait no longer than this many events: a read scans at most these rows (plus the
+/// last commit's) beyond the runs.
+pub const LAG_ROWS: i64 = 16_384;
+
+/// The meta key under which every event with a lower or equal id is in a run.
+const THROUGH_KEY: &str = "event_runs_through";
 
 /// A task to record at submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,27 +83,211 @@ pub(super) fn put_task(tx: &Transaction<'_>, t: &NewTask) -> rusqlite::Result<()
     Ok(())
 }
 
-pub(super) fn append_events(tx: &Transaction<'_>, events: &[NewEvent]) -> rusqlite::Result<()> {
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO events (task_id, pos, epoch, seq, ts_ms, kind, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
-    )?;
+/// The writer's view of `event_runs`: per session, the entries not yet in a run.
+#[derive(Debug, Default)]
+pub(super) struct Positions {
+    /// Per session, its events not yet in a run, oldest first: (pos, id).
+    pending: HashMap<String, Vec<(u64, i64)>>,
+    /// Every event with an id up to this is in a run (as stored in meta).
+    through: i64,
+    /// The highest event id written.
+    last_id: i64,
+    /// Events appended since the last [`Positions::write_due`].
+    appended: usize,
+}
+
+impl Positions {
+    /// Reads back where the runs stand, and the entries they lack, from the database.
+    pub(super) fn load(conn: &Connection) -> rusqlite::Result<Positions> {
+        let through = read_through(conn)?;
+        let mut positions = Positions {
+            through,
+            last_id: through,
+            ..Positions::default()
+        };
+        let mut stmt =
+            conn.prepare("SELECT task_id, pos, id FROM events WHERE id > ?1 ORDER BY id")?;
+        let mut rows = stmt.query([through])?;
+        while let Some(r) = rows.next()? {
+            positions.record(
+                &r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get(2)?,
+            );
+        }
+        // Some may be in a run already (a session's run went in while an older entry of
+        // another held the mark back).
+        for (task, v) in &mut positions.pending {
+            let covered = runs_end(conn, task)?;
+            v.retain(|&(pos, _)| pos >= covered);
+        }
+        positions.pending.retain(|_, v| !v.is_empty());
+        Ok(positions)
+    }
+
+    /// [`Positions::load`], then writes the runs already due (after an upgrade, every
+    /// session's but the short recent ones), so reads do not scan a long tail.
+    pub(super) fn load_and_write(conn: &mut Connection) -> rusqlite::Result<Positions> {
+        let mut positions = Positions::load(conn)?;
+        let tx = conn.transaction()?;
+        positions.write_due(&tx)?;
+        tx.commit()?;
+        Ok(positions)
+    }
+
+    fn record(&mut self, task_id: &str, pos: u64, id: i64) {
+        match self.pending.get_mut(task_id) {
+            Some(v) => v.push((pos, id)),
+            None => {
+                self.pending.insert(task_id.to_owned(), vec![(pos, id)]);
+            }
+        }
+        self.last_id = self.last_id.max(id);
+        self.appended += 1;
+    }
+
+    /// The position a session's next event must have at least.
+    fn next_pos(&self, tx: &Transaction<'_>, task_id: &str) -> rusqlite::Result<u64> {
+        match self.pending.get(task_id).and_then(|v| v.last()) {
+            Some(&(pos, _)) => Ok(pos + 1),
+            // Nothing waiting: every event of the session is in a run.
+            None => runs_end(tx, task_id),
+        }
+    }
+
+    /// Before the commit: writes the runs that are due and moves `event_runs_through` on.
+    /// Sessions streaming side by side fill their runs at the same pace; written all in the
+    /// commit where they fill, they would make that commit many times longer than the others
+    /// (its acks waiting), so each commit writes about as many entries as it appended, plus
+    /// one run: entries held back for age first (they hold the mark back), then the fullest.
+    pub(super) fn write_due(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let old = self.last_id - LAG_ROWS;
+        let mut due: Vec<(bool, usize, &String)> = self
+            .pending
+            .iter()
+            .filter_map(|(task, v)| {
+                let aged = v.first().is_some_and(|&(_, id)| id <= old);
+                (aged || v.len() >= RUN).then_some((aged, v.len(), task))
+            })
+            .collect();
+        if !due.is_empty() {
+            due.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+            let mut budget = self.appended + RUN;
+            let mut chosen = Vec::new();
+            for (_, n, task) in due {
+                if budget == 0 {
+                    break;
+                }
+                budget = budget.saturating_sub(n);
+                chosen.push(task.clone());
+            }
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO event_runs (task_id, first_pos, ids) VALUES (?1, ?2, ?3)",
+            )?;
+            for task in chosen {
+                let entries = self.pending.remove(&task).unwrap_or_default();
+                // A run holds consecutive positions (a gap, which the caller never leaves,
+                // starts another), at most RUN_MAX.
+                let mut rest = &entries[..];
+                while let Some(&(first, _)) = rest.first() {
+                    let n = rest
+                        .iter()
+                        .take(RUN_MAX)
+                        .enumerate()
+                        .take_while(|&(i, &(pos, _))| pos == first + i as u64)
+                        .count();
+                    let ids: Vec<u8> = rest[..n]
+                        .iter()
+                        .flat_map(|&(_, id)| id.to_le_bytes())
+                        .collect();
+                    insert.execute(params![task, first as i64, ids])?;
+                    rest = &rest[n..];
+                }
+            }
+        }
+        self.appended = 0;
+        let through = self
+            .pending
+            .values()
+            .filter_map(|v| v.first())
+            .map(|&(_, id)| id - 1)
+            .min()
+            .unwrap_or(self.last_id);
+        if through != self.through {
+            tx.prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?
+                .execute(params![THROUGH_KEY, through.to_string()])?;
+            self.through = through;
+        }
+        Ok(())
+    }
+}
+
+/// The position after a session's last run (0 without one).
+fn runs_end(conn: &Connection, task_id: &str) -> rusqlite::Result<u64> {
+    let end: Option<i64> = conn
+        .prepare_cached(
+            "SELECT first_pos + length(ids) / 8 FROM event_runs WHERE task_id = ?1
+             ORDER BY first_pos DESC LIMIT 1",
+        )?
+        .query_row([task_id], |r| r.get(0))
+        .optional()?;
+    Ok(end.map_or(0, |e| e as u64))
+}
+
+fn read_through(conn: &Connection) -> rusqlite::Result<i64> {
+    let v: String = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([THROUGH_KEY], |r| r.get(0))?;
+    v.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+const INSERT_EVENT: &str = "INSERT INTO events (task_id, pos, epoch, seq, ts_ms, kind, payload)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
+/// Inserts one event row as it is; returns its id.
+fn insert_with(insert: &mut rusqlite::CachedStatement<'_>, e: &NewEvent) -> rusqlite::Result<i64> {
+    insert.insert(params![
+        e.task_id,
+        e.pos as i64,
+        e.epoch as i64,
+        e.seq.map(|s| s as i64),
+        e.ts_ms as i64,
+        e.kind,
+        e.payload
+    ])
+}
+
+/// Inserts one event row as it is (for tests of older schemas).
+#[cfg(test)]
+pub(super) fn insert_event(tx: &Transaction<'_>, e: &NewEvent) -> rusqlite::Result<i64> {
+    insert_with(&mut tx.prepare_cached(INSERT_EVENT)?, e)
+}
+
+pub(super) fn append_events(
+    tx: &Transaction<'_>,
+    positions: &mut Positions,
+    events: &[NewEvent],
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(INSERT_EVENT)?;
+    let mut next: Option<(&str, u64)> = None;
     for e in events {
-        let changed = insert.execute(params![
-            e.task_id,
-            e.pos as i64,
-            e.epoch as i64,
-            e.seq.map(|s| s as i64),
-            e.ts_ms as i64,
-            e.kind,
-            e.payload
-        ])?;
-        if changed == 0 {
+        let at_least = match next {
+            Some((task, n)) if task == e.task_id => n,
+            _ => positions.next_pos(tx, &e.task_id)?,
+        };
+        if e.pos < at_least {
             tracing::error!(
                 task = %e.task_id, pos = e.pos, epoch = e.epoch, seq = ?e.seq,
                 "duplicate session event skipped (its position is already stored)"
             );
+            next = Some((&e.task_id, at_least));
+            continue;
         }
+        let id = insert_with(&mut insert, e)?;
+        positions.record(&e.task_id, e.pos, id);
+        next = Some((&e.task_id, e.pos + 1));
     }
     Ok(())
 }
@@ -178,40 +385,83 @@ impl Reader {
         to: Option<u64>,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let sq = |source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        };
-        let to = to.map(|t| t as i64).unwrap_or(i64::MAX);
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ?1 AND pos >= ?2 AND pos < ?3 ORDER BY pos LIMIT ?4"
-            ))
-            .map_err(sq)?;
-        let rows = stmt
-            .query_map(params![task_id, from as i64, to, limit], row_event)
-            .map_err(sq)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(sq)
+        let to = to.unwrap_or(i64::MAX as u64).min(i64::MAX as u64);
+        let limit = limit as usize;
+        self.read(|conn, through| {
+            // Up to `through` by the runs, then the rows after it: disjoint, and in a session
+            // every event of the first part precedes every one of the second.
+            let mut ids = Vec::new();
+            let mut runs = conn.prepare_cached(
+                "SELECT first_pos, ids FROM event_runs WHERE task_id = ?1 AND first_pos < ?3
+                 AND first_pos >= (SELECT COALESCE(MAX(first_pos), 0) FROM event_runs
+                                   WHERE task_id = ?1 AND first_pos <= ?2)
+                 ORDER BY first_pos",
+            )?;
+            let mut rows = runs.query(params![task_id, from as i64, to as i64])?;
+            'runs: while let Some(r) = rows.next()? {
+                let first = r.get::<_, i64>(0)? as u64;
+                let packed = r.get_ref(1)?.as_blob()?;
+                for (i, id) in packed.chunks_exact(8).enumerate() {
+                    let pos = first + i as u64;
+                    let id = i64::from_le_bytes(id.try_into().expect("chunks of 8"));
+                    if pos >= to || id > through || ids.len() == limit {
+                        break 'runs;
+                    }
+                    if pos >= from {
+                        ids.push(id);
+                    }
+                }
+            }
+            let mut by_id =
+                conn.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?1"))?;
+            let mut events = Vec::with_capacity(ids.len());
+            for id in ids {
+                events.push(by_id.query_row([id], row_event)?);
+            }
+            let left = limit - events.len();
+            if left > 0 {
+                let tail = conn
+                    .prepare_cached(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM events
+                         WHERE id > ?4 AND task_id = ?1 AND pos >= ?2 AND pos < ?3
+                         ORDER BY id LIMIT ?5"
+                    ))?
+                    .query_map(
+                        params![task_id, from as i64, to as i64, through, left as i64],
+                        row_event,
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                events.extend(tail);
+            }
+            Ok(events)
+        })
     }
 
     /// How many events a session has (its next position).
     pub fn len(&self, task_id: &str) -> Result<u64, StoreError> {
-        let sq = |source| StoreError::Sqlite {
+        self.read(|conn, through| {
+            let tail: Option<i64> = conn
+                .prepare_cached("SELECT MAX(pos) FROM events WHERE id > ?2 AND task_id = ?1")?
+                .query_row(params![task_id, through], |r| r.get(0))?;
+            Ok(runs_end(conn, task_id)?.max(tail.map_or(0, |m| m as u64 + 1)))
+        })
+    }
+
+    /// Runs `f` in one read transaction, with `event_pos_through` as of it.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection, i64) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let run = || {
+            let tx = self.conn.unchecked_transaction()?;
+            let out = f(&tx, read_through(&tx)?)?;
+            tx.finish()?;
+            Ok(out)
+        };
+        run().map_err(|source| StoreError::Sqlite {
             path: self.path.clone(),
             source,
-        };
-        let n: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT MAX(pos) + 1 FROM events WHERE task_id = ?1",
-                [task_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sq)?
-            .flatten();
-        Ok(n.unwrap_or(0) as u64)
+        })
     }
 }
 
@@ -337,6 +587,154 @@ pub(crate) mod tests {
         for (s, t) in loaded.tasks.iter().enumerate() {
             assert_eq!(t.events, want[s]);
         }
+    }
+
+    /// (task, pos) → id of every entry in a run; no position twice.
+    fn run_entries(conn: &Connection) -> HashMap<(String, u64), i64> {
+        let mut entries = HashMap::new();
+        let mut stmt = conn
+            .prepare("SELECT task_id, first_pos, ids FROM event_runs")
+            .unwrap();
+        let mut rows = stmt.query([]).unwrap();
+        while let Some(r) = rows.next().unwrap() {
+            let (task, first): (String, i64) = (r.get(0).unwrap(), r.get(1).unwrap());
+            let ids: Vec<u8> = r.get(2).unwrap();
+            for (i, id) in ids.chunks_exact(8).enumerate() {
+                let id = i64::from_le_bytes(id.try_into().unwrap());
+                let old = entries.insert((task.clone(), first as u64 + i as u64), id);
+                assert_eq!(old, None, "{task} {first}+{i} in two runs");
+            }
+        }
+        entries
+    }
+
+    /// Every event with an id up to `event_runs_through` is in a run, at its position; no
+    /// run names an event that is not there.
+    fn assert_through_holds(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        let through = read_through(&conn).unwrap();
+        let mut entries = run_entries(&conn);
+        let mut stmt = conn.prepare("SELECT task_id, pos, id FROM events").unwrap();
+        let mut rows = stmt.query([]).unwrap();
+        while let Some(r) = rows.next().unwrap() {
+            let (task, pos, id): (String, i64, i64) =
+                (r.get(0).unwrap(), r.get(1).unwrap(), r.get(2).unwrap());
+            match entries.remove(&(task.clone(), pos as u64)) {
+                Some(run_id) => assert_eq!(run_id, id, "{task} {pos}"),
+                None => assert!(
+                    id > through,
+                    "{task} {pos} (id {id} <= {through}) in no run"
+                ),
+            }
+        }
+        assert!(entries.is_empty(), "runs name missing events: {entries:?}");
+    }
+
+    fn run_count(conn: &Connection, task: &str) -> usize {
+        run_entries(conn).keys().filter(|(t, _)| t == task).count()
+    }
+
+    /// Sessions whose entries are partly in runs and partly still waiting (a run not
+    /// yet full, a run written while an older entry of another session holds the mark back,
+    /// an entry written for its age) read back whole and by any slice, before and after a
+    /// restart; duplicates are skipped on either side of the mark.
+    #[tokio::test]
+    async fn positions_read_back_on_both_sides_of_the_written_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join(super::super::DB_FILE);
+        let ids = ["quiet", "busy", "mid"];
+        let mut want: Vec<Vec<NewEvent>> = vec![Vec::new(); 3];
+        let (store, thread, _) = Store::open(dir.path()).unwrap();
+        for (n, id) in ids.iter().enumerate() {
+            store
+                .put_task(task(id, n as u64 + 1))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // The next `k` events of session `s`, remembered in `want`.
+        let append = |store: &Store, s: usize, k: usize, want: &mut Vec<Vec<NewEvent>>| {
+            let batch: Vec<NewEvent> = (0..k)
+                .map(|_| {
+                    let pos = want[s].len() as u64;
+                    want[s].push(ev(ids[s], pos, 1, Some(pos)));
+                    ev(ids[s], pos, 1, Some(pos))
+                })
+                .collect();
+            store.append_events(batch)
+        };
+        // "quiet" gets 3 events first, then "busy" RUN * 2 + 5 and "mid" RUN - 1, interleaved.
+        append(&store, 0, 3, &mut want).await.unwrap().unwrap();
+        for _ in 0..(RUN * 2 + 5) / 5 {
+            let a = append(&store, 1, 5, &mut want);
+            let b = append(&store, 2, 1, &mut want);
+            a.await.unwrap().unwrap();
+            b.await.unwrap().unwrap();
+        }
+        let check = |reader: &super::super::PooledReader, want: &Vec<Vec<NewEvent>>| {
+            for (s, id) in ids.iter().enumerate() {
+                let w = &want[s];
+                let len = w.len() as u64;
+                assert_eq!(reader.len(id).unwrap(), len, "{id}");
+                assert_eq!(&reader.slice(id, 0, None, 100_000).unwrap(), w, "{id}");
+                for (from, to) in [(0, 1), (1, 3), (100, 140), (120, 260), (255, 300)] {
+                    let (f, t) = (from.min(len), (to as u64).min(len));
+                    assert_eq!(
+                        reader.slice(id, f, Some(t), 1000).unwrap(),
+                        w[f as usize..t as usize].to_vec(),
+                        "{id} {f}..{t}"
+                    );
+                }
+                // A limit that ends inside either part.
+                for limit in [1u32, 50, 127, 129, 200] {
+                    let got = reader.slice(id, 2.min(len), None, limit).unwrap();
+                    let end = (2 + limit as usize).min(w.len()).max(2.min(w.len()));
+                    assert_eq!(got, w[2.min(w.len())..end].to_vec(), "{id} limit {limit}");
+                }
+            }
+        };
+        check(&store.reader().unwrap(), &want);
+        // "busy" has had runs written, but "quiet"'s first entry holds the mark back.
+        let conn = Connection::open(&db).unwrap();
+        let written = run_count(&conn, "busy");
+        assert!(written >= RUN, "busy's runs: {written}");
+        assert!(
+            read_through(&conn).unwrap() < 3,
+            "held back by quiet's entries"
+        );
+        assert_through_holds(&db);
+        // Duplicates: one in "busy"'s written part, one among "mid"'s waiting entries.
+        let mut dup = want[1][10].clone();
+        dup.payload = "\"other\"".into();
+        let mut dup2 = want[2][want[2].len() - 1].clone();
+        dup2.payload = "\"other\"".into();
+        store.append_events(vec![dup, dup2]).await.unwrap().unwrap();
+        check(&store.reader().unwrap(), &want);
+        drop(store);
+        thread.join();
+
+        // After a restart the waiting entries are read back: reads, appends and the
+        // duplicate check carry on.
+        let (store, thread, loaded) = Store::open(dir.path()).unwrap();
+        for (s, t) in loaded.tasks.iter().enumerate() {
+            assert_eq!(t.events, want[s]);
+        }
+        check(&store.reader().unwrap(), &want);
+        let mut dup = want[2][0].clone();
+        dup.payload = "\"other\"".into();
+        store.append_events(vec![dup]).await.unwrap().unwrap();
+        append(&store, 2, 2, &mut want).await.unwrap().unwrap();
+        check(&store.reader().unwrap(), &want);
+        // Enough events from "busy" for "quiet"'s entries to be written for their age.
+        for _ in 0..(LAG_ROWS as usize / 500 + 1) {
+            append(&store, 1, 500, &mut want).await.unwrap().unwrap();
+        }
+        check(&store.reader().unwrap(), &want);
+        assert_eq!(run_count(&conn, "quiet"), 3, "written for their age");
+        assert!(read_through(&conn).unwrap() > 3);
+        assert_through_holds(&db);
+        drop(store);
+        thread.join();
     }
 
     #[tokio::test]
