@@ -259,6 +259,8 @@ pub struct Store {
     readers: Arc<Mutex<Vec<session::Reader>>>,
     /// Set (with why) once a commit has failed; see [`Store::failed`].
     failed: tokio::sync::watch::Receiver<Option<String>>,
+    /// Where each session's events not yet in a run start, for readers.
+    waiting: session::SharedWaiting,
 }
 
 /// Read-only connections kept for reuse (more are opened when more reads run at once).
@@ -336,14 +338,19 @@ impl Store {
             trust: trust::load(&conn, &path, crate::clock::wall_ms())?,
             secrets: secrets::load(&conn, &path)?,
         };
-        let positions = session::Positions::load_and_write(&mut conn).map_err(sq)?;
+        let mut positions = session::Positions::load_and_write(&mut conn).map_err(sq)?;
+        let waiting = session::SharedWaiting::default();
+        positions.publish(&waiting);
         let wal = checkpoint::Wal::start(&conn, &path, checkpoint::Limits::default())?;
         let (tx, rx) = mpsc::channel();
         let (failure, failed) = tokio::sync::watch::channel(None);
         let thread_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("drover-store".into())
-            .spawn(move || writer(conn, positions, wal, rx, thread_path, failure))
+            .spawn({
+                let waiting = waiting.clone();
+                move || writer(conn, positions, waiting, wal, rx, thread_path, failure)
+            })
             .map_err(|source| StoreError::Thread {
                 name: "drover-store",
                 source,
@@ -354,6 +361,7 @@ impl Store {
             blobs: blob_store,
             readers: Arc::default(),
             failed,
+            waiting,
         };
         Ok((store, StoreThread(thread), loaded))
     }
@@ -453,7 +461,7 @@ impl Store {
         let kept = self.readers.lock().ok().and_then(|mut pool| pool.pop());
         let reader = match kept {
             Some(r) => r,
-            None => session::Reader::open(&self.path)?,
+            None => session::Reader::open(&self.path, self.waiting.clone())?,
         };
         Ok(PooledReader {
             reader: Some(reader),
@@ -514,6 +522,7 @@ fn migrate_to(conn: &mut Connection, path: &Path, target: usize) -> Result<(), S
 fn writer(
     mut conn: Connection,
     mut positions: session::Positions,
+    waiting: session::SharedWaiting,
     mut wal: checkpoint::Wal,
     rx: mpsc::Receiver<Vec<Command>>,
     path: PathBuf,
@@ -536,6 +545,9 @@ fn writer(
                 why
             }),
         };
+        if result.is_ok() {
+            positions.publish(&waiting);
+        }
         for cmd in batch {
             let _ = cmd.into_reply().send(result.clone());
         }

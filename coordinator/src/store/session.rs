@@ -9,11 +9,14 @@
 //! ack latency. Instead the writer keeps each session's newest (position → id) entries in
 //! memory ([`Positions`]) and writes them as one row of `event_runs` — `(task_id,
 //! first_pos) → ids`, the ids packed — once it has [`RUN`] of them or they are [`LAG_ROWS`]
-//! events old; a commit writes about as many entries as it appended. The meta row
-//! `event_runs_through` says how far that has gone: every event with `id` ≤ it is in a run.
-//! A read finds those through the runs and the rest — at most [`LAG_ROWS`] events plus the
-//! last commit's — by a scan of the rows after it, in one read transaction. At start-up the
-//! entries not yet in a run are read back from those rows.
+//! events old; a commit writes about as many entries as it appended. After each commit the
+//! writer publishes, per session with entries waiting, the id of its first one ([`Waiting`]).
+//! A read of a session takes its events below that id through the runs and the rest by a scan
+//! of the rows from it — at most [`LAG_ROWS`] events plus a commit's; for a session with
+//! nothing waiting, only the rows committed since the read looked. The meta row
+//! `event_runs_through` says how far the runs go for every session (every event with `id` ≤
+//! it is in a run); at start-up the entries not yet in a run are read back from the rows after
+//! it.
 //!
 //! Invariants, enforced here and by the schema:
 //! - events are only ever inserted (triggers abort any UPDATE or DELETE);
@@ -36,14 +39,32 @@ pub const RUN: usize = 128;
 /// Most entries in one run (8 bytes each), so a row stays within a page.
 const RUN_MAX: usize = 256;
 
-/// Entries wait no longer than this many events: a read scans at most these rows (plus the
-/// last commit's) beyond the runs. Every read of a session pays that scan (each `task show`,
-/// each poll of `events --follow`), so it is kept short: at 16,384 the scan cost more
-/// coordinator CPU per task than the whole rest of a no-op task's path.
+/// Entries wait no longer than this many events: a read of a session with entries waiting
+/// scans at most these rows (plus a commit's) beyond the runs.
 pub const LAG_ROWS: i64 = 1_024;
 
 /// The meta key under which every event with a lower or equal id is in a run.
 const THROUGH_KEY: &str = "event_runs_through";
+
+/// What readers need from the writer to split a read between the runs and the rows: as of the
+/// last commit, each session's first entry not yet in a run, and the highest event id.
+/// Published after the commit, never before, so a reader that looks here and then opens its
+/// snapshot finds in that snapshot's runs every event of the session below the bound.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    first: HashMap<String, i64>,
+    last_id: i64,
+}
+
+impl Waiting {
+    /// Every event of `task_id` with a lower id is in a run (and committed).
+    fn bound(&self, task_id: &str) -> i64 {
+        self.first.get(task_id).copied().unwrap_or(self.last_id + 1)
+    }
+}
+
+/// [`Waiting`], shared by the writer and the readers.
+pub type SharedWaiting = std::sync::Arc<std::sync::Mutex<Waiting>>;
 
 /// A task to record at submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +117,8 @@ pub(super) struct Positions {
     last_id: i64,
     /// Events appended since the last [`Positions::write_due`].
     appended: usize,
+    /// Sessions whose first waiting entry changed since the last [`Positions::publish`].
+    touched: Vec<String>,
 }
 
 impl Positions {
@@ -137,11 +160,24 @@ impl Positions {
         Ok(positions)
     }
 
+    /// After a commit: tells readers where each changed session's waiting entries start.
+    pub(super) fn publish(&mut self, waiting: &SharedWaiting) {
+        let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+        for task in self.touched.drain(..) {
+            match self.pending.get(&task).and_then(|v| v.first()) {
+                Some(&(_, id)) => w.first.insert(task, id),
+                None => w.first.remove(&task),
+            };
+        }
+        w.last_id = self.last_id;
+    }
+
     fn record(&mut self, task_id: &str, pos: u64, id: i64) {
         match self.pending.get_mut(task_id) {
             Some(v) => v.push((pos, id)),
             None => {
                 self.pending.insert(task_id.to_owned(), vec![(pos, id)]);
+                self.touched.push(task_id.to_owned());
             }
         }
         self.last_id = self.last_id.max(id);
@@ -188,6 +224,7 @@ impl Positions {
             )?;
             for task in chosen {
                 let entries = self.pending.remove(&task).unwrap_or_default();
+                self.touched.push(task.clone());
                 // A run holds consecutive positions (a gap, which the caller never leaves,
                 // starts another), at most RUN_MAX.
                 let mut rest = &entries[..];
@@ -360,10 +397,11 @@ pub(super) fn load_tasks(conn: &Connection, path: &Path) -> Result<Vec<StoredTas
 pub struct Reader {
     conn: Connection,
     path: PathBuf,
+    waiting: SharedWaiting,
 }
 
 impl Reader {
-    pub(super) fn open(path: &Path) -> Result<Self, StoreError> {
+    pub(super) fn open(path: &Path, waiting: SharedWaiting) -> Result<Self, StoreError> {
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -375,6 +413,7 @@ impl Reader {
         Ok(Self {
             conn,
             path: path.into(),
+            waiting,
         })
     }
 
@@ -389,9 +428,9 @@ impl Reader {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let to = to.unwrap_or(i64::MAX as u64).min(i64::MAX as u64);
         let limit = limit as usize;
-        self.read(|conn, through| {
-            // Up to `through` by the runs, then the rows after it: disjoint, and in a session
-            // every event of the first part precedes every one of the second.
+        self.read(task_id, |conn, bound| {
+            // Below `bound` by the runs, then the rows from it: disjoint, and in a session every
+            // event of the first part precedes every one of the second.
             let mut ids = Vec::new();
             let mut runs = conn.prepare_cached(
                 "SELECT first_pos, ids FROM event_runs WHERE task_id = ?1 AND first_pos < ?3
@@ -406,7 +445,7 @@ impl Reader {
                 for (i, id) in packed.chunks_exact(8).enumerate() {
                     let pos = first + i as u64;
                     let id = i64::from_le_bytes(id.try_into().expect("chunks of 8"));
-                    if pos >= to || id > through || ids.len() == limit {
+                    if pos >= to || id >= bound || ids.len() == limit {
                         break 'runs;
                     }
                     if pos >= from {
@@ -425,11 +464,11 @@ impl Reader {
                 let tail = conn
                     .prepare_cached(&format!(
                         "SELECT {EVENT_COLUMNS} FROM events
-                         WHERE id > ?4 AND task_id = ?1 AND pos >= ?2 AND pos < ?3
+                         WHERE id >= ?4 AND task_id = ?1 AND pos >= ?2 AND pos < ?3
                          ORDER BY id LIMIT ?5"
                     ))?
                     .query_map(
-                        params![task_id, from as i64, to as i64, through, left as i64],
+                        params![task_id, from as i64, to as i64, bound, left as i64],
                         row_event,
                     )?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -441,22 +480,51 @@ impl Reader {
 
     /// How many events a session has (its next position).
     pub fn len(&self, task_id: &str) -> Result<u64, StoreError> {
-        self.read(|conn, through| {
+        self.read(task_id, |conn, bound| {
             let tail: Option<i64> = conn
-                .prepare_cached("SELECT MAX(pos) FROM events WHERE id > ?2 AND task_id = ?1")?
-                .query_row(params![task_id, through], |r| r.get(0))?;
-            Ok(runs_end(conn, task_id)?.max(tail.map_or(0, |m| m as u64 + 1)))
+                .prepare_cached("SELECT MAX(pos) FROM events WHERE id >= ?2 AND task_id = ?1")?
+                .query_row(params![task_id, bound], |r| r.get(0))?;
+            if let Some(max) = tail {
+                return Ok(max as u64 + 1);
+            }
+            // The last entry of the runs below the bound: in the last run, or (when that one
+            // was written after the bound was taken) an earlier one.
+            let mut runs = conn.prepare_cached(
+                "SELECT first_pos, ids FROM event_runs WHERE task_id = ?1 ORDER BY first_pos DESC",
+            )?;
+            let mut rows = runs.query([task_id])?;
+            while let Some(r) = rows.next()? {
+                let first = r.get::<_, i64>(0)? as u64;
+                let below = r
+                    .get_ref(1)?
+                    .as_blob()?
+                    .chunks_exact(8)
+                    .map(|id| i64::from_le_bytes(id.try_into().expect("chunks of 8")))
+                    .take_while(|&id| id < bound)
+                    .count();
+                if below > 0 {
+                    return Ok(first + below as u64);
+                }
+            }
+            Ok(0)
         })
     }
 
-    /// Runs `f` in one read transaction, with `event_pos_through` as of it.
+    /// Runs `f` in one read transaction, with the session's bound ([`Waiting::bound`]), taken
+    /// before the transaction's snapshot.
     fn read<T>(
         &self,
+        task_id: &str,
         f: impl FnOnce(&Connection, i64) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
+        let bound = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bound(task_id);
         let run = || {
             let tx = self.conn.unchecked_transaction()?;
-            let out = f(&tx, read_through(&tx)?)?;
+            let out = f(&tx, bound)?;
             tx.finish()?;
             Ok(out)
         };
