@@ -20,6 +20,13 @@ fn main() {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         builder.worker_threads((cpus / 2).max(1));
     }
+    // No LIFO slot: with it, a task woken by the one running runs next, so each attempt
+    // stream that wrote its ack woke the QUIC connection's driver, which sent that ack in a
+    // packet of its own before the next stream wrote; without it the acks of one commit share
+    // packets. Ingestion at 64 streams x window 4 went from 94-110k to 111-142k events/s
+    // (docs/benchmarks.md). An unstable tokio option: see .cargo/config.toml.
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
