@@ -470,11 +470,17 @@ fn worker_stops_a_keep_running_attempt_disconnected_past_lost_after() {
     fleet.wait_for(FINISH, "the worker to stop the orphaned attempt", || {
         (!process_with(marker)).then_some(()).ok_or("still running")
     });
-    assert!(
-        fleet
-            .worker_log("w1")
-            .contains("disconnected for longer than lost_after"),
-        "the worker says why it stopped the attempt"
+    // The worker says why it stopped the attempt (logged before the kill; waited for all the
+    // same, as the log is another process's file).
+    fleet.wait_for(
+        DEADLINE,
+        "the worker to log why it stopped the attempt",
+        || {
+            let log = fleet.worker_log("w1");
+            log.contains("disconnected for longer than lost_after")
+                .then_some(())
+                .ok_or_else(|| drover_tests::tail(&log, 20))
+        },
     );
     // Back: the attempt is not reported, so it is retried, and finishes once.
     fleet.start_coordinator_and_wait();

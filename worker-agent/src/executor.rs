@@ -161,7 +161,9 @@ pub async fn run_attempt(
     let stream = async {
         let end = stream::stream_events(&key, outbox, rx, conns.clone(), policy, &registry).await;
         if !end.is_done() {
-            // Fenced, given up or disconnected under `kill`: the process tree goes too.
+            // Fenced, given up or disconnected under `kill`: the process tree goes too. Said
+            // before the kill, so the log gives the reason by the time the tree is gone.
+            tracing::warn!(task = %key.0, epoch = key.1, reason = %end, "attempt stopped");
             cancel.cancel();
         }
         end
@@ -180,8 +182,6 @@ pub async fn run_attempt(
     if end.is_done() {
         // Per attempt: debug, as `attempt assigned` (the session has both; see link.rs).
         tracing::debug!(task = %key.0, epoch = key.1, "attempt done, every event acknowledged");
-    } else {
-        tracing::warn!(task = %key.0, epoch = key.1, reason = %end, "attempt stopped");
     }
 }
 
