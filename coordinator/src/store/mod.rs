@@ -164,7 +164,9 @@ const MIGRATIONS: &[&str] = &[
     // wrote ~105 pages to the WAL, ~80 of them index leaves, and ingestion without the index
     // ran at 1.4x the rate with half the p99 ack latency. `event_runs` holds a session's
     // (position -> id) entries a run at a time (see session.rs); `event_runs_through` says
-    // how far. Nothing is in a run yet: the first start after the upgrade writes them.
+    // how far. Nothing is in a run yet: the first start after the upgrade writes the runs
+    // that are due (sessions with RUN or more entries, entries older than LAG_ROWS) and
+    // keeps the rest in memory until they are.
     "DROP INDEX events_pos;
     CREATE TABLE event_runs (
         task_id TEXT NOT NULL,

@@ -15,8 +15,8 @@
 //! of the rows from it — at most [`LAG_ROWS`] events plus a commit's; for a session with
 //! nothing waiting, only the rows committed since the read looked. The meta row
 //! `event_runs_through` says how far the runs go for every session (every event with `id` ≤
-//! it is in a run); at start-up the entries not yet in a run are read back from the rows after
-//! it.
+//! it is in a run; it trails by up to [`LAG_ROWS`] more, as it is moved on in steps of that);
+//! at start-up the entries not yet in a run are read back from the rows after it.
 //!
 //! Invariants, enforced here and by the schema:
 //! - events are only ever inserted (triggers abort any UPDATE or DELETE);
@@ -193,7 +193,8 @@ impl Positions {
         }
     }
 
-    /// Before the commit: writes the runs that are due and moves `event_runs_through` on.
+    /// Before the commit: writes the runs that are due and moves `event_runs_through` on
+    /// (in steps of [`LAG_ROWS`]).
     /// Sessions streaming side by side fill their runs at the same pace; written all in the
     /// commit where they fill, they would make that commit many times longer than the others
     /// (its acks waiting), so each commit writes about as many entries as it appended, plus
@@ -252,7 +253,10 @@ impl Positions {
             .map(|&(_, id)| id - 1)
             .min()
             .unwrap_or(self.last_id);
-        if through != self.through {
+        // Only start-up reads the mark (readers use what `publish` gives them), and a lower
+        // one is still right there: moved on a step at a time, it costs a commit its page
+        // only once per LAG_ROWS events, and start-up reads back at most that many more rows.
+        if through >= self.through + LAG_ROWS {
             tx.prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?
                 .execute(params![THROUGH_KEY, through.to_string()])?;
             self.through = through;
