@@ -7,7 +7,7 @@
 //! connection has it off (`wal_autocheckpoint=0`); instead:
 //!
 //! - **The checkpointer thread** owns a connection of its own and, every
-//!   [`CHECKPOINT_COMMITS`] commits (or once the writer has been quiet for [`QUIET`]), runs a
+//!   [`CHECKPOINT_FRAMES`] WAL frames written (or once the writer has been quiet for [`QUIET`]), runs a
 //!   PASSIVE checkpoint — it copies committed frames into the database file without blocking
 //!   the writer or readers — and then fsyncs the database file. While commits keep coming
 //!   such a checkpoint never reaches the end of the WAL, and SQLite starts the WAL over only
@@ -38,10 +38,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Commits between background checkpoints. Larger copies each page rewritten by several
-/// commits (a session's index leaf) once instead of several times; smaller spreads the copying
-/// out (16 and 64 measured no different).
-pub const CHECKPOINT_COMMITS: usize = 32;
+/// WAL frames the writer writes between background checkpoints (~512 KiB). Larger copies a
+/// page rewritten by several commits (the table's last leaf) once instead of several times;
+/// smaller spreads the copying, and the checkpointer's writes and fsync that the writer's own
+/// fsync queues behind, into small pieces. Counted in frames, not commits: every 32 commits,
+/// as before, was ~500 frames under ingestion (one burst in 32 set the p99 ack) but ~130 for
+/// the small commits of short tasks; every 8 commits fixed the first and cost the second
+/// ~0.1 ms of coordinator CPU per task (docs/benchmarks.md).
+pub const CHECKPOINT_FRAMES: u64 = 128;
 
 /// A writer quiet for this long gets its WAL checkpointed in full by the checkpointer (the next
 /// commit then starts the WAL over at no cost to the writer).
@@ -60,8 +64,8 @@ pub const WAL_LIMIT_BYTES: u64 = 64 << 20;
 /// When to checkpoint and how long the WAL may grow; the constants above, but for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// [`CHECKPOINT_COMMITS`].
-    pub checkpoint_commits: usize,
+    /// [`CHECKPOINT_FRAMES`].
+    pub checkpoint_frames: u64,
     /// [`WRAP_FRAMES`].
     pub wrap_frames: i64,
     /// [`WAL_LIMIT_BYTES`].
@@ -71,7 +75,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            checkpoint_commits: CHECKPOINT_COMMITS,
+            checkpoint_frames: CHECKPOINT_FRAMES,
             wrap_frames: WRAP_FRAMES,
             wal_bytes: WAL_LIMIT_BYTES,
         }
@@ -108,7 +112,8 @@ fn passive(conn: &Connection) -> rusqlite::Result<Pass> {
 /// The writer's side: tells the checkpointer about commits, and finishes checkpoints.
 #[derive(Debug)]
 pub(super) struct Wal {
-    commits: Option<mpsc::Sender<()>>,
+    /// Frames each commit wrote, to the checkpointer.
+    commits: Option<mpsc::Sender<u64>>,
     /// Set by the checkpointer: the WAL is past [`WRAP_FRAMES`].
     wrap: Arc<AtomicBool>,
     wal_path: PathBuf,
@@ -175,7 +180,8 @@ impl Wal {
     /// After a commit, once its callers have their answers.
     pub(super) fn committed(&mut self, writer: &Connection) {
         if let Some(tx) = &self.commits {
-            let _ = tx.send(());
+            // One that wrote nothing still counts towards the next pass.
+            let _ = tx.send(frames_written(writer).max(1));
         }
         let too_long = std::fs::metadata(&self.wal_path).is_ok_and(|m| m.len() > self.wal_bytes);
         if !(too_long || self.wrap.load(Ordering::Relaxed)) {
@@ -210,12 +216,36 @@ impl Drop for Wal {
     }
 }
 
+/// WAL frames (pages) the connection wrote since the last call.
+#[allow(unsafe_code)]
+fn frames_written(conn: &Connection) -> u64 {
+    let (mut written, mut highwater) = (0, 0);
+    // SAFETY: the handle is valid while `conn` is borrowed, this thread is the only one using
+    // the connection, and sqlite3_db_status writes only the two integers it is given.
+    // SQLITE_DBSTATUS_CACHE_WRITE counts pages written to the WAL in WAL mode; the last
+    // argument resets it.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_status(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBSTATUS_CACHE_WRITE,
+            &mut written,
+            &mut highwater,
+            1,
+        )
+    };
+    if rc == rusqlite::ffi::SQLITE_OK {
+        written.max(0) as u64
+    } else {
+        0
+    }
+}
+
 /// The checkpointer thread: until the writer is gone, a PASSIVE checkpoint every
-/// [`CHECKPOINT_COMMITS`] commits or once they pause.
+/// [`CHECKPOINT_FRAMES`] frames the writer wrote, or once its commits pause.
 fn checkpointer(
     conn: Connection,
     db: File,
-    commits: mpsc::Receiver<()>,
+    commits: mpsc::Receiver<u64>,
     wrap: Arc<AtomicBool>,
     path: PathBuf,
     limits: Limits,
@@ -228,13 +258,13 @@ fn checkpointer(
         Ok(pass)
     };
     loop {
-        if commits.recv().is_err() {
+        let Ok(first) = commits.recv() else {
             return;
-        }
-        let (mut n, mut writer_gone) = (1, false);
-        while n < limits.checkpoint_commits {
+        };
+        let (mut frames, mut writer_gone) = (first, false);
+        while frames < limits.checkpoint_frames {
             match commits.recv_timeout(QUIET) {
-                Ok(()) => n += 1,
+                Ok(n) => frames += n,
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
                     writer_gone = true;
@@ -313,12 +343,38 @@ mod tests {
     }
 
     #[test]
+    fn frames_written_counts_the_pages_a_commit_put_in_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, path) = db(dir.path());
+        frames_written(&conn);
+        let wal_frames = || {
+            let mut p = path.as_os_str().to_owned();
+            p.push("-wal");
+            std::fs::metadata(&p).map_or(0, |m| m.len()) / PAGE
+        };
+        let before = wal_frames();
+        let tx = conn.transaction().unwrap();
+        for s in 0..40 {
+            tx.execute(
+                "INSERT INTO t (s, v) VALUES (?1, ?2)",
+                params![s, "x".repeat(1000)],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        let wrote = frames_written(&conn);
+        assert_eq!(wrote, wal_frames() - before, "as the WAL file grew");
+        assert!(wrote >= 10, "40 KB of rows in {wrote} frames");
+        assert_eq!(frames_written(&conn), 0, "reset by the call before");
+    }
+
+    #[test]
     fn the_wal_starts_over_once_past_wrap_frames() {
         let dir = tempfile::tempdir().unwrap();
         let (mut conn, path) = db(dir.path());
         // No length bound to fall back on: only the wrap keeps the WAL short.
         let limits = Limits {
-            checkpoint_commits: 4,
+            checkpoint_frames: 40,
             wrap_frames: 100,
             wal_bytes: 1 << 40,
         };
@@ -339,7 +395,7 @@ mod tests {
         let (mut conn, path) = db(dir.path());
         // The background pass never comes while commits keep coming: only the writer's bound.
         let limits = Limits {
-            checkpoint_commits: usize::MAX,
+            checkpoint_frames: u64::MAX,
             wrap_frames: i64::MAX,
             wal_bytes: 200 * PAGE,
         };
