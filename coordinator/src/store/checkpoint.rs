@@ -6,12 +6,12 @@
 //! pages of ~15 commits to be copied into the database file and fsynced. The writer's
 //! connection has it off (`wal_autocheckpoint=0`); instead:
 //!
-//! - **The checkpointer thread** owns a connection of its own and, every
-//!   [`CHECKPOINT_FRAMES`] WAL frames written (or once the writer has been quiet for [`QUIET`]), runs a
-//!   PASSIVE checkpoint — it copies committed frames into the database file without blocking
-//!   the writer or readers — and then fsyncs the database file. While commits keep coming
-//!   such a checkpoint never reaches the end of the WAL, and SQLite starts the WAL over only
-//!   once one has.
+//! - **The checkpointer thread** owns a connection of its own and, each time the writer has
+//!   written [`CHECKPOINT_FRAMES`] more WAL frames (or once it has been quiet for [`QUIET`]),
+//!   runs a PASSIVE checkpoint — it copies committed frames into the database file without
+//!   blocking the writer or readers — and then fsyncs the database file. While commits keep
+//!   coming such a checkpoint never reaches the end of the WAL, and SQLite starts the WAL
+//!   over only once one has.
 //! - **The writer** therefore finishes the job when the WAL has grown past [`WRAP_FRAMES`]
 //!   (the checkpointer says so, right after a second pass that leaves little behind): after
 //!   answering a batch it runs a PASSIVE checkpoint itself, between its own commits, so it
