@@ -8,17 +8,19 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Every protocol version this build can speak. v1 (the fleet link without tasks) was never
 /// released; v3 added the OOM policy and `on_disconnect`/`lost_after_ms` to the task spec;
 /// v4 added acceptance criteria, iterations and verdicts to the spec, task info and
 /// assignments, and certificate renewal and revocation messages; v5 added the egress proxy
 /// network, egress hosts and secret grants to the spec, secret values to assignments and the
-/// secret requests. Each changed the encoding of messages every peer exchanges, so the newest is
-/// the floor: a fleet upgrades coordinator and workers together.
+/// secret requests; v6 added `Prepare` and `Confirm` (an attempt made ready while its epoch
+/// is written). v6 changed no earlier encoding, but a v5 worker cannot decode what a v6
+/// coordinator sends it for every attempt. So the newest is the floor: a fleet upgrades
+/// coordinator and workers together.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
-    min: 5,
+    min: 6,
     max: PROTOCOL_VERSION,
 };
 

@@ -197,6 +197,15 @@ pub enum CoordinatorMessage {
     Renewed { cert_pem: String, not_after_ms: u64 },
     /// Renewal refused (no CA key on the coordinator, bad request); the worker retries later.
     RenewRefused { reason: String },
+    /// Get an attempt ready, but run nothing of it: its epoch is not durable yet (v6). The
+    /// worker may make the workspace, fetch inputs and so on, but starts no process and sends
+    /// no event until [`CoordinatorMessage::Confirm`] for it arrives on the same connection.
+    /// If the connection ends first, or no confirm comes within the worker's bound, the
+    /// attempt is dropped without a trace (the coordinator may not know its epoch after a
+    /// restart, and may give that epoch to another attempt).
+    Prepare(Box<Assignment>),
+    /// The epoch of a prepared attempt is durable now: run it (v6).
+    Confirm { task_id: String, epoch: u64 },
 }
 
 /// One attempt to run.

@@ -220,8 +220,8 @@ fn sample_summary() -> FleetSummary {
 #[test]
 fn supported_versions_match_goldens() {
     // The goldens below were taken at this version; a bump must come with new goldens.
-    assert_eq!(PROTOCOL_VERSION, 5);
-    assert_eq!(SUPPORTED_VERSIONS, VersionRange { min: 5, max: 5 });
+    assert_eq!(PROTOCOL_VERSION, 6);
+    assert_eq!(SUPPORTED_VERSIONS, VersionRange { min: 6, max: 6 });
 }
 
 #[test]
@@ -466,7 +466,7 @@ fn operator_response_workers() {
         "response_workers",
         &resp,
         "000001f90102096770752d626f782d310001103139322e302e322e31303a3430\
-         3132331364726f7665722d776f726b657220302e312e300580d095ffbc31a0dd\
+         3132331364726f7665722d776f726b657220302e312e300680d095ffbc31a0dd\
          9bffbc3194e19bffbc31c0eaa1ffbc31dc0b067838365f36341e44656269616e\
          20474e552f4c696e75782031322028626f6f6b776f726d290e362e312e302d31\
          382d616d643634096770752d626f782d311011414d442052797a656e20392035\
@@ -476,7 +476,7 @@ fn operator_response_workers() {
          72696e00020a414d4420526164656f6e0180808080200001020762726f777365\
          72036770750000003f0000a03f0000004000001642808080801880808080e003\
          0270690200103139322e302e322e31303a34303132331364726f7665722d776f\
-         726b657220302e312e300580d095ffbc31a0dd9bffbc3194e19bffbc31c0eaa1\
+         726b657220302e312e300680d095ffbc31a0dd9bffbc3194e19bffbc31c0eaa1\
          ffbc31dc0b07616172636836340c5562756e74752032322e303406352e31352e\
          30027069040a436f727465782d41373200000000000000000000000080808080\
          10808080800c0b2f7372762f64726f7665728080808080028080808080010001\
@@ -500,7 +500,7 @@ fn operator_response_worker() {
         "response_worker",
         &resp,
         "0000013b02096770752d626f782d310101103139322e302e322e31303a343031\
-         32331364726f7665722d776f726b657220302e312e300580d095ffbc31a0dd9b\
+         32331364726f7665722d776f726b657220302e312e300680d095ffbc31a0dd9b\
          ffbc3194e19bffbc31c0eaa1ffbc31dc0b067838365f36341e44656269616e20\
          474e552f4c696e75782031322028626f6f6b776f726d290e362e312e302d3138\
          2d616d643634096770752d626f782d311011414d442052797a656e2039203539\
@@ -698,6 +698,38 @@ fn coordinator_assign_verdict() {
          0e6170692e6769746875622e636f6d0d417574686f72697a6174696f6e010e78\
          2d6163636573732d746f6b656e00010102000000",
     );
+}
+
+#[test]
+fn coordinator_prepare_and_confirm() {
+    let msg = CoordinatorMessage::Prepare(Box::new(Assignment {
+        task_id: "t7".into(),
+        epoch: 4,
+        attempt: 1,
+        spec: sample_spec(),
+        checkpoint: None,
+        kind: drover_protocol::AttemptKind::Work,
+        iteration: 0,
+        feedback: None,
+        secrets: vec![],
+    }));
+    golden(
+        "coordinator_prepare",
+        &msg,
+        "000000ee0602743704010568656c6c6f03027368022d63076563686f20686901\
+         084752454554494e470664726f766572010464617461010a6f75742f2a2e6a73\
+         6f6e01076161726368363402808080800401010762726f777365720180808080\
+         08014001e0d403010103f40302960101808080802003010101c0a90701057465\
+         73747302046d616b650474657374e0d403040100020e6170692e676974687562\
+         2e636f6d122a2e6578616d706c652e636f6d3a38343433010667697468756201\
+         0e6170692e6769746875622e636f6d0d417574686f72697a6174696f6e010e78\
+         2d6163636573732d746f6b656e0000000000",
+    );
+    let msg = CoordinatorMessage::Confirm {
+        task_id: "t7".into(),
+        epoch: 4,
+    };
+    golden("coordinator_confirm", &msg, "000000050702743704");
 }
 
 #[test]
@@ -1123,7 +1155,7 @@ fn enrollment_and_certificate_lifecycle() {
     golden(
         "enroll_request",
         &req,
-        "00000014050509306131622e633264330343535203772031",
+        "00000014060609306131622e633264330343535203772031",
     );
     let issued = EnrollReply::Issued {
         name: "pi-7".into(),

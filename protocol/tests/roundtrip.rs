@@ -186,6 +186,8 @@ fn coordinator_message() -> impl Strategy<Value = CoordinatorMessage> {
             }
         }),
         any::<u64>().prop_map(|seq| CoordinatorMessage::HeartbeatAck { seq }),
+        (text(), any::<u64>())
+            .prop_map(|(task_id, epoch)| CoordinatorMessage::Confirm { task_id, epoch }),
     ]
 }
 

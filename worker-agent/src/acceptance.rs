@@ -87,6 +87,8 @@ impl Checks<'_> {
             checkpoint_file: None,
             extra_env: self.extra_env,
             egress: self.egress,
+            // Criteria run only after the attempt was confirmed (see `executor`).
+            confirmation: None,
         };
         let failed = |why: String| CriterionResult {
             name: c.name.clone(),

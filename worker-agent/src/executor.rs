@@ -27,7 +27,7 @@ use crate::gate::Gate;
 use crate::outbox::Outbox;
 use crate::redact::{Redactor, StreamRedactor};
 use crate::sandbox::{AttemptSpec, Sandbox};
-use crate::stream::{self, AttemptKey, ConnWatch, Policy, Registry, StreamEnd};
+use crate::stream::{self, AttemptKey, Confirmation, ConnWatch, Policy, Registry, StreamEnd};
 use crate::workdirs::Workdirs;
 use crate::workspace;
 use drover_protocol::acceptance::Feedback;
@@ -121,6 +121,7 @@ pub async fn run_attempt(
     registry: Registry,
     a: Assignment,
     cancel: CancellationToken,
+    confirmation: Confirmation,
 ) {
     let key: AttemptKey = (a.task_id.clone(), a.epoch);
     let policy = ctx.policy(&a);
@@ -157,9 +158,27 @@ pub async fn run_attempt(
             m.await;
         }
     };
-    let process = run_process(&ctx, &conns, &a, policy, tx, cancel.clone(), redactor);
+    let process = run_process(
+        &ctx,
+        &conns,
+        &a,
+        policy,
+        tx,
+        cancel.clone(),
+        redactor,
+        &confirmation,
+    );
     let stream = async {
-        let end = stream::stream_events(&key, outbox, rx, conns.clone(), policy, &registry).await;
+        let end = stream::stream_events(
+            &key,
+            outbox,
+            rx,
+            conns.clone(),
+            policy,
+            &registry,
+            &confirmation,
+        )
+        .await;
         if !end.is_done() {
             // Fenced, given up or disconnected under `kill`: the process tree goes too. Said
             // before the kill, so the log gives the reason by the time the tree is gone.
@@ -173,8 +192,9 @@ pub async fn run_attempt(
     ctx.workdirs
         .recycle(ctx.workdirs.path(&a.task_id, a.epoch))
         .await;
-    if matches!(end, StreamEnd::Spool(_)) {
-        // Its remaining events are lost with the spool: have the coordinator retry it.
+    if matches!(end, StreamEnd::Spool(_) | StreamEnd::Unconfirmed) {
+        // Its remaining events are lost with the spool (or it never ran): have the coordinator
+        // retry it.
         registry.abandon(&key);
     } else {
         registry.remove(&key);
@@ -212,6 +232,7 @@ async fn mask_events(mut rx: mpsc::Receiver<(String, String)>, tx: Emit, redacto
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_process(
     ctx: &ExecContext,
     conns: &ConnWatch,
@@ -220,6 +241,7 @@ async fn run_process(
     tx: Emit,
     cancel: CancellationToken,
     redactor: Arc<Redactor>,
+    confirmation: &Confirmation,
 ) {
     let workspace = ctx.workdirs.path(&a.task_id, a.epoch);
     // An assignment sent ahead of a full worker waits here until an earlier attempt's
@@ -301,6 +323,11 @@ async fn run_process(
     };
     let egress = egress.as_ref();
     if let AttemptKind::Verdict { outputs_epoch } = a.kind {
+        // A prepared attempt starts no process before its confirm (for the task's own run,
+        // the sandbox holds the spawn: see `run_main`).
+        if !confirmation.wait().await {
+            return;
+        }
         let limits = resolved_limits(a);
         let iteration = [("DROVER_VERDICT".to_owned(), "1".to_owned())];
         let checks = Checks {
@@ -368,6 +395,7 @@ async fn run_process(
             extra_env: &extra_env,
             egress,
             redactor: &redactor,
+            confirmation,
         };
         let outcome = match run_main(run, &tx, &cancel).await {
             Ok(o) => o,
@@ -451,6 +479,8 @@ struct Run<'a> {
     extra_env: &'a [(String, String)],
     egress: Option<&'a Egress>,
     redactor: &'a Arc<Redactor>,
+    /// Whether it may start (a prepared attempt: once confirmed).
+    confirmation: &'a Confirmation,
 }
 
 /// Spawn the task's command once and pump its output until the whole tree is gone; `Err`
@@ -469,6 +499,7 @@ async fn run_main(
         extra_env,
         egress,
         redactor,
+        confirmation,
     } = run;
     let spec = AttemptSpec {
         task_id: &a.task_id,
@@ -482,6 +513,7 @@ async fn run_main(
         checkpoint_file,
         extra_env,
         egress,
+        confirmation: Some(confirmation),
     };
     let mut attempt = sandbox
         .spawn(spec)
@@ -610,6 +642,136 @@ fn error_event(message: String, line: &[u8]) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_protocol::task::TaskSpec;
+    use std::time::Duration;
+
+    /// Bound on each wait below (polls, never a timing assertion).
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "not within {DEADLINE:?}: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A prepared attempt makes its workspace but starts no process until confirmed; dropped
+    /// unconfirmed (its connection ended), nothing of it ever runs.
+    #[tokio::test]
+    async fn a_prepared_attempt_runs_nothing_before_its_confirm() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("\n*** SKIPPED: needs root (cgroups) ***\n");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (workdirs, _) = Workdirs::open(dir.path()).expect("workdirs");
+        let gate = Gate::default();
+        gate.set_totals(drover_protocol::Capacity {
+            cpus: 64,
+            memory_bytes: 1 << 40,
+            gpus: 0,
+        });
+        let ctx = ExecContext {
+            sandbox: Sandbox::detect(None).map_err(|e| e.to_string()),
+            work_dir: dir.path().to_owned(),
+            workdirs,
+            spool_max_bytes: 1 << 20,
+            spool_memory_bytes: 1 << 16,
+            on_disconnect: OnDisconnect::KeepRunning,
+            lost_after_ms: 600_000,
+            egress_upstream: Err("not used".into()),
+            gate,
+        };
+        let registry = Registry::default();
+        let (_conn_tx, conns) = tokio::sync::watch::channel(None::<quinn::Connection>);
+        // The task leaves a file in its workspace (the one place a sandboxed task can write
+        // that the test sees).
+        let start = |task: &str, kind: AttemptKind, isolation: &str| {
+            let touch = json!(["touch", "ran"]);
+            let spec: TaskSpec = serde_json::from_value(json!({
+                "name": task,
+                "command": touch,
+                "env": { "PATH": "/usr/bin:/bin" },
+                "isolation": isolation,
+                "outputs": ["out/"],
+                "verdict": { "criteria": [{ "name": "v", "command": touch }] },
+            }))
+            .expect("spec");
+            let a = Assignment {
+                task_id: task.into(),
+                epoch: 1,
+                attempt: 1,
+                spec,
+                checkpoint: None,
+                kind,
+                iteration: 0,
+                feedback: None,
+                secrets: vec![],
+            };
+            let key = (task.to_owned(), 1);
+            let token = CancellationToken::new();
+            let policy = ctx.policy(&a);
+            let confirmation = registry.prepare(key, token.clone(), policy);
+            let run = run_attempt(
+                ctx.clone(),
+                conns.clone(),
+                registry.clone(),
+                a,
+                token.clone(),
+                confirmation,
+            );
+            let workspace = ctx.workdirs.path(task, 1);
+            (tokio::spawn(run), token, workspace.join("ran"), workspace)
+        };
+        // Long enough for a spawn to get as far as it goes (milliseconds); not a timing check.
+        let settle = || tokio::time::sleep(Duration::from_millis(300));
+
+        let verdict = AttemptKind::Verdict {
+            outputs_epoch: None,
+        };
+        for (isolation, kinds) in [
+            ("process", vec![AttemptKind::Work, verdict]),
+            ("sandbox", vec![AttemptKind::Work]),
+        ] {
+            // Dropped before its confirm: made ready (a sandbox built), never run, and gone
+            // from the report. The same for a verdict, whose criteria are its processes.
+            for kind in kinds {
+                let what = if kind == AttemptKind::Work {
+                    "work"
+                } else {
+                    "verdict"
+                };
+                let task = format!("dropped-{isolation}-{what}");
+                let (run, _token, marker, workspace) = start(&task, kind, isolation);
+                eventually("the workspace is made", || workspace.exists()).await;
+                settle().await;
+                assert!(!marker.exists(), "{task}: ran before its confirm");
+                assert_eq!(registry.drop_killable(), 1);
+                tokio::time::timeout(DEADLINE, run)
+                    .await
+                    .expect("it ends once dropped")
+                    .expect("join");
+                assert!(registry.is_empty());
+            }
+
+            // Confirmed: it runs.
+            let task = format!("confirmed-{isolation}");
+            let (run, token, marker, workspace) = start(&task, AttemptKind::Work, isolation);
+            eventually("the workspace is made", || workspace.exists()).await;
+            settle().await;
+            assert!(!marker.exists(), "{task}: ran before its confirm");
+            assert!(registry.confirm(&(task.clone(), 1)));
+            eventually("the confirmed attempt runs", || marker.exists()).await;
+            // Its events wait for a connection (keep_running) that never comes: stop it.
+            token.cancel();
+            run.abort();
+            registry.remove(&(task, 1));
+        }
+    }
 
     #[test]
     fn task_events_parse_or_become_errors() {

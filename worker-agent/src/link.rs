@@ -13,7 +13,7 @@ use crate::config::WorkerConfig;
 use crate::executor::{self, ExecContext};
 use crate::pki::{self, PkiError, TlsFiles};
 use crate::resources::Resources;
-use crate::stream::Registry;
+use crate::stream::{Confirmation, Registry};
 use crate::wire::{self, FramedRecv};
 use crate::workdirs::Workdirs;
 use drover_protocol::{
@@ -534,14 +534,14 @@ impl Link {
                 }
                 msg = recv.next::<CoordinatorMessage>() => match msg {
                     Ok(Some(CoordinatorMessage::HeartbeatAck { .. })) => last_ack = Instant::now(),
-                    Ok(Some(CoordinatorMessage::Assign(a))) => {
-                        let key = (a.task_id.clone(), a.epoch);
-                        let policy = self.exec.policy(&a);
-                        tracing::debug!(task = %a.task_id, epoch = a.epoch, attempt = a.attempt, name = %a.spec.name, on_disconnect = policy.on_disconnect.as_str(), "attempt assigned");
-                        let token = CancellationToken::new();
-                        self.registry.insert(key, token.clone(), policy);
-                        let run = executor::run_attempt(self.exec.clone(), self.conns.subscribe(), self.registry.clone(), *a, token);
-                        attempts.spawn(run);
+                    Ok(Some(CoordinatorMessage::Assign(a))) => self.start_attempt(*a, false, attempts),
+                    Ok(Some(CoordinatorMessage::Prepare(a))) => self.start_attempt(*a, true, attempts),
+                    Ok(Some(CoordinatorMessage::Confirm { task_id, epoch })) => {
+                        if !self.registry.confirm(&(task_id.clone(), epoch)) {
+                            // Dropped meanwhile (no confirm within the bound): the report
+                            // it made has the coordinator assign it again.
+                            tracing::debug!(task = %task_id, epoch, "confirm for an attempt not waiting for one");
+                        }
                     }
                     Ok(Some(CoordinatorMessage::Cancel { task_id, epoch })) => {
                         tracing::info!(task = %task_id, epoch, "attempt cancelled by the coordinator");
@@ -575,6 +575,36 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Start an assigned attempt; a `prepared` one gets ready but runs nothing until its
+    /// confirm (see `CoordinatorMessage::Prepare`).
+    fn start_attempt(
+        &self,
+        a: drover_protocol::Assignment,
+        prepared: bool,
+        attempts: &mut JoinSet<()>,
+    ) {
+        let key = (a.task_id.clone(), a.epoch);
+        let policy = self.exec.policy(&a);
+        // Per attempt: debug (the session has it; info would flood the journal).
+        tracing::debug!(task = %a.task_id, epoch = a.epoch, attempt = a.attempt, name = %a.spec.name, on_disconnect = policy.on_disconnect.as_str(), prepared, "attempt assigned");
+        let token = CancellationToken::new();
+        let confirmation = if prepared {
+            self.registry.prepare(key, token.clone(), policy)
+        } else {
+            self.registry.insert(key, token.clone(), policy);
+            Confirmation::Given
+        };
+        let run = executor::run_attempt(
+            self.exec.clone(),
+            self.conns.subscribe(),
+            self.registry.clone(),
+            a,
+            token,
+            confirmation,
+        );
+        attempts.spawn(run);
     }
 
     /// Write the renewed key and certificate over the old ones and use them from the next

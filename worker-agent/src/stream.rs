@@ -75,6 +75,30 @@ impl Policy {
     }
 }
 
+/// Longest a prepared attempt waits for its confirm before it is dropped (and reported, so
+/// the coordinator assigns it again). The confirm follows as soon as the coordinator's write
+/// of the epoch is durable: milliseconds, unless its store is failing.
+pub const CONFIRM_WITHIN: Duration = Duration::from_secs(60);
+
+/// Whether an attempt may run: at once (`Assign`: its epoch was durable before it was sent),
+/// or once the coordinator confirms it (`Prepare`; see [`Registry::prepare`]).
+#[derive(Debug, Clone)]
+pub enum Confirmation {
+    Given,
+    Pending(watch::Receiver<bool>),
+}
+
+impl Confirmation {
+    /// `true` once confirmed (at once for `Given`); `false` once the attempt was dropped
+    /// unconfirmed (its connection ended, or it waited too long: [`stream_events`]).
+    pub async fn wait(&self) -> bool {
+        match self {
+            Confirmation::Given => true,
+            Confirmation::Pending(rx) => rx.clone().wait_for(|c| *c).await.is_ok(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     cancel: CancellationToken,
@@ -82,11 +106,15 @@ struct Entry {
     /// The process has ended; only events remain to deliver, so even a `kill` attempt is
     /// kept across a disconnect (there is nothing left to run unsupervised).
     finished: bool,
+    /// Prepared and not yet confirmed: dropping this (with the entry) tells the attempt.
+    confirm: Option<watch::Sender<bool>>,
 }
 
 impl Entry {
+    /// Kept across a disconnect. Never while unconfirmed: after a coordinator restart its epoch
+    /// may be unknown, or given to another attempt.
     fn kept(&self) -> bool {
-        self.keep_running || self.finished
+        self.confirm.is_none() && (self.keep_running || self.finished)
     }
 }
 
@@ -109,7 +137,32 @@ impl Registry {
         self.0.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// An assigned attempt: it may run at once.
     pub fn insert(&self, key: AttemptKey, cancel: CancellationToken, policy: Policy) {
+        self.add(key, cancel, policy, None);
+    }
+
+    /// A prepared attempt: it runs nothing until [`Registry::confirm`]. Dropped, with its
+    /// process tree, when the connection ends first ([`Registry::drop_killable`]), whatever
+    /// its policy.
+    pub fn prepare(
+        &self,
+        key: AttemptKey,
+        cancel: CancellationToken,
+        policy: Policy,
+    ) -> Confirmation {
+        let (tx, rx) = watch::channel(false);
+        self.add(key, cancel, policy, Some(tx));
+        Confirmation::Pending(rx)
+    }
+
+    fn add(
+        &self,
+        key: AttemptKey,
+        cancel: CancellationToken,
+        policy: Policy,
+        confirm: Option<watch::Sender<bool>>,
+    ) {
         let keep_running = policy.keep_running();
         self.lock().insert(
             key,
@@ -117,8 +170,21 @@ impl Registry {
                 cancel,
                 keep_running,
                 finished: false,
+                confirm,
             },
         );
+    }
+
+    /// The coordinator confirmed a prepared attempt; `false` if this worker has no such
+    /// attempt waiting (dropped meanwhile, or never prepared).
+    pub fn confirm(&self, key: &AttemptKey) -> bool {
+        match self.lock().get_mut(key).and_then(|e| e.confirm.take()) {
+            Some(tx) => {
+                let _ = tx.send(true);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Ask an attempt to stop; `false` if this worker does not run it.
@@ -139,8 +205,8 @@ impl Registry {
         keys
     }
 
-    /// The connection is gone: stop every `kill` attempt still running and forget it.
-    /// Returns how many.
+    /// The connection is gone: stop every `kill` attempt still running, and every attempt
+    /// still waiting for its confirm, and forget them. Returns how many.
     pub fn drop_killable(&self) -> usize {
         let mut map = self.lock();
         let before = map.len();
@@ -219,6 +285,8 @@ pub enum StreamEnd {
     GaveUp(Duration),
     /// The spool failed (disk full, I/O error): the attempt cannot keep its events.
     Spool(SpoolError),
+    /// Prepared, and dropped before its confirm came (see [`Registry::prepare`]).
+    Unconfirmed,
 }
 
 impl StreamEnd {
@@ -241,6 +309,12 @@ impl std::fmt::Display for StreamEnd {
                 d.as_millis()
             ),
             StreamEnd::Spool(e) => write!(f, "spool failed: {e}"),
+            StreamEnd::Unconfirmed => write!(
+                f,
+                "its assignment was never confirmed (the connection ended first, or no confirm \
+                 within {} s); nothing of it ran, and the coordinator assigns it again",
+                CONFIRM_WITHIN.as_secs()
+            ),
         }
     }
 }
@@ -293,6 +367,9 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// Stream the events from `rx` through `spool` until they are all acknowledged (or the
 /// attempt is fenced, or given up). The spool is removed when this returns, except when the
 /// task is aborted (the worker stopping): then the next start discards it.
+///
+/// Nothing is sent, nor given a `seq`, before the attempt is confirmed: one dropped
+/// unconfirmed ends [`StreamEnd::Unconfirmed`] with its events discarded.
 pub async fn stream_events(
     key: &AttemptKey,
     outbox: Outbox,
@@ -300,9 +377,16 @@ pub async fn stream_events(
     conns: ConnWatch,
     policy: Policy,
     registry: &Registry,
+    confirmation: &Confirmation,
 ) -> StreamEnd {
     let mut spool = outbox;
-    let end = run(key, &mut spool, rx, conns, policy, registry).await;
+    let confirmed = tokio::time::timeout(CONFIRM_WITHIN, confirmation.wait()).await;
+    let end = if confirmed == Ok(true) {
+        run(key, &mut spool, rx, conns, policy, registry).await
+    } else {
+        registry.remove(key);
+        StreamEnd::Unconfirmed
+    };
     if let Err(e) = spool.remove() {
         tracing::warn!(task = %key.0, epoch = key.1, error = %e, "cannot remove the attempt's spool");
     }
@@ -515,6 +599,81 @@ mod tests {
         assert!(r.give_up_if_disconnected(&key, &rx));
         assert!(r.is_empty(), "given up: not reported as running any more");
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_prepared_attempt_runs_once_confirmed_and_is_dropped_by_a_disconnect_before() {
+        let r = Registry::default();
+        let (confirmed, dropped) = (("a".to_owned(), 1), ("b".to_owned(), 1));
+        let tokens: Vec<CancellationToken> = (0..2).map(|_| CancellationToken::new()).collect();
+        let keep = policy(OnDisconnect::KeepRunning);
+        let c = r.prepare(confirmed.clone(), tokens[0].clone(), keep);
+        let d = r.prepare(dropped.clone(), tokens[1].clone(), keep);
+        assert!(
+            !r.is_kept(&confirmed),
+            "unconfirmed: not kept across a disconnect"
+        );
+        let pending = tokio::time::timeout(Duration::from_millis(20), c.wait());
+        assert!(pending.await.is_err(), "no answer before the confirm");
+        assert!(r.confirm(&confirmed));
+        assert!(!r.confirm(&confirmed), "confirmed once");
+        assert!(c.wait().await);
+        assert!(
+            r.is_kept(&confirmed),
+            "confirmed: its keep_running policy holds"
+        );
+        // The connection ends with `dropped` still unconfirmed: it goes, keep_running or not.
+        assert_eq!(r.drop_killable(), 1);
+        assert!(tokens[1].is_cancelled() && !tokens[0].is_cancelled());
+        assert!(!d.wait().await, "dropped unconfirmed");
+        assert_eq!(r.running(), [confirmed]);
+        assert!(!r.confirm(&dropped), "a late confirm finds nothing");
+        assert!(
+            Confirmation::Given.wait().await,
+            "an assigned attempt needs no confirm"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_never_confirmed_streams_nothing_and_leaves_no_spool() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("a-1");
+        let r = Registry::default();
+        let key = ("a".to_owned(), 1);
+        let confirmation = r.prepare(
+            key.clone(),
+            CancellationToken::new(),
+            policy(OnDisconnect::KeepRunning),
+        );
+        // On disk from the first event (no memory allowance), as a worker with
+        // `spool_memory_bytes = 0` keeps it.
+        let outbox = Outbox::new(&spool, 1 << 20, 0).expect("outbox");
+        assert!(spool.exists());
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(("started".into(), "{}".into()))
+            .await
+            .expect("send");
+        let (_conn_tx, conns) = watch::channel(None::<quinn::Connection>);
+        let started = Instant::now();
+        let end = stream_events(
+            &key,
+            outbox,
+            rx,
+            conns,
+            policy(OnDisconnect::KeepRunning),
+            &r,
+            &confirmation,
+        )
+        .await;
+        assert!(matches!(end, StreamEnd::Unconfirmed), "{end}");
+        assert_eq!(
+            started.elapsed(),
+            CONFIRM_WITHIN,
+            "it waited for the confirm"
+        );
+        assert!(!spool.exists(), "its spool is removed");
+        assert!(r.is_empty(), "not reported as running any more");
+        assert!(tx.is_closed(), "its producers learn it is gone");
     }
 
     #[tokio::test]

@@ -447,7 +447,7 @@ impl Session {
                         tracing::error!(worker = %self.name, error = %e, "not sending a message whose write failed");
                         continue;
                     }
-                    if matches!(*out.msg, CoordinatorMessage::Assign(_)) {
+                    if matches!(*out.msg, CoordinatorMessage::Assign(_) | CoordinatorMessage::Prepare(_)) {
                         budget.assigning(&self.conn, streams.len());
                     }
                     if wire::send(send, &*out.msg).await.is_err() {

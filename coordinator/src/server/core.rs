@@ -3,10 +3,11 @@
 //! (durable writes, assignments, closing replaced connections). Connection tasks talk to it
 //! only through [`CoreHandle`].
 //!
-//! Ordering rule: anything sent to a peer that depends on a write (a registration ack, an
-//! assignment whose epoch must be durable first, an event ack, a submitted task's id) travels
-//! with the write's [`Durable`] receiver, and the connection task sends it only once that
-//! resolves. The core itself never waits for the disk.
+//! Ordering rule: anything sent to a peer that depends on a write (a registration ack, the
+//! confirm of an attempt whose epoch must be durable before it runs, an event ack, a submitted
+//! task's id) travels with the write's [`Durable`] receiver, and the connection task sends it
+//! only once that resolves. The core itself never waits for the disk. (An attempt's `Prepare`
+//! goes at once: the worker gets it ready meanwhile but runs nothing of it before the confirm.)
 
 use crate::clock::Clock;
 use crate::fleet::{Action, ConnId, Fleet, Registration};
@@ -600,8 +601,9 @@ impl Core {
                     if assignment.kind == AttemptKind::Work {
                         assignment.secrets = self.secrets.values_for(&assignment.spec);
                     }
-                    let after = last.take();
-                    self.send_to(&worker, CoordinatorMessage::Assign(assignment), after);
+                    for (msg, after) in assignment_messages(assignment, last.take()) {
+                        self.send_to(&worker, msg, after);
+                    }
                 }
                 TaskAction::Cancel {
                     worker,
@@ -836,9 +838,68 @@ impl Core {
     }
 }
 
+/// What tells a worker to run an attempt whose epoch is durable once `after` resolves: a
+/// `Prepare` at once, so the worker gets it ready while the write goes to disk, and its
+/// `Confirm` once the write is durable (see `CoordinatorMessage::Prepare`). With nothing to
+/// wait for, a plain `Assign`.
+fn assignment_messages(
+    assignment: Box<drover_protocol::Assignment>,
+    after: Option<Durable>,
+) -> Vec<(CoordinatorMessage, Option<Durable>)> {
+    match after {
+        Some(after) => {
+            let confirm = CoordinatorMessage::Confirm {
+                task_id: assignment.task_id.clone(),
+                epoch: assignment.epoch,
+            };
+            vec![
+                (CoordinatorMessage::Prepare(assignment), None),
+                (confirm, Some(after)),
+            ]
+        }
+        None => vec![(CoordinatorMessage::Assign(assignment), None)],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attempt_is_confirmed_only_behind_its_write() {
+        let spec: TaskSpec =
+            serde_json::from_value(serde_json::json!({ "name": "t", "command": ["true"] }))
+                .unwrap_or_else(|e| panic!("{e}"));
+        let assignment = drover_protocol::Assignment {
+            task_id: "t1".into(),
+            epoch: 3,
+            attempt: 2,
+            spec,
+            checkpoint: None,
+            kind: AttemptKind::Work,
+            iteration: 0,
+            feedback: None,
+            secrets: vec![],
+        };
+        let (_tx, rx) = oneshot::channel();
+        let msgs = assignment_messages(Box::new(assignment.clone()), Some(rx));
+        assert_eq!(msgs.len(), 2);
+        assert!(
+            matches!(&msgs[0], (CoordinatorMessage::Prepare(a), None) if **a == assignment),
+            "prepared at once: {:?}",
+            msgs[0]
+        );
+        assert!(
+            matches!(&msgs[1], (CoordinatorMessage::Confirm { task_id, epoch: 3 }, Some(_)) if task_id == "t1"),
+            "confirmed behind the write: {:?}",
+            msgs[1]
+        );
+        let msgs = assignment_messages(Box::new(assignment.clone()), None);
+        assert!(
+            matches!(&msgs[..], [(CoordinatorMessage::Assign(a), None)] if **a == assignment),
+            "nothing to wait for: {msgs:?}"
+        );
+    }
 
     fn task(state: TaskState, epoch: u64, worker: &str) -> TaskInfo {
         let spec: TaskSpec =

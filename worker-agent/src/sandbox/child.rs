@@ -43,8 +43,10 @@
 //! only one the task inherits besides stdio), 4 the setup pipe (close-on-exec: it reaches EOF in
 //! the parent once the task has exec'd, or carries an error record), 5 the status pipe (S and I
 //! only), 6 a socket to the worker (S only, `network = proxy`), 7 the spawner's go pipe and 8
-//! the attempt's `pids.max` (until the limit is written; see [`PidsOnceAlone`]). Everything else
-//! inherited is closed first thing.
+//! the attempt's `pids.max` (until the limit is written; see [`PidsOnceAlone`]), 9 the network
+//! namespace made ahead (until joined) and 10 a prepared attempt's confirm pipe (T reads it
+//! right before its exec; see [`ChildPlan::confirm_fd`]). Everything else inherited is closed
+//! first thing.
 //!
 //! With `network = proxy`, S brings up `lo` in the new network namespace, listens on
 //! 127.0.0.1:3128 there, and sends that listening socket to the worker over fd 6 (SCM_RIGHTS)
@@ -77,6 +79,8 @@ const GO_FD: RawFd = 7;
 const PIDS_MAX_FD: RawFd = 8;
 /// The network namespace of [`SandboxSetup::net_ns`], until joined.
 const NETNS_FD: RawFd = 9;
+/// The confirm pipe of [`ChildPlan::confirm_fd`] (close-on-exec).
+const CONFIRM_FD: RawFd = 10;
 /// Most paths an attempt binds back over its masks (the workspace and kept files).
 pub(crate) const MAX_REBINDS: usize = 4;
 /// Device nodes of the sandbox's /dev, bound from the host's; [`NULL_DEVICE`] also masks files.
@@ -116,7 +120,7 @@ const DEV_LINKS: [(&CStr, &CStr); 5] = [
     (c"pts/ptmx", c"/dev/ptmx"),
 ];
 /// Scratch copies are made at or above this, clear of the fixed numbers.
-const SCRATCH_FD: RawFd = 10;
+const SCRATCH_FD: RawFd = 11;
 
 /// Bytes per record on the setup and status pipes.
 pub(crate) const RECORD_LEN: usize = 8;
@@ -153,6 +157,10 @@ pub(crate) struct ChildPlan {
     /// Present when a warm thread forks this process in its cgroup and a pids limit applies:
     /// see [`PidsOnceAlone`].
     pub(crate) pids_once_alone: Option<PidsOnceAlone>,
+    /// A prepared attempt's confirm pipe (the worker keeps the write end): the task, its
+    /// sandbox all built, waits for a byte on it right before it execs; EOF instead means the
+    /// attempt was dropped unconfirmed ([`Step::Confirm`]). Sandbox isolation only.
+    pub(crate) confirm_fd: Option<RawFd>,
     /// `None`: process isolation.
     pub(crate) sandbox: Option<SandboxSetup>,
     /// Stacks of the sandbox's init and of the task until its exec, which share the outer
@@ -405,10 +413,11 @@ pub(crate) enum Step {
     ProxySocket,
     PidsLimit,
     JoinNetwork,
+    Confirm,
 }
 
 impl Step {
-    const ALL: [Step; 28] = [
+    const ALL: [Step; 29] = [
         Step::JoinCgroup,
         Step::Setpgid,
         Step::Unshare,
@@ -437,6 +446,7 @@ impl Step {
         Step::ProxySocket,
         Step::PidsLimit,
         Step::JoinNetwork,
+        Step::Confirm,
     ];
 
     fn from_u8(v: u8) -> Option<Step> {
@@ -502,6 +512,10 @@ impl Step {
             }
             Step::JoinNetwork => {
                 "join the network namespace made ahead for the attempt (setns)".to_owned()
+            }
+            Step::Confirm => {
+                "wait for the coordinator to confirm the attempt (it was dropped unconfirmed)"
+                    .to_owned()
             }
             Step::PidsLimit => {
                 "set the attempt's pids limit once the spawner thread that forked it has left \
@@ -1135,6 +1149,9 @@ fn build_dev(device_fds: &[c_int; DEVICES.len()]) {
 
 /// T: the task's own process until exec.
 fn exec_task(plan: &ChildPlan) -> ! {
+    if plan.confirm_fd.is_some() {
+        await_confirm();
+    }
     // SAFETY: prctl with integer arguments only.
     check(Step::NoNewPrivs, unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0)
@@ -1162,6 +1179,24 @@ fn exec_task(plan: &ChildPlan) -> ! {
     }
     report(Step::Exec, 0, errno);
     exit(EXIT_EXEC)
+}
+
+/// Waits for the worker's byte on [`CONFIRM_FD`] (see [`ChildPlan::confirm_fd`]); EOF (the
+/// worker dropped the attempt) fails [`Step::Confirm`].
+fn await_confirm() {
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: a live one-byte buffer.
+        let n = unsafe { libc::read(CONFIRM_FD, byte.as_mut_ptr().cast::<c_void>(), 1) };
+        match n {
+            1 => break,
+            0 => fail(Step::Confirm, 0, Errno::ECANCELED),
+            _ if Errno::last() == Errno::EINTR => {}
+            _ => fail(Step::Confirm, 0, Errno::last()),
+        }
+    }
+    // SAFETY: closing a descriptor this process owns (close-on-exec anyway).
+    unsafe { libc::close(CONFIRM_FD) };
 }
 
 /// Capabilities a sandboxed task keeps (Docker's default set): enough for ordinary root work
@@ -1316,6 +1351,10 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         Some(fd) => Some(scratch(fd)?),
         None => None,
     };
+    let confirm = match plan.confirm_fd {
+        Some(fd) => Some(scratch(fd)?),
+        None => None,
+    };
     // SAFETY: plain fd syscalls; sources (>= SCRATCH_FD) never equal targets (< SCRATCH_FD).
     unsafe {
         // Not close-on-exec: the task's stdio.
@@ -1337,6 +1376,9 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
         if let Some(netns) = netns {
             Errno::result(libc::dup3(netns, NETNS_FD, libc::O_CLOEXEC))?;
         }
+        if let Some(confirm) = confirm {
+            Errno::result(libc::dup3(confirm, CONFIRM_FD, libc::O_CLOEXEC))?;
+        }
         // The fixed numbers not in use hold nothing of the parent's.
         for (fd, used) in [
             (STATUS_FD, status.is_some()),
@@ -1345,13 +1387,14 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
             // Opened later, by `run`.
             (PIDS_MAX_FD, false),
             (NETNS_FD, netns.is_some()),
+            (CONFIRM_FD, confirm.is_some()),
         ] {
             if !used {
                 libc::close(fd);
             }
         }
     }
-    close_range((NETNS_FD + 1) as u32, u32::MAX);
+    close_range((CONFIRM_FD + 1) as u32, u32::MAX);
     Ok(())
 }
 

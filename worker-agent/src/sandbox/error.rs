@@ -110,6 +110,8 @@ pub enum SpawnError {
     },
     #[error("cannot start the attempt's process: {0}")]
     Fork(#[source] io::Error),
+    #[error("the coordinator never confirmed the attempt; nothing of it was started")]
+    Unconfirmed,
     #[error("sandbox setup failed: cannot {step}: {errno}")]
     Setup { step: String, errno: Errno },
     #[error(

@@ -112,6 +112,10 @@ pub struct AttemptSpec<'a> {
     /// `network = proxy`: the attempt's egress proxy, which serves the sandbox's socket and
     /// whose variables ([`crate::egress::Egress::env`]) the task gets.
     pub egress: Option<&'a crate::egress::Egress>,
+    /// A prepared attempt's confirmation: the spawn makes the whole plan meanwhile, then
+    /// waits for it before anything is forked, and ends with [`SpawnError::Unconfirmed`] if
+    /// the attempt is dropped instead. `None`: no wait.
+    pub confirmation: Option<&'a crate::stream::Confirmation>,
 }
 
 /// The worker's sandbox facility; cheap to clone (one shared state).
@@ -329,6 +333,16 @@ impl Sandbox {
         } else {
             None
         };
+        // A prepared attempt: in a sandbox, the whole set-up runs while the confirm is on its
+        // way, and only the task's exec waits for it (a byte on this pipe). A process-isolated
+        // task is vforked by the spawner, which must not wait on the coordinator: its spawn
+        // waits below, before the spawner is asked.
+        let confirm_pipe = match spec.confirmation {
+            Some(c @ crate::stream::Confirmation::Pending(_)) if sandboxed => {
+                Some((c, pipe_pair("confirm")?))
+            }
+            _ => None,
+        };
         let c = |p: &Path| {
             plan::c_path(p).map_err(|_| SpawnError::Workspace {
                 path: p.to_path_buf(),
@@ -345,6 +359,7 @@ impl Sandbox {
             events: events_w.as_raw_fd(),
             status: status.as_ref().map(|(_, w)| w.as_raw_fd()),
             proxy: proxy_chan.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
+            confirm: confirm_pipe.as_ref().map(|(_, (r, _))| r.as_raw_fd()),
         };
         // The spawner fills in the cgroup part: which cgroup is known only there (a warm one,
         // born with a thread inside, or a new one the process joins itself).
@@ -360,6 +375,7 @@ impl Sandbox {
             status_fd: fds.status,
             proxy_fd: fds.proxy,
             pids_once_alone: None,
+            confirm_fd: fds.confirm,
             sandbox: sandboxed
                 .then(|| self.sandbox_setup(&spec, &workspace))
                 .transpose()?,
@@ -384,6 +400,11 @@ impl Sandbox {
             pids: pids_limit,
             plan: child_plan,
         }));
+        if let (Some(confirmation), None) = (spec.confirmation, &confirm_pipe) {
+            if !confirmation.wait().await {
+                return Err(SpawnError::Unconfirmed);
+            }
+        }
         let reply = if self.inner.fork_here.load(Ordering::Relaxed) {
             None
         } else {
@@ -438,6 +459,15 @@ impl Sandbox {
         let mut guard = attempt::CgroupGuard::new(cgroup, self.inner.clone());
         // Only the helpers may hold the write ends now, so EOF means they are done with them.
         drop((setup_w, events_w, stdout_w, stderr_w, stdin));
+        // The task waits for this, its sandbox built: a byte once confirmed, EOF if dropped.
+        let confirm = async {
+            if let Some((confirmation, (r, w))) = confirm_pipe {
+                drop(r);
+                if confirmation.wait().await {
+                    let _ = nix::unistd::write(&w, b"c");
+                }
+            }
+        };
         let status_r = status.map(|(r, w)| {
             drop(w);
             r
@@ -453,7 +483,15 @@ impl Sandbox {
                 source,
             })?;
         let mut report = Vec::new();
-        if let Err(source) = setup.read_to_end(&mut report).await {
+        let read = setup.read_to_end(&mut report);
+        tokio::pin!(read);
+        // The pipe ends at the exec, which waits for the confirm, or at a failure, which may
+        // come first.
+        let read = tokio::select! {
+            r = &mut read => r,
+            () = confirm => read.await,
+        };
+        if let Err(source) = read {
             warn!(%source, "cannot read the setup pipe; assuming the attempt started");
         }
         let (mask_paths, rebind_paths) = mask_paths_and_rebinds;
@@ -468,6 +506,7 @@ impl Sandbox {
             let _ = process.wait().await;
             guard.finish().await;
             return Err(match step {
+                Some(child::Step::Confirm) => SpawnError::Unconfirmed,
                 Some(child::Step::Exec) => SpawnError::Exec {
                     program: spec.argv[0].clone(),
                     errno,

@@ -333,6 +333,7 @@ mod tests {
             checkpoint_file: None,
             extra_env: &[],
             egress: None,
+            confirmation: None,
         }
     }
 

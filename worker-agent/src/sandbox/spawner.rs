@@ -94,6 +94,7 @@ pub(super) struct FdSet {
     pub(super) events: RawFd,
     pub(super) status: Option<RawFd>,
     pub(super) proxy: Option<RawFd>,
+    pub(super) confirm: Option<RawFd>,
 }
 
 impl FdSet {
@@ -102,6 +103,7 @@ impl FdSet {
         fds.extend([self.setup, self.events]);
         fds.extend(self.status);
         fds.extend(self.proxy);
+        fds.extend(self.confirm);
         fds
     }
 }
@@ -623,7 +625,10 @@ fn start(
         pids,
         mut plan,
     } = spawn;
-    let want = 5 + usize::from(plan.status_fd.is_some()) + usize::from(plan.proxy_fd.is_some());
+    let want = 5
+        + usize::from(plan.status_fd.is_some())
+        + usize::from(plan.proxy_fd.is_some())
+        + usize::from(plan.confirm_fd.is_some());
     if fds.len() != want {
         return Err(Failure::Request(format!(
             "{} descriptors came with a spawn, {want} expected",
@@ -642,6 +647,10 @@ fn start(
     }
     if plan.proxy_fd.is_some() {
         plan.proxy_fd = Some(raw[next]);
+        next += 1;
+    }
+    if plan.confirm_fd.is_some() {
+        plan.confirm_fd = Some(raw[next]);
     }
     // Held until after the fork: the outer helper joins it (see the `netns` module).
     let net_ns = match plan.sandbox.as_mut() {
@@ -785,8 +794,9 @@ mod tests {
             events: 14,
             status: Some(15),
             proxy: None,
+            confirm: Some(16),
         };
-        assert_eq!(set.list(), [10, 11, 12, 13, 14, 15]);
+        assert_eq!(set.list(), [10, 11, 12, 13, 14, 15, 16]);
     }
 
     #[test]

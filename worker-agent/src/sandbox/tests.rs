@@ -83,6 +83,7 @@ impl Job {
             checkpoint_file: None,
             extra_env: &[],
             egress: None,
+            confirmation: None,
         }
     }
 }
@@ -914,6 +915,7 @@ async fn sandbox_spawns_in_a_row_never_hang() {
                 checkpoint_file: None,
                 extra_env: &[],
                 egress: None,
+                confirmation: None,
             };
             let mut attempt = tokio::time::timeout(Duration::from_secs(20), sandbox.spawn(spec))
                 .await

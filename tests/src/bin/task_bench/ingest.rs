@@ -149,6 +149,7 @@ async fn sim_worker(
     )
     .await?;
     let mut attempts = tokio::task::JoinSet::new();
+    let mut prepared = std::collections::HashSet::new();
     let mut results = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut check = tokio::time::interval(Duration::from_millis(10));
@@ -162,8 +163,18 @@ async fn sim_worker(
                 wire::send(&mut send, &WorkerMessage::Heartbeat { seq: hb, usage }).await?;
             }
             msg = recv.next::<CoordinatorMessage>() => match msg? {
+                // As the worker does: an attempt streams once it is confirmed.
                 Some(CoordinatorMessage::Assign(a)) => {
                     attempts.spawn(attempt(conn.clone(), a.task_id, a.epoch, events, window, payload.clone()));
+                }
+                Some(CoordinatorMessage::Prepare(a)) => {
+                    prepared.insert((a.task_id.clone(), a.epoch));
+                }
+                Some(CoordinatorMessage::Confirm { task_id, epoch }) => {
+                    if !prepared.remove(&(task_id.clone(), epoch)) {
+                        bail!("confirm of {task_id} epoch {epoch}, which was not prepared");
+                    }
+                    attempts.spawn(attempt(conn.clone(), task_id, epoch, events, window, payload.clone()));
                 }
                 Some(CoordinatorMessage::HeartbeatAck { .. }) => {}
                 Some(other) => bail!("unexpected message {other:?}"),
