@@ -766,18 +766,8 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
 /// Waits until the spawner says its thread has left the cgroup (a byte on [`GO_FD`]), then
 /// writes the limit to `pids.max` (open at [`PIDS_MAX_FD`]). See [`PidsOnceAlone`].
 fn pids_once_alone(limit: &PidsOnceAlone) {
-    let mut byte = [0u8; 1];
-    loop {
-        // SAFETY: a live one-byte buffer.
-        let n = unsafe { libc::read(GO_FD, byte.as_mut_ptr().cast::<c_void>(), 1) };
-        match n {
-            1 => break,
-            // The spawner died before it could say: its thread may still count.
-            0 => fail(Step::PidsLimit, 0, Errno::EPIPE),
-            _ if Errno::last() == Errno::EINTR => {}
-            _ => fail(Step::PidsLimit, 0, Errno::last()),
-        }
-    }
+    // EOF: the spawner died before it could say, and its thread may still count.
+    await_byte(GO_FD, Step::PidsLimit, Errno::EPIPE);
     // SAFETY: a live buffer; then closing descriptors this process owns.
     let written = unsafe {
         let n = libc::write(
@@ -1181,20 +1171,25 @@ fn exec_task(plan: &ChildPlan) -> ! {
     exit(EXIT_EXEC)
 }
 
-/// Waits for the worker's byte on [`CONFIRM_FD`] (see [`ChildPlan::confirm_fd`]); EOF (the
-/// worker dropped the attempt) fails [`Step::Confirm`].
-fn await_confirm() {
+/// Waits for one byte on `fd`: EOF fails `step` with `at_eof`, an error with its errno.
+fn await_byte(fd: RawFd, step: Step, at_eof: Errno) {
     let mut byte = [0u8; 1];
     loop {
         // SAFETY: a live one-byte buffer.
-        let n = unsafe { libc::read(CONFIRM_FD, byte.as_mut_ptr().cast::<c_void>(), 1) };
+        let n = unsafe { libc::read(fd, byte.as_mut_ptr().cast::<c_void>(), 1) };
         match n {
-            1 => break,
-            0 => fail(Step::Confirm, 0, Errno::ECANCELED),
+            1 => return,
+            0 => fail(step, 0, at_eof),
             _ if Errno::last() == Errno::EINTR => {}
-            _ => fail(Step::Confirm, 0, Errno::last()),
+            _ => fail(step, 0, Errno::last()),
         }
     }
+}
+
+/// Waits for the worker's byte on [`CONFIRM_FD`] (see [`ChildPlan::confirm_fd`]); EOF (the
+/// worker dropped the attempt) fails [`Step::Confirm`].
+fn await_confirm() {
+    await_byte(CONFIRM_FD, Step::Confirm, Errno::ECANCELED);
     // SAFETY: closing a descriptor this process owns (close-on-exec anyway).
     unsafe { libc::close(CONFIRM_FD) };
 }
