@@ -112,9 +112,10 @@ pub struct AttemptSpec<'a> {
     /// `network = proxy`: the attempt's egress proxy, which serves the sandbox's socket and
     /// whose variables ([`crate::egress::Egress::env`]) the task gets.
     pub egress: Option<&'a crate::egress::Egress>,
-    /// A prepared attempt's confirmation: the spawn makes the whole plan meanwhile, then
-    /// waits for it before anything is forked, and ends with [`SpawnError::Unconfirmed`] if
-    /// the attempt is dropped instead. `None`: no wait.
+    /// A prepared attempt's confirmation, which its task must not run before. In a sandbox
+    /// the whole sandbox is built meanwhile and only the task's exec waits; with `process`
+    /// isolation the spawn waits before anything is forked. Dropped unconfirmed, the spawn
+    /// ends with [`SpawnError::Unconfirmed`]. `None`: no wait.
     pub confirmation: Option<&'a crate::stream::Confirmation>,
 }
 
