@@ -648,15 +648,9 @@ mod tests {
     /// Bound on each wait below (polls, never a timing assertion).
     const DEADLINE: Duration = Duration::from_secs(30);
 
-    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-        let start = std::time::Instant::now();
-        while !cond() {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "not within {DEADLINE:?}: {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+        let held = crate::sandbox::cgroup::poll_until(DEADLINE, cond).await;
+        assert!(held, "not within {DEADLINE:?}: {what}");
     }
 
     /// A prepared attempt makes its workspace but starts no process until confirmed; dropped

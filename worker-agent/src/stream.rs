@@ -384,6 +384,8 @@ pub async fn stream_events(
     let end = if confirmed == Ok(true) {
         run(key, &mut spool, rx, conns, policy, registry).await
     } else {
+        // Dropping the entry drops its confirm sender: whatever else of the attempt waits for
+        // the confirm (the spawn, the task helper) learns now that it never comes.
         registry.remove(key);
         StreamEnd::Unconfirmed
     };
