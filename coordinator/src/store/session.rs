@@ -30,7 +30,7 @@
 
 use super::StoreError;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// A session's entries wait in memory until there are this many, then go into one run.
@@ -111,6 +111,12 @@ pub(super) fn put_task(tx: &Transaction<'_>, t: &NewTask) -> rusqlite::Result<()
 pub(super) struct Positions {
     /// Per session, its events not yet in a run, oldest first: (pos, id).
     pending: HashMap<String, Vec<(u64, i64)>>,
+    /// The sessions of `pending` by the id of their first entry (ids are unique: one session
+    /// per key), so that a commit finds the entries due for their age, and the mark, without
+    /// a pass over every session waiting (a thousand and more when many short tasks run).
+    by_first: BTreeMap<i64, String>,
+    /// The sessions of `pending` with at least [`RUN`] entries.
+    full: HashSet<String>,
     /// Every event with an id up to this is in a run (as stored in meta).
     through: i64,
     /// The highest event id written.
@@ -147,7 +153,38 @@ impl Positions {
             v.retain(|&(pos, _)| pos >= covered);
         }
         positions.pending.retain(|_, v| !v.is_empty());
+        positions.reindex();
         Ok(positions)
+    }
+
+    /// Whether `by_first` and `full` say what `pending` does (checked in debug builds).
+    fn index_holds(&self) -> bool {
+        let mut firsts = self
+            .pending
+            .iter()
+            .filter_map(|(task, v)| v.first().map(|&(_, id)| (id, task)));
+        self.by_first.len() == self.pending.len()
+            && firsts.all(|(id, task)| self.by_first.get(&id) == Some(task))
+            && self.full.len() == self.pending.values().filter(|v| v.len() >= RUN).count()
+            && self
+                .full
+                .iter()
+                .all(|task| self.pending.get(task).is_some_and(|v| v.len() >= RUN))
+    }
+
+    /// `by_first` and `full` made again from `pending`.
+    fn reindex(&mut self) {
+        self.by_first = self
+            .pending
+            .iter()
+            .filter_map(|(task, v)| v.first().map(|&(_, id)| (id, task.clone())))
+            .collect();
+        self.full = self
+            .pending
+            .iter()
+            .filter(|(_, v)| v.len() >= RUN)
+            .map(|(task, _)| task.clone())
+            .collect();
     }
 
     /// [`Positions::load`], then writes the runs already due (after an upgrade, every
@@ -174,9 +211,15 @@ impl Positions {
 
     fn record(&mut self, task_id: &str, pos: u64, id: i64) {
         match self.pending.get_mut(task_id) {
-            Some(v) => v.push((pos, id)),
+            Some(v) => {
+                v.push((pos, id));
+                if v.len() == RUN {
+                    self.full.insert(task_id.to_owned());
+                }
+            }
             None => {
                 self.pending.insert(task_id.to_owned(), vec![(pos, id)]);
+                self.by_first.insert(id, task_id.to_owned());
                 self.touched.push(task_id.to_owned());
             }
         }
@@ -201,14 +244,21 @@ impl Positions {
     /// one run: entries held back for age first (they hold the mark back), then the fullest.
     pub(super) fn write_due(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
         let old = self.last_id - LAG_ROWS;
+        let len = |task: &String| self.pending.get(task).map_or(0, Vec::len);
         let mut due: Vec<(bool, usize, &String)> = self
-            .pending
-            .iter()
-            .filter_map(|(task, v)| {
-                let aged = v.first().is_some_and(|&(_, id)| id <= old);
-                (aged || v.len() >= RUN).then_some((aged, v.len(), task))
-            })
+            .by_first
+            .range(..=old)
+            .map(|(_, task)| (true, len(task), task))
             .collect();
+        due.extend(
+            self.full
+                .iter()
+                .filter(|task| {
+                    let first = self.pending.get(*task).and_then(|v| v.first());
+                    first.is_some_and(|&(_, id)| id > old)
+                })
+                .map(|task| (false, len(task), task)),
+        );
         if !due.is_empty() {
             due.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
             let mut budget = self.appended + RUN;
@@ -225,6 +275,10 @@ impl Positions {
             )?;
             for task in chosen {
                 let entries = self.pending.remove(&task).unwrap_or_default();
+                if let Some(&(_, first)) = entries.first() {
+                    self.by_first.remove(&first);
+                }
+                self.full.remove(&task);
                 self.touched.push(task.clone());
                 // A run holds consecutive positions (a gap, which the caller never leaves,
                 // starts another), at most RUN_MAX.
@@ -246,13 +300,11 @@ impl Positions {
             }
         }
         self.appended = 0;
+        debug_assert!(self.index_holds(), "the index of waiting sessions drifted");
         let through = self
-            .pending
-            .values()
-            .filter_map(|v| v.first())
-            .map(|&(_, id)| id - 1)
-            .min()
-            .unwrap_or(self.last_id);
+            .by_first
+            .first_key_value()
+            .map_or(self.last_id, |(&id, _)| id - 1);
         // Only start-up reads the mark (readers use what `publish` gives them), and a lower
         // one is still right there: moved on a step at a time, it costs a commit its page
         // only once per LAG_ROWS events, and start-up reads back at most that many more rows.
@@ -808,6 +860,70 @@ pub(crate) mod tests {
         assert!(through >= LAG_ROWS, "the mark moved a step: {through}");
         assert_through_holds(&db);
         drop(store);
+        thread.join();
+    }
+
+    /// Many short sessions, as when hundreds of no-op tasks a second run: each is written as a
+    /// run once its entries are LAG_ROWS events old, the oldest first; the mark follows the
+    /// oldest still waiting; after a restart the rest follow. (In debug builds every commit also
+    /// checks the index of waiting sessions against them.)
+    #[tokio::test]
+    async fn many_short_sessions_are_written_for_their_age_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join(super::super::DB_FILE);
+        let ids: Vec<String> = (0..600).map(|i| format!("s{i:04}")).collect();
+        let batch = |chunk: &[String], from: u64| -> Vec<NewEvent> {
+            chunk
+                .iter()
+                .flat_map(|id| (from..from + 4).map(move |p| ev(id, p, 1, Some(p))))
+                .collect()
+        };
+        let (store, thread, _) = Store::open(dir.path()).unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            store
+                .put_task(task(id, i as u64 + 1))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // Four events each, three sessions a commit: 2,400 events.
+        for chunk in ids.chunks(3) {
+            store.append_events(batch(chunk, 0)).await.unwrap().unwrap();
+        }
+        let conn = Connection::open(&db).unwrap();
+        let written: Vec<bool> = ids.iter().map(|id| run_count(&conn, id) > 0).collect();
+        let k = written.iter().take_while(|w| **w).count();
+        assert!(!written[k..].contains(&true), "oldest first: {written:?}");
+        // Those whose first event is LAG_ROWS older than the last commit's newest (2,400).
+        let aged = (2_400 - LAG_ROWS as usize).div_ceil(4);
+        assert!((aged - 3..=aged).contains(&k), "written {k}, aged {aged}");
+        let through = read_through(&conn).unwrap();
+        assert!(through >= LAG_ROWS, "the mark moved a step: {through}");
+        assert_through_holds(&db);
+        let reader = store.reader().unwrap();
+        for id in &ids {
+            assert_eq!(
+                reader.slice(id, 0, None, 100).unwrap(),
+                batch(std::slice::from_ref(id), 0)
+            );
+        }
+        drop((store, reader));
+        thread.join();
+
+        // After a restart the waiting ones are read back and, once old, written in turn.
+        let (store, thread, _) = Store::open(dir.path()).unwrap();
+        for chunk in ids.chunks(3) {
+            store.append_events(batch(chunk, 4)).await.unwrap().unwrap();
+        }
+        assert!(ids.iter().all(|id| run_count(&conn, id) > 0), "all written");
+        assert_through_holds(&db);
+        let reader = store.reader().unwrap();
+        for id in &ids {
+            let mut want = batch(std::slice::from_ref(id), 0);
+            want.extend(batch(std::slice::from_ref(id), 4));
+            assert_eq!(reader.slice(id, 0, None, 100).unwrap(), want);
+        }
+        drop((store, reader));
         thread.join();
     }
 
