@@ -672,14 +672,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn sessions_interleaved_in_commits_read_back_by_position() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread, _) = Store::open(dir.path()).unwrap();
-        for (n, id) in ["b", "a", "c"].iter().enumerate() {
-            store
-                .put_task(task(id, n as u64 + 1))
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        let (store, thread) = store_with_tasks(dir.path(), &["b", "a", "c"]).await;
         // Commits hold events of several sessions, as under load.
         let mut want: Vec<Vec<NewEvent>> = vec![Vec::new(); 3];
         for round in 0..50u64 {
@@ -713,6 +706,22 @@ pub(crate) mod tests {
         for (s, t) in loaded.tasks.iter().enumerate() {
             assert_eq!(t.events, want[s]);
         }
+    }
+
+    /// A store in `dir` with a task for each of `ids`, submitted in that order.
+    async fn store_with_tasks(
+        dir: &Path,
+        ids: &[impl AsRef<str>],
+    ) -> (Store, super::super::StoreThread) {
+        let (store, thread, _) = Store::open(dir).unwrap();
+        for (n, id) in ids.iter().enumerate() {
+            store
+                .put_task(task(id.as_ref(), n as u64 + 1))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        (store, thread)
     }
 
     /// (task, pos) → id of every entry in a run; no position twice.
@@ -770,14 +779,7 @@ pub(crate) mod tests {
         let db = dir.path().join(super::super::DB_FILE);
         let ids = ["quiet", "busy", "mid"];
         let mut want: Vec<Vec<NewEvent>> = vec![Vec::new(); 3];
-        let (store, thread, _) = Store::open(dir.path()).unwrap();
-        for (n, id) in ids.iter().enumerate() {
-            store
-                .put_task(task(id, n as u64 + 1))
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        let (store, thread) = store_with_tasks(dir.path(), &ids).await;
         // The next `k` events of session `s`, remembered in `want`.
         let append = |store: &Store, s: usize, k: usize, want: &mut Vec<Vec<NewEvent>>| {
             let batch: Vec<NewEvent> = (0..k)
@@ -878,14 +880,7 @@ pub(crate) mod tests {
                 .flat_map(|id| (from..from + 4).map(move |p| ev(id, p, 1, Some(p))))
                 .collect()
         };
-        let (store, thread, _) = Store::open(dir.path()).unwrap();
-        for (i, id) in ids.iter().enumerate() {
-            store
-                .put_task(task(id, i as u64 + 1))
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        let (store, thread) = store_with_tasks(dir.path(), &ids).await;
         // Four events each, three sessions a commit: 2,400 events.
         for chunk in ids.chunks(3) {
             store.append_events(batch(chunk, 0)).await.unwrap().unwrap();
