@@ -113,7 +113,7 @@ pub(super) struct Positions {
     pending: HashMap<String, Vec<(u64, i64)>>,
     /// The sessions of `pending` by the id of their first entry (ids are unique: one session
     /// per key), so that a commit finds the entries due for their age, and the mark, without
-    /// a pass over every session waiting (a thousand and more when many short tasks run).
+    /// a pass over every session waiting (hundreds when many short tasks run).
     by_first: BTreeMap<i64, String>,
     /// The sessions of `pending` with at least [`RUN`] entries.
     full: HashSet<String>,
