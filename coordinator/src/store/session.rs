@@ -157,34 +157,31 @@ impl Positions {
         Ok(positions)
     }
 
-    /// Whether `by_first` and `full` say what `pending` does (checked in debug builds).
-    fn index_holds(&self) -> bool {
-        let mut firsts = self
-            .pending
-            .iter()
-            .filter_map(|(task, v)| v.first().map(|&(_, id)| (id, task)));
-        self.by_first.len() == self.pending.len()
-            && firsts.all(|(id, task)| self.by_first.get(&id) == Some(task))
-            && self.full.len() == self.pending.values().filter(|v| v.len() >= RUN).count()
-            && self
-                .full
-                .iter()
-                .all(|task| self.pending.get(task).is_some_and(|v| v.len() >= RUN))
-    }
-
-    /// `by_first` and `full` made again from `pending`.
-    fn reindex(&mut self) {
-        self.by_first = self
+    /// `by_first` and `full` as `pending` makes them.
+    fn index(&self) -> (BTreeMap<i64, String>, HashSet<String>) {
+        let by_first = self
             .pending
             .iter()
             .filter_map(|(task, v)| v.first().map(|&(_, id)| (id, task.clone())))
             .collect();
-        self.full = self
+        let full = self
             .pending
             .iter()
             .filter(|(_, v)| v.len() >= RUN)
             .map(|(task, _)| task.clone())
             .collect();
+        (by_first, full)
+    }
+
+    /// `by_first` and `full` made again from `pending`.
+    fn reindex(&mut self) {
+        (self.by_first, self.full) = self.index();
+    }
+
+    /// Whether `by_first` and `full` say what `pending` does (checked in debug builds).
+    fn index_holds(&self) -> bool {
+        let (by_first, full) = self.index();
+        by_first == self.by_first && full == self.full
     }
 
     /// [`Positions::load`], then writes the runs already due (after an upgrade, every
