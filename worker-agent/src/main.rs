@@ -98,6 +98,8 @@ fn join(config: &WorkerConfig, ca_fingerprint: &str, token: &str, name: &str) ->
 }
 
 fn main() {
+    // First: this binary is also the sandbox's standby helper (and says so to the sandbox).
+    drover_worker::sandbox::standby::run_helper_or_enable();
     let args = Args::parse();
     if let Some(dir) = &args.manpage_dir {
         let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command());

@@ -20,7 +20,10 @@
 //!                           capabilities, no_new_privs, chdir, exec
 //! ```
 //! "vfork" is `clone(CLONE_VM | CLONE_VFORK)` ([`vm_child`]): one copy of memory per attempt
-//! (S's, of the spawner's), none for I and T. The task is not pid 1 on purpose: pid 1 ignores
+//! (S's, of the spawner's), none for I and T. Where the worker binary runs, S is mostly not a
+//! fork but a standby helper: the worker binary exec'd ahead in the warm cgroup, which
+//! receives its plan and then runs [`run`] as the fork would (see the `standby` module and
+//! [`start_standby`]). The task is not pid 1 on purpose: pid 1 ignores
 //! signals it has no handler for, so a task's `kill -TERM $$` would do nothing. With process
 //! isolation the first process is T: it makes its own process group and execs (and is
 //! vforked itself when its pids limit allows, see the `spawner` module).
@@ -620,6 +623,21 @@ pub(crate) fn vfork_for_parent(plan: &ChildPlan) -> Result<libc::pid_t, Errno> {
         let plan = unsafe { &*(arg as *const ChildPlan) };
         run(plan)
     }
+    // SAFETY: `start` never returns into the caller's frames (it execs or _exits) and only
+    // reads `plan`, which outlives the call.
+    unsafe { vfork_parent_child(start, plan as *const ChildPlan as *mut c_void) }
+}
+
+/// `clone(CLONE_VM | CLONE_VFORK | CLONE_PARENT)` of `f(arg)` on a stack from
+/// [`VFORK_STACKS`]; returns once the child has exec'd or exited.
+///
+/// # Safety
+/// `f` must exec or `_exit`, never return into the caller's frames, and write no memory of
+/// the caller's but its own stack, errno and what `arg` lets it; `arg` must outlive the call.
+unsafe fn vfork_parent_child(
+    f: extern "C" fn(*mut c_void) -> c_int,
+    arg: *mut c_void,
+) -> Result<libc::pid_t, Errno> {
     let free = || VFORK_STACKS.lock().unwrap_or_else(|e| e.into_inner());
     let stack = match free().pop() {
         Some(stack) => stack,
@@ -628,16 +646,78 @@ pub(crate) fn vfork_for_parent(plan: &ChildPlan) -> Result<libc::pid_t, Errno> {
     };
     let top = stack.top(0);
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD;
-    // SAFETY: `start` never returns into the caller's frames (it execs or _exits) and touches
-    // only `plan` (read) and its own stack; `stack` and `plan` outlive the call, which returns
-    // only once the child has exec'd or exited.
-    let pid = unsafe { libc::clone(start, top, flags, plan as *const ChildPlan as *mut c_void) };
+    // SAFETY: per this function's contract; `stack` outlives the call, which returns only
+    // once the child has exec'd or exited.
+    let pid = unsafe { libc::clone(f, top, flags, arg) };
     // The child has exec'd or exited: its stack is free for the next one.
     let mut free = free();
     if free.len() < VFORK_STACKS_KEPT {
         free.push(stack);
     }
     Errno::result(pid)
+}
+
+/// The descriptor a standby helper waits on for its plan (see the `standby` module).
+pub(crate) const STANDBY_FD: RawFd = 3;
+
+/// What a standby helper's vforked child needs to exec (see [`start_standby`]).
+struct StandbyExec<'a> {
+    exe: &'a CStr,
+    argv: [*const c_char; 3],
+    envp: [*const c_char; 1],
+    sock: RawFd,
+    /// Set by the child when its exec failed.
+    errno: std::sync::atomic::AtomicI32,
+}
+
+/// Starts a standby helper (see the `standby` module) in the calling thread's cgroups, as a
+/// child of this process's parent (`CLONE_PARENT`: the worker, which reaps it): a vforked
+/// child moves `sock` to [`STANDBY_FD`], closes every other descriptor but stdio and execs
+/// `exe` with `argv0` and `arg`, an empty environment and the spawner's signal dispositions (what it
+/// ignores stays ignored across the exec). Returns its pid once it has exec'd; when the exec
+/// failed, the errno and the pid of the child, which has exited and is the worker's to reap.
+pub(crate) fn start_standby(
+    exe: &CStr,
+    argv0: &CStr,
+    arg: &CStr,
+    sock: RawFd,
+) -> Result<libc::pid_t, (Errno, Option<libc::pid_t>)> {
+    extern "C" fn start(arg: *mut c_void) -> c_int {
+        // SAFETY: `arg` is the `StandbyExec` below, alive until the caller wakes.
+        let s = unsafe { &*(arg as *const StandbyExec<'_>) };
+        // SAFETY: plain fd syscalls on this child's own descriptor table, then the exec.
+        let errno = unsafe {
+            let moved = if s.sock == STANDBY_FD {
+                libc::fcntl(STANDBY_FD, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(s.sock, STANDBY_FD)
+            };
+            if moved < 0 {
+                Errno::last_raw()
+            } else {
+                close_range((STANDBY_FD + 1) as u32, u32::MAX);
+                libc::execve(s.exe.as_ptr(), s.argv.as_ptr(), s.envp.as_ptr());
+                Errno::last_raw()
+            }
+        };
+        s.errno
+            .store(errno.max(1), std::sync::atomic::Ordering::Relaxed);
+        exit(EXIT_EXEC)
+    }
+    let s = StandbyExec {
+        exe,
+        argv: [argv0.as_ptr(), arg.as_ptr(), ptr::null()],
+        envp: [ptr::null()],
+        sock,
+        errno: std::sync::atomic::AtomicI32::new(0),
+    };
+    // SAFETY: `start` execs or _exits and writes only `s.errno`; `s` outlives the call.
+    let pid = unsafe { vfork_parent_child(start, &s as *const StandbyExec<'_> as *mut c_void) }
+        .map_err(|e| (e, None))?;
+    match s.errno.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Ok(pid),
+        errno => Err((Errno::from_raw(errno), Some(pid))),
+    }
 }
 
 /// Stacks of [`vfork_for_parent`] children, reused: mapping a fresh one per spawn costs an
@@ -1301,6 +1381,11 @@ const SPAWNER_IGNORED: [c_int; 5] = [
 /// Sets `signals` to `disposition` (SIG_DFL or SIG_IGN), empty mask, no flags. The raw
 /// syscall: glibc's wrapper refuses the signals it reserves (32 and 33) and so would leave an
 /// inherited SIG_IGN on them in place, through the exec, for the task.
+/// SIGSEGV and SIGBUS back to their default action (a standby helper's runtime caught them).
+pub(crate) fn default_fault_signals() {
+    set_disposition(&[libc::SIGSEGV, libc::SIGBUS], libc::SIG_DFL);
+}
+
 fn set_disposition(signals: &[c_int], disposition: libc::sighandler_t) {
     // The kernel's struct sigaction on x86_64 and arm64: handler, flags, restorer, mask.
     let action: [u64; 4] = [disposition as u64, 0, 0, 0];

@@ -48,6 +48,7 @@ mod netns;
 pub mod plan;
 mod process;
 mod spawner;
+pub mod standby;
 #[cfg(test)]
 mod tests;
 mod warm;
@@ -423,8 +424,10 @@ impl Sandbox {
                 cgroup,
                 warm,
                 notes,
+                reap,
             }) => {
                 log_notes(notes);
+                reap_let_go(reap);
                 self.inner.started.fetch_add(1, Ordering::Relaxed);
                 if warm {
                     self.inner.started_warm.fetch_add(1, Ordering::Relaxed);
@@ -434,8 +437,10 @@ impl Sandbox {
             Some(spawner::Reply::Failed {
                 failure: spawner::Failure::Fork { errno },
                 notes,
+                reap,
             }) if errno == libc::EINVAL => {
                 log_notes(notes);
+                reap_let_go(reap);
                 warn!(
                     "this system refuses clone(CLONE_PARENT) (qemu-user emulation does): the \
                      worker forks attempts itself from now on, without warm cgroups"
@@ -443,8 +448,13 @@ impl Sandbox {
                 self.inner.fork_here.store(true, Ordering::Relaxed);
                 self.fork_here(request)?
             }
-            Some(spawner::Reply::Failed { failure, notes }) => {
+            Some(spawner::Reply::Failed {
+                failure,
+                notes,
+                reap,
+            }) => {
                 log_notes(notes);
+                reap_let_go(reap);
                 return Err(failure.into());
             }
             Some(spawner::Reply::Status { .. }) => {
@@ -745,8 +755,14 @@ impl Sandbox {
                 .call(&spawner::Request::Status, &[])
                 .await
             {
-                Ok(spawner::Reply::Status { ready, .. }) if ready > 0 => return true,
-                Ok(spawner::Reply::Status { notes, .. }) => said.extend(notes),
+                Ok(spawner::Reply::Status { ready, reap, .. }) if ready > 0 => {
+                    reap_let_go(reap);
+                    return true;
+                }
+                Ok(spawner::Reply::Status { notes, reap, .. }) => {
+                    reap_let_go(reap);
+                    said.extend(notes);
+                }
                 other => panic!("the spawner's status: {other:?}"),
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -865,6 +881,14 @@ impl Inner {
 }
 
 /// Logs what the spawner had to say (it does not log itself; see the `spawner` module).
+/// Reaps the standby helpers the spawner let go (the worker's children; see the `standby`
+/// module): each handle kills what still runs and reaps it now or at a later spawn.
+fn reap_let_go(pids: Vec<i32>) {
+    for pid in pids {
+        drop(process::Process::new(pid));
+    }
+}
+
 fn log_notes(notes: Vec<String>) {
     for note in notes {
         warn!("{note}");

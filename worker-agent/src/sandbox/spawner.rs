@@ -1,6 +1,7 @@
 //! The spawner: a small process, forked from the worker when its sandbox is built, that forks
 //! every attempt's first process for it (the task itself with `isolation = process`, the
-//! sandbox's outer helper otherwise).
+//! sandbox's outer helper otherwise), or hands the attempt's plan to a standby helper that a
+//! warm cgroup holds, started ahead (see the `standby` module).
 //!
 //! Why: a fork write-protects every page of the process that forks, and each page that process
 //! writes afterwards faults once to be copied or taken back, with a TLB shootdown to every CPU
@@ -22,7 +23,11 @@
 //!   (SCM_RIGHTS) in [`FdSet`] order; a request too large for one message travels in a memfd
 //!   passed last, the message then saying only that;
 //! - spawner → worker: a [`Reply`] for `Spawn` and `Status`; `Refill` has none (the worker
-//!   sends it from synchronous code and never waits for it).
+//!   sends it from synchronous code and never waits for it). Replies carry the pids of
+//!   standby helpers let go, which are the worker's children, for it to reap;
+//! - spawner → standby helper, over the helper's own pair: one message, the plan (postcard)
+//!   with the attempt's descriptors in [`FdSet`] order and then the ones the spawner adds
+//!   ([`adopt`]).
 //!
 //! The spawner exits when the worker's end closes, removing its ready warm cgroups first; a
 //! spawner that died is started again at the next spawn. It never logs (a lock that another
@@ -46,7 +51,7 @@ use tokio::io::Interest;
 use super::cgroup::{CgroupLimits, Hierarchy};
 use super::child::{self, ChildPlan, PidsOnceAlone};
 use super::error::CgroupError;
-use super::{netns, warm};
+use super::{netns, standby, warm};
 
 /// The smallest pids limit an attempt is vforked under (process isolation). Its limit is
 /// written before the fork, while the spawner thread that forks still counts in the cgroup, and
@@ -55,12 +60,17 @@ use super::{netns, warm};
 /// the process sets the limit itself once the thread has left (`child::PidsOnceAlone`).
 const VFORK_MIN_PIDS: u32 = 16;
 
+/// The smallest memory limit an attempt gets a warm cgroup for: one with a standby helper
+/// in it is charged for the helper's memory (0.5 MiB measured) before the limit is written.
+const WARM_MIN_MEMORY: u64 = 8 * 1024 * 1024;
+
 /// Largest request sent inline; a larger one (a huge argv or environment) goes in a memfd.
 const INLINE_MAX: usize = 48 * 1024;
-/// Room for one reply or inline request.
-const MESSAGE_MAX: usize = INLINE_MAX + 1024;
-/// Most descriptors one request carries.
-const MAX_FDS: usize = 8;
+/// Room for one reply, inline request or plan handed to a standby helper.
+pub(super) const MESSAGE_MAX: usize = INLINE_MAX + 1024;
+/// Most descriptors one message carries: a spawn's [`FdSet`] and its memfd, or a plan handed
+/// to a standby helper with its network namespace.
+const MAX_FDS: usize = 10;
 /// The spawner's end of its socket, moved here clear of stdio.
 const SPAWNER_SOCKET_FD: RawFd = 3;
 
@@ -117,14 +127,19 @@ pub(super) enum Reply {
         cgroup: String,
         warm: bool,
         notes: Vec<String>,
+        /// Standby helpers let go (see the `standby` module): the worker's children, gone
+        /// or going, for it to reap.
+        reap: Vec<i32>,
     },
     Failed {
         failure: Failure,
         notes: Vec<String>,
+        reap: Vec<i32>,
     },
     Status {
         ready: usize,
         notes: Vec<String>,
+        reap: Vec<i32>,
     },
 }
 
@@ -451,7 +466,7 @@ fn send(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
 }
 
 /// One message and the descriptors that came with it (owned, close-on-exec).
-fn receive(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+pub(super) fn receive(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = [io::IoSliceMut::new(buf)];
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
@@ -517,7 +532,8 @@ fn serve(
     // Now at SPAWNER_SOCKET_FD (the number it had is closed, unless it was that one).
     std::mem::forget(sock);
     let pools = Pools {
-        warm: warm_bases.map(|bases| warm::Pool::new(bases, super::WARM_CGROUPS, owner)),
+        warm: warm_bases
+            .map(|bases| warm::Pool::new(bases, super::WARM_CGROUPS, owner, standby::exe())),
         netns: netns.then(netns::Pool::new),
     };
     let mut buf = vec![0u8; MESSAGE_MAX];
@@ -562,9 +578,11 @@ fn handle(
         notes.extend(pools.netns.as_ref().and_then(netns::Pool::take_broken));
         notes
     };
+    let reap = || pool.map(warm::Pool::take_reap).unwrap_or_default();
     let failed = |why: String| Reply::Failed {
         failure: Failure::Request(why),
         notes: notes(),
+        reap: reap(),
     };
     let mut request: Request = match postcard::from_bytes(message) {
         Ok(r) => r,
@@ -593,6 +611,7 @@ fn handle(
         Request::Status => Some(Reply::Status {
             ready: pool.map_or(0, warm::Pool::ready),
             notes: notes(),
+            reap: reap(),
         }),
         Request::InMemfd => Some(failed("a memfd request inside a memfd".into())),
         Request::Spawn(spawn) => Some(match start(*spawn, fds, hierarchy, pools) {
@@ -601,10 +620,12 @@ fn handle(
                 cgroup,
                 warm,
                 notes: notes(),
+                reap: reap(),
             },
             Err(failure) => Reply::Failed {
                 failure,
                 notes: notes(),
+                reap: reap(),
             },
         }),
     }
@@ -625,40 +646,12 @@ fn start(
         pids,
         mut plan,
     } = spawn;
-    let want = 5
-        + usize::from(plan.status_fd.is_some())
-        + usize::from(plan.proxy_fd.is_some())
-        + usize::from(plan.confirm_fd.is_some());
-    if fds.len() != want {
-        return Err(Failure::Request(format!(
-            "{} descriptors came with a spawn, {want} expected",
-            fds.len()
-        )));
-    }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    adopt(&mut plan, &raw, false).map_err(Failure::Request)?;
     plan.from_spawner = true;
-    plan.stdio = [raw[0], raw[1], raw[2]];
-    plan.setup_fd = raw[3];
-    plan.events_fd = raw[4];
-    let mut next = 5;
-    if plan.status_fd.is_some() {
-        plan.status_fd = Some(raw[next]);
-        next += 1;
-    }
-    if plan.proxy_fd.is_some() {
-        plan.proxy_fd = Some(raw[next]);
-        next += 1;
-    }
-    if plan.confirm_fd.is_some() {
-        plan.confirm_fd = Some(raw[next]);
-    }
     // Held until after the fork: the outer helper joins it (see the `netns` module).
     let net_ns = match plan.sandbox.as_mut() {
         Some(setup) => {
-            let stacks = child::Stacks::helpers().map_err(|e| Failure::Fork {
-                errno: e.raw_os_error().unwrap_or(libc::ENOMEM),
-            })?;
-            plan.stacks = Some(stacks);
             // Never into a user namespace of the attempt's own: a namespace made here belongs
             // to ours, and joining it from inside a new one is refused (EPERM).
             let joinable = setup.unshare_flags & libc::CLONE_NEWNET != 0
@@ -674,15 +667,53 @@ fn start(
         }
         None => None,
     };
-    let result = match pool.and_then(warm::Pool::take) {
-        Some(warmed) => {
-            let (group, launcher) = warmed.into_parts();
+    // A warm cgroup may hold a standby helper's memory already (about 0.5 MiB): a limit
+    // below it could not be set, so the smallest limits get a fresh cgroup.
+    let fits = memory_bytes.is_none_or(|m| m >= WARM_MIN_MEMORY);
+    let taken = pool
+        .filter(|_| fits)
+        .and_then(|pool| pool.take(plan.sandbox.is_some()).map(|w| (pool, w)));
+    let result = match taken {
+        Some((pool, warmed)) => {
+            let (group, launcher, standby) = warmed.into_parts();
             // Before the fork: the thread goes, and the cgroup with it.
             let give_up = |launcher: warm::Launcher, failure: Failure| {
                 launcher.release();
                 remove_dirs(group.dirs());
                 failure
             };
+            if let Some(standby) = standby {
+                // Its thread left once the helper had started; this only makes sure.
+                launcher.release();
+                let handed = hand_off(
+                    &group,
+                    &standby,
+                    memory_bytes,
+                    pids,
+                    &mut plan,
+                    &raw,
+                    &net_ns,
+                );
+                return match handed {
+                    Ok(()) => Ok((standby.pid, group.name(), true)),
+                    Err(HandOff::Limit(e)) => {
+                        pool.let_go(standby);
+                        pool.orphan(group);
+                        Err(Failure::cgroup(e))
+                    }
+                    Err(HandOff::Send(e)) => {
+                        // The helper is gone (or the plan too large): a fresh cgroup and a
+                        // fork, as when no warm cgroup is ready.
+                        pool.note(format!(
+                            "standby helper {} could not take an attempt ({e}); it is forked instead",
+                            standby.pid
+                        ));
+                        pool.let_go(standby);
+                        pool.orphan(group);
+                        start_cold(&name, memory_bytes, pids, hierarchy, &mut plan)
+                    }
+                };
+            }
             if let Some(bytes) = memory_bytes {
                 if let Err(e) = group.set_memory_limit(bytes) {
                     return Err(give_up(launcher, Failure::cgroup(e)));
@@ -722,6 +753,10 @@ fn start(
                 go = Some((r, w));
             }
             plan.cgroup_procs = Vec::new();
+            if let Err(e) = helper_stacks(&mut plan) {
+                let errno = e.raw_os_error().unwrap_or(libc::ENOMEM);
+                return Err(give_up(launcher, Failure::Fork { errno }));
+            }
             let plan = Arc::new(plan);
             // Returns once the thread has left the cgroup.
             let forked = launcher.spawn(move || fork_and_run(&plan));
@@ -734,24 +769,122 @@ fn start(
                 .map(|pid| (pid, group.name(), true))
                 .map_err(|e| fork_failed(&e, || remove_dirs(group.dirs())))
         }
-        None => {
-            let group = hierarchy
-                .create(&name, CgroupLimits { memory_bytes, pids })
-                .map_err(Failure::cgroup)?;
-            plan.cgroup_procs = group.procs_files().iter().map(|p| c_path(p)).collect();
-            plan.pids_once_alone = None;
-            fork_and_run(&plan)
-                .map(|pid| (pid, name, false))
-                .map_err(|e| {
-                    fork_failed(&e, || {
-                        let _ = group.remove();
-                    })
-                })
-        }
+        None => start_cold(&name, memory_bytes, pids, hierarchy, &mut plan),
     };
     // The child has its copies; the spawner's go now.
     drop((fds, net_ns));
     result
+}
+
+/// Puts the descriptors that came with `plan` in its fields, in [`FdSet`] order; with
+/// `standby` (a plan handed to a standby helper), then the network namespace it joins, where
+/// it has one.
+pub(super) fn adopt(plan: &mut ChildPlan, raw: &[RawFd], standby: bool) -> Result<(), String> {
+    let net_ns = standby && plan.sandbox.as_ref().is_some_and(|s| s.net_ns.is_some());
+    let want = 5
+        + usize::from(plan.status_fd.is_some())
+        + usize::from(plan.proxy_fd.is_some())
+        + usize::from(plan.confirm_fd.is_some())
+        + usize::from(net_ns);
+    if raw.len() != want {
+        return Err(format!(
+            "{} descriptors came with a plan, {want} expected",
+            raw.len()
+        ));
+    }
+    let mut next = raw.iter().copied();
+    let mut take = || next.next().expect("counted above");
+    plan.stdio = [take(), take(), take()];
+    plan.setup_fd = take();
+    plan.events_fd = take();
+    for fd in [
+        &mut plan.status_fd,
+        &mut plan.proxy_fd,
+        &mut plan.confirm_fd,
+    ] {
+        if fd.is_some() {
+            *fd = Some(take());
+        }
+    }
+    if net_ns {
+        if let Some(setup) = plan.sandbox.as_mut() {
+            setup.net_ns = Some(take());
+        }
+    }
+    Ok(())
+}
+
+/// Why a hand-off to a standby helper did not happen.
+enum HandOff {
+    /// A limit could not be written to the warm cgroup.
+    Limit(CgroupError),
+    /// The message did not reach the helper: it is gone, or the plan is too large.
+    Send(io::Error),
+}
+
+/// Writes the attempt's limits to the warm cgroup `group`, which holds only the standby
+/// helper (its thread has left, so `pids.max` is exact now), and hands the helper `plan`: the
+/// plan, then its descriptors — `fds` (the attempt's, in [`FdSet`] order) and the network
+/// namespace made ahead (see [`adopt`]) — in one message, which arrives whole or not at all.
+fn hand_off(
+    group: &super::cgroup::v1::Group,
+    standby: &standby::Standby,
+    memory_bytes: Option<u64>,
+    pids: Option<u32>,
+    plan: &mut ChildPlan,
+    fds: &[RawFd],
+    net_ns: &Option<OwnedFd>,
+) -> Result<(), HandOff> {
+    if let Some(bytes) = memory_bytes {
+        group.set_memory_limit(bytes).map_err(HandOff::Limit)?;
+    }
+    if let Some(max) = pids {
+        group.set_pids_limit(max).map_err(HandOff::Limit)?;
+    }
+    plan.cgroup_procs = Vec::new();
+    plan.pids_once_alone = None;
+    let bytes = postcard::to_allocvec(&*plan).map_err(|e| HandOff::Send(io::Error::other(e)))?;
+    if bytes.len() > MESSAGE_MAX {
+        return Err(HandOff::Send(io::Error::other(
+            "a plan too large for one message",
+        )));
+    }
+    let mut all = fds.to_vec();
+    all.extend(net_ns.as_ref().map(AsRawFd::as_raw_fd));
+    send(standby.sock.as_raw_fd(), &bytes, &all).map_err(HandOff::Send)
+}
+
+/// A new cgroup for the attempt, which its first process joins itself: the way without a
+/// warm cgroup ready. Returns (pid, cgroup name, warm = false).
+fn start_cold(
+    name: &str,
+    memory_bytes: Option<u64>,
+    pids: Option<u32>,
+    hierarchy: &Hierarchy,
+    plan: &mut ChildPlan,
+) -> Result<(i32, String, bool), Failure> {
+    let group = hierarchy
+        .create(name, CgroupLimits { memory_bytes, pids })
+        .map_err(Failure::cgroup)?;
+    plan.cgroup_procs = group.procs_files().iter().map(|p| c_path(p)).collect();
+    plan.pids_once_alone = None;
+    helper_stacks(plan)
+        .and_then(|()| fork_and_run(plan))
+        .map(|pid| (pid, name.to_owned(), false))
+        .map_err(|e| {
+            fork_failed(&e, || {
+                let _ = group.remove();
+            })
+        })
+}
+
+/// The stacks of a sandbox's helpers that share the outer helper's memory, made by whoever
+/// starts it (here: for the fork; a standby helper makes its own).
+fn helper_stacks(plan: &mut ChildPlan) -> io::Result<()> {
+    if plan.sandbox.is_some() {
+        plan.stacks = Some(child::Stacks::helpers()?);
+    }
+    Ok(())
 }
 
 fn fork_and_run(plan: &ChildPlan) -> io::Result<i32> {
@@ -809,6 +942,7 @@ mod tests {
         let bytes = postcard::to_allocvec(&Reply::Failed {
             failure: f,
             notes: vec![],
+            reap: vec![],
         })
         .unwrap();
         let Ok(Reply::Failed { failure, .. }) = postcard::from_bytes(&bytes) else {
