@@ -63,6 +63,11 @@ type Job = Box<dyn FnOnce() + Send>;
 /// below 100 a second.
 const STANDBY_MIN_GAP: Duration = Duration::from_millis(10);
 
+/// Most standby helpers a pool holds at once: each is 0.6 MiB (Pss) of the worker's idle
+/// footprint, and one attempt at a time, what they are for, needs one (two cover a refill
+/// still under way).
+const STANDBY_MAX: usize = 2;
+
 /// Whether the cgroups made from now on get standby helpers, after a take for a `sandboxed`
 /// attempt or not that came `gap` after the one before (`None`: the first).
 fn wants_standby(sandboxed: bool, gap: Option<Duration>) -> bool {
@@ -100,6 +105,8 @@ struct State {
     notes: Vec<String>,
     /// Whether new warm cgroups get a standby helper ([`wants_standby`]).
     standby_wanted: bool,
+    /// Threads starting a standby helper now.
+    standby_starting: usize,
     /// When a warm cgroup was last taken.
     last_take: Option<std::time::Instant>,
     /// Set when a standby helper could not be started: the pool stops trying.
@@ -196,7 +203,14 @@ impl Pool {
         let gap = state.last_take.map(|t| now.duration_since(t));
         state.standby_wanted = wants_standby(sandboxed, gap);
         state.last_take = Some(now);
-        let mut warmed = state.ready.pop()?;
+        // A sandboxed attempt takes a cgroup with a standby helper where there is one, a
+        // `process` attempt one without (its vfork is as fast): the newest of that kind.
+        let i = state
+            .ready
+            .iter()
+            .rposition(|w| w.standby.is_some() == sandboxed)
+            .or_else(|| state.ready.len().checked_sub(1))?;
+        let mut warmed = state.ready.swap_remove(i);
         if let Some(i) = state
             .threads
             .iter()
@@ -317,25 +331,25 @@ fn warm_thread(
             "move a warm thread into",
         )
     });
-    let standby = match standby {
-        Some(exe) if entered.is_ok() => {
-            let wanted = {
-                let s = lock(&state);
-                s.standby_wanted && !s.standby_broken
-            };
-            if wanted {
-                start_standby(exe, &state)
-            } else {
-                None
-            }
-        }
-        _ => None,
+    // Counted in `standby_starting` until the push below (under one lock, so that no other
+    // thread sees it neither starting nor held).
+    let counted = standby.is_some() && entered.is_ok() && {
+        let mut s = lock(&state);
+        let held = s.ready.iter().filter(|w| w.standby.is_some()).count();
+        let wanted =
+            s.standby_wanted && !s.standby_broken && held + s.standby_starting < STANDBY_MAX;
+        s.standby_starting += usize::from(wanted);
+        wanted
     };
+    let standby = standby
+        .filter(|_| counted)
+        .and_then(|exe| start_standby(exe, &state));
     let has_standby = standby.is_some();
     let (jobs, rx) = sync_channel::<Job>(1);
     {
         let mut s = lock(&state);
         s.starting -= 1;
+        s.standby_starting -= usize::from(counted);
         if let Err(err) = entered {
             // Half in, maybe: the thread's exit takes it out of wherever it got.
             s.notes.push(format!("a warm thread cannot enter its cgroup ({err}); attempts join their cgroups themselves"));
