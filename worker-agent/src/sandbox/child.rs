@@ -20,10 +20,10 @@
 //!                           capabilities, no_new_privs, chdir, exec
 //! ```
 //! "vfork" is `clone(CLONE_VM | CLONE_VFORK)` ([`vm_child`]): one copy of memory per attempt
-//! (S's, of the spawner's), none for I and T. Where the worker binary runs, S is mostly not a
-//! fork but a standby helper: the worker binary exec'd ahead in the warm cgroup, which
-//! receives its plan and then runs [`run`] as the fork would (see the `standby` module and
-//! [`start_standby`]). The task is not pid 1 on purpose: pid 1 ignores
+//! (S's, of the spawner's), none for I and T. On cgroup v1 hosts, while sandboxed attempts
+//! come at least 10 ms apart, S is instead a standby helper: the worker binary exec'd ahead in
+//! the warm cgroup, which receives its plan and then runs [`run`] as the fork would (see the
+//! `standby` module and [`start_standby`]). The task is not pid 1 on purpose: pid 1 ignores
 //! signals it has no handler for, so a task's `kill -TERM $$` would do nothing. With process
 //! isolation the first process is T: it makes its own process group and execs (and is
 //! vforked itself when its pids limit allows, see the `spawner` module).
@@ -673,9 +673,10 @@ struct StandbyExec<'a> {
 /// Starts a standby helper (see the `standby` module) in the calling thread's cgroups, as a
 /// child of this process's parent (`CLONE_PARENT`: the worker, which reaps it): a vforked
 /// child moves `sock` to [`STANDBY_FD`], closes every other descriptor but stdio and execs
-/// `exe` with `argv0` and `arg`, an empty environment and the spawner's signal dispositions (what it
-/// ignores stays ignored across the exec). Returns its pid once it has exec'd; when the exec
-/// failed, the errno and the pid of the child, which has exited and is the worker's to reap.
+/// `exe` with `argv0` and `arg`, an empty environment and the spawner's signal dispositions
+/// (what it ignores stays ignored across the exec). Returns its pid once it has exec'd; when
+/// the exec failed, the errno and the pid of the child, which has exited and is the worker's
+/// to reap.
 pub(crate) fn start_standby(
     exe: &CStr,
     argv0: &CStr,

@@ -20,14 +20,16 @@
 //! spawner then has the worker reap it (`Reply`'s `reap`).
 //!
 //! If the spawner itself dies (a bug), its idle helpers see their sockets close and exit, but
-//! no reply names them: they stay the worker's zombies until it exits (at most one per warm
-//! cgroup per spawner death).
+//! no reply names them: they stay the worker's zombies until it exits (at most two per
+//! spawner death).
 //!
-//! The cost moves off the path, not off the CPU: an exec of the worker binary per warm cgroup
-//! (docs/benchmarks.md has the figures). So a pool only starts helpers while attempts take
-//! them (see `warm::Pool`). A failed hand-off (the helper gone, a plan too large for one
-//! message) falls back to a fresh cgroup and a fork, as when no warm cgroup is ready. Only a binary whose `main` calls
-//! [`run_helper_or_enable`] first has the mode: test binaries do not, and their spawners fork.
+//! The cost moves off the path, not off the CPU: an exec of the worker binary per helper
+//! (docs/benchmarks.md, eighth round, has the figures). So a pool holds at most two, and
+//! starts them only while sandboxed attempts come at least 10 ms apart (see the `warm`
+//! module). A failed hand-off (the helper gone, a plan too large for one message) falls back
+//! to a fresh cgroup and a fork, as when no warm cgroup is ready. Only a binary whose `main`
+//! calls [`run_helper_or_enable`] first has the mode: test binaries do not, and their
+//! spawners fork.
 
 use std::ffi::{CStr, CString};
 use std::io::Write;
