@@ -694,22 +694,21 @@ fn start(
                     &raw,
                     &net_ns,
                 );
-                return match handed {
-                    Ok(()) => Ok((standby.pid, group.name(), true)),
-                    Err(HandOff::Limit(e)) => {
-                        pool.let_go(standby);
-                        pool.orphan(group);
-                        Err(Failure::cgroup(e))
-                    }
-                    Err(HandOff::Send(e)) => {
+                let failed = match handed {
+                    Ok(()) => return Ok((standby.pid, group.name(), true)),
+                    Err(failed) => failed,
+                };
+                let pid = standby.pid;
+                pool.let_go(standby);
+                pool.orphan(group);
+                return match failed {
+                    HandOff::Limit(e) => Err(Failure::cgroup(e)),
+                    HandOff::Send(e) => {
                         // The helper is gone (or the plan too large): a fresh cgroup and a
                         // fork, as when no warm cgroup is ready.
                         pool.note(format!(
-                            "standby helper {} could not take an attempt ({e}); it is forked instead",
-                            standby.pid
+                            "standby helper {pid} could not take an attempt ({e}); it is forked instead"
                         ));
-                        pool.let_go(standby);
-                        pool.orphan(group);
                         start_cold(&name, memory_bytes, pids, hierarchy, &mut plan)
                     }
                 };
