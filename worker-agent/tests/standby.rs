@@ -1,7 +1,9 @@
 //! Standby helpers (see `sandbox::standby`) with the real worker binary: the library's own
 //! tests cannot exec their test binary as a helper, so they cover the fork path, and this
 //! test the hand-off to a helper started ahead — its plan, descriptors, network namespace made
-//! ahead and pids limit — and the fall-back to a fork when a helper has died.
+//! ahead and pids limit — the sandbox a helper makes ahead (its view: namespaces, mounts,
+//! the workspace bound in when the plan comes), a helper whose view is not the attempt's, and
+//! the fall-back to a fork when a helper has died.
 //!
 //! Needs root and cgroup v1 (warm cgroups, which hold the helpers); otherwise it prints a loud
 //! SKIPPED line and passes. No timing is asserted; every wait is bounded.
@@ -30,6 +32,16 @@ async fn read_all(reader: Option<impl AsyncRead + Unpin>) -> String {
 }
 
 async fn run(sandbox: &Sandbox, script: &str, isolation: Isolation, pids: u32) -> Run {
+    run_in(sandbox, script, isolation, pids, NetworkPolicy::None).await
+}
+
+async fn run_in(
+    sandbox: &Sandbox,
+    script: &str,
+    isolation: Isolation,
+    pids: u32,
+    network: NetworkPolicy,
+) -> Run {
     let argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
     let env = BTreeMap::new();
     let limits = Limits {
@@ -45,7 +57,7 @@ async fn run(sandbox: &Sandbox, script: &str, isolation: Isolation, pids: u32) -
         env: &env,
         workspace: ws.path(),
         limits: &limits,
-        network: NetworkPolicy::None,
+        network,
         isolation,
         checkpoint_file: None,
         extra_env: &[],
@@ -99,15 +111,29 @@ fn standby_children() -> Vec<(i32, char)> {
     found
 }
 
-/// Standby helpers that wait for a plan (still in this process's mount namespace: one that
-/// runs an attempt has made its own).
+/// Standby helpers that wait for a plan: still in this process's mount namespace, or with a
+/// sandbox made ahead whose init has started nothing (one that runs an attempt has made its
+/// own namespace, and its init has started the task).
 fn idle_helpers() -> Vec<i32> {
     let ours = std::fs::read_link("/proc/self/ns/mnt").expect("own mount namespace");
+    let children = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .collect::<Vec<_>>()
+    };
+    let waiting_init = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() == standby::READY_COMM)
+            && children(pid).is_empty()
+    };
     standby_children()
         .into_iter()
         .filter(|&(pid, state)| {
             state != 'Z'
-                && std::fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|ns| ns == ours)
+                && (std::fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|ns| ns == ours)
+                    || matches!(children(pid)[..], [init] if waiting_init(init)))
         })
         .map(|(pid, _)| pid)
         .collect()
@@ -144,7 +170,7 @@ async fn attempts_start_from_standby_helpers_and_fall_back_when_one_died() {
     for _ in 0..100 {
         let r = run(&sandbox, comm, Isolation::Sandbox, 64).await;
         assert_eq!(r.class, ExitClass::Exited(0), "{}", r.stderr);
-        if r.stdout.trim() == standby::COMM {
+        if [standby::COMM, standby::READY_COMM].contains(&r.stdout.trim()) {
             from_standby = true;
             break;
         }
@@ -155,23 +181,88 @@ async fn attempts_start_from_standby_helpers_and_fall_back_when_one_died() {
     // Attempts closer together than 10 ms get forks (a flood: see `warm::wants_standby`).
     let apart = || tokio::time::sleep(Duration::from_millis(30));
 
-    // What the helper was handed works: the network namespace made ahead (only `lo`), the
-    // pids limit written before the hand-off (a fork bomb stops at it), the environment.
-    apart().await;
-    let r = run(
-        &sandbox,
-        "cat /proc/1/comm; ls /sys/class/net; echo \"$DROVER_TASK_ID\"; \
-         sh -c 'for i in 1 2 3 4 5 6 7 8; do sleep 100 >/dev/null 2>&1 & done'; exit 0",
-        Isolation::Sandbox,
-        5,
-    )
-    .await;
-    assert_eq!(r.class, ExitClass::Exited(0), "{}", r.stderr);
-    let lines: Vec<&str> = r.stdout.lines().collect();
-    assert_eq!(lines, [standby::COMM, "lo", "standby-test"], "{}", r.stderr);
+    // Helpers started after that attempt make its sandbox ahead; the attempt that meets one
+    // finds its init named for it. What such a helper was handed works as in one it made
+    // at the attempt: its own network namespace (only `lo`), the hostname, the environment,
+    // the workspace writable and the host's tree not, a private /tmp, the pids limit written
+    // before the hand-off (a fork bomb stops at it). Each run is checked; they go on, apart,
+    // until one came from a helper that made its sandbox ahead.
+    let checks = "cat /proc/1/comm; ls /sys/class/net; hostname; echo \"$DROVER_TASK_ID\"; \
+                  echo written > \"$DROVER_WORKSPACE/f\" && cat \"$DROVER_WORKSPACE/f\"; \
+                  touch /usr/drover-x 2>/dev/null || echo read-only; \
+                  touch \"$(dirname \"$DROVER_WORKSPACE\")/drover-x\" && echo tmp-writable; \
+                  ls -A \"$(dirname \"$DROVER_WORKSPACE\")\" | wc -l; \
+                  sh -c 'for i in 1 2 3 4 5 6 7 8; do sleep 100 >/dev/null 2>&1 & done'; exit 0";
+    let mut prepared = false;
+    for _ in 0..100 {
+        apart().await;
+        let r = run(&sandbox, checks, Isolation::Sandbox, 5).await;
+        assert_eq!(r.class, ExitClass::Exited(0), "{}", r.stderr);
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(
+            lines[1..],
+            [
+                "lo",
+                "drover-standby-test",
+                "standby-test",
+                "written",
+                "read-only",
+                "tmp-writable",
+                // The private /tmp holds the workspace and the file just made, nothing of the
+                // host's /tmp.
+                "2"
+            ],
+            "{}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.to_lowercase().contains("fork"),
+            "the pids limit did not stop the bomb: {}",
+            r.stderr
+        );
+        if lines[0] == standby::READY_COMM {
+            prepared = true;
+            break;
+        }
+        assert_eq!(lines[0], standby::COMM, "{}", r.stderr);
+    }
+    assert!(prepared, "no attempt met a sandbox made ahead");
+
+    // The host's network is another sandbox than the one made ahead (no network namespace of
+    // its own, the host's /sys): a helper that made that one is not handed the attempt (it is
+    // let go and the attempt forked, unless a helper that made nothing is ready); the helpers
+    // after it make the host's ahead.
+    let host_net = "cat /proc/1/comm; ls /sys/class/net | grep -cvx lo";
+    let mut prepared = false;
+    for _ in 0..100 {
+        apart().await;
+        let r = run_in(
+            &sandbox,
+            host_net,
+            Isolation::Sandbox,
+            64,
+            NetworkPolicy::Host,
+        )
+        .await;
+        assert_eq!(r.class, ExitClass::Exited(0), "{}", r.stderr);
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_ne!(lines.get(1), Some(&"0"), "only lo: {}", r.stdout);
+        if lines[0] == standby::READY_COMM {
+            prepared = true;
+            break;
+        }
+    }
     assert!(
-        r.stderr.to_lowercase().contains("fork"),
-        "the pids limit did not stop the bomb: {}",
+        prepared,
+        "no sandbox with the host's network was made ahead"
+    );
+    // And back: a sandbox without network is not started from one made for the host's.
+    apart().await;
+    let r = run(&sandbox, "ls /sys/class/net", Isolation::Sandbox, 64).await;
+    assert_eq!(
+        (r.class, r.stdout.as_str()),
+        (ExitClass::Exited(0), "lo\n"),
+        "{}",
         r.stderr
     );
     // A process-isolation attempt may take a cgroup with a helper too: it execs the task.
@@ -217,10 +308,10 @@ async fn attempts_start_from_standby_helpers_and_fall_back_when_one_died() {
         let r = run(&sandbox, comm, Isolation::Sandbox, 64).await;
         assert_eq!(r.class, ExitClass::Exited(0), "{}", r.stderr);
         if zombies().len() < dead.len() {
-            assert_ne!(
-                r.stdout.trim(),
-                standby::COMM,
-                "started from a dead helper?"
+            assert!(
+                ![standby::COMM, standby::READY_COMM].contains(&r.stdout.trim()),
+                "started from a dead helper? {}",
+                r.stdout
             );
             met = true;
             break;

@@ -71,6 +71,8 @@ use std::ptr;
 use nix::errno::Errno;
 use nix::libc::{self, c_char, c_int, c_void};
 
+use super::standby::View;
+
 /// The task's events pipe (its `DROVER_EVENTS_FD`).
 pub(crate) const EVENTS_FD: RawFd = 3;
 const SETUP_FD: RawFd = 4;
@@ -304,7 +306,7 @@ pub(crate) struct SandboxSetup {
 }
 
 /// One path covered in the sandbox.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Mask {
     pub(crate) path: CString,
     pub(crate) kind: MaskKind,
@@ -325,7 +327,7 @@ pub(crate) enum MaskKind {
 }
 
 /// A path bound back into the sandbox from the host.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Rebind {
     pub(crate) path: CString,
     pub(crate) writable: bool,
@@ -801,7 +803,7 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
     } else {
         reset_signal_dispositions();
     }
-    if arrange_fds(plan).is_err() {
+    if arrange_fds(plan, None).is_err() {
         exit(EXIT_SETUP);
     }
     for (i, procs) in plan.cgroup_procs.iter().enumerate() {
@@ -889,31 +891,8 @@ fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             fail(Step::GidMap, 0, e);
         }
     }
-    if let Some(port) = setup.proxy_port {
-        check(Step::Loopback, loopback_up());
-        let listener = check_fd(Step::ProxySocket, 0, proxy_listener(port));
-        check_at(Step::ProxySocket, 1, send_fd(PROXY_FD, listener));
-        // SAFETY: closing descriptors this process owns; the worker holds its own copy now.
-        unsafe {
-            libc::close(listener);
-            libc::close(PROXY_FD);
-        }
-    }
-    // Without this, the mounts below would propagate back to the host's mount namespace.
-    // SAFETY: valid NUL-terminated target; the other pointers may be null for MS_PRIVATE.
-    check(Step::MountPrivate, unsafe {
-        libc::mount(
-            ptr::null(),
-            c"/".as_ptr(),
-            ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            ptr::null(),
-        )
-    });
-    // SAFETY: pointer and length of a live buffer.
-    check(Step::Hostname, unsafe {
-        libc::sethostname(setup.hostname.as_ptr().cast(), setup.hostname.len())
-    });
+    proxy_and_hostname(setup);
+    make_private();
     // I shares this process's memory and descriptor table, and this process sleeps until I
     // is gone (vfork): nothing is copied, and I closes what the attempt no longer needs in the
     // one table both hold — so the worker sees the setup pipe end when the task has exec'd.
@@ -935,8 +914,192 @@ fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
     exit(0)
 }
 
+/// Descriptors a prepared init holds while it waits for its plan are at or above this: clear
+/// of the fixed numbers and of where the plan's own descriptors arrive.
+const PREPARED_FD: RawFd = 64;
+
+/// Set in a prepared init until its plan comes: no attempt's pipes exist yet, so a failed
+/// step is said on stderr (the worker's journal) instead of in a record.
+static PREPARING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A standby helper's sandbox made before its attempt (see the `standby` module): S makes the
+/// namespaces of `view` and forks the init, which builds the file system view, then calls
+/// `next` for the plan and runs it (`None`: let go; it exits). S waits for the init and
+/// reports how it ended, as [`outer`] does. S is the worker binary exec'd, single-threaded,
+/// and the init a fork of it (sharing its descriptor table), so both may allocate.
+pub(crate) fn run_prepared(view: &View, next: &dyn Fn() -> Option<ChildPlan>) -> ! {
+    PREPARING.store(true, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: unshare has no memory arguments.
+    check(Step::Unshare, unsafe { libc::unshare(view.unshare_flags) });
+    make_private();
+    let flags = (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: clone without CLONE_VM is a fork (of a single-threaded process: the child may
+    // do what this one may); the other arguments are unused without their flags.
+    let init = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    match init {
+        0 => prepared_init(view, next),
+        init if init < 0 => fail(Step::ForkInit, 0, Errno::last()),
+        init => {
+            let status = wait_for(init as libc::pid_t);
+            // The init has exited: the table it shared holds the status pipe if a plan came.
+            close_range(0, (STATUS_FD - 1) as u32);
+            close_range((STATUS_FD + 1) as u32, u32::MAX);
+            write_record(STATUS_FD, TAG_INIT, status);
+            exit(if status == 0 { 0 } else { EXIT_SETUP })
+        }
+    }
+}
+
+/// The init of [`run_prepared`]: everything of the view that does not depend on the attempt
+/// now, the rest once the plan has come.
+fn prepared_init(view: &View, next: &dyn Fn() -> Option<ChildPlan>) -> ! {
+    init_first();
+    let name = CString::new(super::standby::READY_COMM).unwrap_or_default();
+    // SAFETY: prctl with a NUL-terminated name.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+    // 1. Opened before anything covers them: the directory the workspace will be made in,
+    // kept files, devices.
+    let parent = check_fd(Step::OpenWorkspace, 0, open_path(&view.workspaces));
+    if parent != PREPARED_FD {
+        // SAFETY: plain fd syscalls on descriptors this process owns.
+        unsafe {
+            check(
+                Step::OpenWorkspace,
+                libc::dup3(parent, PREPARED_FD, libc::O_CLOEXEC),
+            );
+            libc::close(parent);
+        }
+    }
+    let mut keep_fds: [c_int; MAX_REBINDS] = [-1; MAX_REBINDS];
+    for (i, rebind) in view.keep.iter().take(MAX_REBINDS - 1).enumerate() {
+        keep_fds[i] = check_fd(Step::OpenWorkspace, i + 1, open_high(&rebind.path));
+    }
+    let device_fds = open_devices(true);
+    // 2.-4., the workspace's mask left writable.
+    build_view(&device_fds, view.sys, &view.masks, view.workspace_mask);
+    // 5. What the attempt does not change: kept files.
+    let kept = view.keep.len().min(MAX_REBINDS - 1);
+    bind_back(&view.keep[..kept], &keep_fds[..kept], 1);
+    close_all(&device_fds);
+    PREPARING.store(false, std::sync::atomic::Ordering::Relaxed);
+    let Some(plan) = next() else { exit(0) };
+    // From here on as `run` and `outer` with the plan, but for what is already done.
+    set_disposition(&SPAWNER_IGNORED, libc::SIG_DFL);
+    if arrange_fds(&plan, Some(PREPARED_FD)).is_err() {
+        exit(EXIT_SETUP);
+    }
+    let Some(setup) = &plan.sandbox else {
+        fail(Step::ForkInit, 2, Errno::EINVAL)
+    };
+    proxy_and_hostname(setup);
+    // The workspace: made in its mask (the path down to it is there), opened through the
+    // directory opened before the masks, bound.
+    if view.workspace_mask.is_some() {
+        if let Err(errno) = create(&plan.workspace, true) {
+            fail(Step::MkdirWorkspace, 0, errno);
+        }
+    }
+    let name = plan
+        .workspace
+        .as_bytes()
+        .rsplit(|b| *b == b'/')
+        .next()
+        .and_then(|leaf| CString::new(leaf).ok())
+        .unwrap_or_default();
+    // SAFETY: a valid NUL-terminated name relative to a directory this process holds.
+    let workspace = check_fd(Step::OpenWorkspace, 0, unsafe {
+        libc::openat(
+            PREPARED_FD,
+            name.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    });
+    // SAFETY: closing a descriptor this process owns.
+    unsafe { libc::close(PREPARED_FD) };
+    bind_back(&setup.rebinds[..1], &[workspace], 0);
+    if let Some(i) = view.workspace_mask {
+        if view.masks[i].kind == MaskKind::Empty {
+            check_at(
+                Step::MountTmp,
+                i,
+                set_attributes(&view.masks[i].path, MOUNT_ATTR_RDONLY, 0, false),
+            );
+        }
+    }
+    start_task_and_wait(&plan)
+}
+
+/// [`open_path`], moved to a number at or above [`PREPARED_FD`] (-1 on failure).
+fn open_high(path: &CStr) -> c_int {
+    let fd = open_path(path);
+    if fd < 0 {
+        return fd;
+    }
+    // SAFETY: plain fd syscalls on a descriptor this process owns.
+    unsafe {
+        let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, PREPARED_FD + 1);
+        libc::close(fd);
+        high
+    }
+}
+
+/// In the attempt's new network and UTS namespaces: the egress proxy's socket (`network =
+/// proxy`) and the hostname.
+fn proxy_and_hostname(setup: &SandboxSetup) {
+    if let Some(port) = setup.proxy_port {
+        check(Step::Loopback, loopback_up());
+        let listener = check_fd(Step::ProxySocket, 0, proxy_listener(port));
+        check_at(Step::ProxySocket, 1, send_fd(PROXY_FD, listener));
+        // SAFETY: closing descriptors this process owns; the worker holds its own copy now.
+        unsafe {
+            libc::close(listener);
+            libc::close(PROXY_FD);
+        }
+    }
+    // SAFETY: pointer and length of a live buffer.
+    check(Step::Hostname, unsafe {
+        libc::sethostname(setup.hostname.as_ptr().cast(), setup.hostname.len())
+    });
+}
+
+/// In a new mount namespace: without this, the mounts made in it would propagate back to the
+/// host's.
+fn make_private() {
+    // SAFETY: valid NUL-terminated target; the other pointers may be null for MS_PRIVATE.
+    check(Step::MountPrivate, unsafe {
+        libc::mount(
+            ptr::null(),
+            c"/".as_ptr(),
+            ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            ptr::null(),
+        )
+    });
+}
+
 /// I: pid 1 of the new pid namespace.
 fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
+    init_first();
+    // 1. Everything bound back later, opened before anything covers it.
+    let mut rebind_fds: [c_int; MAX_REBINDS] = [-1; MAX_REBINDS];
+    for (i, rebind) in setup.rebinds.iter().take(MAX_REBINDS).enumerate() {
+        rebind_fds[i] = check_fd(Step::OpenWorkspace, i, open_path(&rebind.path));
+    }
+    let device_fds = open_devices(false);
+    // 2.-4.
+    build_view(&device_fds, setup.sys, &setup.masks, None);
+    // 5. Rebinds: the workspace writable, the rest read-only.
+    bind_back(&setup.rebinds, &rebind_fds, 0);
+    close_all(&device_fds);
+    if let Some(limit) = &plan.pids_once_alone {
+        pids_once_alone(limit);
+    }
+    start_task_and_wait(plan)
+}
+
+/// The init's first step: it dies with the outer helper, and its memory stays closed to the
+/// task.
+fn init_first() {
     // SAFETY: prctl with integer arguments only.
     unsafe {
         // If S dies (the worker killed it), the whole namespace goes with us.
@@ -952,16 +1115,41 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         // closed to a task that lacks CAP_SYS_PTRACE in the worker's user namespace.
         libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0);
     }
-    // 1. Everything bound back later, opened before anything covers it.
-    let mut rebind_fds: [c_int; MAX_REBINDS] = [-1; MAX_REBINDS];
-    for (i, rebind) in setup.rebinds.iter().take(MAX_REBINDS).enumerate() {
-        rebind_fds[i] = check_fd(Step::OpenWorkspace, i, open_path(&rebind.path));
-    }
+}
+
+/// The host's device nodes of [`DEVICES`], opened (O_PATH) before anything covers them; -1
+/// for one the host lacks (the sandbox then lacks it).
+/// With `high`, at or above [`PREPARED_FD`] (see [`open_high`]).
+fn open_devices(high: bool) -> [c_int; DEVICES.len()] {
     let mut device_fds: [c_int; DEVICES.len()] = [-1; DEVICES.len()];
     for (i, device) in DEVICES.iter().enumerate() {
-        // A host without one of them gives a sandbox without it.
-        device_fds[i] = open_path(device);
+        device_fds[i] = if high {
+            open_high(device)
+        } else {
+            open_path(device)
+        };
     }
+    device_fds
+}
+
+fn close_all(fds: &[c_int]) {
+    for fd in fds {
+        if *fd >= 0 {
+            // SAFETY: closing an fd this process opened.
+            unsafe { libc::close(*fd) };
+        }
+    }
+}
+
+/// Steps 2-4 of the task's file system view (see the module docs): the inherited tree
+/// read-only; /proc, /sys and /dev; the masks. The mask at `writable_mask` (a prepared
+/// sandbox's, where the workspace is still to be made) is left writable.
+fn build_view(
+    device_fds: &[c_int; DEVICES.len()],
+    sys: SysMount,
+    masks: &[Mask],
+    writable_mask: Option<usize>,
+) {
     // 2. The inherited tree: read-only, nosuid, nodev, every mount of it.
     check(
         Step::ReadOnly,
@@ -978,7 +1166,7 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         Step::MountProc,
         mount(c"proc", c"/proc", c"proc", nodev, None),
     );
-    let sys_mounted = match setup.sys {
+    let sys_mounted = match sys {
         SysMount::Keep => false,
         SysMount::Fresh => {
             check(
@@ -1028,9 +1216,9 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             }
         }
     }
-    build_dev(&device_fds);
+    build_dev(device_fds);
     // 4. Masks.
-    for (i, mask) in setup.masks.iter().enumerate() {
+    for (i, mask) in masks.iter().enumerate() {
         match mask.kind {
             MaskKind::File => {
                 let null = device_fds[NULL_DEVICE];
@@ -1067,7 +1255,7 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
                 fail(Step::MkdirWorkspace, i, errno);
             }
         }
-        if mask.kind == MaskKind::Empty {
+        if mask.kind == MaskKind::Empty && writable_mask != Some(i) {
             check_at(
                 Step::MountTmp,
                 i,
@@ -1075,9 +1263,16 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             );
         }
     }
-    // 5. Rebinds: the workspace writable, the rest read-only.
-    for (i, rebind) in setup.rebinds.iter().take(MAX_REBINDS).enumerate() {
-        let source = fd_path(rebind_fds[i], &mut fd_buf);
+}
+
+/// Step 5: binds `rebinds` (opened at `fds`, which are closed here) back at their paths, a
+/// writable one writable and the rest read-only. `first` is the index of `rebinds[0]` in the
+/// attempt's rebinds, for error records.
+fn bind_back(rebinds: &[Rebind], fds: &[c_int], first: usize) {
+    let mut fd_buf = [0u8; FD_PATH_LEN];
+    for (i, (rebind, fd)) in rebinds.iter().zip(fds).enumerate() {
+        let i = first + i;
+        let source = fd_path(*fd, &mut fd_buf);
         check_at(
             Step::BindWorkspace,
             i,
@@ -1100,17 +1295,13 @@ fn run_init(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
             set_attributes(&rebind.path, set, clear, true),
         );
         // SAFETY: closing an fd this process opened.
-        unsafe { libc::close(rebind_fds[i]) };
+        unsafe { libc::close(*fd) };
     }
-    for fd in device_fds {
-        if fd >= 0 {
-            // SAFETY: as above.
-            unsafe { libc::close(fd) };
-        }
-    }
-    if let Some(limit) = &plan.pids_once_alone {
-        pids_once_alone(limit);
-    }
+}
+
+/// The init's last part: starts the task (T) and waits for it, reaping orphans; reports the
+/// task's wait status on the status pipe and exits.
+fn start_task_and_wait(plan: &ChildPlan) -> ! {
     // T shares the init's memory until its exec (vfork), with a descriptor table of its own.
     extern "C" fn task_start(arg: *mut c_void) -> c_int {
         // SAFETY: as for `init_start`: the init sleeps until this process has exec'd.
@@ -1406,7 +1597,8 @@ fn set_disposition(signals: &[c_int], disposition: libc::sighandler_t) {
 }
 
 /// Moves the pipes to their fixed numbers and closes every other inherited descriptor.
-fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
+/// With `keep` (a prepared init's [`PREPARED_FD`]), that descriptor stays open too.
+fn arrange_fds(plan: &ChildPlan, keep: Option<RawFd>) -> Result<(), Errno> {
     let scratch = |fd: RawFd| {
         // SAFETY: fcntl on an fd number; failure is reported.
         Errno::result(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, SCRATCH_FD) })
@@ -1475,7 +1667,13 @@ fn arrange_fds(plan: &ChildPlan) -> Result<(), Errno> {
             }
         }
     }
-    close_range((CONFIRM_FD + 1) as u32, u32::MAX);
+    match keep {
+        Some(keep) => {
+            close_range((CONFIRM_FD + 1) as u32, (keep - 1) as u32);
+            close_range((keep + 1) as u32, u32::MAX);
+        }
+        None => close_range((CONFIRM_FD + 1) as u32, u32::MAX),
+    }
     Ok(())
 }
 
@@ -1789,6 +1987,14 @@ fn write_raw(fd: RawFd, tag: u8, step: u8, index: u8, value: c_int) {
 }
 
 fn report(step: Step, index: usize, errno: Errno) {
+    if PREPARING.load(std::sync::atomic::Ordering::Relaxed) {
+        // A prepared init or its S, forks of a single-threaded process: they may allocate.
+        eprintln!(
+            "drover-worker standby helper: cannot make a sandbox ahead: step {step:?} (item \
+             {index}): {errno}; the next attempts are started the usual way"
+        );
+        return;
+    }
     write_raw(
         SETUP_FD,
         TAG_ERROR,

@@ -454,7 +454,7 @@ fn request_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
-fn send(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+pub(super) fn send(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let iov = [io::IoSlice::new(bytes)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
@@ -649,9 +649,25 @@ fn start(
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     adopt(&mut plan, &raw, false).map_err(Failure::Request)?;
     plan.from_spawner = true;
+    // What a standby helper could have made of this sandbox ahead (before a network
+    // namespace made ahead is chosen for it below).
+    let view = plan
+        .sandbox
+        .as_ref()
+        .and_then(|setup| standby::View::of(setup, &plan.workspace));
+    // A warm cgroup may hold a standby helper's memory already (about 0.5 MiB): a limit
+    // below it could not be set, so the smallest limits get a fresh cgroup.
+    let fits = memory_bytes.is_none_or(|m| m >= WARM_MIN_MEMORY);
+    let taken = pool.filter(|_| fits).and_then(|pool| {
+        pool.take(plan.sandbox.is_some(), view.as_ref())
+            .map(|w| (pool, w))
+    });
+    // A helper that made its sandbox ahead takes the plan as it is; so does one that made
+    // another (it is let go below, and the attempt gets a fresh cgroup).
+    let prepared = taken.as_ref().is_some_and(|(_, w)| w.prepared().is_some());
     // Held until after the fork: the outer helper joins it (see the `netns` module).
     let net_ns = match plan.sandbox.as_mut() {
-        Some(setup) => {
+        Some(setup) if !prepared => {
             // Never into a user namespace of the attempt's own: a namespace made here belongs
             // to ours, and joining it from inside a new one is refused (EPERM).
             let joinable = setup.unshare_flags & libc::CLONE_NEWNET != 0
@@ -665,14 +681,8 @@ fn start(
             }
             made
         }
-        None => None,
+        _ => None,
     };
-    // A warm cgroup may hold a standby helper's memory already (about 0.5 MiB): a limit
-    // below it could not be set, so the smallest limits get a fresh cgroup.
-    let fits = memory_bytes.is_none_or(|m| m >= WARM_MIN_MEMORY);
-    let taken = pool
-        .filter(|_| fits)
-        .and_then(|pool| pool.take(plan.sandbox.is_some()).map(|w| (pool, w)));
     let result = match taken {
         Some((pool, warmed)) => {
             let (group, launcher, standby) = warmed.into_parts();
@@ -685,27 +695,37 @@ fn start(
             if let Some(standby) = standby {
                 // Its thread left once the helper had started; this only makes sure.
                 launcher.release();
-                let handed = hand_off(
-                    &group,
-                    &standby,
-                    memory_bytes,
-                    pids,
-                    &mut plan,
-                    &raw,
-                    &net_ns,
-                );
+                let handed = match &standby.prepared {
+                    Some(made) if Some(made) != view.as_ref() => Err(HandOff::Other),
+                    _ => hand_off(
+                        &group,
+                        &standby,
+                        memory_bytes,
+                        pids,
+                        &mut plan,
+                        &raw,
+                        &net_ns,
+                    ),
+                };
                 let failed = match handed {
                     Ok(()) => return Ok((standby.pid, group.name(), true)),
                     Err(failed) => failed,
                 };
                 let pid = standby.pid;
+                let was_prepared = standby.prepared.is_some();
                 pool.let_go(standby);
                 pool.orphan(group);
                 return match failed {
                     HandOff::Limit(e) => Err(Failure::cgroup(e)),
+                    HandOff::Other => start_cold(&name, memory_bytes, pids, hierarchy, &mut plan),
                     HandOff::Send(e) => {
                         // The helper is gone (or the plan too large): a fresh cgroup and a
-                        // fork, as when no warm cgroup is ready.
+                        // fork, as when no warm cgroup is ready. One that was making its
+                        // sandbox ahead may have failed at that (it said why on stderr):
+                        // the next ones are not asked to.
+                        if was_prepared {
+                            pool.stop_preparing();
+                        }
                         pool.note(format!(
                             "standby helper {pid} could not take an attempt ({e}); it is forked instead"
                         ));
@@ -819,6 +839,8 @@ enum HandOff {
     Limit(CgroupError),
     /// The message did not reach the helper: it is gone, or the plan is too large.
     Send(io::Error),
+    /// The helper made another sandbox ahead than the attempt's.
+    Other,
 }
 
 /// Writes the attempt's limits to the warm cgroup `group`, which holds only the standby
@@ -842,8 +864,9 @@ fn hand_off(
     }
     plan.cgroup_procs = Vec::new();
     plan.pids_once_alone = None;
-    let bytes = postcard::to_allocvec(&*plan).map_err(|e| HandOff::Send(io::Error::other(e)))?;
-    if bytes.len() > MESSAGE_MAX {
+    let bytes = postcard::to_extend(&*plan, vec![standby::RUN])
+        .map_err(|e| HandOff::Send(io::Error::other(e)))?;
+    if bytes.len() > MESSAGE_MAX + 1 {
         return Err(HandOff::Send(io::Error::other(
             "a plan too large for one message",
         )));

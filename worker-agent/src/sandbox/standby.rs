@@ -37,7 +37,7 @@ use std::sync::OnceLock;
 
 use nix::libc;
 
-use super::child::{self, ChildPlan, STANDBY_FD};
+use super::child::{self, ChildPlan, Mask, Rebind, SandboxSetup, SysMount, STANDBY_FD};
 use super::spawner;
 
 /// The argument that runs the worker binary as a standby helper (never typed by anyone).
@@ -45,6 +45,10 @@ pub const HELPER_ARG: &str = "--drover-standby-helper";
 
 /// A standby helper's process name.
 pub const COMM: &str = "drover-standby";
+
+/// The process name of a standby helper's init while it holds a sandbox made ahead (see
+/// [`View`]), and so of pid 1 in the sandbox of an attempt it takes.
+pub const READY_COMM: &str = "drover-ready";
 
 /// The binary standby helpers exec, once enabled.
 static EXE: OnceLock<CString> = OnceLock::new();
@@ -77,9 +81,81 @@ pub(super) struct Standby {
     pub(super) pid: i32,
     /// Our end of its socket: one message hands it an attempt; closing it lets it go.
     pub(super) sock: std::os::fd::OwnedFd,
+    /// The view it was sent to make ahead, if any.
+    pub(super) prepared: Option<View>,
 }
 
-/// The helper's life: one plan, then [`child::run`] (which never returns).
+/// First byte of a message to a standby helper: a [`View`] to make ahead.
+pub(super) const PREPARE: u8 = b'P';
+/// First byte of a message to a standby helper: its [`ChildPlan`] (with the descriptors).
+pub(super) const RUN: u8 = b'R';
+
+/// What a standby helper can make of an attempt's sandbox before the attempt exists: the
+/// namespaces and the file system view but for the workspace (see [`child::run_prepared`]).
+/// Made from one attempt's plan ([`View::of`]) for helpers started after it; an attempt whose
+/// plan gives the same view is handed to such a helper, any other to a fresh one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct View {
+    pub(crate) unshare_flags: libc::c_int,
+    pub(crate) sys: SysMount,
+    /// The plan's masks, without the workspace itself among what they create.
+    pub(crate) masks: Vec<Mask>,
+    /// The mask the workspace is made in, left writable until it is.
+    pub(crate) workspace_mask: Option<usize>,
+    /// What is bound back besides the workspace (kept files, read-only).
+    pub(crate) keep: Vec<Rebind>,
+    /// The directory the workspace is in (the same for every attempt of a worker).
+    pub(crate) workspaces: CString,
+}
+
+impl View {
+    /// The view of a sandboxed attempt's `setup` with its `workspace`, as its helper would
+    /// make it; `None` where one cannot be made ahead: a user namespace (its id maps are
+    /// written by S), a network namespace already chosen, a workspace that is not the first
+    /// rebind or has no parent.
+    pub(crate) fn of(setup: &SandboxSetup, workspace: &CStr) -> Option<View> {
+        if setup.id_maps.is_some() || setup.net_ns.is_some() {
+            return None;
+        }
+        let (first, keep) = setup.rebinds.split_first()?;
+        if first.path.as_c_str() != workspace || !first.writable {
+            return None;
+        }
+        let bytes = workspace.to_bytes();
+        let cut = bytes.iter().rposition(|b| *b == b'/')?;
+        if cut + 1 == bytes.len() {
+            return None;
+        }
+        let workspaces = CString::new(if cut == 0 { &b"/"[..] } else { &bytes[..cut] }).ok()?;
+        let mut workspace_mask = None;
+        let masks = setup
+            .masks
+            .iter()
+            .enumerate()
+            .map(|(i, mask)| {
+                let mut mask = mask.clone();
+                let before = mask.creates.len();
+                mask.creates
+                    .retain(|(path, _)| path.as_c_str() != workspace);
+                if mask.creates.len() != before {
+                    workspace_mask = Some(i);
+                }
+                mask
+            })
+            .collect();
+        Some(View {
+            unshare_flags: setup.unshare_flags,
+            sys: setup.sys,
+            masks,
+            workspace_mask,
+            keep: keep.to_vec(),
+            workspaces,
+        })
+    }
+}
+
+/// The helper's life: one plan, then [`child::run`] (which never returns); or first a view to
+/// make ahead, then [`child::run_prepared`].
 fn helper_main() -> ! {
     // Rust's runtime catches SIGSEGV and SIGBUS (to report stack overflows); the sandbox's
     // init, started from this process with its dispositions, must die of them like any
@@ -88,9 +164,33 @@ fn helper_main() -> ! {
     // Its name in `ps` and /proc (an exec of /proc/self/exe would be called "exe"); the
     // sandbox's init, started from it, has it too.
     let _ = std::fs::write("/proc/thread-self/comm", COMM);
-    let mut buf = vec![0u8; spawner::MESSAGE_MAX];
+    let mut buf = vec![0u8; spawner::MESSAGE_MAX + 1];
+    let (tag, n, fds) = next_message(&mut buf);
+    match tag {
+        PREPARE => {
+            drop(fds);
+            let view: View = match postcard::from_bytes(&buf[1..n]) {
+                Ok(view) => view,
+                Err(e) => quit(&format!("cannot decode its view: {e}")),
+            };
+            let next = move || {
+                let mut buf = vec![0u8; spawner::MESSAGE_MAX + 1];
+                match next_message(&mut buf) {
+                    (RUN, n, fds) => Some(plan_of(&buf[1..n], fds)),
+                    _ => quit("a second view came instead of a plan"),
+                }
+            };
+            child::run_prepared(&view, &next)
+        }
+        RUN => child::run(&plan_of(&buf[1..n], fds)),
+        _ => quit("a message of an unknown kind came"),
+    }
+}
+
+/// The next message: its tag, length and descriptors. The end of the socket (let go) exits.
+fn next_message(buf: &mut [u8]) -> (u8, usize, Vec<std::os::fd::OwnedFd>) {
     let (n, fds) = loop {
-        match spawner::receive(STANDBY_FD, &mut buf) {
+        match spawner::receive(STANDBY_FD, buf) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => quit(&format!("cannot read its plan: {e}")),
             Ok(got) => break got,
@@ -100,7 +200,12 @@ fn helper_main() -> ! {
         // Let go before any attempt came.
         child::exit(0);
     }
-    let mut plan: ChildPlan = match postcard::from_bytes(&buf[..n]) {
+    (buf[0], n, fds)
+}
+
+/// The plan in `bytes`, with `fds` in its fields and stacks for its helpers.
+fn plan_of(bytes: &[u8], fds: Vec<std::os::fd::OwnedFd>) -> ChildPlan {
+    let mut plan: ChildPlan = match postcard::from_bytes(bytes) {
         Ok(plan) => plan,
         Err(e) => quit(&format!("cannot decode its plan: {e}")),
     };
@@ -116,9 +221,9 @@ fn helper_main() -> ! {
     }
     // The spawner's dispositions came with the exec: what it ignores is ignored here too.
     plan.from_spawner = true;
-    // Open until `run` has moved them where the plan says (it closes the rest).
+    // Open until the plan's run has moved them where the plan says (it closes the rest).
     std::mem::forget(fds);
-    child::run(&plan)
+    plan
 }
 
 /// Ends a helper that cannot run its plan, saying why on the worker's stderr (the journal).
@@ -127,4 +232,98 @@ fn helper_main() -> ! {
 fn quit(why: &str) -> ! {
     let _ = writeln!(std::io::stderr(), "drover-worker standby helper: {why}");
     child::exit(126)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::child::MaskKind;
+
+    fn c(s: &str) -> CString {
+        CString::new(s).expect("no NUL")
+    }
+
+    fn setup(workspace: &str, network_ns: bool) -> SandboxSetup {
+        SandboxSetup {
+            unshare_flags: libc::CLONE_NEWNS | libc::CLONE_NEWPID,
+            net_ns: network_ns.then_some(9),
+            proxy_port: None,
+            id_maps: None,
+            hostname: b"drover-t".to_vec(),
+            sys: SysMount::Fresh,
+            masks: vec![
+                Mask {
+                    path: c("/run"),
+                    kind: MaskKind::Empty,
+                    creates: vec![(c("/run/resolv"), true), (c("/run/resolv/conf"), false)],
+                },
+                Mask {
+                    path: c("/srv/drover"),
+                    kind: MaskKind::Empty,
+                    creates: vec![
+                        (c("/srv/drover/tasks"), true),
+                        (c(workspace), true),
+                    ],
+                },
+            ],
+            rebinds: vec![
+                Rebind {
+                    path: c(workspace),
+                    writable: true,
+                },
+                Rebind {
+                    path: c("/run/resolv/conf"),
+                    writable: false,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_view_is_the_sandbox_but_its_workspace() {
+        let ws = c("/srv/drover/tasks/t-1");
+        let view = View::of(&setup("/srv/drover/tasks/t-1", false), &ws).expect("a view");
+        assert_eq!(view.workspaces, c("/srv/drover/tasks"));
+        assert_eq!(view.workspace_mask, Some(1));
+        assert_eq!(view.masks[1].creates, [(c("/srv/drover/tasks"), true)]);
+        assert_eq!(view.masks[0], setup("/x/y", false).masks[0], "untouched");
+        assert_eq!(view.keep.len(), 1);
+        assert_eq!(view.keep[0].path, c("/run/resolv/conf"));
+        // Another attempt of the same worker: the same view, so its helper fits.
+        let other = c("/srv/drover/tasks/t-2");
+        assert_eq!(
+            View::of(&setup("/srv/drover/tasks/t-2", false), &other),
+            Some(view.clone())
+        );
+        // Another sandbox: another view.
+        let mut host = setup("/srv/drover/tasks/t-2", false);
+        host.sys = SysMount::Rebind;
+        assert_ne!(View::of(&host, &other), Some(view));
+    }
+
+    #[test]
+    fn no_view_where_it_cannot_be_made_ahead() {
+        let ws = c("/srv/drover/tasks/t-1");
+        let mut user = setup("/srv/drover/tasks/t-1", false);
+        user.id_maps = Some((b"0 1000 1".to_vec(), b"0 1000 1".to_vec()));
+        assert_eq!(View::of(&user, &ws), None, "a user namespace");
+        assert_eq!(
+            View::of(&setup("/srv/drover/tasks/t-1", true), &ws),
+            None,
+            "a network namespace chosen already"
+        );
+        assert_eq!(
+            View::of(&setup("/srv/drover/tasks/t-1", false), &c("/elsewhere/w")),
+            None,
+            "the workspace is not the first rebind"
+        );
+        let mut root = setup("/", false);
+        root.masks.clear();
+        assert_eq!(View::of(&root, &c("/")), None, "no parent");
+        // A workspace under no mask: bound onto itself, nothing made.
+        let mut plain = setup("/w/t-1", false);
+        plain.masks.truncate(1);
+        let view = View::of(&plain, &c("/w/t-1")).expect("a view");
+        assert_eq!((view.workspace_mask, view.workspaces), (None, c("/w")));
+    }
 }

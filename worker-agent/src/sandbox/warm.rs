@@ -54,7 +54,8 @@ use std::time::Duration;
 
 use super::cgroup::{attempt_name_of, v1, write_control, CgroupLimits};
 use super::child;
-use super::standby::{Standby, HELPER_ARG};
+use super::spawner;
+use super::standby::{Standby, View, HELPER_ARG, PREPARE};
 
 /// A job for a warm thread: the fork it runs before it exits.
 type Job = Box<dyn FnOnce() + Send>;
@@ -72,6 +73,20 @@ const STANDBY_MAX: usize = 2;
 /// attempt or not that came `gap` after the one before (`None`: the first).
 fn wants_standby(sandboxed: bool, gap: Option<Duration>) -> bool {
     sandboxed && gap.is_none_or(|gap| gap >= STANDBY_MIN_GAP)
+}
+
+/// How well a ready warm cgroup fits an attempt, higher is better. A sandboxed attempt: a
+/// standby helper that made its sandbox ahead, then one that made nothing, then no helper (a
+/// fork); a helper that made another sandbox is of no use to it. A `process` attempt: no
+/// helper (its vfork is as fast), then a helper that made nothing.
+fn fit(warmed: &Warmed, sandboxed: bool, view: Option<&View>) -> u8 {
+    match (&warmed.standby, sandboxed) {
+        (Some(s), true) if s.prepared.is_some() && s.prepared.as_ref() == view => 3,
+        (Some(s), _) if s.prepared.is_none() => 2,
+        (None, false) => 3,
+        (None, true) => 1,
+        (Some(_), _) => 0,
+    }
 }
 
 /// Stack of a warm thread: it forks and nothing else.
@@ -113,6 +128,12 @@ struct State {
     standby_broken: bool,
     /// Standby helpers let go, for the worker to reap (they are its children).
     reap: Vec<i32>,
+    /// What new standby helpers make ahead: the view of the last sandboxed attempt (see
+    /// [`View`]).
+    view: Option<View>,
+    /// Set when a helper that was making its sandbox ahead was found gone: new ones are not
+    /// asked to any more.
+    prepare_broken: bool,
 }
 
 /// A ready warm cgroup: its directories and the thread waiting inside.
@@ -134,6 +155,11 @@ pub(super) struct Launcher {
 }
 
 impl Warmed {
+    /// The view its standby helper made ahead, if any.
+    pub(super) fn prepared(&self) -> Option<&View> {
+        self.standby.as_ref().and_then(|s| s.prepared.as_ref())
+    }
+
     pub(super) fn into_parts(self) -> (v1::Group, Launcher, Option<Standby>) {
         (self.group, self.launcher, self.standby)
     }
@@ -184,6 +210,13 @@ impl Pool {
         lock(&self.state).reap.push(standby.pid);
     }
 
+    /// New standby helpers make nothing ahead from now on (see [`State::prepare_broken`]).
+    pub(super) fn stop_preparing(&self) {
+        let mut state = lock(&self.state);
+        state.prepare_broken = true;
+        state.view = None;
+    }
+
     /// A warning for the worker to log.
     pub(super) fn note(&self, note: String) {
         lock(&self.state).notes.push(note);
@@ -195,21 +228,38 @@ impl Pool {
     }
 
     /// A ready warm cgroup, if there is one, for a `sandboxed` attempt or not (which, with
-    /// the rate of takes, decides whether the cgroups made from now on get standby helpers).
-    /// Call [`Pool::refill`] after the spawn.
-    pub(super) fn take(&self, sandboxed: bool) -> Option<Warmed> {
+    /// the rate of takes, decides whether the cgroups made from now on get standby helpers)
+    /// whose sandbox would be `view` (which new helpers then make ahead). Call
+    /// [`Pool::refill`] after the spawn.
+    pub(super) fn take(&self, sandboxed: bool, view: Option<&View>) -> Option<Warmed> {
         let mut state = lock(&self.state);
         let now = std::time::Instant::now();
         let gap = state.last_take.map(|t| now.duration_since(t));
         state.standby_wanted = wants_standby(sandboxed, gap);
         state.last_take = Some(now);
-        // A sandboxed attempt takes a cgroup with a standby helper where there is one, a
-        // `process` attempt one without (its vfork is as fast): the newest of that kind.
-        let i = state
+        if sandboxed && !state.prepare_broken && state.view.as_ref() != view {
+            state.view = view.cloned();
+            // Helpers that made another sandbox ahead would hold their places (at most
+            // `STANDBY_MAX`) for attempts that no longer come: let them go, and their cgroups
+            // with them (the threads are gone already).
+            let (stale, ready): (Vec<_>, Vec<_>) = std::mem::take(&mut state.ready)
+                .into_iter()
+                .partition(|w| w.prepared().is_some_and(|made| Some(made) != view));
+            state.ready = ready;
+            for warmed in stale {
+                let (group, _launcher, standby) = warmed.into_parts();
+                if let Some(standby) = standby {
+                    state.reap.push(standby.pid);
+                }
+                state.orphans.push(group);
+            }
+        }
+        // The best fit (see `fit`); of equals, the newest.
+        let (i, _) = state
             .ready
             .iter()
-            .rposition(|w| w.standby.is_some() == sandboxed)
-            .or_else(|| state.ready.len().checked_sub(1))?;
+            .enumerate()
+            .max_by_key(|(i, w)| (fit(w, sandboxed, view), *i))?;
         let mut warmed = state.ready.swap_remove(i);
         if let Some(i) = state
             .threads
@@ -396,8 +446,26 @@ fn start_standby(exe: &CStr, state: &Mutex<State>) -> Option<Standby> {
     .map_err(|errno| (errno, None))
     .and_then(|(ours, theirs)| {
         let arg = std::ffi::CString::new(HELPER_ARG).expect("no NUL");
-        child::start_standby(exe, c"drover-worker", &arg, theirs.as_raw_fd())
-            .map(|pid| Standby { pid, sock: ours })
+        child::start_standby(exe, c"drover-worker", &arg, theirs.as_raw_fd()).map(|pid| Standby {
+            pid,
+            sock: ours,
+            prepared: None,
+        })
+    })
+    .map(|mut standby| {
+        // It makes the last sandboxed attempt's view ahead. A view that cannot be sent (too
+        // large) is not made; the helper still takes a plan.
+        let view = lock(state).view.clone();
+        if let Some(view) = view {
+            let sent = postcard::to_extend(&view, vec![PREPARE]).is_ok_and(|bytes| {
+                bytes.len() <= spawner::MESSAGE_MAX + 1
+                    && spawner::send(standby.sock.as_raw_fd(), &bytes, &[]).is_ok()
+            });
+            if sent {
+                standby.prepared = Some(view);
+            }
+        }
+        standby
     });
     match started {
         Ok(standby) => Some(standby),
