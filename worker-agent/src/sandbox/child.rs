@@ -982,6 +982,16 @@ fn prepared_init(view: &View, next: &dyn Fn() -> Option<ChildPlan>) -> ! {
     bind_back(&view.keep[..kept], &keep_fds[..kept], 1);
     close_all(&device_fds);
     PREPARING.store(false, std::sync::atomic::Ordering::Relaxed);
+    // Tell the spawner the sandbox is made (see `Standby::made`); if it is gone, `next` says.
+    // SAFETY: a one-byte live buffer on this process's socket.
+    unsafe {
+        libc::send(
+            STANDBY_FD,
+            b"r".as_ptr().cast::<c_void>(),
+            1,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
     let Some(plan) = next() else { exit(0) };
     // From here on as `run` and `outer` with the plan, but for what is already done.
     set_disposition(&SPAWNER_IGNORED, libc::SIG_DFL);

@@ -154,6 +154,18 @@ impl View {
     }
 }
 
+impl Standby {
+    /// Whether the sandbox it was sent to make ahead is made: its init says so with a byte on
+    /// the socket, read here without waiting (and left there).
+    pub(super) fn made(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let mut byte = [0u8; 1];
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        recv(self.sock.as_raw_fd(), &mut byte, flags) == Ok(1)
+    }
+}
+
 /// The helper's life: one plan, then [`child::run`] (which never returns); or first a view to
 /// make ahead, then [`child::run_prepared`].
 fn helper_main() -> ! {
@@ -192,6 +204,9 @@ fn next_message(buf: &mut [u8]) -> (u8, usize, Vec<std::os::fd::OwnedFd>) {
     let (n, fds) = loop {
         match spawner::receive(STANDBY_FD, buf) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            // The spawner closed its end with the init's byte unread (see `Standby::made`):
+            // said once, before what is queued (a plan, or the end).
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => continue,
             Err(e) => quit(&format!("cannot read its plan: {e}")),
             Ok(got) => break got,
         }
@@ -260,10 +275,7 @@ mod tests {
                 Mask {
                     path: c("/srv/drover"),
                     kind: MaskKind::Empty,
-                    creates: vec![
-                        (c("/srv/drover/tasks"), true),
-                        (c(workspace), true),
-                    ],
+                    creates: vec![(c("/srv/drover/tasks"), true), (c(workspace), true)],
                 },
             ],
             rebinds: vec![

@@ -76,14 +76,21 @@ fn wants_standby(sandboxed: bool, gap: Option<Duration>) -> bool {
 }
 
 /// How well a ready warm cgroup fits an attempt, higher is better. A sandboxed attempt: a
-/// standby helper that made its sandbox ahead, then one that made nothing, then no helper (a
-/// fork); a helper that made another sandbox is of no use to it. A `process` attempt: no
-/// helper (its vfork is as fast), then a helper that made nothing.
+/// standby helper that made its sandbox ahead, then one that made nothing, then one still
+/// making it (the attempt would wait for the rest), then no helper (a fork); a helper that
+/// made another sandbox is of no use to it. A `process` attempt: no helper (its vfork is as
+/// fast), then a helper that made nothing.
 fn fit(warmed: &Warmed, sandboxed: bool, view: Option<&View>) -> u8 {
     match (&warmed.standby, sandboxed) {
-        (Some(s), true) if s.prepared.is_some() && s.prepared.as_ref() == view => 3,
-        (Some(s), _) if s.prepared.is_none() => 2,
-        (None, false) => 3,
+        (Some(s), true) if s.prepared.is_some() && s.prepared.as_ref() == view => {
+            if s.made() {
+                4
+            } else {
+                2
+            }
+        }
+        (Some(s), _) if s.prepared.is_none() => 3,
+        (None, false) => 4,
         (None, true) => 1,
         (Some(_), _) => 0,
     }
