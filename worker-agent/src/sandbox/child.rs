@@ -23,7 +23,11 @@
 //! (S's, of the spawner's), none for I and T. On cgroup v1 hosts, while sandboxed attempts
 //! come at least 10 ms apart, S is instead a standby helper: the worker binary exec'd ahead in
 //! the warm cgroup, which receives its plan and then runs [`run`] as the fork would (see the
-//! `standby` module and [`start_standby`]). The task is not pid 1 on purpose: pid 1 ignores
+//! `standby` module and [`start_standby`]). Such a helper started after a sandboxed attempt
+//! makes that attempt's namespaces and file system view before its own attempt exists
+//! ([`run_prepared`]: S unshares, I is then a fork of S sharing its descriptor table, and
+//! builds steps 1-4 below and the kept files of step 5); when the plan comes, I binds the
+//! workspace and starts T. The task is not pid 1 on purpose: pid 1 ignores
 //! signals it has no handler for, so a task's `kill -TERM $$` would do nothing. With process
 //! isolation the first process is T: it makes its own process group and execs (and is
 //! vforked itself when its pids limit allows, see the `spawner` module).
