@@ -825,17 +825,7 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
             // SAFETY: a valid NUL-terminated path.
             unsafe { libc::open(limit.max.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) },
         );
-        // The lowest free number may be the one it goes to already (dup3 refuses that).
-        if max != PIDS_MAX_FD {
-            // SAFETY: plain fd syscalls on descriptors this process owns.
-            unsafe {
-                check(
-                    Step::PidsLimit,
-                    libc::dup3(max, PIDS_MAX_FD, libc::O_CLOEXEC),
-                );
-                libc::close(max);
-            }
-        }
+        move_fd(max, PIDS_MAX_FD, Step::PidsLimit);
         if plan.sandbox.is_none() {
             pids_once_alone(limit);
         }
@@ -847,6 +837,18 @@ pub(crate) fn run(plan: &ChildPlan) -> ! {
             exec_task(plan)
         }
         Some(setup) => outer(plan, setup),
+    }
+}
+
+/// Moves descriptor `fd` to number `to` (close-on-exec), or fails `step`. The lowest free
+/// number may be `to` already (dup3 refuses that).
+fn move_fd(fd: c_int, to: RawFd, step: Step) {
+    if fd != to {
+        // SAFETY: plain fd syscalls on descriptors this process owns.
+        unsafe {
+            check(step, libc::dup3(fd, to, libc::O_CLOEXEC));
+            libc::close(fd);
+        }
     }
 }
 
@@ -964,16 +966,7 @@ fn prepared_init(view: &View, next: &dyn Fn() -> Option<ChildPlan>) -> ! {
     // 1. Opened before anything covers them: the directory the workspace will be made in,
     // kept files, devices.
     let parent = check_fd(Step::OpenWorkspace, 0, open_path(&view.workspaces));
-    if parent != PREPARED_FD {
-        // SAFETY: plain fd syscalls on descriptors this process owns.
-        unsafe {
-            check(
-                Step::OpenWorkspace,
-                libc::dup3(parent, PREPARED_FD, libc::O_CLOEXEC),
-            );
-            libc::close(parent);
-        }
-    }
+    move_fd(parent, PREPARED_FD, Step::OpenWorkspace);
     let mut keep_fds: [c_int; MAX_REBINDS] = [-1; MAX_REBINDS];
     for (i, rebind) in view.keep.iter().take(MAX_REBINDS - 1).enumerate() {
         keep_fds[i] = check_fd(Step::OpenWorkspace, i + 1, open_high(&rebind.path));
