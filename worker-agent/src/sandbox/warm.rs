@@ -246,12 +246,12 @@ impl Pool {
         state.last_take = Some(now);
         if sandboxed && !state.prepare_broken && state.view.as_ref() != view {
             state.view = view.cloned();
-            // Helpers that made another sandbox ahead, or none where one can be made now,
-            // would hold their places (at most `STANDBY_MAX`) for attempts that no longer
-            // come: let them go, and their cgroups with them (the threads are gone already).
+            // Helpers that made another sandbox ahead would hold their places (at most
+            // `STANDBY_MAX`) for attempts that no longer come: let them go, and their cgroups
+            // with them (the threads are gone already).
             let (stale, ready): (Vec<_>, Vec<_>) = std::mem::take(&mut state.ready)
                 .into_iter()
-                .partition(|w| w.standby.is_some() && w.prepared() != view);
+                .partition(|w| w.prepared().is_some_and(|made| Some(made) != view));
             state.ready = ready;
             for warmed in stale {
                 let (group, _launcher, standby) = warmed.into_parts();
