@@ -1199,3 +1199,61 @@ echo end"#,
     assert!(out.stdout.contains("READ-HOST-SECRETS"), "{out:?}");
     assert!(out.stdout.contains("OTHER-WS-CANARY"), "{out:?}");
 }
+
+/// A spawn request too large to send inline travels in a memfd, and with the most descriptors
+/// a spawn has: stdio, setup, events, status, the proxy's socket, the confirm pipe and the
+/// memfd (nine). The task gets its whole environment, its proxy and its confirmation.
+#[tokio::test]
+async fn sandbox_spawn_too_large_to_send_inline_with_every_descriptor() {
+    if skip() {
+        return;
+    }
+    let ws = tempfile::tempdir().expect("workspace");
+    let mut job = Job::sh(
+        "printf %s \"$BIG\" | wc -c; echo \"${HTTPS_PROXY:-no proxy}\"",
+        Isolation::Sandbox,
+    );
+    job.network = NetworkPolicy::Proxy;
+    // Well past the 48 KiB sent inline.
+    let big = "x".repeat(100 * 1024);
+    job.env.insert("BIG".into(), big.clone());
+    let spec: drover_protocol::task::TaskSpec =
+        serde_json::from_str(r#"{"name":"t","command":["true"],"network":"proxy"}"#).expect("spec");
+    let (tx, _events) = tokio::sync::mpsc::channel(64);
+    let egress = crate::egress::Egress::new(
+        &job.task,
+        &spec,
+        &[],
+        Err("no upstream in this test".into()),
+        tx,
+        ws.path(),
+    )
+    .expect("egress");
+    // Confirmed already: the spawn returns once the task has exec'd, which waits for it.
+    let (_confirm, confirmed) = tokio::sync::watch::channel(true);
+    let confirmation = crate::stream::Confirmation::Pending(confirmed);
+    let mut attempt_spec = job.spec(ws.path());
+    attempt_spec.egress = Some(&egress);
+    attempt_spec.confirmation = Some(&confirmation);
+    let mut attempt = bounded(sandbox().spawn(attempt_spec)).await.expect("spawn");
+    let (stdout, stderr) = (attempt.stdout.take(), attempt.stderr.take());
+    let (outcome, stdout, stderr) = bounded(async {
+        tokio::join!(
+            attempt.wait(CancellationToken::new()),
+            read_all(stdout),
+            read_all(stderr)
+        )
+    })
+    .await;
+    assert_eq!(outcome.class, ExitClass::Exited(0), "{stderr}");
+    let got = lines(&stdout);
+    assert_eq!(
+        got.first().map(|n| n.trim()),
+        Some(big.len().to_string().as_str()),
+        "{stderr}"
+    );
+    assert!(
+        got.get(1).is_some_and(|p| p.contains("127.0.0.1")),
+        "no proxy: {stdout} {stderr}"
+    );
+}
