@@ -912,12 +912,19 @@ fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         }
     }
     let init = start_helper(plan, 0, true, init_start, Step::ForkInit);
-    // The init has exited (or the clone failed); what is left is to learn how it ended.
+    // The init has exited (vfork); what is left is to learn how it ended.
+    report_init(init);
+    exit(0)
+}
+
+/// S: waits for its init to exit, then keeps only the status pipe of the descriptor table
+/// they shared (there if a plan came) and reports the init's wait status there; returns it.
+fn report_init(init: libc::pid_t) -> c_int {
+    let status = wait_for(init);
     close_range(0, (STATUS_FD - 1) as u32);
     close_range((STATUS_FD + 1) as u32, u32::MAX);
-    let status = wait_for(init);
     write_record(STATUS_FD, TAG_INIT, status);
-    exit(0)
+    status
 }
 
 /// Descriptors a prepared init holds while it waits for its plan are at or above this: clear
@@ -933,7 +940,7 @@ static PREPARING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// `next` for the plan and runs it (`None`: let go; it exits). S waits for the init and
 /// reports how it ended, as [`outer`] does. S is the worker binary exec'd, single-threaded,
 /// and the init a fork of it (sharing its descriptor table), so both may allocate.
-pub(crate) fn run_prepared(view: &View, next: &dyn Fn() -> Option<ChildPlan>) -> ! {
+pub(crate) fn run_prepared(view: &View, next: &mut dyn FnMut() -> Option<ChildPlan>) -> ! {
     PREPARING.store(true, std::sync::atomic::Ordering::Relaxed);
     // SAFETY: unshare has no memory arguments.
     check(Step::Unshare, unsafe { libc::unshare(view.unshare_flags) });
@@ -946,11 +953,7 @@ pub(crate) fn run_prepared(view: &View, next: &dyn Fn() -> Option<ChildPlan>) ->
         0 => prepared_init(view, next),
         init if init < 0 => fail(Step::ForkInit, 0, Errno::last()),
         init => {
-            let status = wait_for(init as libc::pid_t);
-            // The init has exited: the table it shared holds the status pipe if a plan came.
-            close_range(0, (STATUS_FD - 1) as u32);
-            close_range((STATUS_FD + 1) as u32, u32::MAX);
-            write_record(STATUS_FD, TAG_INIT, status);
+            let status = report_init(init as libc::pid_t);
             exit(if status == 0 { 0 } else { EXIT_SETUP })
         }
     }
@@ -958,7 +961,7 @@ pub(crate) fn run_prepared(view: &View, next: &dyn Fn() -> Option<ChildPlan>) ->
 
 /// The init of [`run_prepared`]: everything of the view that does not depend on the attempt
 /// now, the rest once the plan has come.
-fn prepared_init(view: &View, next: &dyn Fn() -> Option<ChildPlan>) -> ! {
+fn prepared_init(view: &View, next: &mut dyn FnMut() -> Option<ChildPlan>) -> ! {
     init_first();
     let name = CString::new(super::standby::READY_COMM).unwrap_or_default();
     // SAFETY: prctl with a NUL-terminated name.
@@ -1117,9 +1120,9 @@ fn init_first() {
             0,
             0,
         );
-        // This process shares the outer helper's memory, a copy of the spawner's: keep
-        // /proc/1/{mem,environ,...}
-        // closed to a task that lacks CAP_SYS_PTRACE in the worker's user namespace.
+        // This process shares the outer helper's memory (a copy of the spawner's) or is a
+        // fork of a standby helper: keep /proc/1/{mem,environ,...} closed to a task that
+        // lacks CAP_SYS_PTRACE in the worker's user namespace.
         libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0);
     }
 }

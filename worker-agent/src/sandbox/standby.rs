@@ -202,14 +202,12 @@ fn helper_main() -> ! {
                 Ok(view) => view,
                 Err(e) => quit(&format!("cannot decode its view: {e}")),
             };
-            let next = move || {
-                let mut buf = vec![0u8; spawner::MESSAGE_MAX + 1];
-                match next_message(&mut buf) {
-                    (RUN, n, fds) => Some(plan_of(&buf[1..n], fds)),
-                    _ => quit("a second view came instead of a plan"),
-                }
+            // The same buffer for the plan: its pages are there already, in the init's copy.
+            let mut next = move || match next_message(&mut buf) {
+                (RUN, n, fds) => Some(plan_of(&buf[1..n], fds)),
+                _ => quit("a second view came instead of a plan"),
             };
-            child::run_prepared(&view, &next)
+            child::run_prepared(&view, &mut next)
         }
         RUN => child::run(&plan_of(&buf[1..n], fds)),
         _ => quit("a message of an unknown kind came"),
