@@ -58,14 +58,26 @@ enum System {
     Hq,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProbeChoice {
+    Static,
+    Date,
+    Both,
+}
+
 #[derive(Debug, Subcommand)]
 enum What {
     /// Submit → the task's first instruction, one task at a time, with the full sandbox and
     /// with `isolation = "process"`.
     Latency {
-        /// Samples per isolation mode.
+        /// Samples per isolation mode and probe.
         #[arg(long, default_value_t = 300)]
         samples: usize,
+        /// What the task runs to stamp its start: `static` (tests/bench/stamp.c, built with
+        /// `cc`: the stamp is the process's first instruction), `date` (`date +%s%N`: also its
+        /// dynamic start-up), or `both`, one after the other for each isolation mode.
+        #[arg(long, value_enum, default_value_t = ProbeChoice::Both)]
+        probe: ProbeChoice,
     },
     /// N `true` tasks at once until all completed: drover-sandbox, drover-process, HyperQueue,
     /// in turn, for several rounds.
@@ -141,7 +153,7 @@ fn run(args: Args) -> Result<()> {
     );
     let rt = runtime()?;
     let result = match args.what {
-        What::Latency { samples } => latency_main(&rt, samples)?,
+        What::Latency { samples, probe } => latency_main(&rt, samples, probe)?,
         What::Throughput {
             tasks,
             rounds,
@@ -180,14 +192,34 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn latency_main(rt: &tokio::runtime::Runtime, samples: usize) -> Result<serde_json::Value> {
+fn latency_main(
+    rt: &tokio::runtime::Runtime,
+    samples: usize,
+    choice: ProbeChoice,
+) -> Result<serde_json::Value> {
+    // Built before the fleet starts; the guard removes it when the runs are done.
+    let mut built = None;
+    let mut probes = Vec::new();
+    if choice != ProbeChoice::Date {
+        let (dir, exe) = latency::build_static_probe()?;
+        built = Some(dir);
+        probes.push(latency::Probe::Static(exe));
+    }
+    if choice != ProbeChoice::Static {
+        probes.push(latency::Probe::Date);
+    }
     let fleet = common::start_fleet(1);
     let settings = common::operator_settings(&fleet);
-    let baseline = latency::exec_baseline(samples.min(200))?;
-    eprintln!(
-        "exec baseline (date +%s%N spawned directly): {}",
-        baseline.line("ms")
-    );
+    let mut baselines = serde_json::Map::new();
+    for probe in &probes {
+        let baseline = latency::exec_baseline(probe, samples.min(200))?;
+        eprintln!(
+            "exec baseline ({} probe spawned directly): {}",
+            probe.name(),
+            baseline.line("ms")
+        );
+        baselines.insert(probe.name().into(), serde_json::to_value(baseline)?);
+    }
     let mut reports = Vec::new();
     let runs = [
         (Isolation::Sandbox, NetworkPolicy::None),
@@ -195,24 +227,29 @@ fn latency_main(rt: &tokio::runtime::Runtime, samples: usize) -> Result<serde_js
         (Isolation::Process, NetworkPolicy::Host),
     ];
     for (isolation, network) in runs {
-        let cpu0 = common::MachineCpu::take();
-        let r = rt.block_on(latency::run(&settings, isolation, network, samples))?;
-        let busy =
-            common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
-        eprintln!(
-            "{} (network {}): dispatch {}\n  submit ack {}\n  stages (means): submitted→assigned {:.2} ms, \
-             assigned→started {:.2} ms, started→stamp {:.2} ms; machine busy {busy:.2} cores",
-            r.isolation,
-            r.network,
-            r.dispatch_ms.line("ms"),
-            r.submit_ack_ms.line("ms"),
-            r.stage_submitted_to_assigned_ms,
-            r.stage_assigned_to_started_ms,
-            r.stage_started_to_stamp_ms
-        );
-        reports.push(serde_json::json!({ "report": r, "machine_busy_cores": busy }));
+        for probe in &probes {
+            let cpu0 = common::MachineCpu::take();
+            let r = rt.block_on(latency::run(&settings, isolation, network, probe, samples))?;
+            let busy = common::MachineCpu::take()
+                .busy_cores_since(&cpu0, common::Machine::detect().nproc);
+            eprintln!(
+                "{} (network {}, {} probe): dispatch {}\n  submit ack {}\n  stages (means): submitted→assigned {:.2} ms, \
+                 assigned→started {:.2} ms, started→stamp {:.2} ms; machine busy {busy:.2} cores",
+                r.isolation,
+                r.network,
+                r.probe,
+                r.dispatch_ms.line("ms"),
+                r.submit_ack_ms.line("ms"),
+                r.stage_submitted_to_assigned_ms,
+                r.stage_assigned_to_started_ms,
+                r.stage_started_to_stamp_ms
+            );
+            reports.push(serde_json::json!({ "report": r, "machine_busy_cores": busy }));
+        }
     }
-    Ok(serde_json::json!({ "exec_baseline_ms": baseline, "runs": reports }))
+    drop(fleet);
+    drop(built);
+    Ok(serde_json::json!({ "exec_baseline_ms": baselines, "runs": reports }))
 }
 
 fn throughput_main(

@@ -1,12 +1,21 @@
 //! Dispatch latency: submit → the task's process running in its sandbox.
 //!
 //! Definition. `t0` is CLOCK_REALTIME read by the client right before it sends `Submit` (the
-//! operator client the CLI uses, on a connection opened beforehand). The task is
-//! `date +%s%N`: its first action reads CLOCK_REALTIME and prints it, and that stamp comes
-//! back as a stdout event. Latency = stamp − `t0`; both clocks are the same host's. It
-//! therefore includes the exec of `date` and its own start-up (dynamic loading), which the
-//! benchmark measures separately outside any sandbox (`exec_baseline`) so it can be told
-//! apart.
+//! operator client the CLI uses, on a connection opened beforehand). The task's first action
+//! reads CLOCK_REALTIME and prints it in nanoseconds, and that stamp comes back as a stdout
+//! event. Latency = stamp − `t0`; both clocks are the same host's.
+//!
+//! Two probes print the stamp ([`Probe`]):
+//! - `static` (the goal's measure): tests/bench/stamp.c, built at run time with `cc`, static,
+//!   without libc or start-up code. Its first instruction reads the clock, so its stamp is the
+//!   moment the task's process first ran.
+//! - `date +%s%N` (the measure of the rounds before 2026-12-07): the stamp also includes the
+//!   dynamic loader and glibc's start-up, about 1 ms of CPU per exec on the build machines
+//!   (glibc's cache enumeration with `cpuid`, which the hypervisor traps). That is the task's
+//!   own program running, not the dispatch; it is kept so figures stay comparable.
+//!
+//! Each probe's own start is also measured spawned directly by this process, outside drover
+//! ([`exec_baseline`]).
 //!
 //! Samples are sequential: one task at a time, the next submitted only after the previous one
 //! completed, so each dispatch finds an idle coordinator and worker. The bench polls the
@@ -20,10 +29,86 @@ use super::common::{self, Summary};
 use anyhow::{bail, Context, Result};
 use drover_protocol::task::{Isolation, NetworkPolicy};
 use rand::Rng;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// What the task runs to stamp the moment it runs.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// The static probe (tests/bench/stamp.c) at this path.
+    Static(PathBuf),
+    /// `date +%s%N`.
+    Date,
+}
+
+impl Probe {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Probe::Static(_) => "static",
+            Probe::Date => "date",
+        }
+    }
+
+    fn argv(&self) -> Vec<String> {
+        match self {
+            Probe::Static(path) => vec![path.display().to_string()],
+            Probe::Date => vec!["date".into(), "+%s%N".into()],
+        }
+    }
+}
+
+/// The static probe's source; see its header.
+const STAMP_C: &str = include_str!("../../../bench/stamp.c");
+
+/// Builds the static probe with the system C compiler (`$CC`, else `cc`) into a fresh
+/// directory under /var/tmp: a sandboxed task sees the host's tree read-only but a /tmp of its
+/// own, so the probe cannot live under /tmp. The directory goes when the returned guard drops.
+pub fn build_static_probe() -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new()
+        .prefix("drover-task-bench-")
+        .tempdir_in("/var/tmp")
+        .context("making a directory for the static probe under /var/tmp")?;
+    // Reachable by the task whatever its user.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .context("opening the probe's directory to every user")?;
+    let src = dir.path().join("stamp.c");
+    let exe = dir.path().join("stamp");
+    std::fs::write(&src, STAMP_C).context("writing stamp.c")?;
+    let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+    let out = std::process::Command::new(&cc)
+        .args([
+            "-static",
+            "-nostdlib",
+            "-ffreestanding",
+            "-fno-stack-protector",
+            "-fno-pie",
+            "-no-pie",
+            "-O2",
+            "-o",
+        ])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .with_context(|| {
+            format!(
+                "running the C compiler {cc:?} for the static probe \
+                 (install gcc, or pass --probe date)"
+            )
+        })?;
+    if !out.status.success() {
+        bail!(
+            "building the static probe failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok((dir, exe))
+}
 
 #[derive(Debug, serde::Serialize)]
 pub struct LatencyReport {
+    pub probe: String,
     pub isolation: String,
     pub network: String,
     /// Submit → the task's own stamp, ms.
@@ -41,10 +126,13 @@ pub async fn run(
     settings: &drover::cli::settings::Resolved,
     isolation: Isolation,
     network: NetworkPolicy,
+    probe: &Probe,
     samples: usize,
 ) -> Result<LatencyReport> {
+    let argv = probe.argv();
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let spec = |name: &str| {
-        let mut s = common::spec(name, &["date", "+%s%N"], isolation, 0);
+        let mut s = common::spec(name, &argv, isolation, 0);
         s.network = network;
         s
     };
@@ -103,6 +191,7 @@ pub async fn run(
     }
     client.close().await;
     Ok(LatencyReport {
+        probe: probe.name().into(),
         isolation: format!("{isolation:?}").to_lowercase(),
         network: format!("{network:?}").to_lowercase(),
         dispatch_ms: Summary::of(dispatch),
@@ -113,20 +202,21 @@ pub async fn run(
     })
 }
 
-/// `date +%s%N` spawned directly by this process, no drover and no sandbox: spawn → its stamp,
-/// ms. The part of the dispatch latency that is the task's own start-up.
-pub fn exec_baseline(samples: usize) -> Result<Summary> {
+/// The probe spawned directly by this process, no drover and no sandbox: spawn → its stamp,
+/// ms. The part of the dispatch latency that is the task's own start.
+pub fn exec_baseline(probe: &Probe, samples: usize) -> Result<Summary> {
+    let argv = probe.argv();
     let mut xs = Vec::with_capacity(samples);
     for _ in 0..samples {
         let t0 = common::realtime_ns();
-        let out = std::process::Command::new("date")
-            .arg("+%s%N")
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
             .output()
-            .context("running date")?;
+            .with_context(|| format!("running {}", argv[0]))?;
         let stamp: u128 = String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .context("date printed no timestamp")?;
+            .with_context(|| format!("{} printed no timestamp", argv[0]))?;
         xs.push((stamp as f64 - t0 as f64) / 1e6);
     }
     Ok(Summary::of(xs))
