@@ -2,7 +2,7 @@
 """No-op task throughput of HyperQueue, the peer drover's task path is measured against.
 
 Starts a HyperQueue server and one worker with CORES cores (hyperqueue.cluster.LocalCluster,
-both in this process), submits one job of TASKS program tasks running `true` (each asks for
+both in this process), submits one job of TASKS program tasks running `true` or --program (each asks for
 one core, HyperQueue's default, so CORES run at once), and times from just before the submit
 to the moment the job is finished. stdout/stderr of every task go to files in a temporary
 directory (HyperQueue's default), as drover captures them as events.
@@ -41,6 +41,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=2000, help="no-op tasks to run")
     parser.add_argument("--cores", type=int, default=2, help="cores of the one worker")
+    parser.add_argument("--program", default="true", help="the no-op each task runs (default true)")
     parser.add_argument(
         "--dir",
         default="/dev/shm" if Path("/dev/shm").is_dir() else None,
@@ -66,7 +67,7 @@ def main() -> int:
             client = cluster.client()
             job = Job(default_workdir=str(tmp / "work"))
             for _ in range(args.tasks):
-                job.program(["true"])
+                job.program([args.program])
             start = time.time()
             submitted = client.submit(job)
             submit_s = time.time() - start

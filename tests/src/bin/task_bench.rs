@@ -65,6 +65,12 @@ enum ProbeChoice {
     Both,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Noop {
+    True,
+    Static,
+}
+
 #[derive(Debug, Subcommand)]
 enum What {
     /// Submit → the task's first instruction, one task at a time, with the full sandbox and
@@ -79,7 +85,7 @@ enum What {
         #[arg(long, value_enum, default_value_t = ProbeChoice::Both)]
         probe: ProbeChoice,
     },
-    /// N `true` tasks at once until all completed: drover-sandbox, drover-process, HyperQueue,
+    /// N no-op tasks at once until all completed: drover-sandbox, drover-process, HyperQueue,
     /// in turn, for several rounds.
     Throughput {
         #[arg(long, default_value_t = 2000)]
@@ -96,6 +102,11 @@ enum What {
         /// `process` (drover, `isolation = "process"`), `hq` (HyperQueue).
         #[arg(long, value_delimiter = ',', default_value = "sandbox,process,hq")]
         systems: Vec<System>,
+        /// The no-op every system runs: `true`, or `static` (tests/bench/stamp.c built with
+        /// `cc -DNOOP`: it only exits, without the ~1 ms of glibc start-up `true` costs on
+        /// the build machines).
+        #[arg(long, value_enum, default_value_t = Noop::True)]
+        noop: Noop,
     },
     /// Events per second acknowledged after fsync, and the ack latency.
     Ingest {
@@ -160,11 +171,28 @@ fn run(args: Args) -> Result<()> {
             submitters,
             hq_script,
             systems,
+            noop,
         } => {
             let script = hq_script.unwrap_or_else(|| {
                 PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/hq_noop.py"))
             });
-            throughput_main(&rt, tasks, rounds, submitters.max(1), &systems, &script)?
+            // Built first; the guard removes it when the rounds are done.
+            let built = match noop {
+                Noop::True => None,
+                Noop::Static => Some(latency::build_static_probe(true)?),
+            };
+            let program = built
+                .as_ref()
+                .map_or("true".into(), |(_, exe)| exe.display().to_string());
+            throughput_main(
+                &rt,
+                &program,
+                tasks,
+                rounds,
+                submitters.max(1),
+                &systems,
+                &script,
+            )?
         }
         What::Ingest {
             workers,
@@ -201,7 +229,7 @@ fn latency_main(
     let mut built = None;
     let mut probes = Vec::new();
     if choice != ProbeChoice::Date {
-        let (dir, exe) = latency::build_static_probe()?;
+        let (dir, exe) = latency::build_static_probe(false)?;
         built = Some(dir);
         probes.push(latency::Probe::Static(exe));
     }
@@ -230,8 +258,8 @@ fn latency_main(
         for probe in &probes {
             let cpu0 = common::MachineCpu::take();
             let r = rt.block_on(latency::run(&settings, isolation, network, probe, samples))?;
-            let busy = common::MachineCpu::take()
-                .busy_cores_since(&cpu0, common::Machine::detect().nproc);
+            let busy =
+                common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
             eprintln!(
                 "{} (network {}, {} probe): dispatch {}\n  submit ack {}\n  stages (means): submitted→assigned {:.2} ms, \
                  assigned→started {:.2} ms, started→stamp {:.2} ms; machine busy {busy:.2} cores",
@@ -254,6 +282,7 @@ fn latency_main(
 
 fn throughput_main(
     rt: &tokio::runtime::Runtime,
+    noop: &str,
     tasks: usize,
     rounds: usize,
     submitters: usize,
@@ -267,14 +296,16 @@ fn throughput_main(
         for system in systems {
             let isolation = match system {
                 System::Hq => {
-                    row.push(throughput::hq_run(hq_script, tasks, cores)?);
+                    row.push(throughput::hq_run(hq_script, noop, tasks, cores)?);
                     continue;
                 }
                 System::Sandbox => Isolation::Sandbox,
                 System::Process => Isolation::Process,
             };
             let fleet = common::start_fleet(1);
-            let r = rt.block_on(throughput::drover_run(&fleet, isolation, tasks, submitters))?;
+            let r = rt.block_on(throughput::drover_run(
+                noop, &fleet, isolation, tasks, submitters,
+            ))?;
             drop(fleet);
             row.push(r);
         }

@@ -64,7 +64,8 @@ const STAMP_C: &str = include_str!("../../../bench/stamp.c");
 /// Builds the static probe with the system C compiler (`$CC`, else `cc`) into a fresh
 /// directory under /var/tmp: a sandboxed task sees the host's tree read-only but a /tmp of its
 /// own, so the probe cannot live under /tmp. The directory goes when the returned guard drops.
-pub fn build_static_probe() -> Result<(tempfile::TempDir, PathBuf)> {
+/// With `noop`, the program built only exits 0 (a `true` without glibc's start-up).
+pub fn build_static_probe(noop: bool) -> Result<(tempfile::TempDir, PathBuf)> {
     let dir = tempfile::Builder::new()
         .prefix("drover-task-bench-")
         .tempdir_in("/var/tmp")
@@ -73,7 +74,7 @@ pub fn build_static_probe() -> Result<(tempfile::TempDir, PathBuf)> {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
         .context("opening the probe's directory to every user")?;
     let src = dir.path().join("stamp.c");
-    let exe = dir.path().join("stamp");
+    let exe = dir.path().join(if noop { "noop" } else { "stamp" });
     std::fs::write(&src, STAMP_C).context("writing stamp.c")?;
     let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
     let out = std::process::Command::new(&cc)
@@ -85,8 +86,9 @@ pub fn build_static_probe() -> Result<(tempfile::TempDir, PathBuf)> {
             "-fno-pie",
             "-no-pie",
             "-O2",
-            "-o",
         ])
+        .args(noop.then_some("-DNOOP"))
+        .arg("-o")
         .arg(&exe)
         .arg(&src)
         .output()
@@ -220,4 +222,32 @@ pub fn exec_baseline(probe: &Probe, samples: usize) -> Result<Summary> {
         xs.push((stamp as f64 - t0 as f64) / 1e6);
     }
     Ok(Summary::of(xs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe is built and prints the time it ran: after the spawn, before its end. (A
+    /// probe that printed anything else would fail every latency sample; one that printed a
+    /// stale clock would be caught here.)
+    #[test]
+    fn static_probe_prints_the_time_it_started() {
+        let (_dir, exe) = build_static_probe(false).expect("building the probe (needs cc)");
+        let t0 = common::realtime_ns();
+        let out = std::process::Command::new(&exe)
+            .output()
+            .expect("running it");
+        let t1 = common::realtime_ns();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).expect("ASCII");
+        assert!(text.ends_with('\n'), "{text:?}");
+        let stamp: u128 = text.trim().parse().expect("a number");
+        assert!(t0 <= stamp && stamp <= t1, "{t0} <= {stamp} <= {t1}");
+        let (_dir, noop) = build_static_probe(true).expect("building the no-op");
+        let out = std::process::Command::new(&noop)
+            .output()
+            .expect("running it");
+        assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    }
 }

@@ -1,4 +1,4 @@
-//! No-op task throughput: N `true` tasks submitted at once, time until every one completed —
+//! No-op task throughput: N no-op tasks submitted at once, time until every one completed —
 //! drover with the full sandbox, drover with `isolation = "process"`, and HyperQueue
 //! (tests/bench/hq_noop.py), interleaved round by round so a noisy machine hits all three alike.
 //!
@@ -13,6 +13,11 @@
 //! concurrently, each one request at a time (drover has no batch submit; HyperQueue submits
 //! one job of N tasks in a single request). During the run the bench reads only the last
 //! task's session, every 50 ms; every session is checked once that one has completed.
+//!
+//! The no-op is `true` unless `--noop static` names the static one (tests/bench/stamp.c built
+//! with `-DNOOP`: it only exits). On the build machines `true` costs about 1 ms of CPU per
+//! exec (glibc's start-up; see stamp.c), which both systems pay; the static one shows each
+//! system's own cost per task without it.
 
 use super::common;
 use anyhow::{bail, Context, Result};
@@ -40,6 +45,7 @@ pub struct RunResult {
 }
 
 pub async fn drover_run(
+    noop: &str,
     fleet: &drover_tests::TestFleet,
     isolation: Isolation,
     tasks: usize,
@@ -72,10 +78,11 @@ pub async fn drover_run(
     let mut set = tokio::task::JoinSet::new();
     for (k, mut client) in clients.into_iter().enumerate() {
         let share = tasks / submitters + usize::from(k < tasks % submitters);
+        let noop = noop.to_owned();
         set.spawn(async move {
             let mut ids = Vec::with_capacity(share);
             for i in 0..share {
-                let spec = common::spec(&format!("noop{k}-{i}"), &["true"], isolation, 1);
+                let spec = common::spec(&format!("noop{k}-{i}"), &[noop.as_str()], isolation, 1);
                 ids.push(common::submit(&mut client, spec).await?);
             }
             Ok::<_, anyhow::Error>((ids, client))
@@ -155,7 +162,7 @@ struct HqOutput {
 }
 
 /// Run tests/bench/hq_noop.py once with `cores` cores.
-pub fn hq_run(script: &Path, tasks: usize, cores: usize) -> Result<RunResult> {
+pub fn hq_run(script: &Path, noop: &str, tasks: usize, cores: usize) -> Result<RunResult> {
     let cpu0 = common::MachineCpu::take();
     let out = std::process::Command::new("python3")
         .arg(script)
@@ -163,6 +170,8 @@ pub fn hq_run(script: &Path, tasks: usize, cores: usize) -> Result<RunResult> {
         .arg(tasks.to_string())
         .arg("--cores")
         .arg(cores.to_string())
+        .arg("--program")
+        .arg(noop)
         .stdin(std::process::Stdio::null())
         .output()
         .with_context(|| format!("running python3 {}", script.display()))?;
