@@ -7,7 +7,8 @@
  * of CPU: glibc enumerates the CPU caches with `cpuid`, which the hypervisor traps, dozens of
  * times per exec (perf: `intel_check_word`, `handle_intel`). That is the task's own program
  * running, not the dispatch. This probe is static, has no libc and no start-up code: `_start`
- * reads the clock at once, so the stamp is the moment the task's process first ran.
+ * reads the clock at once, so the stamp is the moment the task's program first runs, right
+ * after its execve.
  *
  * Built by task-bench at run time with the system C compiler (`cc`, which Rust's linker needs
  * anyway): cc -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie -O2.

@@ -16,8 +16,8 @@
 //!
 //! ```text
 //! cargo build --release -p drover-coordinator -p drover-worker-agent -p drover-tests
-//! target/release/task-bench latency --samples 300
-//! target/release/task-bench throughput --tasks 2000 --rounds 3
+//! target/release/task-bench latency --samples 300          # --probe static|date|both
+//! target/release/task-bench throughput --tasks 2000 --rounds 3   # --noop true|static
 //! target/release/task-bench ingest
 //! ```
 
@@ -73,15 +73,16 @@ enum Noop {
 
 #[derive(Debug, Subcommand)]
 enum What {
-    /// Submit → the task's first instruction, one task at a time, with the full sandbox and
-    /// with `isolation = "process"`.
+    /// Submit → the task's program running (its first instruction, with the static probe), one
+    /// task at a time, with the full sandbox and with `isolation = "process"`.
     Latency {
         /// Samples per isolation mode and probe.
         #[arg(long, default_value_t = 300)]
         samples: usize,
         /// What the task runs to stamp its start: `static` (tests/bench/stamp.c, built with
-        /// `cc`: the stamp is the process's first instruction), `date` (`date +%s%N`: also its
-        /// dynamic start-up), or `both`, one after the other for each isolation mode.
+        /// `cc`: the stamp is its program's first instruction), `date` (`date +%s%N`: also its
+        /// dynamic start-up), or `both`, one after the other for each isolation mode (the
+        /// order swapped from one mode to the next).
         #[arg(long, value_enum, default_value_t = ProbeChoice::Both)]
         probe: ProbeChoice,
     },
@@ -181,12 +182,19 @@ fn run(args: Args) -> Result<()> {
                 Noop::True => None,
                 Noop::Static => Some(latency::build_static_probe(true)?),
             };
-            let program = built
-                .as_ref()
-                .map_or("true".into(), |(_, exe)| exe.display().to_string());
+            let noop = match &built {
+                None => throughput::Noop {
+                    name: "true",
+                    program: "true".into(),
+                },
+                Some((_, exe)) => throughput::Noop {
+                    name: "static",
+                    program: exe.display().to_string(),
+                },
+            };
             throughput_main(
                 &rt,
-                &program,
+                &noop,
                 tasks,
                 rounds,
                 submitters.max(1),
@@ -254,8 +262,14 @@ fn latency_main(
         (Isolation::Sandbox, NetworkPolicy::Host),
         (Isolation::Process, NetworkPolicy::Host),
     ];
-    for (isolation, network) in runs {
-        for probe in &probes {
+    for (k, (isolation, network)) in runs.into_iter().enumerate() {
+        // Neither probe always goes first.
+        let order: Vec<&latency::Probe> = if k % 2 == 0 {
+            probes.iter().collect()
+        } else {
+            probes.iter().rev().collect()
+        };
+        for probe in order {
             let cpu0 = common::MachineCpu::take();
             let r = rt.block_on(latency::run(&settings, isolation, network, probe, samples))?;
             let busy =
@@ -282,7 +296,7 @@ fn latency_main(
 
 fn throughput_main(
     rt: &tokio::runtime::Runtime,
-    noop: &str,
+    noop: &throughput::Noop,
     tasks: usize,
     rounds: usize,
     submitters: usize,
@@ -311,10 +325,10 @@ fn throughput_main(
         }
         for r in &row {
             eprintln!(
-                "round {round}: {:<22} {:>6} tasks in {:>7.2} s = {:>7.1} tasks/s (submitted in {:.2} s; {} failed; machine busy {:.2} cores{})",
-                r.system, r.tasks, r.total_s, r.tasks_per_s, r.submit_s, r.failed, r.machine_busy_cores,
+                "round {round}: {:<22} {:>6} tasks in {:>7.2} s = {:>7.1} tasks/s (no-op {}; submitted in {:.2} s; {} failed; machine busy {:.2} cores, {:.2} ms of machine CPU per task{})",
+                r.system, r.tasks, r.total_s, r.tasks_per_s, r.noop, r.submit_s, r.failed, r.machine_busy_cores, r.machine_cpu_ms_per_task,
                 match (r.coordinator_cpu_ms_per_task, r.worker_cpu_ms_per_task) {
-                    (Some(c), Some(w)) => format!("; CPU per task: coordinator {c:.2} ms, worker {w:.2} ms"),
+                    (Some(c), Some(w)) => format!("; coordinator {c:.2} ms, worker {w:.2} ms"),
                     _ => String::new(),
                 }
             );

@@ -295,6 +295,11 @@ impl MachineCpu {
         let total = (self.total - earlier.total).max(1) as f64;
         (self.busy - earlier.busy) as f64 / total * nproc as f64
     }
+
+    /// CPU seconds the whole machine spent since `earlier`.
+    pub fn busy_seconds_since(&self, earlier: &Self) -> f64 {
+        (self.busy - earlier.busy) as f64 / clock_ticks()
+    }
 }
 
 /// The coordinator's pid, found by its config path on the command line.

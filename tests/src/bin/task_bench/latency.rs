@@ -8,8 +8,10 @@
 //! Two probes print the stamp ([`Probe`]):
 //! - `static` (the goal's measure): tests/bench/stamp.c, built at run time with `cc`, static,
 //!   without libc or start-up code. Its first instruction reads the clock, so its stamp is the
-//!   moment the task's process first ran.
-//! - `date +%s%N` (the measure of the rounds before 2026-12-07): the stamp also includes the
+//!   moment the task's program first runs, right after its `execve` (the process itself
+//!   existed before: drover's own set-up of the sandbox runs in it).
+//! - `date +%s%N` (the measure of every round before the tenth in docs/benchmarks.md): the
+//!   stamp also includes the
 //!   dynamic loader and glibc's start-up, about 1 ms of CPU per exec on the build machines
 //!   (glibc's cache enumeration with `cpuid`, which the hypervisor traps). That is the task's
 //!   own program running, not the dispatch; it is kept so figures stay comparable.
@@ -23,7 +25,7 @@
 //! never overlap the dispatch being measured. The session's own timestamps (milliseconds)
 //! split the mean into stages: submitted → assigned (coordinator), assigned → `started`
 //! (assignment reaches the worker, attempt stream opened), `started` → stamp (workspace,
-//! sandbox set-up, exec).
+//! sandbox set-up, exec, and the probe's own start-up).
 
 use super::common::{self, Summary};
 use anyhow::{bail, Context, Result};
@@ -61,7 +63,7 @@ impl Probe {
 /// The static probe's source; see its header.
 const STAMP_C: &str = include_str!("../../../bench/stamp.c");
 
-/// Builds the static probe with the system C compiler (`$CC`, else `cc`) into a fresh
+/// Builds the static probe with the system C compiler (`cc`) into a fresh
 /// directory under /var/tmp: a sandboxed task sees the host's tree read-only but a /tmp of its
 /// own, so the probe cannot live under /tmp. The directory goes when the returned guard drops.
 /// With `noop`, the program built only exits 0 (a `true` without glibc's start-up).
@@ -70,14 +72,15 @@ pub fn build_static_probe(noop: bool) -> Result<(tempfile::TempDir, PathBuf)> {
         .prefix("drover-task-bench-")
         .tempdir_in("/var/tmp")
         .context("making a directory for the static probe under /var/tmp")?;
-    // Reachable by the task whatever its user.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+    // Reachable by the task whatever its user (the program too, below).
+    let everyone = || std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), everyone())
         .context("opening the probe's directory to every user")?;
     let src = dir.path().join("stamp.c");
     let exe = dir.path().join(if noop { "noop" } else { "stamp" });
     std::fs::write(&src, STAMP_C).context("writing stamp.c")?;
-    let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
-    let out = std::process::Command::new(&cc)
+    let instead = if noop { "--noop true" } else { "--probe date" };
+    let out = std::process::Command::new("cc")
         .args([
             "-static",
             "-nostdlib",
@@ -94,17 +97,18 @@ pub fn build_static_probe(noop: bool) -> Result<(tempfile::TempDir, PathBuf)> {
         .output()
         .with_context(|| {
             format!(
-                "running the C compiler {cc:?} for the static probe \
-                 (install gcc, or pass --probe date)"
+                "running the C compiler `cc` for the static probe (install gcc, or pass {instead})"
             )
         })?;
     if !out.status.success() {
         bail!(
-            "building the static probe failed ({}): {}",
+            "building the static probe (tests/bench/stamp.c) failed ({}): {}\n\
+             (it needs a C compiler for this machine as `cc`; or pass {instead})",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    std::fs::set_permissions(&exe, everyone()).context("opening the static probe to every user")?;
     Ok((dir, exe))
 }
 

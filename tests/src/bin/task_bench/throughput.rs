@@ -25,9 +25,20 @@ use drover_protocol::task::Isolation;
 use std::path::Path;
 use std::time::Duration;
 
+/// The no-op every task of a run runs.
+#[derive(Debug, Clone)]
+pub struct Noop {
+    /// `true` or `static`.
+    pub name: &'static str,
+    /// The program's path or name.
+    pub program: String,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunResult {
     pub system: String,
+    /// The no-op every task ran (`true` or `static`).
+    pub noop: String,
     pub tasks: usize,
     /// Start → last submit acknowledged (drover) or job submitted (HyperQueue), seconds.
     pub submit_s: f64,
@@ -38,6 +49,9 @@ pub struct RunResult {
     pub failed: usize,
     /// Cores busy on the whole machine during the run (all processes, out of `nproc`).
     pub machine_busy_cores: f64,
+    /// The whole machine's CPU over the run (every process's, other tenants' included) per
+    /// task, milliseconds: the window is the one of `machine_busy_cores`.
+    pub machine_cpu_ms_per_task: f64,
     /// CPU time of drover's coordinator and worker processes (the worker with its spawner; the
     /// tasks and sandbox helpers not included) per task, milliseconds.
     pub coordinator_cpu_ms_per_task: Option<f64>,
@@ -45,7 +59,7 @@ pub struct RunResult {
 }
 
 pub async fn drover_run(
-    noop: &str,
+    noop: &Noop,
     fleet: &drover_tests::TestFleet,
     isolation: Isolation,
     tasks: usize,
@@ -78,7 +92,7 @@ pub async fn drover_run(
     let mut set = tokio::task::JoinSet::new();
     for (k, mut client) in clients.into_iter().enumerate() {
         let share = tasks / submitters + usize::from(k < tasks % submitters);
-        let noop = noop.to_owned();
+        let noop = noop.program.clone();
         set.spawn(async move {
             let mut ids = Vec::with_capacity(share);
             for i in 0..share {
@@ -113,6 +127,12 @@ pub async fn drover_run(
         Duration::from_secs(600),
     )
     .await?;
+    // The machine's CPU up to here (within one 50 ms poll of the end), not over the reads of
+    // every session that follow.
+    let cpu1 = common::MachineCpu::take();
+    let busy = cpu1.busy_cores_since(&cpu0, common::Machine::detect().nproc);
+    let machine_cpu_s = cpu1.busy_seconds_since(&cpu0);
+    let ticks1 = ticks();
     let (mut last_ms, mut failed) = (0u64, 0usize);
     for id in &ids {
         let events = common::wait_completed(
@@ -131,8 +151,6 @@ pub async fn drover_run(
         }
         last_ms = last_ms.max(ts);
     }
-    let busy = common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
-    let ticks1 = ticks();
     let per_task = |i: usize| match (ticks0[i], ticks1[i]) {
         (Some(a), Some(b)) => Some((b - a) as f64 / common::clock_ticks() * 1000.0 / tasks as f64),
         _ => None,
@@ -143,12 +161,14 @@ pub async fn drover_run(
     let total_s = (last_ms as f64 - start_ns as f64 / 1e6) / 1e3;
     Ok(RunResult {
         system: format!("drover-{}", format!("{isolation:?}").to_lowercase()),
+        noop: noop.name.into(),
         tasks,
         submit_s,
         total_s,
         tasks_per_s: tasks as f64 / total_s,
         failed,
         machine_busy_cores: busy,
+        machine_cpu_ms_per_task: machine_cpu_s * 1000.0 / tasks as f64,
         coordinator_cpu_ms_per_task: per_task(0),
         worker_cpu_ms_per_task: per_task(1),
     })
@@ -158,12 +178,14 @@ pub async fn drover_run(
 struct HqOutput {
     submit_s: f64,
     total_s: f64,
+    /// Over the timed window (hq_noop.py samples /proc/stat itself).
+    machine_busy_cores: f64,
+    machine_cpu_s: f64,
     hq_version: String,
 }
 
 /// Run tests/bench/hq_noop.py once with `cores` cores.
-pub fn hq_run(script: &Path, noop: &str, tasks: usize, cores: usize) -> Result<RunResult> {
-    let cpu0 = common::MachineCpu::take();
+pub fn hq_run(script: &Path, noop: &Noop, tasks: usize, cores: usize) -> Result<RunResult> {
     let out = std::process::Command::new("python3")
         .arg(script)
         .arg("--tasks")
@@ -171,11 +193,10 @@ pub fn hq_run(script: &Path, noop: &str, tasks: usize, cores: usize) -> Result<R
         .arg("--cores")
         .arg(cores.to_string())
         .arg("--program")
-        .arg(noop)
+        .arg(&noop.program)
         .stdin(std::process::Stdio::null())
         .output()
         .with_context(|| format!("running python3 {}", script.display()))?;
-    let busy = common::MachineCpu::take().busy_cores_since(&cpu0, common::Machine::detect().nproc);
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(5).collect();
@@ -202,12 +223,14 @@ pub fn hq_run(script: &Path, noop: &str, tasks: usize, cores: usize) -> Result<R
     })?;
     Ok(RunResult {
         system: format!("hyperqueue-{}", parsed.hq_version),
+        noop: noop.name.into(),
         tasks,
         submit_s: parsed.submit_s,
         total_s: parsed.total_s,
         tasks_per_s: tasks as f64 / parsed.total_s,
         failed: 0,
-        machine_busy_cores: busy,
+        machine_busy_cores: parsed.machine_busy_cores,
+        machine_cpu_ms_per_task: parsed.machine_cpu_s * 1000.0 / tasks as f64,
         coordinator_cpu_ms_per_task: None,
         worker_cpu_ms_per_task: None,
     })
