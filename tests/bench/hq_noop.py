@@ -4,8 +4,8 @@
 Starts a HyperQueue server and one worker with CORES cores (hyperqueue.cluster.LocalCluster,
 both in this process), submits one job of TASKS program tasks running --program (default
 `true`; each asks for one core, HyperQueue's default, so CORES run at once), and times from
-just before the submit to the moment the job is finished. stdout/stderr of every task go to files in a temporary
-directory (HyperQueue's default), as drover captures them as events.
+just before the submit to the moment the job is finished. stdout/stderr of every task go to
+files in a temporary directory (HyperQueue's default), as drover captures them as events.
 
 When the job finished: HyperQueue's client learns it by polling about once a second
 (`wait_for_jobs`), which would round its time up by up to a second. So the end is taken from
@@ -83,7 +83,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=2000, help="no-op tasks to run")
     parser.add_argument("--cores", type=int, default=2, help="cores of the one worker")
-    parser.add_argument("--program", default="true", help="the no-op each task runs (default true)")
+    parser.add_argument(
+        "--program", default="true", help="the no-op each task runs (default true)"
+    )
     parser.add_argument(
         "--dir",
         default="/dev/shm" if Path("/dev/shm").is_dir() else None,
