@@ -11,10 +11,10 @@
 //!   moment the task's program first runs, right after its `execve` (the process itself
 //!   existed before: drover's own set-up of the sandbox runs in it).
 //! - `date +%s%N` (the measure of every round before the tenth in docs/benchmarks.md): the
-//!   stamp also includes the
-//!   dynamic loader and glibc's start-up, about 1 ms of CPU per exec on the build machines
-//!   (glibc's cache enumeration with `cpuid`, which the hypervisor traps). That is the task's
-//!   own program running, not the dispatch; it is kept so figures stay comparable.
+//!   stamp also includes the dynamic loader and glibc's start-up, about 1 ms of CPU per exec
+//!   on the build machines (glibc's cache enumeration with `cpuid`, which the hypervisor
+//!   traps). That is the task's own program running, not the dispatch; it is kept so figures
+//!   stay comparable.
 //!
 //! Each probe's own start is also measured spawned directly by this process, outside drover
 //! ([`exec_baseline`]).
