@@ -17,7 +17,8 @@ the build machines), which favours HyperQueue. `polled_s` keeps the client's own
 The machine's CPU over the same window: a thread samples /proc/stat every 10 ms, and the
 window ends at the first sample after the end above (so the client's last poll, the output
 scan and the teardown are not in it). `machine_busy_cores` is that CPU over that window's
-length; `machine_cpu_s` the CPU itself, every process's (other tenants' included).
+length; `machine_cpu_s` the CPU itself, every process's (other tenants' included). The
+sampler itself costs about 13 us of CPU per sample here, about 0.1 % of a core.
 
 Where: the server and task files go to a fresh directory under --dir, by default /dev/shm (a
 tmpfs) when there is one. On this project's build machines /tmp is ext4 without a journal,

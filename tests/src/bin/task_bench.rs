@@ -234,13 +234,14 @@ fn latency_main(
     choice: ProbeChoice,
 ) -> Result<serde_json::Value> {
     // Built before the fleet starts; the guard removes it when the runs are done.
-    let mut built = None;
-    let mut probes = Vec::new();
-    if choice != ProbeChoice::Date {
-        let (dir, exe) = latency::build_static_probe(false)?;
-        built = Some(dir);
-        probes.push(latency::Probe::Static(exe));
-    }
+    let built = match choice {
+        ProbeChoice::Date => None,
+        ProbeChoice::Static | ProbeChoice::Both => Some(latency::build_static_probe(false)?),
+    };
+    let mut probes: Vec<latency::Probe> = built
+        .iter()
+        .map(|(_, exe)| latency::Probe::Static(exe.clone()))
+        .collect();
     if choice != ProbeChoice::Static {
         probes.push(latency::Probe::Date);
     }
