@@ -8,7 +8,8 @@ names PROGRAM (default `true`; `noop` for task-bench's static one):
 - how many were seen, and the median and mean of fork → exec and exec → exit, ms;
 - the share of the window during which 0, 1, 2, ... of them were running (exec → exit) and
   alive (fork → exit): with two slots, "2" is the time both slots ran a task;
-- exit → the next exec of any of them, ms: how long a freed slot waits, roughly.
+- exit → the next exec of any of them (per exit), ms: a lower bound on how long a freed slot
+  waits (the next start may be the other slot's).
 
 Record and read (needs root or perf_event_paranoid <= -1):
 
@@ -74,10 +75,12 @@ def main() -> int:
     ap.add_argument("--program", default="true", help="the no-op's file name (default: true)")
     args = ap.parse_args()
     forks, execs, exits = parse(args.script, args.program)
-    pids = [p for p in execs if p in exits and p in forks]
+    # A pid reused within the window would pair events of two processes: skip those.
+    pids = [p for p in execs if p in exits and p in forks and forks[p] <= execs[p] <= exits[p]]
     if len(pids) < 2:
-        print(f"noop_timeline: fewer than 2 complete runs of {args.program!r} in {args.script}",
-              file=sys.stderr)
+        print(f"noop_timeline: fewer than 2 complete runs of {args.program!r} in {args.script} "
+              "(is the program's file name right, and was it written with "
+              "`-F comm,pid,tid,cpu,time,event,trace`?)", file=sys.stderr)
         return 1
     print(f"{len(pids)} runs of {args.program}")
     print("fork -> exec, ms:", ms([execs[p] - forks[p] for p in pids]))
@@ -92,7 +95,7 @@ def main() -> int:
         i = bisect.bisect_right(starts, end)
         if i < len(starts):
             gaps.append(starts[i] - end)
-    print("exit -> next exec, ms:", ms(gaps))
+    print("exit -> next exec, ms:", ms(gaps) if gaps else "none (no exec after an exit)")
     return 0
 
 
