@@ -21,6 +21,8 @@
 //! target/release/task-bench ingest
 //! ```
 
+#[path = "task_bench/bare.rs"]
+mod bare;
 #[path = "task_bench/common.rs"]
 mod common;
 #[path = "task_bench/ingest.rs"]
@@ -56,6 +58,9 @@ enum System {
     Sandbox,
     Process,
     Hq,
+    Bare,
+    BareCgroup,
+    BareSandbox,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -100,7 +105,11 @@ enum What {
         #[arg(long, value_name = "PATH")]
         hq_script: Option<PathBuf>,
         /// Which systems to run, in this order each round: `sandbox` (drover, full sandbox),
-        /// `process` (drover, `isolation = "process"`), `hq` (HyperQueue).
+        /// `process` (drover, `isolation = "process"`), `hq` (HyperQueue), and the bare loops
+        /// of tests/bench/bare_noop.c, the machine's ceilings (built with `cc`; the last two
+        /// need root): `bare` (fork, exec, wait), `bare-cgroup` (plus the attempt's own
+        /// cgroup, as drover makes for both isolations), `bare-sandbox` (plus namespaces, a
+        /// private /tmp, no_new_privs).
         #[arg(long, value_delimiter = ',', default_value = "sandbox,process,hq")]
         systems: Vec<System>,
         /// The no-op every system runs: `true`, or `static` (tests/bench/stamp.c built with
@@ -305,10 +314,29 @@ fn throughput_main(
     hq_script: &std::path::Path,
 ) -> Result<serde_json::Value> {
     let cores = common::Machine::detect().nproc;
+    // Built before the first round; the guard removes it when the rounds are done.
+    let bare_exe = if systems
+        .iter()
+        .any(|s| matches!(s, System::Bare | System::BareCgroup | System::BareSandbox))
+    {
+        Some(bare::build()?)
+    } else {
+        None
+    };
     let mut all = Vec::new();
     for round in 1..=rounds {
         let mut row = Vec::new();
         for system in systems {
+            let level = match system {
+                System::Bare => Some(bare::Level::Plain),
+                System::BareCgroup => Some(bare::Level::Cgroup),
+                System::BareSandbox => Some(bare::Level::Sandbox),
+                _ => None,
+            };
+            if let (Some(level), Some((_, exe))) = (level, &bare_exe) {
+                row.push(bare::run(exe, level, noop, tasks)?);
+                continue;
+            }
             let isolation = match system {
                 System::Hq => {
                     row.push(throughput::hq_run(hq_script, noop, tasks, cores)?);
@@ -316,6 +344,9 @@ fn throughput_main(
                 }
                 System::Sandbox => Isolation::Sandbox,
                 System::Process => Isolation::Process,
+                System::Bare | System::BareCgroup | System::BareSandbox => {
+                    unreachable!("the bare loops ran above")
+                }
             };
             let fleet = common::start_fleet(1);
             let r = rt.block_on(throughput::drover_run(
@@ -335,11 +366,32 @@ fn throughput_main(
             );
         }
         if let Some(hq) = row.iter().find(|r| r.system.starts_with("hyperqueue")) {
-            for r in row.iter().filter(|r| r.system.starts_with("drover")) {
+            for r in row
+                .iter()
+                .filter(|r| r.system.starts_with("drover") || r.system.starts_with("bare"))
+            {
                 eprintln!(
                     "round {round}: {} / HyperQueue = {:.2}×",
                     r.system,
                     r.tasks_per_s / hq.tasks_per_s
+                );
+            }
+            // The goals against the bare loops: what each leaves drover per task.
+            for (goal, factor, bare_name) in [
+                ("process", 2.0, "bare-cgroup"),
+                ("sandbox", 1.0, "bare-sandbox"),
+            ] {
+                let Some(b) = row.iter().find(|r| r.system == bare_name) else {
+                    continue;
+                };
+                let goal_rate = factor * hq.tasks_per_s;
+                eprintln!(
+                    "round {round}: goal for {goal}: {factor}× HyperQueue = {goal_rate:.1} tasks/s, {:.0} % of {bare_name}'s {:.1}; at {cores} cores busy it allows {:.2} ms of CPU per task, {bare_name} takes {:.2}, leaving {:.2} ms for everything else",
+                    100.0 * goal_rate / b.tasks_per_s,
+                    b.tasks_per_s,
+                    cores as f64 * 1000.0 / goal_rate,
+                    b.machine_cpu_ms_per_task,
+                    bare::budget_ms(cores, hq.tasks_per_s, factor, b.machine_cpu_ms_per_task),
                 );
             }
         }

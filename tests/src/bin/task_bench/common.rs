@@ -346,3 +346,51 @@ pub fn clock_ticks() -> f64 {
         .flatten()
         .map_or(100.0, |t| t as f64)
 }
+
+/// Builds a C program shipped with the bench (`source`, its text, saved as `file`) with the
+/// system C compiler (`cc`) into a fresh directory under /var/tmp: a sandboxed task sees the
+/// host's tree read-only but a /tmp of its own, so a program it runs cannot live under /tmp.
+/// The directory and the program are readable and runnable by every user (a task's user may
+/// be another); both go when the returned guard drops. `instead`: what the user can do
+/// without a compiler, for the error.
+pub fn build_c(
+    source: &str,
+    file: &str,
+    exe_name: &str,
+    flags: &[&str],
+    instead: &str,
+) -> Result<(tempfile::TempDir, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("drover-task-bench-")
+        .tempdir_in("/var/tmp")
+        .with_context(|| format!("making a directory for {file} under /var/tmp"))?;
+    let everyone = || std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), everyone())
+        .with_context(|| format!("opening the directory of {file} to every user"))?;
+    let src = dir.path().join(file);
+    let exe = dir.path().join(exe_name);
+    std::fs::write(&src, source).with_context(|| format!("writing {}", src.display()))?;
+    let out = std::process::Command::new("cc")
+        .args(flags)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .with_context(|| {
+            format!(
+                "running the C compiler `cc` for tests/bench/{file} (install gcc, or {instead})"
+            )
+        })?;
+    if !out.status.success() {
+        bail!(
+            "building tests/bench/{file} failed ({}): {}\n\
+             (it needs a C compiler for this machine as `cc`; or {instead})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::fs::set_permissions(&exe, everyone())
+        .with_context(|| format!("opening {} to every user", exe.display()))?;
+    Ok((dir, exe))
+}

@@ -31,7 +31,6 @@ use super::common::{self, Summary};
 use anyhow::{bail, Context, Result};
 use drover_protocol::task::{Isolation, NetworkPolicy};
 use rand::Rng;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -63,53 +62,31 @@ impl Probe {
 /// The static probe's source; see its header.
 const STAMP_C: &str = include_str!("../../../bench/stamp.c");
 
-/// Builds the static probe with the system C compiler (`cc`) into a fresh
-/// directory under /var/tmp: a sandboxed task sees the host's tree read-only but a /tmp of its
-/// own, so the probe cannot live under /tmp. The directory goes when the returned guard drops.
-/// With `noop`, the program built only exits 0 (a `true` without glibc's start-up).
+/// Builds the static probe with the system C compiler (`cc`) into a fresh directory under
+/// /var/tmp (see [`common::build_c`]). With `noop`, the program built only exits 0 (a `true`
+/// without glibc's start-up).
 pub fn build_static_probe(noop: bool) -> Result<(tempfile::TempDir, PathBuf)> {
-    let dir = tempfile::Builder::new()
-        .prefix("drover-task-bench-")
-        .tempdir_in("/var/tmp")
-        .context("making a directory for the static probe under /var/tmp")?;
-    // Reachable by the task whatever its user (the program too, below).
-    let everyone = || std::fs::Permissions::from_mode(0o755);
-    std::fs::set_permissions(dir.path(), everyone())
-        .context("opening the probe's directory to every user")?;
-    let src = dir.path().join("stamp.c");
-    let exe = dir.path().join(if noop { "noop" } else { "stamp" });
-    std::fs::write(&src, STAMP_C).context("writing stamp.c")?;
-    let instead = if noop { "--noop true" } else { "--probe date" };
-    let out = std::process::Command::new("cc")
-        .args([
-            "-static",
-            "-nostdlib",
-            "-ffreestanding",
-            "-fno-stack-protector",
-            "-fno-pie",
-            "-no-pie",
-            "-O2",
-        ])
-        .args(noop.then_some("-DNOOP"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .with_context(|| {
-            format!(
-                "running the C compiler `cc` for the static probe (install gcc, or pass {instead})"
-            )
-        })?;
-    if !out.status.success() {
-        bail!(
-            "building the static probe (tests/bench/stamp.c) failed ({}): {}\n\
-             (it needs a C compiler for this machine as `cc`; or pass {instead})",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    std::fs::set_permissions(&exe, everyone()).context("opening the static probe to every user")?;
-    Ok((dir, exe))
+    let flags = [
+        "-static",
+        "-nostdlib",
+        "-ffreestanding",
+        "-fno-stack-protector",
+        "-fno-pie",
+        "-no-pie",
+        "-O2",
+    ];
+    let flags: Vec<&str> = flags.into_iter().chain(noop.then_some("-DNOOP")).collect();
+    common::build_c(
+        STAMP_C,
+        "stamp.c",
+        if noop { "noop" } else { "stamp" },
+        &flags,
+        if noop {
+            "pass --noop true"
+        } else {
+            "pass --probe date"
+        },
+    )
 }
 
 #[derive(Debug, serde::Serialize)]

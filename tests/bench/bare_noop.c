@@ -1,0 +1,260 @@
+/*
+ * The bare loops of `task-bench throughput --systems bare,bare-cgroup,bare-sandbox`: what this
+ * machine allows for a no-op task when nothing schedules, logs or streams it — only the work a
+ * system must do per attempt to run it the way the issue asks. Its rate is a ceiling for any
+ * such system here, drover and HyperQueue alike.
+ *
+ *   bare_noop LEVEL COUNT PROGRAM
+ *
+ * runs PROGRAM (looked up in PATH; no arguments, the caller's environment) COUNT times, one after another, and
+ * prints one JSON line: {"level":..., "tasks":COUNT, "seconds":wall time}. task-bench runs
+ * several at once so every core is busy. LEVEL:
+ *
+ * - `plain`: fork, execve, waitpid. Nothing else.
+ * - `cgroup`: plus the attempt's own cgroup, as drover gives every attempt (its memory and pids
+ *   limits; OOM read from its counter): made in each hierarchy (v1: memory, pids, freezer,
+ *   those mounted; v2: one directory), the limits written (1 GiB, 512 pids: the task spec's
+ *   default pids limit), the child moves itself in before its exec, and after its end the OOM
+ *   counter and the peak are read and the directories removed.
+ * - `sandbox`: plus, in the child after the move, new pid, mount, uts, ipc, cgroup and network
+ *   namespaces (`network = "none"`, the default), an init for the pid namespace (the child
+ *   forks once more; it waits for the task), the mounts made private, a tmpfs on /tmp and
+ *   no_new_privs. Less than drover's sandbox does (no read-only view of the host, no
+ *   workspace bind, nothing hidden, no /dev/shm), so its rate is a generous ceiling.
+ *
+ * `cgroup` and `sandbox` need root (as drover's worker does). Any failure exits 1 naming the
+ * step; the cgroups made are removed on every path that can (a failed child leaves its
+ * directories, named bare-noop-PID-N, for the next run's rmdir by hand).
+ *
+ * Built by task-bench at run time: cc -O2 -o bare_noop bare_noop.c.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+enum level { PLAIN, CGROUP, SANDBOX };
+
+/* One hierarchy an attempt's cgroup is made in, with the files of its limits and counters
+ * (NULL: none in this hierarchy). */
+struct hier {
+	char base[1024];
+	const char *limit_file, *limit_value;
+	const char *pids_file;
+	const char *read_files[2];
+};
+
+static struct hier hiers[3];
+static int nhier;
+
+static void die(const char *what, const char *path)
+{
+	fprintf(stderr, "bare_noop: %s %s: %s\n", what, path ? path : "", strerror(errno));
+	exit(1);
+}
+
+static void write_file(const char *path, const char *value)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0 || write(fd, value, strlen(value)) < 0)
+		die("writing", path);
+	close(fd);
+}
+
+static void read_file(const char *path)
+{
+	char buf[4096];
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || read(fd, buf, sizeof buf) < 0)
+		die("reading", path);
+	close(fd);
+}
+
+/* This process's cgroup path in the hierarchy of `controller` (v1), or in the unified one
+ * (controller ""), from /proc/self/cgroup; 0 if it has none. */
+static int own_path(const char *controller, char *out, size_t len)
+{
+	FILE *f = fopen("/proc/self/cgroup", "re");
+	char line[1024];
+	int found = 0;
+	if (!f)
+		die("opening", "/proc/self/cgroup");
+	while (!found && fgets(line, sizeof line, f)) {
+		char *names = strchr(line, ':'), *path;
+		if (!names || !(path = strchr(names + 1, ':')))
+			continue;
+		*path++ = 0;
+		path[strcspn(path, "\n")] = 0;
+		names++;
+		if (*controller == 0) {
+			found = *names == 0;
+		} else {
+			for (char *tok = strtok(names, ","); tok && !found; tok = strtok(NULL, ","))
+				found = strcmp(tok, controller) == 0;
+		}
+		if (found)
+			snprintf(out, len, "%s", strcmp(path, "/") == 0 ? "" : path);
+	}
+	fclose(f);
+	return found;
+}
+
+static void add_v1(const char *controller, const char *limit_file, const char *limit_value,
+		   const char *pids_file, const char *read0, const char *read1)
+{
+	char path[512], mount[256];
+	struct stat st;
+	snprintf(mount, sizeof mount, "/sys/fs/cgroup/%s", controller);
+	if (stat(mount, &st) != 0 || !own_path(controller, path, sizeof path))
+		return;
+	struct hier *h = &hiers[nhier++];
+	snprintf(h->base, sizeof h->base, "%s%s", mount, path);
+	h->limit_file = limit_file;
+	h->limit_value = limit_value;
+	h->pids_file = pids_file;
+	h->read_files[0] = read0;
+	h->read_files[1] = read1;
+}
+
+static void detect(void)
+{
+	struct stat st;
+	add_v1("memory", "memory.limit_in_bytes", "1073741824", NULL, "memory.oom_control",
+	       "memory.max_usage_in_bytes");
+	if (nhier > 0) {
+		add_v1("pids", NULL, NULL, "pids.max", NULL, NULL);
+		add_v1("freezer", NULL, NULL, NULL, NULL, NULL);
+		return;
+	}
+	char path[512];
+	if (stat("/sys/fs/cgroup/cgroup.controllers", &st) == 0 && own_path("", path, sizeof path)) {
+		struct hier *h = &hiers[nhier++];
+		snprintf(h->base, sizeof h->base, "/sys/fs/cgroup%s", path);
+		h->limit_file = "memory.max";
+		h->limit_value = "1073741824";
+		h->pids_file = "pids.max";
+		h->read_files[0] = "memory.events";
+		h->read_files[1] = "memory.peak";
+		return;
+	}
+	errno = ENOENT;
+	die("finding a cgroup hierarchy (no memory controller in v1, no cgroup2 mount)", NULL);
+}
+
+static void run_child(enum level level, char dirs[][1100], const char *program)
+{
+	char path[1200];
+	for (int k = 0; level >= CGROUP && k < nhier; k++) {
+		snprintf(path, sizeof path, "%s/cgroup.procs", dirs[k]);
+		write_file(path, "0");
+	}
+	if (level == SANDBOX) {
+		int flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
+			    CLONE_NEWCGROUP | CLONE_NEWNET;
+		if (unshare(flags) != 0)
+			die("unshare", NULL);
+		pid_t init = fork();
+		if (init < 0)
+			die("fork", "(the pid namespace's first process)");
+		if (init > 0) {
+			int status;
+			if (waitpid(init, &status, 0) < 0)
+				die("waitpid", NULL);
+			_exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128);
+		}
+		if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
+			die("making the mounts private", "/");
+		if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m") != 0)
+			die("mounting a tmpfs on", "/tmp");
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+			die("setting no_new_privs", NULL);
+	}
+	char *argv[] = {(char *)program, NULL};
+	execvpe(program, argv, environ);
+	die("execvpe", program);
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 4) {
+		fprintf(stderr, "usage: bare_noop plain|cgroup|sandbox COUNT PROGRAM\n");
+		return 2;
+	}
+	enum level level;
+	if (strcmp(argv[1], "plain") == 0)
+		level = PLAIN;
+	else if (strcmp(argv[1], "cgroup") == 0)
+		level = CGROUP;
+	else if (strcmp(argv[1], "sandbox") == 0)
+		level = SANDBOX;
+	else {
+		fprintf(stderr, "bare_noop: unknown level %s (plain, cgroup or sandbox)\n", argv[1]);
+		return 2;
+	}
+	long count = atol(argv[2]);
+	const char *program = argv[3];
+	if (level >= CGROUP)
+		detect();
+
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (long i = 0; i < count; i++) {
+		char dirs[3][1100], path[1200];
+		for (int k = 0; level >= CGROUP && k < nhier; k++) {
+			struct hier *h = &hiers[k];
+			snprintf(dirs[k], sizeof dirs[k], "%s/bare-noop-%d-%ld", h->base, getpid(), i);
+			if (mkdir(dirs[k], 0755) != 0)
+				die("making the cgroup", dirs[k]);
+			if (h->limit_file) {
+				snprintf(path, sizeof path, "%s/%s", dirs[k], h->limit_file);
+				write_file(path, h->limit_value);
+			}
+			if (h->pids_file) {
+				snprintf(path, sizeof path, "%s/%s", dirs[k], h->pids_file);
+				write_file(path, "512");
+			}
+		}
+		pid_t pid = fork();
+		if (pid < 0)
+			die("fork", NULL);
+		if (pid == 0)
+			run_child(level, dirs, program);
+		int status;
+		if (waitpid(pid, &status, 0) < 0)
+			die("waitpid", NULL);
+		if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+			if (WIFEXITED(status))
+				fprintf(stderr, "bare_noop: %s exited with code %d\n", program,
+					WEXITSTATUS(status));
+			else
+				fprintf(stderr, "bare_noop: %s was killed by signal %d\n", program,
+					WTERMSIG(status));
+			return 1;
+		}
+		for (int k = 0; level >= CGROUP && k < nhier; k++) {
+			for (int r = 0; r < 2; r++) {
+				if (!hiers[k].read_files[r])
+					continue;
+				snprintf(path, sizeof path, "%s/%s", dirs[k], hiers[k].read_files[r]);
+				read_file(path);
+			}
+			if (rmdir(dirs[k]) != 0)
+				die("removing the cgroup", dirs[k]);
+		}
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	double seconds = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+	printf("{\"level\":\"%s\",\"tasks\":%ld,\"seconds\":%.6f}\n", argv[1], count, seconds);
+	return 0;
+}
