@@ -121,7 +121,7 @@ impl Attempt {
     }
 
     /// Waits until the attempt ends, kills whatever of its tree is left, removes its cgroup
-    /// and classifies the end. Past `Limits::wall_time_ms` it kills the tree (`timed_out`); on
+    /// (or hands it back for reuse) and classifies the end. Past `Limits::wall_time_ms` it kills the tree (`timed_out`); on
     /// `cancel` likewise (`cancelled`). Calling it again returns the same outcome.
     pub async fn wait(&mut self, cancel: CancellationToken) -> AttemptOutcome {
         if let Some(outcome) = self.outcome {
@@ -280,13 +280,16 @@ fn classify(end: &End, main: Status, oom_kills: u64) -> ExitClass {
 #[derive(Debug)]
 pub(super) struct CgroupGuard {
     cgroup: Option<AttemptCgroup>,
+    /// A warm cgroup (see the `warm` module), which may be reused once emptied.
+    warm: bool,
     inner: Arc<Inner>,
 }
 
 impl CgroupGuard {
-    pub(super) fn new(cgroup: AttemptCgroup, inner: Arc<Inner>) -> CgroupGuard {
+    pub(super) fn new(cgroup: AttemptCgroup, warm: bool, inner: Arc<Inner>) -> CgroupGuard {
         CgroupGuard {
             cgroup: Some(cgroup),
+            warm,
             inner,
         }
     }
@@ -295,8 +298,8 @@ impl CgroupGuard {
         self.cgroup.as_ref()
     }
 
-    /// Kills what is left, waits for the cgroup to empty and removes it (or keeps it as a
-    /// leftover).
+    /// Kills what is left, waits for the cgroup to empty and removes it or hands it back for
+    /// reuse (or keeps it as a leftover).
     pub(super) async fn finish(&mut self) {
         let Some(cgroup) = self.cgroup.take() else {
             return;
@@ -306,18 +309,22 @@ impl CgroupGuard {
             self.inner.leftovers().push(cgroup);
             return;
         }
-        self.inner.keep_or_remove(cgroup);
+        self.inner.keep_or_remove(cgroup, self.warm);
     }
 }
 
 impl CgroupGuard {
-    /// Removes a cgroup already seen empty, or keeps it as a leftover if it will not go. A
-    /// process that has just died can be gone from `cgroup.procs` a moment before the kernel
-    /// lets the directory go (EBUSY): retried briefly.
+    /// Hands a cgroup already seen empty back for reuse, or removes it, or keeps it as a
+    /// leftover if it will not go. A process that has just died can be gone from
+    /// `cgroup.procs` a moment before the kernel lets the directory go (EBUSY): retried
+    /// briefly.
     async fn finish_emptied(&mut self) {
         let Some(cgroup) = self.cgroup.take() else {
             return;
         };
+        if self.warm && self.inner.recycle(&cgroup) {
+            return;
+        }
         let removed = super::cgroup::poll_until(std::time::Duration::from_millis(500), || {
             cgroup.remove().is_ok()
         })
@@ -334,7 +341,7 @@ impl Drop for CgroupGuard {
     fn drop(&mut self) {
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.kill_now();
-            self.inner.keep_or_remove(cgroup);
+            self.inner.keep_or_remove(cgroup, self.warm);
         }
     }
 }

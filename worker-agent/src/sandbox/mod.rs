@@ -191,7 +191,7 @@ impl Sandbox {
                 "removing an attempt cgroup left by a worker that is gone"
             );
             stale.kill_now();
-            sandbox.inner.keep_or_remove(stale);
+            sandbox.inner.keep_or_remove(stale, false);
         }
         if !namespaces {
             warn!("namespaces are unavailable: only isolation `process` can run here");
@@ -418,7 +418,7 @@ impl Sandbox {
                     .map_err(SpawnError::Fork)?,
             )
         };
-        let (pid, name) = match reply {
+        let (pid, name, warm) = match reply {
             Some(spawner::Reply::Spawned {
                 pid,
                 cgroup,
@@ -432,7 +432,7 @@ impl Sandbox {
                 if warm {
                     self.inner.started_warm.fetch_add(1, Ordering::Relaxed);
                 }
-                (pid, cgroup)
+                (pid, cgroup, warm)
             }
             Some(spawner::Reply::Failed {
                 failure: spawner::Failure::Fork { errno },
@@ -446,7 +446,8 @@ impl Sandbox {
                      worker forks attempts itself from now on, without warm cgroups"
                 );
                 self.inner.fork_here.store(true, Ordering::Relaxed);
-                self.fork_here(request)?
+                let (pid, name) = self.fork_here(request)?;
+                (pid, name, false)
             }
             Some(spawner::Reply::Failed {
                 failure,
@@ -462,12 +463,15 @@ impl Sandbox {
                     "the spawner answered a spawn with its status",
                 )))
             }
-            None => self.fork_here(request)?,
+            None => {
+                let (pid, name) = self.fork_here(request)?;
+                (pid, name, false)
+            }
         };
         let mut process = process::Process::new(pid);
         let cgroup = self.inner.hierarchy.existing(&name);
         let procs = cgroup.procs_files();
-        let mut guard = attempt::CgroupGuard::new(cgroup, self.inner.clone());
+        let mut guard = attempt::CgroupGuard::new(cgroup, warm, self.inner.clone());
         // Only the helpers may hold the write ends now, so EOF means they are done with them.
         drop((setup_w, events_w, stdout_w, stderr_w, stdin));
         // The task waits for this, its sandbox built: a byte once confirmed, EOF if dropped.
@@ -744,6 +748,18 @@ impl Sandbox {
     /// Panics, with what the spawner said, when a v1 host has none ready within 5 s.
     #[cfg(test)]
     pub(crate) async fn warm_ready(&self) -> bool {
+        self.warm_ready_at_least(1).await
+    }
+
+    /// [`Sandbox::warm_ready`] for every warm cgroup of the pool: then the next attempt takes
+    /// the one made (or re-entered) last.
+    #[cfg(test)]
+    pub(crate) async fn warm_all_ready(&self) -> bool {
+        self.warm_ready_at_least(WARM_CGROUPS).await
+    }
+
+    #[cfg(test)]
+    async fn warm_ready_at_least(&self, want: usize) -> bool {
         if !matches!(self.inner.hierarchy, Hierarchy::V1(_)) {
             return false;
         }
@@ -755,7 +771,7 @@ impl Sandbox {
                 .call(&spawner::Request::Status, &[])
                 .await
             {
-                Ok(spawner::Reply::Status { ready, reap, .. }) if ready > 0 => {
+                Ok(spawner::Reply::Status { ready, reap, .. }) if ready >= want => {
                     reap_let_go(reap);
                     return true;
                 }
@@ -767,7 +783,7 @@ impl Sandbox {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        panic!("no warm cgroup ready within 5 s on a v1 host: {said:?}");
+        panic!("not {want} warm cgroups ready within 5 s on a v1 host: {said:?}");
     }
 
     /// A sandbox like `self` whose attempts the worker forks itself, as where the spawner
@@ -846,16 +862,36 @@ impl Inner {
         let pending = std::mem::take(&mut *self.leftovers());
         for cgroup in pending {
             cgroup.kill_now();
-            self.keep_or_remove(cgroup);
+            self.keep_or_remove(cgroup, false);
         }
     }
 
-    fn keep_or_remove(&self, cgroup: AttemptCgroup) {
+    /// An attempt's cgroup at its end: kept as a leftover while not empty; else handed back
+    /// for reuse if it was `warm` and can be ([`Inner::recycle`]), or removed.
+    fn keep_or_remove(&self, cgroup: AttemptCgroup, warm: bool) {
         if !cgroup.is_empty() {
             self.leftovers().push(cgroup);
             return;
         }
+        if warm && self.recycle(&cgroup) {
+            return;
+        }
         self.remove_or_keep(cgroup);
+    }
+
+    /// Hands an emptied warm cgroup (v1) back to the spawner's pool, reset, for a later
+    /// attempt to be born in instead of a new one (see `v1::Group::reset_for_reuse` for
+    /// which ones qualify and why). True if it went; false: the caller removes it. Only warm
+    /// ones: a cold one is named after its attempt's task.
+    fn recycle(&self, cgroup: &AttemptCgroup) -> bool {
+        let AttemptCgroup::V1(group) = cgroup else {
+            return false;
+        };
+        if let Err(why) = group.reset_for_reuse() {
+            debug!(cgroup = %group.name(), %why, "attempt cgroup not reused; removing it");
+            return false;
+        }
+        self.spawner.recycle(group.name())
     }
 
     /// Removes an empty cgroup; one that will not go yet is kept as a leftover. Then a warm

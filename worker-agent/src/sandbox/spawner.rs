@@ -79,8 +79,10 @@ const SPAWNER_SOCKET_FD: RawFd = 3;
 pub(super) enum Request {
     /// Fork an attempt's first process in a cgroup of its own.
     Spawn(Box<SpawnRequest>),
-    /// An attempt's cgroup is gone: top the warm cgroups up. No reply.
-    Refill,
+    /// An attempt's cgroup is gone, or handed back for reuse (`recycled`, its name: reset by
+    /// the worker, see `v1::Group::reset_for_reuse`): top the warm cgroups up, with that one
+    /// first. No reply.
+    Refill { recycled: Option<String> },
     /// How many warm cgroups are ready (tests).
     Status,
     /// The real request is in the memfd that comes with this message.
@@ -292,8 +294,21 @@ impl Spawner {
     /// Asks for the warm cgroups to be topped up; never waits (a full socket drops it: the
     /// next one asks again).
     pub(super) fn refill(&self) {
+        self.send_refill(None);
+    }
+
+    /// Hands the emptied, reset cgroup `name` to the warm pool, which re-enters it instead of
+    /// making a new one. Never waits; false if it did not go (no warm pool, no spawner, a full
+    /// socket): the caller then removes the cgroup itself. One that went and that the spawner
+    /// could not use, it removes. (A spawner that dies with one in its socket leaves it until
+    /// the worker's next start removes it with the rest of a dead worker's cgroups.)
+    pub(super) fn recycle(&self, name: String) -> bool {
+        self.send_refill(Some(name))
+    }
+
+    fn send_refill(&self, recycled: Option<String>) -> bool {
         if !self.options.warm {
-            return;
+            return false;
         }
         let sock = self
             .refill_sock
@@ -301,12 +316,13 @@ impl Spawner {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let Some(sock) = sock else {
-            return;
+            return false;
         };
-        if let Ok(bytes) = postcard::to_allocvec(&Request::Refill) {
-            let iov = [io::IoSlice::new(&bytes)];
-            let _ = sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::MSG_DONTWAIT, None);
-        }
+        let Ok(bytes) = postcard::to_allocvec(&Request::Refill { recycled }) else {
+            return false;
+        };
+        let iov = [io::IoSlice::new(&bytes)];
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::MSG_DONTWAIT, None).is_ok()
     }
 }
 
@@ -602,9 +618,14 @@ fn handle(
         };
     }
     match request {
-        Request::Refill => {
-            if let Some(pool) = pool {
-                pool.refill();
+        Request::Refill { recycled } => {
+            match (pool, recycled) {
+                (Some(pool), recycled) => pool.refill(recycled),
+                // No pool to take it (the worker hands cgroups back only to one): removed.
+                (None, Some(name)) => {
+                    let _ = hierarchy.existing(&name).remove();
+                }
+                (None, None) => {}
             }
             None
         }

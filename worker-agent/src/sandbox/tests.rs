@@ -554,6 +554,116 @@ async fn sandbox_warm_spawn_starts_in_its_cgroup_with_exact_limits() {
     }
 }
 
+/// The memory cgroup path, memory limit and pids limit an attempt sees (process isolation:
+/// no cgroup namespace, so the host's paths).
+const CGROUP_VIEW: &str = "p=$(grep ':memory:' /proc/self/cgroup | cut -d: -f3); echo $p; \
+     read m < /sys/fs/cgroup/memory$p/memory.limit_in_bytes; echo $m; \
+     q=$(grep ':pids:' /proc/self/cgroup | cut -d: -f3); \
+     if [ -n \"$q\" ]; then read n < /sys/fs/cgroup/pids$q/pids.max; echo $n; else echo none; fi";
+
+/// A fresh sandbox (its own spawner and warm pool) on a v1 host; `None` (skipped) elsewhere.
+async fn own_warm_sandbox() -> Option<Sandbox> {
+    if skip() {
+        return None;
+    }
+    let sandbox = Sandbox::detect(None).expect("detect");
+    if !sandbox.warm_ready().await {
+        eprintln!("*** SKIPPED: no warm cgroups on this host (cgroup v2) ***");
+        return None;
+    }
+    Some(sandbox)
+}
+
+/// Runs [`CGROUP_VIEW`] once the whole warm pool is ready (so it takes the cgroup made or
+/// re-entered last) and returns its three lines and the outcome.
+async fn cgroup_view(sandbox: &Sandbox, memory: Option<u64>, pids: u32) -> (Vec<String>, Output) {
+    assert!(sandbox.warm_all_ready().await);
+    let mut job = Job::sh(CGROUP_VIEW, Isolation::Process);
+    job.limits.memory_bytes = memory;
+    job.limits.pids = Some(pids);
+    let ws = tempfile::tempdir().expect("workspace");
+    let out = run_with(sandbox, &job, ws.path(), CancellationToken::new()).await;
+    assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+    assert_eq!(out.outcome.oom_kills, 0, "{out:?}");
+    let lines: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 3, "{out:?}");
+    (lines, out)
+}
+
+/// An attempt's emptied warm cgroup is re-entered for the next one (v1), and the next one
+/// finds it as a new cgroup: its own limits (or none), not the last attempt's.
+#[tokio::test]
+async fn sandbox_warm_cgroups_are_reused_with_fresh_limits() {
+    let Some(sandbox) = own_warm_sandbox().await else {
+        return;
+    };
+    // v1's "no limit" (PAGE_COUNTER_MAX pages) on this kernel, read from the base.
+    let unlimited =
+        std::fs::read_to_string(sandbox.cgroup_bases()[0].join("memory.limit_in_bytes"))
+            .ok()
+            .filter(|v| v.trim().len() >= 18)
+            .map(|v| v.trim().to_owned());
+    let mut last: Option<String> = None;
+    let mut reused = 0;
+    for i in 0..8u32 {
+        let (memory, pids) = if i % 2 == 0 {
+            (Some(64 * MIB), 40 + i)
+        } else {
+            (None, 100 + i)
+        };
+        let (lines, out) = cgroup_view(&sandbox, memory, pids).await;
+        assert!(lines[0].contains("-warm"), "not a warm cgroup: {out:?}");
+        match memory {
+            Some(bytes) => assert_eq!(lines[1], bytes.to_string(), "attempt {i}: {out:?}"),
+            None => {
+                if let Some(unlimited) = &unlimited {
+                    assert_eq!(&lines[1], unlimited, "attempt {i}: {out:?}");
+                }
+            }
+        }
+        if lines[2] != "none" {
+            assert_eq!(lines[2], pids.to_string(), "attempt {i}: {out:?}");
+        }
+        if let Some(peak) = out.outcome.peak_memory_bytes {
+            assert!(peak < 64 * MIB, "attempt {i}: peak {peak}");
+        }
+        reused += usize::from(last.as_deref() == Some(lines[0].as_str()));
+        last = Some(lines[0].clone());
+    }
+    // Each attempt after the first takes the cgroup the one before it left.
+    assert_eq!(reused, 7, "attempts did not reuse the cgroup before theirs");
+}
+
+/// A cgroup whose attempt was OOM-killed is never reused: its `oom_kill` counter cannot be
+/// reset, and the next attempt would read it as its own.
+#[tokio::test]
+async fn sandbox_oom_killed_cgroup_is_not_reused() {
+    let Some(sandbox) = own_warm_sandbox().await else {
+        return;
+    };
+    assert!(sandbox.warm_all_ready().await);
+    let script = r#"grep ':memory:' /proc/self/cgroup | cut -d: -f3; x=$(head -c 300000000 /dev/zero | tr "\0" a); echo survived"#;
+    let mut job = Job::sh(script, Isolation::Process);
+    job.limits.memory_bytes = Some(64 * MIB);
+    let ws = tempfile::tempdir().expect("workspace");
+    let out = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
+    assert_eq!(out.outcome.class, ExitClass::OomKilled, "{out:?}");
+    let killed = out
+        .stdout
+        .lines()
+        .next()
+        .expect("the cgroup path")
+        .to_owned();
+    assert!(killed.contains("-warm"), "{out:?}");
+    for i in 0..3 {
+        let (lines, out) = cgroup_view(&sandbox, Some(64 * MIB), 64).await;
+        assert_ne!(
+            lines[0], killed,
+            "attempt {i} got the OOM-killed cgroup: {out:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sandbox_wall_time_limit_times_out() {
     if skip() {
@@ -638,8 +748,14 @@ async fn daemon_is_gone(sandbox: &Sandbox, isolation: Isolation, ending: Ending)
         eventually(|| gone(daemon)).await,
         "{isolation:?} {ending:?}: daemon {daemon} survived the attempt"
     );
+    // Removed, or (v1) a warm one, emptied, handed back for a later attempt.
     for dir in dirs {
-        assert!(!dir.exists(), "cgroup {} not removed", dir.display());
+        let warm = dir.to_string_lossy().contains("-warm");
+        assert!(
+            !dir.exists() || warm,
+            "cgroup {} not removed",
+            dir.display()
+        );
     }
 }
 

@@ -37,7 +37,11 @@
 //!
 //! The pool keeps up to [`Pool::want`] ready; the spawner tops it up when the worker says an
 //! attempt's cgroup is gone (a thread moving into a cgroup holds the kernel's cgroup mutex
-//! through its grace period, and an attempt's own rmdir would wait behind it). A spawn that
+//! through its grace period, and an attempt's own rmdir would wait behind it), or hands it
+//! back: an emptied warm cgroup the worker reset (`v1::Group::reset_for_reuse`) is re-entered
+//! by a new thread instead of made anew. Making and removing a cgroup in three hierarchies
+//! cost about 0.2 ms of this machine's CPU per attempt, the move in far less (measured with
+//! C loops; docs/benchmarks.md, twelfth round). A spawn that
 //! finds none ready takes the cold path (the child joins its cgroup itself). Every thread is
 //! owned by the pool and joined when it is dropped. Nothing here logs (the spawner does not):
 //! what went wrong is kept in [`Pool::take_notes`] for the worker to log.
@@ -192,7 +196,7 @@ impl Pool {
                 ..State::default()
             })),
         };
-        pool.refill();
+        pool.refill(None);
         pool
     }
 
@@ -279,8 +283,10 @@ impl Pool {
     }
 
     /// Start threads until ready + starting reaches `want` (each creates its cgroup and moves
-    /// in by itself); join the ones that are done.
-    pub(super) fn refill(&self) {
+    /// in by itself; the first re-enters `recycled`, an emptied attempt cgroup the worker
+    /// reset, instead: see `v1::Group::reset_for_reuse`); join the ones that are done. A
+    /// recycled cgroup the pool has no room for is removed.
+    pub(super) fn refill(&self, recycled: Option<String>) {
         let mut state = lock(&self.state);
         let mut i = 0;
         while i < state.threads.len() {
@@ -297,22 +303,30 @@ impl Pool {
                 .iter()
                 .any(|dir| std::fs::remove_dir(dir).is_err() && dir.exists())
         });
+        let mut recycled = recycled;
         while !state.closed && !state.broken && state.ready.len() + state.starting < self.want {
-            // Unique in the process: a worker has one sandbox, tests have many.
-            static NEXT: AtomicU64 = AtomicU64::new(1);
-            // Several spawners may serve one worker over its life (and tests run several at
-            // once), each counting from the same copy of NEXT: its pid keeps names apart.
-            let name = attempt_name_of(
-                self.owner,
-                NEXT.fetch_add(1, Ordering::Relaxed),
-                &format!("warm{}", std::process::id()),
-                0,
-            );
+            let (name, reuse) = match recycled.take() {
+                Some(name) => (name, true),
+                None => {
+                    // Unique in the process: a worker has one sandbox, tests have many.
+                    static NEXT: AtomicU64 = AtomicU64::new(1);
+                    // Several spawners may serve one worker over its life (and tests run
+                    // several at once), each counting from the same copy of NEXT: its pid
+                    // keeps names apart.
+                    let name = attempt_name_of(
+                        self.owner,
+                        NEXT.fetch_add(1, Ordering::Relaxed),
+                        &format!("warm{}", std::process::id()),
+                        0,
+                    );
+                    (name, false)
+                }
+            };
             let (bases, shared, standby) = (self.bases.clone(), self.state.clone(), self.standby);
             let spawned = std::thread::Builder::new()
                 .name("drover-warm".into())
                 .stack_size(STACK_BYTES)
-                .spawn(move || warm_thread(&bases, &name, standby, shared));
+                .spawn(move || warm_thread(&bases, &name, reuse, standby, shared));
             match spawned {
                 Ok(handle) => {
                     state.starting += 1;
@@ -321,8 +335,18 @@ impl Pool {
                 Err(err) => {
                     state.notes.push(format!("cannot start a warm cgroup thread ({err}); attempts join their cgroups themselves"));
                     state.broken = true;
-                    return;
+                    break;
                 }
+            }
+        }
+        if let Some(name) = recycled {
+            let group = self.bases.existing(&name);
+            let gone = group
+                .dirs()
+                .iter()
+                .all(|dir| std::fs::remove_dir(dir).is_ok() || !dir.exists());
+            if !gone {
+                state.orphans.push(group);
             }
         }
     }
@@ -360,15 +384,22 @@ impl Drop for Pool {
     }
 }
 
-/// A warm thread's life: create cgroup `name`, move in, then either start a standby helper
-/// (with `standby`, while wanted) and exit, or wait for one job, run it and exit.
+/// A warm thread's life: create cgroup `name` (or, with `reuse`, take the existing one), move
+/// in, then either start a standby helper (with `standby`, while wanted) and exit, or wait for
+/// one job, run it and exit.
 fn warm_thread(
     bases: &v1::Bases,
     name: &str,
+    reuse: bool,
     standby: Option<&'static CStr>,
     state: Arc<Mutex<State>>,
 ) {
-    let group = match bases.create(name, CgroupLimits::default()) {
+    let made = if reuse {
+        Ok(bases.existing(name))
+    } else {
+        bases.create(name, CgroupLimits::default())
+    };
+    let group = match made {
         Ok(g) => g,
         Err(err) => {
             let mut s = lock(&state);
@@ -407,6 +438,12 @@ fn warm_thread(
         let mut s = lock(&state);
         s.starting -= 1;
         s.standby_starting -= usize::from(counted);
+        if entered.is_err() && reuse {
+            // A recycled cgroup that went away or will not take the thread: removed at a
+            // later refill; the next one is made new.
+            s.orphans.push(group);
+            return;
+        }
         if let Err(err) = entered {
             // Half in, maybe: the thread's exit takes it out of wherever it got.
             s.notes.push(format!("a warm thread cannot enter its cgroup ({err}); attempts join their cgroups themselves"));
