@@ -12,10 +12,12 @@
  *
  * - `plain`: fork, execve, waitpid. Nothing else.
  * - `cgroup`: plus the attempt's own cgroup, as drover gives every attempt (its memory and pids
- *   limits; OOM read from its counter): made in each hierarchy (v1: memory, pids, freezer,
- *   those mounted; v2: one directory), the limits written (1 GiB, 512 pids: the task spec's
- *   default pids limit), the child moves itself in before its exec, and after its end the OOM
- *   counter and the peak are read and the directories removed.
+ *   limits; OOM read from its counter), in each hierarchy (v1: memory, pids, freezer, those
+ *   mounted; v2: one directory): the limits written (1 GiB, 512 pids: the task spec's default
+ *   pids limit), the child moves itself in before its exec, and after its end the OOM counter
+ *   and the peak are read. On v1 each loop makes its cgroup once and resets it after every
+ *   attempt, as drover's worker reuses its warm cgroups (reset_v1); on v2 it is made and
+ *   removed per attempt, as drover does there.
  * - `sandbox`: plus, in the child after the move, new pid, mount, uts, ipc, cgroup and network
  *   namespaces (`network = "none"`, the default), an init for the pid namespace (the child
  *   forks once more; it waits for the task), the mounts made private, a tmpfs on /tmp and
@@ -23,12 +25,13 @@
  *   workspace bind, nothing hidden, no /dev/shm), so its rate is a generous ceiling.
  *
  * `cgroup` and `sandbox` need root (as drover's worker does). Any failure exits 1 naming the
- * step; the cgroups made are removed on every path that can (a failed child leaves its
- * directories, named bare-noop-PID-N, for the next run's rmdir by hand).
+ * step; the cgroups made are removed on every path that can (a failure leaves its
+ * directories, named bare-noop-PID-N, for an rmdir by hand).
  *
  * Built by task-bench at run time: cc -O2 -o bare_noop bare_noop.c.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -185,6 +188,47 @@ static void run_child(enum level level, char dirs[][1100], const char *program)
 	die("execvpe", program);
 }
 
+/* What drover's worker does to an emptied v1 cgroup before another attempt reuses it
+ * (`v1::Group::reset_for_reuse`): looks at its OOM counter, charge, freezer state and children,
+ * then lifts its limits and zeroes its peak and fail counters. */
+static void reset_v1(char dirs[][1100])
+{
+	char path[1200];
+	static const char *const reads[] = {"memory.oom_control", "memory.usage_in_bytes"};
+	static const char *const writes[][2] = {
+		{"memory.memsw.limit_in_bytes", "-1"}, {"memory.limit_in_bytes", "-1"},
+		{"memory.max_usage_in_bytes", "0"},	  {"memory.failcnt", "0"},
+		{"memory.memsw.max_usage_in_bytes", "0"}, {"memory.memsw.failcnt", "0"},
+	};
+	for (size_t r = 0; r < sizeof reads / sizeof *reads; r++) {
+		snprintf(path, sizeof path, "%s/%s", dirs[0], reads[r]);
+		read_file(path);
+	}
+	for (int k = 0; k < nhier; k++) {
+		if (strstr(hiers[k].base, "/freezer")) {
+			snprintf(path, sizeof path, "%s/freezer.state", dirs[k]);
+			read_file(path);
+		}
+		DIR *dir = opendir(dirs[k]);
+		if (!dir)
+			die("listing", dirs[k]);
+		while (readdir(dir))
+			;
+		closedir(dir);
+	}
+	for (size_t w = 0; w < sizeof writes / sizeof *writes; w++) {
+		snprintf(path, sizeof path, "%s/%s", dirs[0], writes[w][0]);
+		if (access(path, F_OK) == 0) /* memsw: only with swap accounting */
+			write_file(path, writes[w][1]);
+	}
+	for (int k = 0; k < nhier; k++) {
+		if (hiers[k].pids_file) {
+			snprintf(path, sizeof path, "%s/pids.max", dirs[k]);
+			write_file(path, "max");
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 4) {
@@ -207,15 +251,22 @@ int main(int argc, char **argv)
 	if (level >= CGROUP)
 		detect();
 
+	/* v1: one cgroup per loop, made once and reset after every attempt, as drover's worker
+	 * reuses its warm cgroups; v2: a new one per attempt, as drover makes there. */
+	int reuse = level >= CGROUP && hiers[0].limit_file &&
+		    strcmp(hiers[0].limit_file, "memory.limit_in_bytes") == 0;
+	char dirs[3][1100], path[1200];
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (long i = 0; i < count; i++) {
-		char dirs[3][1100], path[1200];
 		for (int k = 0; level >= CGROUP && k < nhier; k++) {
 			struct hier *h = &hiers[k];
-			snprintf(dirs[k], sizeof dirs[k], "%s/bare-noop-%d-%ld", h->base, getpid(), i);
-			if (mkdir(dirs[k], 0755) != 0)
-				die("making the cgroup", dirs[k]);
+			if (!reuse || i == 0) {
+				snprintf(dirs[k], sizeof dirs[k], "%s/bare-noop-%d-%ld", h->base,
+					 getpid(), i);
+				if (mkdir(dirs[k], 0755) != 0)
+					die("making the cgroup", dirs[k]);
+			}
 			if (h->limit_file) {
 				snprintf(path, sizeof path, "%s/%s", dirs[k], h->limit_file);
 				write_file(path, h->limit_value);
@@ -240,6 +291,8 @@ int main(int argc, char **argv)
 			else
 				fprintf(stderr, "bare_noop: %s was killed by signal %d\n", program,
 					WTERMSIG(status));
+			for (int k = 0; level >= CGROUP && k < nhier; k++)
+				rmdir(dirs[k]);
 			return 1;
 		}
 		for (int k = 0; level >= CGROUP && k < nhier; k++) {
@@ -249,10 +302,15 @@ int main(int argc, char **argv)
 				snprintf(path, sizeof path, "%s/%s", dirs[k], hiers[k].read_files[r]);
 				read_file(path);
 			}
-			if (rmdir(dirs[k]) != 0)
+			if (!reuse && rmdir(dirs[k]) != 0)
 				die("removing the cgroup", dirs[k]);
 		}
+		if (reuse)
+			reset_v1(dirs);
 	}
+	for (int k = 0; reuse && k < nhier; k++)
+		if (rmdir(dirs[k]) != 0)
+			die("removing the cgroup", dirs[k]);
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	double seconds = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
 	printf("{\"level\":\"%s\",\"tasks\":%ld,\"seconds\":%.6f}\n", argv[1], count, seconds);
