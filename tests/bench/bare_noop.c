@@ -11,22 +11,26 @@
  * several at once so every core is busy. LEVEL:
  *
  * - `plain`: fork, execve, waitpid. Nothing else.
- * - `cgroup`: plus the attempt's own cgroup, as drover gives every attempt (its memory and pids
- *   limits; OOM read from its counter), in each hierarchy (v1: memory, pids, freezer, those
- *   mounted; v2: one directory): the limits written (1 GiB, 512 pids: the task spec's default
- *   pids limit), the child moves itself in before its exec, and after its end the OOM counter
- *   and the peak are read. On v1 each loop makes its cgroup once and resets it after every
- *   attempt, as drover's worker reuses its warm cgroups (reset_v1); on v2 it is made and
- *   removed per attempt, as drover does there.
+ * - `cgroup`: plus the attempt's own cgroup, as drover gives every attempt, in each v1
+ *   hierarchy mounted of memory, pids and freezer: the pids limit written (512, the task spec's
+ *   default; the bench's tasks have no memory limit, so none is written), the child moves itself
+ *   in before its exec, and after its end the OOM counter and the peak are read and the cgroup
+ *   reset as drover's worker resets a warm cgroup to reuse it (reset_v1). Each loop makes its
+ *   cgroup once. Cgroup v1 only (these machines'; on v2 drover works in a delegated subtree,
+ *   which this program does not set up).
  * - `sandbox`: plus, in the child after the move, new pid, mount, uts, ipc, cgroup and network
- *   namespaces (`network = "none"`, the default), an init for the pid namespace (the child
- *   forks once more; it waits for the task), the mounts made private, a tmpfs on /tmp and
- *   no_new_privs. Less than drover's sandbox does (no read-only view of the host, no
- *   workspace bind, nothing hidden, no /dev/shm), so its rate is a generous ceiling.
+ *   namespaces (`network = "none"`, the default); the child forks the task as the namespace's
+ *   first process and waits for it; the task makes the mounts private, mounts a tmpfs on /tmp,
+ *   sets no_new_privs and execs. Less than drover's sandbox does (no init besides the task, no
+ *   read-only view of the host, no workspace bind, nothing hidden, no /dev/shm), so its rate
+ *   is a generous ceiling.
+ *
+ * Also generous, at both levels: no kill pass (drover's worker reads `cgroup.procs` of each
+ * hierarchy to see the cgroup empty) and no thread made per attempt (drover's warm thread).
  *
  * `cgroup` and `sandbox` need root (as drover's worker does). Any failure exits 1 naming the
- * step; the cgroups made are removed on every path that can (a failure leaves its
- * directories, named bare-noop-PID-N, for an rmdir by hand).
+ * step; the program's own failure removes the cgroup, any other leaves its directories (named
+ * bare-noop-PID-0) for an rmdir by hand.
  *
  * Built by task-bench at run time: cc -O2 -o bare_noop bare_noop.c.
  */
@@ -49,13 +53,10 @@ extern char **environ;
 
 enum level { PLAIN, CGROUP, SANDBOX };
 
-/* One hierarchy an attempt's cgroup is made in, with the files of its limits and counters
- * (NULL: none in this hierarchy). */
+/* One v1 hierarchy an attempt's cgroup is made in, and what is written and read there. */
 struct hier {
 	char base[1024];
-	const char *limit_file, *limit_value;
-	const char *pids_file;
-	const char *read_files[2];
+	int is_memory, is_pids, is_freezer;
 };
 
 static struct hier hiers[3];
@@ -113,8 +114,7 @@ static int own_path(const char *controller, char *out, size_t len)
 	return found;
 }
 
-static void add_v1(const char *controller, const char *limit_file, const char *limit_value,
-		   const char *pids_file, const char *read0, const char *read1)
+static void add_v1(const char *controller)
 {
 	char path[512], mount[256];
 	struct stat st;
@@ -123,36 +123,21 @@ static void add_v1(const char *controller, const char *limit_file, const char *l
 		return;
 	struct hier *h = &hiers[nhier++];
 	snprintf(h->base, sizeof h->base, "%s%s", mount, path);
-	h->limit_file = limit_file;
-	h->limit_value = limit_value;
-	h->pids_file = pids_file;
-	h->read_files[0] = read0;
-	h->read_files[1] = read1;
+	h->is_memory = strcmp(controller, "memory") == 0;
+	h->is_pids = strcmp(controller, "pids") == 0;
+	h->is_freezer = strcmp(controller, "freezer") == 0;
 }
 
 static void detect(void)
 {
-	struct stat st;
-	add_v1("memory", "memory.limit_in_bytes", "1073741824", NULL, "memory.oom_control",
-	       "memory.max_usage_in_bytes");
-	if (nhier > 0) {
-		add_v1("pids", NULL, NULL, "pids.max", NULL, NULL);
-		add_v1("freezer", NULL, NULL, NULL, NULL, NULL);
-		return;
+	add_v1("memory");
+	if (nhier == 0) {
+		fprintf(stderr, "bare_noop: no cgroup v1 memory hierarchy here; the cgroup and "
+				"sandbox levels need one (leave bare-cgroup and bare-sandbox out)\n");
+		exit(1);
 	}
-	char path[512];
-	if (stat("/sys/fs/cgroup/cgroup.controllers", &st) == 0 && own_path("", path, sizeof path)) {
-		struct hier *h = &hiers[nhier++];
-		snprintf(h->base, sizeof h->base, "/sys/fs/cgroup%s", path);
-		h->limit_file = "memory.max";
-		h->limit_value = "1073741824";
-		h->pids_file = "pids.max";
-		h->read_files[0] = "memory.events";
-		h->read_files[1] = "memory.peak";
-		return;
-	}
-	errno = ENOENT;
-	die("finding a cgroup hierarchy (no memory controller in v1, no cgroup2 mount)", NULL);
+	add_v1("pids");
+	add_v1("freezer");
 }
 
 static void run_child(enum level level, char dirs[][1100], const char *program)
@@ -194,19 +179,24 @@ static void run_child(enum level level, char dirs[][1100], const char *program)
 static void reset_v1(char dirs[][1100])
 {
 	char path[1200];
-	static const char *const reads[] = {"memory.oom_control", "memory.usage_in_bytes"};
 	static const char *const writes[][2] = {
 		{"memory.memsw.limit_in_bytes", "-1"}, {"memory.limit_in_bytes", "-1"},
 		{"memory.max_usage_in_bytes", "0"},	  {"memory.failcnt", "0"},
 		{"memory.memsw.max_usage_in_bytes", "0"}, {"memory.memsw.failcnt", "0"},
 	};
-	for (size_t r = 0; r < sizeof reads / sizeof *reads; r++) {
-		snprintf(path, sizeof path, "%s/%s", dirs[0], reads[r]);
-		read_file(path);
-	}
 	for (int k = 0; k < nhier; k++) {
-		if (strstr(hiers[k].base, "/freezer")) {
-			snprintf(path, sizeof path, "%s/freezer.state", dirs[k]);
+		const char *reads[3] = {NULL, NULL, NULL};
+		if (hiers[k].is_memory) {
+			reads[0] = "memory.oom_control";
+			reads[1] = "memory.usage_in_bytes";
+			reads[2] = "memory.stat";
+		} else if (hiers[k].is_pids) {
+			reads[0] = "pids.current";
+		} else if (hiers[k].is_freezer) {
+			reads[0] = "freezer.state";
+		}
+		for (int r = 0; r < 3 && reads[r]; r++) {
+			snprintf(path, sizeof path, "%s/%s", dirs[k], reads[r]);
 			read_file(path);
 		}
 		DIR *dir = opendir(dirs[k]);
@@ -216,13 +206,15 @@ static void reset_v1(char dirs[][1100])
 			;
 		closedir(dir);
 	}
-	for (size_t w = 0; w < sizeof writes / sizeof *writes; w++) {
-		snprintf(path, sizeof path, "%s/%s", dirs[0], writes[w][0]);
-		if (access(path, F_OK) == 0) /* memsw: only with swap accounting */
-			write_file(path, writes[w][1]);
-	}
 	for (int k = 0; k < nhier; k++) {
-		if (hiers[k].pids_file) {
+		if (hiers[k].is_memory) {
+			for (size_t w = 0; w < sizeof writes / sizeof *writes; w++) {
+				snprintf(path, sizeof path, "%s/%s", dirs[k], writes[w][0]);
+				if (access(path, F_OK) == 0) /* memsw: only with swap accounting */
+					write_file(path, writes[w][1]);
+			}
+		}
+		if (hiers[k].is_pids) {
 			snprintf(path, sizeof path, "%s/pids.max", dirs[k]);
 			write_file(path, "max");
 		}
@@ -248,31 +240,27 @@ int main(int argc, char **argv)
 	}
 	long count = atol(argv[2]);
 	const char *program = argv[3];
+	if (count < 1) {
+		fprintf(stderr, "bare_noop: COUNT must be at least 1, not %s\n", argv[2]);
+		return 2;
+	}
 	if (level >= CGROUP)
 		detect();
 
-	/* v1: one cgroup per loop, made once and reset after every attempt, as drover's worker
-	 * reuses its warm cgroups; v2: a new one per attempt, as drover makes there. */
-	int reuse = level >= CGROUP && hiers[0].limit_file &&
-		    strcmp(hiers[0].limit_file, "memory.limit_in_bytes") == 0;
+	/* One cgroup per loop, made once and reset after every attempt, as drover's worker
+	 * reuses its warm cgroups. */
 	char dirs[3][1100], path[1200];
+	for (int k = 0; level >= CGROUP && k < nhier; k++) {
+		snprintf(dirs[k], sizeof dirs[k], "%s/bare-noop-%d-0", hiers[k].base, getpid());
+		if (mkdir(dirs[k], 0755) != 0)
+			die("making the cgroup", dirs[k]);
+	}
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (long i = 0; i < count; i++) {
 		for (int k = 0; level >= CGROUP && k < nhier; k++) {
-			struct hier *h = &hiers[k];
-			if (!reuse || i == 0) {
-				snprintf(dirs[k], sizeof dirs[k], "%s/bare-noop-%d-%ld", h->base,
-					 getpid(), i);
-				if (mkdir(dirs[k], 0755) != 0)
-					die("making the cgroup", dirs[k]);
-			}
-			if (h->limit_file) {
-				snprintf(path, sizeof path, "%s/%s", dirs[k], h->limit_file);
-				write_file(path, h->limit_value);
-			}
-			if (h->pids_file) {
-				snprintf(path, sizeof path, "%s/%s", dirs[k], h->pids_file);
+			if (hiers[k].is_pids) {
+				snprintf(path, sizeof path, "%s/pids.max", dirs[k]);
 				write_file(path, "512");
 			}
 		}
@@ -295,23 +283,22 @@ int main(int argc, char **argv)
 				rmdir(dirs[k]);
 			return 1;
 		}
+		/* The attempt's counters, as the worker reads them at its end. */
 		for (int k = 0; level >= CGROUP && k < nhier; k++) {
-			for (int r = 0; r < 2; r++) {
-				if (!hiers[k].read_files[r])
-					continue;
-				snprintf(path, sizeof path, "%s/%s", dirs[k], hiers[k].read_files[r]);
-				read_file(path);
-			}
-			if (!reuse && rmdir(dirs[k]) != 0)
-				die("removing the cgroup", dirs[k]);
+			if (!hiers[k].is_memory)
+				continue;
+			snprintf(path, sizeof path, "%s/memory.oom_control", dirs[k]);
+			read_file(path);
+			snprintf(path, sizeof path, "%s/memory.max_usage_in_bytes", dirs[k]);
+			read_file(path);
 		}
-		if (reuse)
+		if (level >= CGROUP)
 			reset_v1(dirs);
 	}
-	for (int k = 0; reuse && k < nhier; k++)
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	for (int k = 0; level >= CGROUP && k < nhier; k++)
 		if (rmdir(dirs[k]) != 0)
 			die("removing the cgroup", dirs[k]);
-	clock_gettime(CLOCK_MONOTONIC, &t1);
 	double seconds = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
 	printf("{\"level\":\"%s\",\"tasks\":%ld,\"seconds\":%.6f}\n", argv[1], count, seconds);
 	return 0;

@@ -107,10 +107,9 @@ enum What {
         /// Which systems to run, in this order each round: `sandbox` (drover, full sandbox),
         /// `process` (drover, `isolation = "process"`), `hq` (HyperQueue), and the bare loops
         /// of tests/bench/bare_noop.c, the machine's ceilings (built with `cc`; the last two
-        /// need root): `bare` (fork, exec, wait), `bare-cgroup` (plus the attempt's own
-        /// cgroup with its limits, as drover gives both isolations: on v1 reset and reused, as
-        /// drover's worker does), `bare-sandbox` (plus namespaces, a private /tmp,
-        /// no_new_privs).
+        /// need root and cgroup v1): `bare` (fork, exec, wait), `bare-cgroup` (plus the
+        /// attempt's own cgroup, as drover gives both isolations, reset and reused as drover's
+        /// worker does), `bare-sandbox` (plus namespaces, a private /tmp, no_new_privs).
         #[arg(long, value_delimiter = ',', default_value = "sandbox,process,hq")]
         systems: Vec<System>,
         /// The no-op every system runs: `true`, or `static` (tests/bench/stamp.c built with

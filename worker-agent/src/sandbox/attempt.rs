@@ -167,7 +167,7 @@ impl Attempt {
         let class = classify(&end, main, counters.oom_kills);
         if emptied.is_ok() {
             // Seen empty above, and it stays so (a process enters only by forking from a
-            // member): remove it without looking again.
+            // member): hand it back for reuse or remove it, without looking again.
             self.cgroup.finish_emptied().await;
         }
         let outcome = AttemptOutcome {
@@ -275,8 +275,9 @@ fn classify(end: &End, main: Status, oom_kills: u64) -> ExitClass {
     }
 }
 
-/// Owns an attempt's cgroup until it is removed; dropped early (a failed or abandoned
-/// attempt), it kills the tree and hands the cgroup to the leftover list if it cannot go yet.
+/// Owns an attempt's cgroup until it is removed or handed back for reuse; dropped early (a
+/// failed or abandoned attempt), it kills the tree and hands the cgroup to the leftover list if
+/// it cannot go yet.
 #[derive(Debug)]
 pub(super) struct CgroupGuard {
     cgroup: Option<AttemptCgroup>,

@@ -1,6 +1,7 @@
-//! Warm attempt cgroups (cgroup v1): a fresh cgroup with a thread already waiting inside it, so
-//! the attempt's first process is *born* in its cgroup instead of moving in. The pool lives in
-//! the spawner (see the `spawner` module), whose threads do the forking.
+//! Warm attempt cgroups (cgroup v1): a cgroup of its own (new, or emptied and reset after an
+//! earlier attempt) with a thread already waiting inside it, so the attempt's first process is
+//! *born* in its cgroup instead of moving in. The pool lives in the spawner (see the `spawner`
+//! module), whose threads do the forking.
 //!
 //! Why: moving a process into a cgroup (a write to `cgroup.procs`) takes the kernel's global
 //! `cgroup_threadgroup_rwsem` for writing, and a writer of that per-CPU rwsem waits for an RCU
@@ -10,9 +11,9 @@
 //! off the dispatch path, by a thread: v1 lets a single thread join a cgroup (its `tasks`
 //! file), which v2 does not (v2 hosts have `clone3(CLONE_INTO_CGROUP)` for this; not used yet).
 //!
-//! How, per warm cgroup: a thread of the spawner creates a cgroup in every hierarchy, writes
-//! its own thread id into each `tasks` file (the slow move, while nothing waits for it), and
-//! waits for one job. [`Pool::take`] hands out a ready one; [`Launcher::spawn`] runs the fork
+//! How, per warm cgroup: a thread of the spawner creates a cgroup in every hierarchy (or takes
+//! the recycled one it was given), writes its own thread id into each `tasks` file (the slow
+//! move, while nothing waits for it), and waits for one job. [`Pool::take`] hands out a ready one; [`Launcher::spawn`] runs the fork
 //! on that thread and the thread exits — leaving a cgroup by exiting takes no migration — and
 //! `spawn` returns only once the thread is gone from the cgroup, so nothing that kills or
 //! removes the attempt's cgroup can meet a spawner thread in it.
@@ -122,7 +123,9 @@ struct State {
     starting: usize,
     /// Every thread started and not yet joined.
     threads: Vec<JoinHandle<()>>,
-    /// Cgroups of threads that found the pool closed: removed once their threads are joined.
+    /// Cgroups no attempt will get: of threads that found the pool closed or could not enter
+    /// a recycled one, and recycled ones whose thread could not start. Removed at a later
+    /// refill, once their threads are gone.
     orphans: Vec<v1::Group>,
     closed: bool,
     /// Set when a thread could not enter its cgroup: the pool stops trying.
@@ -323,6 +326,8 @@ impl Pool {
                 }
             };
             let (bases, shared, standby) = (self.bases.clone(), self.state.clone(), self.standby);
+            // A recycled cgroup whose thread cannot start is removed at a later refill.
+            let unused = reuse.then(|| self.bases.existing(&name));
             let spawned = std::thread::Builder::new()
                 .name("drover-warm".into())
                 .stack_size(STACK_BYTES)
@@ -333,6 +338,7 @@ impl Pool {
                     state.threads.push(handle);
                 }
                 Err(err) => {
+                    state.orphans.extend(unused);
                     state.notes.push(format!("cannot start a warm cgroup thread ({err}); attempts join their cgroups themselves"));
                     state.broken = true;
                     break;

@@ -13,13 +13,14 @@
 //! - processes join the cgroup themselves, before they unshare or exec (the forked child writes
 //!   `0` to each `cgroup.procs` listed by [`AttemptCgroup::procs_files`]), so nothing an attempt
 //!   starts can ever run outside it — or, on v1, are born in it, forked by a worker thread that
-//!   waits inside a fresh cgroup ahead of the attempt (`sandbox::warm`);
+//!   waits inside the cgroup ahead of the attempt (`sandbox::warm`);
 //! - a cgroup is removed only after [`AttemptCgroup::kill_all`] saw it empty; one that cannot be
 //!   emptied is kept as a leftover and retried later, never forgotten;
 //! - on v1 a warm cgroup seen empty may instead be reset and re-entered for a later attempt
-//!   (`v1::Group::reset_for_reuse` says which qualify); it then carries the next attempt's
-//!   limits only, and counters as a new one would (after no OOM kill; its peak may count up to
-//!   `v1::RECYCLE_MAX_CHARGE` the last attempt left charged).
+//!   (`v1::Group::reset_for_reuse` says which qualify: no OOM kill, no process still counted,
+//!   no shared memory charged); it then carries the next attempt's limits only and counts as a
+//!   new one would, except that up to `v1::RECYCLE_MAX_CHARGE` of reclaimable memory the last
+//!   attempt left may still be charged (in its peak, and against its limit until reclaimed).
 
 pub(crate) mod v1;
 pub(crate) mod v2;

@@ -23,9 +23,9 @@ use crate::sandbox::error::{CgroupError, SandboxError};
 
 /// Most memory an emptied cgroup may still have charged to be reused for another attempt
 /// ([`Group::reset_for_reuse`]), and so what the next attempt's peak may over-count at most.
-/// An attempt that ran a shell leaves 0.7–1.6 MiB here: kernel objects (dentries, inodes) and
-/// the charge batches the kernel keeps per CPU, which a new cgroup's peak counts as well.
-/// Reclaiming them first (`memory.force_empty`) took 18 ms.
+/// An attempt that ran a shell left 0.7–1.6 MiB here (measured by hand): kernel objects
+/// (dentries, inodes) and the charge batches the kernel keeps per CPU, which a new cgroup's
+/// peak counts as well. Reclaiming them first (`memory.force_empty`) took 18 ms.
 pub(crate) const RECYCLE_MAX_CHARGE: u64 = 4 * 1024 * 1024;
 
 /// How long to wait for the freezer to report FROZEN before killing anyway.
@@ -253,8 +253,14 @@ impl Group {
     /// why it cannot be:
     /// - never after an OOM kill: `oom_kill` cannot be reset, and the next attempt would read
     ///   it as its own;
+    /// - never while `pids.current` is not 0: a killed process the last attempt left (a
+    ///   daemon reparented to the host's init) counts until it is reaped, and would take a
+    ///   place of the next attempt's pids limit;
+    /// - never holding shared memory (a file the task left in /dev/shm or another tmpfs stays
+    ///   charged, and without swap nothing can reclaim it under the next attempt's limit);
     /// - never with child cgroups in it (a task made them), frozen, or still charged more
-    ///   than [`RECYCLE_MAX_CHARGE`] (the next attempt's peak would count those pages);
+    ///   than [`RECYCLE_MAX_CHARGE`] (reclaimable: kernel objects and cache, which the next
+    ///   attempt's limit reclaims when it needs the room, but which its peak may count);
     ///
     /// then lifts the limits (the next attempt writes its own, as into a new cgroup) and
     /// resets the peak and fail counters. The caller has seen it empty.
@@ -271,6 +277,19 @@ impl Group {
             Some(bytes) if bytes <= RECYCLE_MAX_CHARGE => {}
             Some(bytes) => return Err(format!("{bytes} bytes still charged")),
             None => return Err("memory.usage_in_bytes unreadable".into()),
+        }
+        let stat = std::fs::read_to_string(self.memory.join("memory.stat")).unwrap_or_default();
+        match keyed_value(&stat, "shmem") {
+            Some(0) => {}
+            Some(bytes) => return Err(format!("{bytes} bytes of shared memory charged")),
+            None => return Err("no shmem line in memory.stat".into()),
+        }
+        if let Some(pids) = &self.pids {
+            match read_u64(&pids.join("pids.current")) {
+                Some(0) => {}
+                Some(n) => return Err(format!("{n} processes still counted")),
+                None => return Err("pids.current unreadable".into()),
+            }
         }
         if let Some(freezer) = &self.freezer {
             let state = std::fs::read_to_string(freezer.join("freezer.state")).unwrap_or_default();
