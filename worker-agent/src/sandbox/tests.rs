@@ -590,6 +590,22 @@ async fn cgroup_view(sandbox: &Sandbox, memory: Option<u64>, pids: u32) -> (Vec<
     (lines, out)
 }
 
+/// Runs `script` (process isolation, memory limit `memory`) once the whole warm pool is ready,
+/// so in the cgroup made or re-entered last; returns the first line it printed (the scripts
+/// here print their memory cgroup's path first) and the output.
+async fn first_line_of(
+    sandbox: &Sandbox,
+    script: &str,
+    memory: Option<u64>,
+) -> (Option<String>, Output) {
+    assert!(sandbox.warm_all_ready().await);
+    let mut job = Job::sh(script, Isolation::Process);
+    job.limits.memory_bytes = memory;
+    let ws = tempfile::tempdir().expect("workspace");
+    let out = run_with(sandbox, &job, ws.path(), CancellationToken::new()).await;
+    (out.stdout.lines().next().map(str::to_owned), out)
+}
+
 /// An attempt's emptied warm cgroup is re-entered for the next one (v1), and the next one
 /// finds it as a new cgroup: its own limits (or none), not the last attempt's.
 #[tokio::test]
@@ -633,12 +649,8 @@ async fn sandbox_reused_cgroup_counts_its_own_peak() {
     let Some(sandbox) = own_warm_sandbox().await else {
         return;
     };
-    assert!(sandbox.warm_all_ready().await);
     let script = r#"grep ':memory:' /proc/self/cgroup | cut -d: -f3; x=$(head -c 48000000 /dev/zero | tr "\0" a); echo ${#x}"#;
-    let mut job = Job::sh(script, Isolation::Process);
-    job.limits.memory_bytes = Some(512 * MIB);
-    let ws = tempfile::tempdir().expect("workspace");
-    let big = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
+    let (used, big) = first_line_of(&sandbox, script, Some(512 * MIB)).await;
     assert_eq!(big.outcome.class, ExitClass::Exited(0), "{big:?}");
     let Some(big_peak) = big.outcome.peak_memory_bytes else {
         eprintln!("*** SKIPPED: no peak memory counter on this host ***");
@@ -647,7 +659,7 @@ async fn sandbox_reused_cgroup_counts_its_own_peak() {
     assert!(big_peak >= 40 * MIB, "{big:?}");
     let (lines, small) = cgroup_view(&sandbox, Some(512 * MIB), 64).await;
     assert_eq!(
-        big.stdout.lines().next(),
+        used.as_deref(),
         Some(lines[0].as_str()),
         "not the same cgroup: {big:?} {small:?}"
     );
@@ -665,16 +677,12 @@ async fn sandbox_cgroup_holding_shared_memory_is_not_reused() {
     let Some(sandbox) = own_warm_sandbox().await else {
         return;
     };
-    assert!(sandbox.warm_all_ready().await);
     let file = format!("/dev/shm/drover-test-shm-{}", std::process::id());
     // 2 MB: under the charge a reused cgroup may keep, so only the shared-memory check stops it.
     let script = format!(
         "grep ':memory:' /proc/self/cgroup | cut -d: -f3; head -c 2000000 /dev/zero > {file}"
     );
-    let job = Job::sh(&script, Isolation::Process);
-    let ws = tempfile::tempdir().expect("workspace");
-    let out = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
-    let left = out.stdout.lines().next().map(str::to_owned);
+    let (left, out) = first_line_of(&sandbox, &script, None).await;
     let (lines, next) = cgroup_view(&sandbox, None, 64).await;
     let _ = std::fs::remove_file(&file);
     assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
@@ -692,19 +700,10 @@ async fn sandbox_oom_killed_cgroup_is_not_reused() {
     let Some(sandbox) = own_warm_sandbox().await else {
         return;
     };
-    assert!(sandbox.warm_all_ready().await);
     let script = r#"grep ':memory:' /proc/self/cgroup | cut -d: -f3; x=$(head -c 300000000 /dev/zero | tr "\0" a); echo survived"#;
-    let mut job = Job::sh(script, Isolation::Process);
-    job.limits.memory_bytes = Some(64 * MIB);
-    let ws = tempfile::tempdir().expect("workspace");
-    let out = run_with(&sandbox, &job, ws.path(), CancellationToken::new()).await;
+    let (killed, out) = first_line_of(&sandbox, script, Some(64 * MIB)).await;
     assert_eq!(out.outcome.class, ExitClass::OomKilled, "{out:?}");
-    let killed = out
-        .stdout
-        .lines()
-        .next()
-        .expect("the cgroup path")
-        .to_owned();
+    let killed = killed.expect("the cgroup path");
     assert!(killed.contains("-warm"), "{out:?}");
     for i in 0..3 {
         let (lines, out) = cgroup_view(&sandbox, Some(64 * MIB), 64).await;
