@@ -121,8 +121,9 @@ impl Attempt {
     }
 
     /// Waits until the attempt ends, kills whatever of its tree is left, removes its cgroup
-    /// (or hands it back for reuse) and classifies the end. Past `Limits::wall_time_ms` it kills the tree (`timed_out`); on
-    /// `cancel` likewise (`cancelled`). Calling it again returns the same outcome.
+    /// (or hands it back for reuse) and classifies the end. Past `Limits::wall_time_ms` it
+    /// kills the tree (`timed_out`); on `cancel` likewise (`cancelled`). Calling it again
+    /// returns the same outcome.
     pub async fn wait(&mut self, cancel: CancellationToken) -> AttemptOutcome {
         if let Some(outcome) = self.outcome {
             return outcome;

@@ -13,10 +13,11 @@
 //!
 //! How, per warm cgroup: a thread of the spawner creates a cgroup in every hierarchy (or takes
 //! the recycled one it was given), writes its own thread id into each `tasks` file (the slow
-//! move, while nothing waits for it), and waits for one job. [`Pool::take`] hands out a ready one; [`Launcher::spawn`] runs the fork
-//! on that thread and the thread exits — leaving a cgroup by exiting takes no migration — and
-//! `spawn` returns only once the thread is gone from the cgroup, so nothing that kills or
-//! removes the attempt's cgroup can meet a spawner thread in it.
+//! move, while nothing waits for it), and waits for one job. [`Pool::take`] hands out a ready
+//! one; [`Launcher::spawn`] runs the fork on that thread and the thread exits — leaving a
+//! cgroup by exiting takes no migration — and `spawn` returns only once the thread is gone
+//! from the cgroup, so nothing that kills or removes the attempt's cgroup can meet a spawner
+//! thread in it.
 //!
 //! The pids limit cannot be in place while the thread still counts in the cgroup, and the
 //! process the thread forked must not run task code before it is: [`Launcher::spawn`] returns
@@ -42,10 +43,10 @@
 //! back: an emptied warm cgroup the worker reset (`v1::Group::reset_for_reuse`) is re-entered
 //! by a new thread instead of made anew. Making and removing a cgroup in three hierarchies
 //! cost about 0.2 ms of this machine's CPU per attempt, the move in far less (measured with
-//! C loops; docs/benchmarks.md, twelfth round). A spawn that
-//! finds none ready takes the cold path (the child joins its cgroup itself). Every thread is
-//! owned by the pool and joined when it is dropped. Nothing here logs (the spawner does not):
-//! what went wrong is kept in [`Pool::take_notes`] for the worker to log.
+//! C loops; docs/benchmarks.md, twelfth round). A spawn that finds none ready takes the cold
+//! path (the child joins its cgroup itself). Every thread is owned by the pool and joined
+//! when it is dropped. Nothing here logs (the spawner does not): what went wrong is kept in
+//! [`Pool::take_notes`] for the worker to log.
 
 use std::ffi::CStr;
 use std::io;
