@@ -6,9 +6,9 @@
  *
  *   bare_noop LEVEL COUNT PROGRAM
  *
- * runs PROGRAM (looked up in PATH; no arguments, the caller's environment) COUNT times, one after another, and
- * prints one JSON line: {"level":..., "tasks":COUNT, "seconds":wall time}. task-bench runs
- * several at once so every core is busy. LEVEL:
+ * runs PROGRAM (looked up in PATH; no arguments, the caller's environment) COUNT times, one
+ * after another, and prints one JSON line: {"level":..., "tasks":COUNT, "seconds":wall time}.
+ * task-bench runs several at once so every core is busy. LEVEL:
  *
  * - `plain`: fork, execve, waitpid. Nothing else.
  * - `cgroup`: plus the attempt's own cgroup, as drover gives every attempt, in each v1
