@@ -169,7 +169,7 @@ impl Attempt {
         if emptied.is_ok() {
             // Seen empty above, and it stays so (a process enters only by forking from a
             // member): hand it back for reuse or remove it, without looking again.
-            self.cgroup.finish_emptied().await;
+            self.cgroup.finish_emptied(counters.oom_kills).await;
         }
         let outcome = AttemptOutcome {
             class,
@@ -319,12 +319,12 @@ impl CgroupGuard {
     /// Hands a cgroup already seen empty back for reuse, or removes it, or keeps it as a
     /// leftover if it will not go. A process that has just died can be gone from
     /// `cgroup.procs` a moment before the kernel lets the directory go (EBUSY): retried
-    /// briefly.
-    async fn finish_emptied(&mut self) {
+    /// briefly. `oom_kills`: its OOM counter, read after it was seen empty.
+    async fn finish_emptied(&mut self, oom_kills: u64) {
         let Some(cgroup) = self.cgroup.take() else {
             return;
         };
-        if self.warm && self.inner.recycle(&cgroup) {
+        if self.warm && self.inner.recycle(&cgroup, Some(oom_kills)) {
             return;
         }
         let removed = super::cgroup::poll_until(std::time::Duration::from_millis(500), || {

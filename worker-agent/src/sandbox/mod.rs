@@ -873,7 +873,7 @@ impl Inner {
             self.leftovers().push(cgroup);
             return;
         }
-        if warm && self.recycle(&cgroup) {
+        if warm && self.recycle(&cgroup, None) {
             return;
         }
         self.remove_or_keep(cgroup);
@@ -881,13 +881,14 @@ impl Inner {
 
     /// Hands an emptied warm cgroup (v1) back to the spawner's pool, reset, for a later
     /// attempt to be born in instead of a new one (see `v1::Group::reset_for_reuse` for
-    /// which ones qualify and why). True if it went; false: the caller removes it. Only warm
-    /// ones: a cold one is named after its attempt's task.
-    fn recycle(&self, cgroup: &AttemptCgroup) -> bool {
+    /// which ones qualify and why; `oom_kills`: its counter, if already read since it was
+    /// seen empty). True if it went; false: the caller removes it. Only warm ones: a cold one
+    /// is named after its attempt's task.
+    fn recycle(&self, cgroup: &AttemptCgroup, oom_kills: Option<u64>) -> bool {
         let AttemptCgroup::V1(group) = cgroup else {
             return false;
         };
-        if let Err(why) = group.reset_for_reuse() {
+        if let Err(why) = group.reset_for_reuse(oom_kills) {
             debug!(cgroup = %group.name(), %why, "attempt cgroup not reused; removing it");
             return false;
         }

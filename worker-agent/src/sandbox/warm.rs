@@ -300,13 +300,6 @@ impl Pool {
                 i += 1;
             }
         }
-        // Cgroups left by threads that gave up, once those threads are gone (EBUSY before).
-        state.orphans.retain(|group| {
-            group
-                .dirs()
-                .iter()
-                .any(|dir| std::fs::remove_dir(dir).is_err() && dir.exists())
-        });
         let mut recycled = recycled;
         while !state.closed && !state.broken && state.ready.len() + state.starting < self.want {
             let (name, reuse) = match recycled.take() {
@@ -346,16 +339,17 @@ impl Pool {
                 }
             }
         }
-        if let Some(name) = recycled {
-            let group = self.bases.existing(&name);
-            let gone = group
+        // A recycled cgroup the pool has no room for goes with the orphans.
+        state
+            .orphans
+            .extend(recycled.map(|name| self.bases.existing(&name)));
+        // Cgroups left by threads that gave up, once those threads are gone (EBUSY before).
+        state.orphans.retain(|group| {
+            group
                 .dirs()
                 .iter()
-                .all(|dir| std::fs::remove_dir(dir).is_ok() || !dir.exists());
-            if !gone {
-                state.orphans.push(group);
-            }
-        }
+                .any(|dir| std::fs::remove_dir(dir).is_err() && dir.exists())
+        });
     }
 }
 

@@ -263,11 +263,14 @@ impl Group {
     ///   attempt's limit reclaims when it needs the room, but which its peak may count);
     ///
     /// then lifts the limits (the next attempt writes its own, as into a new cgroup) and
-    /// resets the peak and fail counters. The caller has seen it empty.
-    pub(crate) fn reset_for_reuse(&self) -> Result<(), String> {
-        let oom = std::fs::read_to_string(self.memory.join("memory.oom_control"))
-            .ok()
-            .and_then(|text| keyed_value(&text, "oom_kill"));
+    /// resets the peak and fail counters. The caller has seen it empty; `oom_kills`: the
+    /// counter if the caller read it after that ([`Group::counters`]), else it is read here.
+    pub(crate) fn reset_for_reuse(&self, oom_kills: Option<u64>) -> Result<(), String> {
+        let oom = oom_kills.or_else(|| {
+            std::fs::read_to_string(self.memory.join("memory.oom_control"))
+                .ok()
+                .and_then(|text| keyed_value(&text, "oom_kill"))
+        });
         match oom {
             Some(0) => {}
             Some(n) => return Err(format!("{n} OOM kills counted")),
