@@ -63,6 +63,18 @@ enum System {
     BareSandbox,
 }
 
+impl System {
+    /// The level of a bare loop (tests/bench/bare_noop.c); `None` for a real system.
+    fn bare_level(self) -> Option<bare::Level> {
+        match self {
+            System::Bare => Some(bare::Level::Plain),
+            System::BareCgroup => Some(bare::Level::Cgroup),
+            System::BareSandbox => Some(bare::Level::Sandbox),
+            System::Sandbox | System::Process | System::Hq => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ProbeChoice {
     Static,
@@ -315,38 +327,27 @@ fn throughput_main(
 ) -> Result<serde_json::Value> {
     let cores = common::Machine::detect().nproc;
     // Built before the first round; the guard removes it when the rounds are done.
-    let bare_exe = if systems
+    let bare_exe = systems
         .iter()
-        .any(|s| matches!(s, System::Bare | System::BareCgroup | System::BareSandbox))
-    {
-        Some(bare::build()?)
-    } else {
-        None
-    };
+        .any(|s| s.bare_level().is_some())
+        .then(bare::build)
+        .transpose()?;
     let mut all = Vec::new();
     for round in 1..=rounds {
         let mut row = Vec::new();
         for system in systems {
-            let level = match system {
-                System::Bare => Some(bare::Level::Plain),
-                System::BareCgroup => Some(bare::Level::Cgroup),
-                System::BareSandbox => Some(bare::Level::Sandbox),
-                _ => None,
-            };
-            if let (Some(level), Some((_, exe))) = (level, &bare_exe) {
-                row.push(bare::run(exe, level, noop, tasks)?);
-                continue;
-            }
-            let isolation = match system {
-                System::Hq => {
+            let isolation = match (system, system.bare_level(), &bare_exe) {
+                (System::Hq, _, _) => {
                     row.push(throughput::hq_run(hq_script, noop, tasks, cores)?);
                     continue;
                 }
-                System::Sandbox => Isolation::Sandbox,
-                System::Process => Isolation::Process,
-                System::Bare | System::BareCgroup | System::BareSandbox => {
-                    unreachable!("the bare loops ran above")
+                (_, Some(level), Some((_, exe))) => {
+                    row.push(bare::run(exe, level, noop, tasks)?);
+                    continue;
                 }
+                (System::Sandbox, _, _) => Isolation::Sandbox,
+                (System::Process, _, _) => Isolation::Process,
+                _ => unreachable!("a bare loop's program is built before the first round"),
             };
             let fleet = common::start_fleet(1);
             let r = rt.block_on(throughput::drover_run(
