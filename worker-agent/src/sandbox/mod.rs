@@ -786,6 +786,24 @@ impl Sandbox {
         panic!("not {want} warm cgroups ready within 5 s on a v1 host: {said:?}");
     }
 
+    /// The spawner's network namespaces: (ready, lent, reused so far); see the `netns`
+    /// module.
+    #[cfg(test)]
+    pub(crate) async fn netns_counts(&self) -> (usize, usize, u64) {
+        match self
+            .inner
+            .spawner
+            .call(&spawner::Request::Status, &[])
+            .await
+        {
+            Ok(spawner::Reply::Status { netns, reap, .. }) => {
+                reap_let_go(reap);
+                netns
+            }
+            other => panic!("the spawner's status: {other:?}"),
+        }
+    }
+
     /// A sandbox like `self` whose attempts the worker forks itself, as where the spawner
     /// cannot (see [`Inner::fork_here`]).
     #[cfg(test)]

@@ -140,6 +140,9 @@ pub(super) enum Reply {
     },
     Status {
         ready: usize,
+        /// Network namespaces ready and lent to attempts now, and how many came back and
+        /// were made ready again so far (see the `netns` module).
+        netns: (usize, usize, u64),
         notes: Vec<String>,
         reap: Vec<i32>,
     },
@@ -631,6 +634,7 @@ fn handle(
         }
         Request::Status => Some(Reply::Status {
             ready: pool.map_or(0, warm::Pool::ready),
+            netns: pools.netns.as_ref().map_or((0, 0, 0), netns::Pool::counts),
             notes: notes(),
             reap: reap(),
         }),
@@ -686,7 +690,13 @@ fn start(
     // A helper that made its sandbox ahead takes the plan as it is; so does one that made
     // another (it is let go below, and the attempt gets a fresh cgroup).
     let prepared = taken.as_ref().is_some_and(|(_, w)| w.prepared().is_some());
-    // Held until after the fork: the outer helper joins it (see the `netns` module).
+    // Held until after the fork: the outer helper joins it (see the `netns` module). With
+    // `network = none` it is lent, not closed, once the attempt is started: it comes back
+    // to the pool when the attempt is over, if the attempt left nothing in it.
+    let lendable = plan
+        .sandbox
+        .as_ref()
+        .is_some_and(|setup| setup.proxy_port.is_none());
     let net_ns = match plan.sandbox.as_mut() {
         Some(setup) if !prepared => {
             // Never into a user namespace of the attempt's own: a namespace made here belongs
@@ -729,7 +739,11 @@ fn start(
                     ),
                 };
                 let failed = match handed {
-                    Ok(()) => return Ok((standby.pid, group.name(), true)),
+                    Ok(()) => {
+                        let procs = hierarchy.existing(&group.name()).procs_files();
+                        lend(pools, net_ns, lendable, standby.pid, procs);
+                        return Ok((standby.pid, group.name(), true));
+                    }
                     Err(failed) => failed,
                 };
                 let pid = standby.pid;
@@ -812,8 +826,27 @@ fn start(
         None => start_cold(&name, memory_bytes, pids, hierarchy, &mut plan),
     };
     // The child has its copies; the spawner's go now.
-    drop((fds, net_ns));
+    drop(fds);
+    if let Ok((pid, cgroup, _)) = &result {
+        let procs = hierarchy.existing(cgroup).procs_files();
+        lend(pools, net_ns, lendable, *pid, procs);
+    }
     result
+}
+
+/// Lends the network namespace made ahead that the attempt whose outer helper is `pid`
+/// joins, if it had one and may give it back (`lendable`), to the pool; otherwise closes
+/// it. `pid` is not reaped before the worker has the reply that names it; `procs` are the
+/// `cgroup.procs` files of the attempt's cgroup.
+fn lend(pools: &Pools, net_ns: Option<OwnedFd>, lendable: bool, pid: i32, procs: Vec<PathBuf>) {
+    if let (Some(ns), Some(pool), true, Some(procs)) = (
+        net_ns,
+        pools.netns.as_ref(),
+        lendable,
+        procs.into_iter().next(),
+    ) {
+        pool.lend(ns, pid, procs);
+    }
 }
 
 /// Puts the descriptors that came with `plan` in its fields, in [`FdSet`] order; with

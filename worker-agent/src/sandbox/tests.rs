@@ -297,7 +297,7 @@ async fn sandbox_network_none_has_only_loopback() {
 
 /// Every attempt gets a network namespace of its own — made ahead by the spawner or by the
 /// sandbox itself — never the host's, never one another live attempt has. (Run side by side:
-/// a namespace's inode number may come back once it is freed.)
+/// one an attempt has left idle may be used again, see the next test.)
 #[tokio::test]
 async fn sandbox_network_namespaces_are_fresh_for_every_attempt() {
     if skip() {
@@ -323,6 +323,68 @@ async fn sandbox_network_namespaces_are_fresh_for_every_attempt() {
         assert_eq!(lines[1], "down", "lo as a new namespace has it: {out:?}");
         assert!(seen.insert(lines[0].to_owned()), "{} used twice", lines[0]);
     }
+}
+
+/// Waits (bounded) until `sandbox`'s spawner has no network namespace lent; its counts then.
+async fn netns_settled(sandbox: &Sandbox) -> (usize, usize, u64) {
+    for _ in 0..500 {
+        let counts = sandbox.netns_counts().await;
+        if counts.1 == 0 {
+            return counts;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("a network namespace still lent 5 s after its attempt ended");
+}
+
+/// A namespace an attempt with `network = none` joined comes back to the spawner's pool once
+/// the attempt is over and nothing of it is left there, and the next attempt joins it, as
+/// down and empty as a new one. (What keeps one from coming back is tested in the `netns`
+/// module, on a real namespace.)
+#[tokio::test]
+async fn sandbox_idle_network_namespaces_are_used_again() {
+    if skip() {
+        return;
+    }
+    // Its own spawner, without warm cgroups: every attempt forks its helper and takes a
+    // namespace from the pool.
+    let sandbox = sandbox().cold();
+    for _ in 0..500 {
+        if sandbox.netns_counts().await.0 >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let host = std::fs::read_link("/proc/self/ns/net").expect("host netns");
+    let probe = "readlink /proc/self/ns/net; cat /sys/class/net/lo/operstate; \
+                 ls /sys/class/net; cat /proc/net/sockstat | head -1";
+    let ws = tempfile::tempdir().expect("workspace");
+    let mut seen = Vec::new();
+    for i in 0..4u64 {
+        let out = run_with(
+            &sandbox,
+            &Job::sh(probe, Isolation::Sandbox),
+            ws.path(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+        let got = lines(&out.stdout);
+        assert_eq!(got.len(), 4, "{out:?}");
+        assert_ne!(got[0], host.to_string_lossy(), "the host's namespace");
+        assert_eq!(
+            got[1..],
+            ["down", "lo", "sockets: used 0"],
+            "attempt {i}: {out:?}"
+        );
+        seen.push(got[0].to_owned());
+        let (_, _, reused) = netns_settled(&sandbox).await;
+        assert_eq!(reused, i + 1, "attempt {i}'s namespace came back: {out:?}");
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] == w[1]),
+        "each attempt joins the namespace the one before gave back: {seen:?}"
+    );
 }
 
 #[tokio::test]
