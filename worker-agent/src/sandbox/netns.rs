@@ -12,16 +12,27 @@
 //! that took one (0.45–0.6 ms of its dispatch on two cores).
 //!
 //! Used again: a namespace no task has touched is what the sandbox would have made itself
-//! (only `lo`, down). A task cannot change one beyond its sockets: it has no `CAP_NET_ADMIN`
-//! (no link, address, route, rule, filter or sysctl of its namespace) and `lo` stays down with
-//! `network = none` (with `proxy` the sandbox brings it up, so those are never lent back).
-//! So a namespace is lent ([`Pool::lend`]) with a pidfd of the attempt's outer helper, which
-//! exits only after the sandbox's init, whose end takes every process of the attempt down
-//! first (its pid namespace). Once it has exited, the namespace is ready again if the kernel
-//! counts nothing of the attempt's left in it ([`idle`]): no socket in use, none in
-//! `TIME_WAIT`, no fragments queued, no IPv6 flow label lingering. Otherwise it is let go and
-//! the kernel tears it down as before. What carries over is only the namespace's statistics
-//! counters (/proc/net/snmp, netstat): how many packets earlier tasks sent, never what.
+//! (only `lo`, down). A task can change little of one: without `CAP_NET_ADMIN` it cannot add
+//! a link, address, route, rule or filter, its /proc/sys is read-only (sysctls), and `lo`
+//! stays down with `network = none` (with `proxy` the sandbox brings it up, so those are never
+//! lent back). What it can change is its sockets and the namespace's statistics counters
+//! (a datagram with no route counts in `Ip: OutNoRoutes`: a number the task may choose, which
+//! a later task could read). So a namespace is lent ([`Pool::lend`]) with a pidfd of the
+//! attempt's outer helper and a `cgroup.procs` file of its cgroup. The helper exits after
+//! the sandbox's init, whose end takes every process of the attempt down first (its pid
+//! namespace), or is killed first by the worker (the init then dies of it a moment later):
+//! so once the helper has exited, the cgroup must be seen empty too (a process leaves its
+//! cgroup after it has closed its files and left its namespaces; a task cannot move to
+//! another cgroup: no cgroup file system in its view). Then the namespace is ready again if
+//! its /proc/net files show nothing of the attempt's left ([`look`], [`left`]): `lo` down, the
+//! statistics counters (snmp, snmp6, netstat) as they were when it was made, no socket in
+//! use, none in `TIME_WAIT`, no fragments queued, no IPv6 flow label lingering. Otherwise it
+//! is let go and the kernel tears it down as before. What carries over is the namespace's
+//! identity (the inode of /proc/self/ns/net, the netns cookie): a task can tell it joined
+//! one an earlier attempt had. A task that passes an open /proc/net file to a process
+//! outside its sandbox (over a UNIX socket file of the host's it can reach) lets that
+//! process watch the socket tables of later attempts in the same namespace; a fresh
+//! namespace per attempt would not.
 //!
 //! Lives in the spawner (the outer helper inherits its descriptors at the fork) and only where
 //! the worker runs as root: inside the user namespace an unprivileged sandbox makes, a
@@ -49,6 +60,10 @@ const READY_MAX: usize = 2 * READY;
 /// Most namespaces lent at once; past it the oldest is let go (its attempts run long).
 const LENT_MAX: usize = 64;
 
+/// A namespace lent this recently counts as coming back (its attempt may be a short one):
+/// the maker makes fewer meanwhile. Lent longer, its attempt runs long and it does not count.
+const COMING_BACK: Duration = Duration::from_millis(50);
+
 /// After an attempt took a namespace, the next is made once the pool has not been taken from
 /// for this long, unless fewer than half are left: making one is 0.5–0.75 ms of CPU, and on
 /// two cores right away it would compete with the set-up of the attempt that just took one.
@@ -71,7 +86,7 @@ struct Shared {
 
 #[derive(Debug, Default)]
 struct State {
-    ready: Vec<OwnedFd>,
+    ready: Vec<Taken>,
     /// Namespaces lent since the maker last looked (it keeps them from then on).
     lent: Vec<Lent>,
     /// How many are lent and not yet back or let go (tests).
@@ -85,13 +100,22 @@ struct State {
     broken: Option<String>,
 }
 
-/// A namespace an attempt joined, a pidfd of the attempt's outer helper and a `cgroup.procs`
-/// file of the attempt's cgroup.
+/// A namespace for an attempt to join, and its statistics counters as they were when it was
+/// made: they must not have moved for it to come back (see the module docs).
+#[derive(Debug)]
+pub(super) struct Taken {
+    pub(super) ns: OwnedFd,
+    counters: String,
+}
+
+/// A namespace an attempt joined, a pidfd of the attempt's outer helper, a `cgroup.procs`
+/// file of the cgroup the attempt ran in, and when it was lent.
 #[derive(Debug)]
 struct Lent {
-    ns: OwnedFd,
+    taken: Taken,
     holder: OwnedFd,
     procs: PathBuf,
+    since: Instant,
 }
 
 impl Pool {
@@ -131,7 +155,7 @@ impl Pool {
     }
 
     /// A ready namespace, if there is one; the thread makes another.
-    pub(super) fn take(&self) -> Option<OwnedFd> {
+    pub(super) fn take(&self) -> Option<Taken> {
         let fd = {
             let mut state = lock(&self.shared);
             state.taken = Some(Instant::now());
@@ -141,13 +165,13 @@ impl Pool {
         fd
     }
 
-    /// Lends `ns`, taken for an attempt whose outer helper `pid` has joined it (or failed
-    /// before), until that process has exited; then it is ready again if idle (see the module
-    /// docs) and no process is left in the attempt's cgroup (`procs`, one of its
-    /// `cgroup.procs` files; a cgroup already removed was emptied first). `pid` must not have
-    /// been reaped yet (see [`child::pidfd_open`]). Without a pidfd (a kernel before 5.3),
-    /// `ns` is let go.
-    pub(super) fn lend(&self, ns: OwnedFd, pid: i32, procs: PathBuf) {
+    /// Lends `taken`, for an attempt whose outer helper `pid` has joined it (or failed
+    /// before), until that process has exited and no process is left in the cgroup the
+    /// attempt ran in (`procs`, one of its `cgroup.procs` files; a cgroup already removed was
+    /// emptied first); then it is ready again if the attempt left nothing in it (see the
+    /// module docs), otherwise let go. `pid` must not have been reaped yet (see
+    /// [`child::pidfd_open`]). Without a pidfd (a kernel before 5.3), `taken` is let go.
+    pub(super) fn lend(&self, taken: Taken, pid: i32, procs: PathBuf) {
         let Ok(holder) = child::pidfd_open(pid) else {
             return;
         };
@@ -156,7 +180,12 @@ impl Pool {
             if state.closed {
                 return;
             }
-            state.lent.push(Lent { ns, holder, procs });
+            state.lent.push(Lent {
+                taken,
+                holder,
+                procs,
+                since: Instant::now(),
+            });
             state.out += 1;
         }
         self.wake();
@@ -196,13 +225,22 @@ impl Drop for Pool {
 }
 
 fn maker(shared: &Shared) {
-    let home = match std::fs::File::open("/proc/thread-self/ns/net") {
-        Ok(f) => OwnedFd::from(f),
-        Err(e) => {
-            lock(shared).broken = Some(format!("cannot open this thread's namespace: {e}"));
-            return;
-        }
-    };
+    if let Err(why) = keep(shared) {
+        let mut state = lock(shared);
+        state.broken = Some(why);
+        // Nothing takes or lends from now on: sandboxes make their own.
+        state.closed = true;
+        state.ready.clear();
+        state.lent.clear();
+        state.out = 0;
+    }
+}
+
+/// The maker's loop; returns when the pool closes, or why it cannot go on.
+fn keep(shared: &Shared) -> Result<(), String> {
+    let home = std::fs::File::open("/proc/thread-self/ns/net")
+        .map(OwnedFd::from)
+        .map_err(|e| format!("cannot open this thread's namespace: {e}"))?;
     // Namespaces lent, oldest first: this thread's alone, so it can poll their pidfds
     // without holding the lock.
     let mut lent: Vec<Lent> = Vec::new();
@@ -210,55 +248,60 @@ fn maker(shared: &Shared) {
         {
             let mut state = lock(shared);
             if state.closed {
-                return;
+                return Ok(());
             }
             lent.append(&mut state.lent);
         }
-        // Those whose attempts are over: ready again if idle, otherwise let go.
-        for (ns, procs) in over(&mut lent) {
+        // Those whose attempts are over: ready again if nothing is left in them, otherwise
+        // let go.
+        for (taken, procs) in over(&mut lent) {
             // Its helper gone, the attempt's processes are too, unless the helper was killed
             // (its init then dies of that a moment later): until the cgroup is seen empty,
             // one might still hold the namespace, so it is let go.
             if !emptied(&procs) {
                 continue;
             }
-            match left_in(ns.as_fd(), home.as_fd()) {
-                Ok(None) => {
-                    let mut state = lock(shared);
-                    if state.ready.len() < READY_MAX {
-                        state.ready.push(ns);
-                        state.reused += 1;
-                    }
-                }
-                Ok(Some(_)) => {}
-                Err(why) => {
-                    lock(shared).broken = Some(why);
-                    return;
-                }
+            let back = look(taken.ns.as_fd(), home.as_fd())?
+                .is_some_and(|now| left(&now, &taken.counters).is_none());
+            let mut state = lock(shared);
+            if back && state.ready.len() < READY_MAX {
+                state.ready.push(taken);
+                state.reused += 1;
             }
         }
+        let now = Instant::now();
+        let coming = lent
+            .iter()
+            .filter(|l| now.duration_since(l.since) < COMING_BACK)
+            .count();
+        // When the next of those stops counting.
+        let ages = lent
+            .iter()
+            .filter_map(|l| COMING_BACK.checked_sub(now.duration_since(l.since)))
+            .filter(|d| !d.is_zero())
+            .min();
         let next = {
             let mut state = lock(shared);
             // Counted once the namespaces that came back are ready again (or let go).
             state.out = lent.len() + state.lent.len();
-            next(
-                state.ready.len(),
-                lent.len(),
-                state.taken.map(|t| t.elapsed()),
-            )
+            next(state.ready.len(), coming, state.taken.map(|t| t.elapsed()))
         };
         match next {
-            Next::Wait(left) => wait(shared.wake.as_ref(), &lent, left),
+            Next::Wait(left) => {
+                let left = match (left, ages) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                wait(shared.wake.as_ref(), &lent, left);
+            }
             Next::Make => {
-                let made = child::make_netns(home.as_fd());
-                let mut state = lock(shared);
-                match made {
-                    Ok(fd) => state.ready.push(fd),
-                    Err(errno) => {
-                        state.broken = Some(format!("cannot make one: {errno}"));
-                        return;
-                    }
-                }
+                let ns = child::make_netns(home.as_fd())
+                    .map_err(|errno| format!("cannot make one: {errno}"))?;
+                // Unreadable, its counters are empty: it is used once, never again.
+                let counters = look(ns.as_fd(), home.as_fd())?
+                    .map(|look| look.counters)
+                    .unwrap_or_default();
+                lock(shared).ready.push(Taken { ns, counters });
             }
         }
     }
@@ -285,7 +328,7 @@ fn wait(wake: Option<&EventFd>, lent: &[Lent], left: Option<Duration>) {
 
 /// Takes out of `lent` the namespaces whose holders have exited (with their cgroups' procs
 /// files), and lets the oldest beyond [`LENT_MAX`] go.
-fn over(lent: &mut Vec<Lent>) -> Vec<(OwnedFd, PathBuf)> {
+fn over(lent: &mut Vec<Lent>) -> Vec<(Taken, PathBuf)> {
     while lent.len() > LENT_MAX {
         lent.remove(0);
     }
@@ -308,7 +351,7 @@ fn over(lent: &mut Vec<Lent>) -> Vec<(OwnedFd, PathBuf)> {
     let mut kept = Vec::with_capacity(lent.len());
     for (l, gone) in lent.drain(..).zip(exited) {
         if gone {
-            out.push((l.ns, l.procs));
+            out.push((l.taken, l.procs));
         } else {
             kept.push(l);
         }
@@ -326,13 +369,27 @@ fn emptied(procs: &Path) -> bool {
     }
 }
 
-/// What namespace `ns` holds of the attempts that used it (see the module docs), read from
-/// its own /proc/net files by this thread, which joins it for the reading and is back in
-/// `home` afterwards: `None` when nothing, otherwise what. An error only when the thread could
-/// not go back (it must not make or read namespaces from there).
-fn left_in(ns: BorrowedFd<'_>, home: BorrowedFd<'_>) -> Result<Option<&'static str>, String> {
+/// What a namespace's /proc/net files say (see [`look`]).
+#[derive(Debug)]
+struct Look {
+    /// `fib_trie`: IPv4 routes, none while `lo` is down.
+    routes: String,
+    /// `if_inet6`: IPv6 addresses, none while `lo` is down.
+    addresses6: String,
+    sockstat: String,
+    sockstat6: String,
+    /// `ip6_flowlabel`: a header, then the flow labels that linger.
+    labels: String,
+    /// `snmp`, `snmp6` and `netstat`: the statistics counters.
+    counters: String,
+}
+
+/// Namespace `ns`'s /proc/net files, read by this thread, which joins it for the reading and
+/// is back in `home` afterwards. `None` when it cannot be joined or read; an error only when
+/// the thread could not go back (it must not make or read namespaces from there).
+fn look(ns: BorrowedFd<'_>, home: BorrowedFd<'_>) -> Result<Option<Look>, String> {
     if nix::sched::setns(ns, CloneFlags::CLONE_NEWNET).is_err() {
-        return Ok(Some("it cannot be joined"));
+        return Ok(None);
     }
     let read = |name: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{name}"));
     // IPv6 off: its files are missing, and so is anything of it to leave behind.
@@ -346,23 +403,44 @@ fn left_in(ns: BorrowedFd<'_>, home: BorrowedFd<'_>) -> Result<Option<&'static s
         read("sockstat"),
         read_v6("sockstat6"),
         read_v6("ip6_flowlabel"),
+        read("snmp"),
+        read_v6("snmp6"),
+        read("netstat"),
     ];
     nix::sched::setns(home, CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("cannot go back to its own namespace: {e}"))?;
-    let [Ok(routes), Ok(addresses6), Ok(v4), Ok(v6), Ok(labels)] = files else {
-        return Ok(Some("its /proc/net files cannot be read"));
+    let [Ok(routes), Ok(addresses6), Ok(sockstat), Ok(sockstat6), Ok(labels), Ok(snmp), Ok(snmp6), Ok(netstat)] =
+        files
+    else {
+        return Ok(None);
     };
+    Ok(Some(Look {
+        routes,
+        addresses6,
+        sockstat,
+        sockstat6,
+        labels,
+        counters: snmp + &snmp6 + &netstat,
+    }))
+}
+
+/// What a namespace made with statistics counters `counters` holds of the attempts that used
+/// it, as `now` shows it: `None` when nothing (see the module docs).
+fn left(now: &Look, counters: &str) -> Option<&'static str> {
     // `lo` up: its addresses are routed (a task cannot add routes or addresses itself).
-    if !routes.trim().is_empty() || !addresses6.trim().is_empty() {
-        return Ok(Some("its loopback is up"));
+    if !now.routes.trim().is_empty() || !now.addresses6.trim().is_empty() {
+        return Some("its loopback is up");
     }
-    if !sockstat_idle(&v4, &v6) {
-        return Ok(Some("sockets are left"));
+    if now.counters != counters {
+        return Some("its counters moved");
     }
-    if labels.lines().count() > 1 {
-        return Ok(Some("IPv6 flow labels linger"));
+    if !sockstat_idle(&now.sockstat, &now.sockstat6) {
+        return Some("sockets are left");
     }
-    Ok(None)
+    if now.labels.lines().count() > 1 {
+        return Some("IPv6 flow labels linger");
+    }
+    None
 }
 
 /// Whether a namespace's `sockstat` and `sockstat6` count nothing left: no socket in use (of
@@ -431,11 +509,11 @@ mod tests {
     }
 
     #[test]
-    fn namespaces_lent_count_as_coming_back_unless_few_are_ready() {
+    fn namespaces_just_lent_count_as_coming_back_unless_few_are_ready() {
         let ms = Duration::from_millis;
         assert_eq!(next(READY - 1, 1, Some(QUIET)), Next::Wait(None));
         assert_eq!(next(READY / 2, READY, None), Next::Wait(None));
-        // Lent ones may never come back (long tasks, or a socket left): few ready, make one.
+        // Lent ones may not come back (a socket left, a counter moved): few ready, make one.
         assert_eq!(next(READY / 2 - 1, READY, Some(ms(0))), Next::Make);
         assert_eq!(next(0, LENT_MAX, None), Next::Make);
     }
@@ -500,9 +578,9 @@ mod tests {
         .expect("the thread")
     }
 
-    /// The check on a real namespace (root): nothing left when made; a socket open in it, or
-    /// its loopback brought up, keeps it from coming back; the thread that checks is back
-    /// home each time.
+    /// The check on a real namespace (root): nothing left when made; a socket open in it, a
+    /// counter a task moved, or its loopback brought up keeps it from coming back; the thread
+    /// that looks is back home each time.
     #[test]
     fn what_an_attempt_leaves_keeps_a_namespace_from_coming_back() {
         if !nix::unistd::geteuid().is_root() {
@@ -512,27 +590,42 @@ mod tests {
         let home_fd = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap());
         let home = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         let ns = child::make_netns(home_fd.as_fd()).expect("make a namespace");
-        let left = || {
-            let left = left_in(ns.as_fd(), home_fd.as_fd()).expect("back home");
+        let now = || {
+            let now = look(ns.as_fd(), home_fd.as_fd())
+                .expect("back home")
+                .expect("its files read");
             assert_eq!(
                 std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
                 home
             );
-            left
+            now
         };
-        assert_eq!(left(), None, "a fresh namespace");
+        let made = now().counters;
+        assert!(made.contains("OutNoRoutes"), "{made}");
+        assert_eq!(left(&now(), &made), None, "a fresh namespace");
 
         let socket = in_ns(&ns, || {
             std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket")
         });
-        assert_eq!(left(), Some("sockets are left"));
+        assert_eq!(left(&now(), &made), Some("sockets are left"));
         drop(socket);
         // A UDP socket's count drops at its close; bounded all the same.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while left().is_some() && Instant::now() < deadline {
+        while left(&now(), &made).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(left(), None, "the socket closed");
+        assert_eq!(left(&now(), &made), None, "the socket closed");
+
+        // A datagram with no route: refused, and counted (Ip: OutNoRoutes).
+        let sent = in_ns(&ns, || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket");
+            socket.send_to(b"x", "10.1.2.3:9")
+        });
+        assert!(
+            sent.is_err(),
+            "no route in a namespace whose lo is down: {sent:?}"
+        );
+        assert_eq!(left(&now(), &made), Some("its counters moved"));
 
         match in_ns(&ns, || {
             std::process::Command::new("ip")
@@ -541,8 +634,7 @@ mod tests {
         }) {
             Ok(status) => {
                 assert!(status.success(), "ip link set lo up: {status}");
-                // Looked at before sockets: `ip`'s own netlink socket may still count.
-                assert_eq!(left(), Some("its loopback is up"));
+                assert_eq!(left(&now(), &made), Some("its loopback is up"));
             }
             Err(e) => eprintln!("*** SKIPPED the loopback part: cannot run ip: {e} ***"),
         }

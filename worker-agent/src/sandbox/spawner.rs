@@ -707,7 +707,7 @@ fn start(
                 .then(|| pools.netns.as_ref().and_then(netns::Pool::take))
                 .flatten();
             if let Some(fd) = &made {
-                setup.net_ns = Some(fd.as_raw_fd());
+                setup.net_ns = Some(fd.ns.as_raw_fd());
                 setup.unshare_flags &= !libc::CLONE_NEWNET;
             }
             made
@@ -838,7 +838,13 @@ fn start(
 /// joins, if it had one and may give it back (`lendable`), to the pool; otherwise closes
 /// it. `pid` is not reaped before the worker has the reply that names it; `procs` are the
 /// `cgroup.procs` files of the attempt's cgroup.
-fn lend(pools: &Pools, net_ns: Option<OwnedFd>, lendable: bool, pid: i32, procs: Vec<PathBuf>) {
+fn lend(
+    pools: &Pools,
+    net_ns: Option<netns::Taken>,
+    lendable: bool,
+    pid: i32,
+    procs: Vec<PathBuf>,
+) {
     if let (Some(ns), Some(pool), true, Some(procs)) = (
         net_ns,
         pools.netns.as_ref(),
@@ -908,7 +914,7 @@ fn hand_off(
     pids: Option<u32>,
     plan: &mut ChildPlan,
     fds: &[RawFd],
-    net_ns: &Option<OwnedFd>,
+    net_ns: &Option<netns::Taken>,
 ) -> Result<(), HandOff> {
     if let Some(bytes) = memory_bytes {
         group.set_memory_limit(bytes).map_err(HandOff::Limit)?;
@@ -926,7 +932,7 @@ fn hand_off(
         )));
     }
     let mut all = fds.to_vec();
-    all.extend(net_ns.as_ref().map(AsRawFd::as_raw_fd));
+    all.extend(net_ns.as_ref().map(|t| t.ns.as_raw_fd()));
     send(standby.sock.as_raw_fd(), &bytes, &all).map_err(HandOff::Send)
 }
 

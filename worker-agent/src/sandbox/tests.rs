@@ -327,14 +327,19 @@ async fn sandbox_network_namespaces_are_fresh_for_every_attempt() {
 
 /// Waits (bounded) until `sandbox`'s spawner has no network namespace lent; its counts then.
 async fn netns_settled(sandbox: &Sandbox) -> (usize, usize, u64) {
+    netns_lent_at_most(sandbox, 0).await
+}
+
+/// Waits (bounded) until `sandbox`'s spawner has at most `lent` network namespaces lent.
+async fn netns_lent_at_most(sandbox: &Sandbox, lent: usize) -> (usize, usize, u64) {
     for _ in 0..500 {
         let counts = sandbox.netns_counts().await;
-        if counts.1 == 0 {
+        if counts.1 <= lent {
             return counts;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("a network namespace still lent 5 s after its attempt ended");
+    panic!("more than {lent} network namespaces still lent 5 s after their attempts ended");
 }
 
 /// A namespace an attempt with `network = none` joined comes back to the spawner's pool once
@@ -384,6 +389,86 @@ async fn sandbox_idle_network_namespaces_are_used_again() {
     assert!(
         seen.windows(2).all(|w| w[0] == w[1]),
         "each attempt joins the namespace the one before gave back: {seen:?}"
+    );
+
+    // A task that tried the network moved its namespace's counters (a connect with no
+    // route counts in Ip: OutNoRoutes, a number the task could choose): not used again.
+    let tried = "readlink /proc/self/ns/net; bash -c 'echo > /dev/tcp/10.1.2.3/9' 2>/dev/null; \
+                 grep -c . /proc/net/snmp";
+    let out = run_with(
+        &sandbox,
+        &Job::sh(tried, Isolation::Sandbox),
+        ws.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    let got = lines(&out.stdout);
+    assert_eq!(got.len(), 2, "{out:?}");
+    assert_eq!(
+        got[0], seen[0],
+        "it took the namespace given back last: {out:?}"
+    );
+    let (_, _, reused) = netns_settled(&sandbox).await;
+    assert_eq!(reused, 4, "its namespace did not come back: {out:?}");
+    let out = run_with(
+        &sandbox,
+        &Job::sh(probe, Isolation::Sandbox),
+        ws.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    let got = lines(&out.stdout);
+    assert_eq!(got.len(), 4, "{out:?}");
+    assert_ne!(got[0], seen[0], "a namespace whose counters moved: {out:?}");
+    assert_eq!(got[1..], ["down", "lo", "sockets: used 0"], "{out:?}");
+}
+
+/// A namespace is never given to another attempt while the one that joined it runs.
+#[tokio::test]
+async fn sandbox_network_namespace_in_use_is_not_lent_again() {
+    if skip() {
+        return;
+    }
+    let sandbox = sandbox().cold();
+    let probe = "readlink /proc/self/ns/net";
+    let ws = tempfile::tempdir().expect("workspace");
+    let long = {
+        let sandbox = sandbox.clone();
+        let ws = ws.path().to_owned();
+        tokio::spawn(async move {
+            let job = Job::sh("readlink /proc/self/ns/net; sleep 2", Isolation::Sandbox);
+            run_with(&sandbox, &job, &ws, CancellationToken::new()).await
+        })
+    };
+    // Until it has its namespace (bounded).
+    for _ in 0..500 {
+        if sandbox.netns_counts().await.1 == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut shorts = Vec::new();
+    for _ in 0..3 {
+        let out = run_with(
+            &sandbox,
+            &Job::sh(probe, Isolation::Sandbox),
+            ws.path(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+        shorts.push(out.stdout.trim().to_owned());
+        netns_lent_at_most(&sandbox, 1).await;
+    }
+    let long = bounded(long).await.expect("join");
+    let mine = lines(&long.stdout)[0].to_owned();
+    assert!(
+        !shorts.contains(&mine),
+        "{mine} given out while in use: {shorts:?}"
+    );
+    assert!(
+        shorts.windows(2).all(|w| w[0] == w[1]),
+        "the short ones pass theirs on: {shorts:?}"
     );
 }
 
