@@ -21,9 +21,10 @@
 //! attempt's outer helper and a `cgroup.procs` file of its cgroup. The helper exits after
 //! the sandbox's init, whose end takes every process of the attempt down first (its pid
 //! namespace), or is killed first by the worker (the init then dies of it a moment later):
-//! so once the helper has exited, the cgroup must be seen empty too (a process leaves its
-//! cgroup after it has closed its files and left its namespaces; a task cannot move to
-//! another cgroup: no cgroup file system in its view). Then the namespace is ready again if
+//! so once the helper has exited, no process of the cgroup may be in the namespace either
+//! (an attempt's processes cannot leave its namespace or its cgroup: no `CAP_SYS_ADMIN`, no
+//! cgroup file system in their view; the cgroup may meanwhile hold the next attempt's, in
+//! other namespaces). Then the namespace is ready again if
 //! its /proc/net files show nothing of the attempt's left ([`look`], [`left`]): `lo` down, the
 //! statistics counters (snmp, snmp6, netstat) as they were when it was made, no socket in
 //! use, none in `TIME_WAIT`, no fragments queued, no IPv6 flow label lingering. Otherwise it
@@ -39,7 +40,7 @@
 //! namespace made outside it could not be joined. Nothing here logs (see the `spawner`
 //! module); a failure stops the pool, and sandboxes make their own as before.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -166,10 +167,9 @@ impl Pool {
     }
 
     /// Lends `taken`, for an attempt whose outer helper `pid` has joined it (or failed
-    /// before), until that process has exited and no process is left in the cgroup the
-    /// attempt ran in (`procs`, one of its `cgroup.procs` files; a cgroup already removed was
-    /// emptied first); then it is ready again if the attempt left nothing in it (see the
-    /// module docs), otherwise let go. `pid` must not have been reaped yet (see
+    /// before), until that process has exited and no process of the cgroup the attempt ran
+    /// in (`procs`, one of its `cgroup.procs` files) is in the namespace; then it is ready
+    /// again if the attempt left nothing in it (see the module docs), otherwise let go. `pid` must not have been reaped yet (see
     /// [`child::pidfd_open`]). Without a pidfd (a kernel before 5.3), `taken` is let go.
     pub(super) fn lend(&self, taken: Taken, pid: i32, procs: PathBuf) {
         let Ok(holder) = child::pidfd_open(pid) else {
@@ -256,9 +256,9 @@ fn keep(shared: &Shared) -> Result<(), String> {
         // let go.
         for (taken, procs) in over(&mut lent) {
             // Its helper gone, the attempt's processes are too, unless the helper was killed
-            // (its init then dies of that a moment later): until the cgroup is seen empty,
-            // one might still hold the namespace, so it is let go.
-            if !emptied(&procs) {
+            // (its init then dies of that a moment later): while one is still seen in it,
+            // the namespace is let go.
+            if !none_inside(&procs, taken.ns.as_fd()) {
                 continue;
             }
             let back = look(taken.ns.as_fd(), home.as_fd())?
@@ -360,11 +360,24 @@ fn over(lent: &mut Vec<Lent>) -> Vec<(Taken, PathBuf)> {
     out
 }
 
-/// Whether no process is left in the cgroup whose `cgroup.procs` file is `procs`: it lists
-/// none, or the cgroup is gone (a cgroup is removed only once empty).
-fn emptied(procs: &Path) -> bool {
+/// Whether no process of the cgroup whose `cgroup.procs` file is `procs` is in namespace
+/// `ns`: none it lists is (a process gone meanwhile is not), or the cgroup is gone (a cgroup
+/// is removed only once empty). Processes of an attempt are all in the namespace its outer
+/// helper joined, and cannot leave it (`setns` needs `CAP_SYS_ADMIN`) nor the cgroup; those
+/// in other namespaces are a later attempt's that reuses the cgroup (or the spawner's thread
+/// that starts it, whose process is listed while that thread is in it).
+fn none_inside(procs: &Path, ns: BorrowedFd<'_>) -> bool {
+    let Ok(stat) = nix::sys::stat::fstat(ns.as_raw_fd()) else {
+        return false;
+    };
+    let ns = format!("net:[{}]", stat.st_ino);
+    let inside = |pid: &i32| match std::fs::read_link(format!("/proc/{pid}/ns/net")) {
+        Ok(link) => link.as_os_str() == ns.as_str(),
+        // Gone, or a zombie (it has left its namespaces): not inside.
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    };
     match super::cgroup::read_pids(procs) {
-        Ok(pids) => pids.is_empty(),
+        Ok(pids) => !pids.iter().any(inside),
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
@@ -638,5 +651,34 @@ mod tests {
             }
             Err(e) => eprintln!("*** SKIPPED the loopback part: cannot run ip: {e} ***"),
         }
+    }
+
+    /// A process of the attempt's cgroup still in the namespace keeps it lent; others in
+    /// the cgroup (a later attempt's) and a cgroup gone do not (root).
+    #[test]
+    fn a_process_still_in_the_namespace_keeps_it_out() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("*** SKIPPED: needs root (network namespaces) ***");
+            return;
+        }
+        let home = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap());
+        let ns = child::make_netns(home.as_fd()).expect("make a namespace");
+        let dir = tempfile::tempdir().unwrap();
+        let procs = dir.path().join("cgroup.procs");
+        assert!(none_inside(&procs, ns.as_fd()), "a cgroup removed");
+        // This process is in the host's namespace: a later attempt's, as it were.
+        std::fs::write(&procs, format!("{}\n", std::process::id())).unwrap();
+        assert!(none_inside(&procs, ns.as_fd()), "only processes elsewhere");
+        let mut inside = in_ns(&ns, || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("sleep")
+        });
+        std::fs::write(&procs, format!("{}\n{}\n", std::process::id(), inside.id())).unwrap();
+        assert!(!none_inside(&procs, ns.as_fd()), "a process still in it");
+        inside.kill().unwrap();
+        inside.wait().unwrap();
+        assert!(none_inside(&procs, ns.as_fd()), "that process gone");
     }
 }
