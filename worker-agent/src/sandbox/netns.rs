@@ -106,7 +106,7 @@ struct State {
 #[derive(Debug)]
 pub(super) struct Taken {
     pub(super) ns: OwnedFd,
-    counters: String,
+    counters: Option<u64>,
 }
 
 /// A namespace an attempt joined, a pidfd of the attempt's outer helper, a `cgroup.procs`
@@ -241,6 +241,8 @@ fn keep(shared: &Shared) -> Result<(), String> {
     let home = std::fs::File::open("/proc/thread-self/ns/net")
         .map(OwnedFd::from)
         .map_err(|e| format!("cannot open this thread's namespace: {e}"))?;
+    // The key the counters are hashed with, this process's own.
+    let key = std::hash::RandomState::new();
     // Namespaces lent, oldest first: this thread's alone, so it can poll their pidfds
     // without holding the lock.
     let mut lent: Vec<Lent> = Vec::new();
@@ -261,8 +263,8 @@ fn keep(shared: &Shared) -> Result<(), String> {
             if !none_inside(&procs, taken.ns.as_fd()) {
                 continue;
             }
-            let back = look(taken.ns.as_fd(), home.as_fd())?
-                .is_some_and(|now| left(&now, &taken.counters).is_none());
+            let back = look(taken.ns.as_fd(), home.as_fd(), &key)?
+                .is_some_and(|now| left(&now, taken.counters).is_none());
             let mut state = lock(shared);
             if back && state.ready.len() < READY_MAX {
                 state.ready.push(taken);
@@ -297,10 +299,8 @@ fn keep(shared: &Shared) -> Result<(), String> {
             Next::Make => {
                 let ns = child::make_netns(home.as_fd())
                     .map_err(|errno| format!("cannot make one: {errno}"))?;
-                // Unreadable, its counters are empty: it is used once, never again.
-                let counters = look(ns.as_fd(), home.as_fd())?
-                    .map(|look| look.counters)
-                    .unwrap_or_default();
+                // Unreadable, it is used once, never again.
+                let counters = look(ns.as_fd(), home.as_fd(), &key)?.map(|look| look.counters);
                 lock(shared).ready.push(Taken { ns, counters });
             }
         }
@@ -382,75 +382,142 @@ fn none_inside(procs: &Path, ns: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// What a namespace's /proc/net files say (see [`look`]).
+/// What a namespace's /proc/net files say (see [`look`]), reduced to what [`left`] weighs.
 #[derive(Debug)]
 struct Look {
-    /// `fib_trie`: IPv4 routes, none while `lo` is down.
-    routes: String,
-    /// `if_inet6`: IPv6 addresses, none while `lo` is down.
-    addresses6: String,
-    sockstat: String,
-    sockstat6: String,
-    /// `ip6_flowlabel`: a header, then the flow labels that linger.
-    labels: String,
-    /// `snmp`, `snmp6` and `netstat`: the statistics counters.
-    counters: String,
+    /// Whether `fib_trie` (IPv4 routes) or `if_inet6` (IPv6 addresses) list any: none while
+    /// `lo` is down.
+    routed: bool,
+    /// Whether `sockstat` and `sockstat6` count nothing left (see [`sockstat_idle`]).
+    sockets_idle: bool,
+    /// Lines of `ip6_flowlabel`: a header, then the flow labels that linger.
+    label_lines: usize,
+    /// `snmp`, `snmp6` and `netstat`, the statistics counters, hashed with the maker's key.
+    counters: u64,
 }
 
 /// Namespace `ns`'s /proc/net files, read by this thread, which joins it for the reading and
-/// is back in `home` afterwards. `None` when it cannot be joined or read; an error only when
-/// the thread could not go back (it must not make or read namespaces from there).
-fn look(ns: BorrowedFd<'_>, home: BorrowedFd<'_>) -> Result<Option<Look>, String> {
+/// is back in `home` afterwards; the counters hashed with `key`. `None` when it cannot be
+/// joined or read; an error only when the thread could not go back (it must not make or read
+/// namespaces from there).
+fn look(
+    ns: BorrowedFd<'_>,
+    home: BorrowedFd<'_>,
+    key: &std::hash::RandomState,
+) -> Result<Option<Look>, String> {
     if nix::sched::setns(ns, CloneFlags::CLONE_NEWNET).is_err() {
         return Ok(None);
     }
-    let read = |name: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{name}"));
-    // IPv6 off: its files are missing, and so is anything of it to leave behind.
-    let read_v6 = |name: &str| match read(name) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        other => other,
-    };
-    let files = [
-        read("fib_trie"),
-        read_v6("if_inet6"),
-        read("sockstat"),
-        read_v6("sockstat6"),
-        read_v6("ip6_flowlabel"),
-        read("snmp"),
-        read_v6("snmp6"),
-        read("netstat"),
-    ];
+    let read = read_files(key);
     nix::sched::setns(home, CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("cannot go back to its own namespace: {e}"))?;
-    let [Ok(routes), Ok(addresses6), Ok(sockstat), Ok(sockstat6), Ok(labels), Ok(snmp), Ok(snmp6), Ok(netstat)] =
-        files
-    else {
-        return Ok(None);
-    };
-    Ok(Some(Look {
-        routes,
-        addresses6,
-        sockstat,
-        sockstat6,
-        labels,
-        counters: snmp + &snmp6 + &netstat,
-    }))
+    Ok(read.ok())
 }
 
-/// What a namespace made with statistics counters `counters` holds of the attempts that used
-/// it, as `now` shows it: `None` when nothing (see the module docs).
-fn left(now: &Look, counters: &str) -> Option<&'static str> {
+/// [`look`]'s reading, in this thread's namespace. Through buffers on its stack, not the
+/// heap: every page the spawner writes after one of its forks faults once, and with a child
+/// still sharing it is copied, with a TLB shootdown to the other CPUs.
+fn read_files(key: &std::hash::RandomState) -> std::io::Result<Look> {
+    use std::hash::{BuildHasher, Hasher};
+    const NET: &str = "/proc/thread-self/net/";
+    let mut chunk = [0u8; 4096];
+    let mut routed = false;
+    for name in ["fib_trie", "if_inet6"] {
+        each_chunk(NET, name, name == "if_inet6", &mut chunk, |c| {
+            routed |= c.iter().any(|b| !b.is_ascii_whitespace());
+        })?;
+    }
+    let mut v4 = [0u8; 1024];
+    let mut v6 = [0u8; 1024];
+    let sockets_idle = sockstat_idle(
+        whole(NET, "sockstat", false, &mut v4)?,
+        whole(NET, "sockstat6", true, &mut v6)?,
+    );
+    let mut label_lines = 0;
+    each_chunk(NET, "ip6_flowlabel", true, &mut chunk, |c| {
+        label_lines += c.iter().filter(|&&b| b == b'\n').count();
+    })?;
+    let mut counters = key.build_hasher();
+    for (name, optional) in [("snmp", false), ("snmp6", true), ("netstat", false)] {
+        each_chunk(NET, name, optional, &mut chunk, |c| counters.write(c))?;
+        counters.write_u8(0xff);
+    }
+    Ok(Look {
+        routed,
+        sockets_idle,
+        label_lines,
+        counters: counters.finish(),
+    })
+}
+
+/// Reads `dir``name` through `buf`, each chunk into `f`. Missing, it is empty when
+/// `optional` (IPv6 off: nothing of it can be left behind either).
+fn each_chunk(
+    dir: &str,
+    name: &str,
+    optional: bool,
+    buf: &mut [u8],
+    mut f: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
+    use std::io::Read;
+    // Joined on the stack: std opens paths this short without allocating.
+    let mut path = [0u8; 64];
+    let len = dir.len() + name.len();
+    if len > path.len() {
+        return Err(std::io::Error::other("a /proc/net path too long"));
+    }
+    path[..dir.len()].copy_from_slice(dir.as_bytes());
+    path[dir.len()..len].copy_from_slice(name.as_bytes());
+    let path = std::str::from_utf8(&path[..len]).map_err(std::io::Error::other)?;
+    let mut file = match std::fs::File::open(path) {
+        Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    loop {
+        match file.read(buf)? {
+            0 => return Ok(()),
+            n => f(&buf[..n]),
+        }
+    }
+}
+
+/// `dir``name` whole, in `buf`, as text; an error when it does not fit.
+fn whole<'a>(dir: &str, name: &str, optional: bool, buf: &'a mut [u8]) -> std::io::Result<&'a str> {
+    let mut len = 0;
+    let mut chunk = [0u8; 256];
+    let mut fits = true;
+    each_chunk(dir, name, optional, &mut chunk, |c| {
+        match buf.get_mut(len..len + c.len()) {
+            Some(to) => {
+                to.copy_from_slice(c);
+                len += c.len();
+            }
+            None => fits = false,
+        }
+    })?;
+    if !fits {
+        return Err(std::io::Error::other(
+            "a /proc/net file larger than expected",
+        ));
+    }
+    std::str::from_utf8(&buf[..len]).map_err(std::io::Error::other)
+}
+
+/// What a namespace made with statistics counters `counters` (hashed as [`Look::counters`];
+/// `None` when they could not be read) holds of the attempts that used it, as `now` shows
+/// it: `None` when nothing (see the module docs).
+fn left(now: &Look, counters: Option<u64>) -> Option<&'static str> {
     // `lo` up: its addresses are routed (a task cannot add routes or addresses itself).
-    if !now.routes.trim().is_empty() || !now.addresses6.trim().is_empty() {
+    if now.routed {
         return Some("its loopback is up");
     }
-    if now.counters != counters {
+    if Some(now.counters) != counters {
         return Some("its counters moved");
     }
-    if !sockstat_idle(&now.sockstat, &now.sockstat6) {
+    if !now.sockets_idle {
         return Some("sockets are left");
     }
-    if now.labels.lines().count() > 1 {
+    if now.label_lines > 1 {
         return Some("IPv6 flow labels linger");
     }
     None
@@ -580,6 +647,34 @@ mod tests {
         }
     }
 
+    #[test]
+    fn files_are_read_whole_through_small_buffers_or_refused() {
+        let mut chunk = [0u8; 7];
+        let mut text = Vec::new();
+        each_chunk("/proc/self/", "status", false, &mut chunk, |c| {
+            text.extend_from_slice(c)
+        })
+        .unwrap();
+        assert!(
+            text.starts_with(b"Name:") && text.len() > 7,
+            "in chunks of 7"
+        );
+        let mut buf = [0u8; 4096];
+        let whole_text = whole("/proc/self/", "status", false, &mut buf).unwrap();
+        assert!(whole_text.starts_with("Name:") && whole_text.ends_with('\n'));
+        assert!(
+            whole("/proc/self/", "status", false, &mut [0u8; 16]).is_err(),
+            "too large"
+        );
+        let mut called = false;
+        each_chunk("/proc/self/", "no-such-file", true, &mut chunk, |_| {
+            called = true
+        })
+        .unwrap();
+        assert!(!called, "an optional file missing is empty");
+        assert!(each_chunk("/proc/self/", "no-such-file", false, &mut chunk, |_| ()).is_err());
+    }
+
     /// Runs `f` on a thread of its own in namespace `ns`.
     fn in_ns<T: Send + 'static>(ns: &OwnedFd, f: impl FnOnce() -> T + Send + 'static) -> T {
         let theirs = ns.try_clone().expect("dup");
@@ -603,8 +698,9 @@ mod tests {
         let home_fd = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap());
         let home = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         let ns = child::make_netns(home_fd.as_fd()).expect("make a namespace");
+        let key = std::hash::RandomState::new();
         let now = || {
-            let now = look(ns.as_fd(), home_fd.as_fd())
+            let now = look(ns.as_fd(), home_fd.as_fd(), &key)
                 .expect("back home")
                 .expect("its files read");
             assert_eq!(
@@ -613,21 +709,20 @@ mod tests {
             );
             now
         };
-        let made = now().counters;
-        assert!(made.contains("OutNoRoutes"), "{made}");
-        assert_eq!(left(&now(), &made), None, "a fresh namespace");
+        let made = Some(now().counters);
+        assert_eq!(left(&now(), made), None, "a fresh namespace");
 
         let socket = in_ns(&ns, || {
             std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket")
         });
-        assert_eq!(left(&now(), &made), Some("sockets are left"));
+        assert_eq!(left(&now(), made), Some("sockets are left"));
         drop(socket);
         // A UDP socket's count drops at its close; bounded all the same.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while left(&now(), &made).is_some() && Instant::now() < deadline {
+        while left(&now(), made).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(left(&now(), &made), None, "the socket closed");
+        assert_eq!(left(&now(), made), None, "the socket closed");
 
         // A datagram with no route: refused, and counted (Ip: OutNoRoutes).
         let sent = in_ns(&ns, || {
@@ -638,7 +733,7 @@ mod tests {
             sent.is_err(),
             "no route in a namespace whose lo is down: {sent:?}"
         );
-        assert_eq!(left(&now(), &made), Some("its counters moved"));
+        assert_eq!(left(&now(), made), Some("its counters moved"));
 
         match in_ns(&ns, || {
             std::process::Command::new("ip")
@@ -647,7 +742,7 @@ mod tests {
         }) {
             Ok(status) => {
                 assert!(status.success(), "ip link set lo up: {status}");
-                assert_eq!(left(&now(), &made), Some("its loopback is up"));
+                assert_eq!(left(&now(), made), Some("its loopback is up"));
             }
             Err(e) => eprintln!("*** SKIPPED the loopback part: cannot run ip: {e} ***"),
         }
