@@ -158,6 +158,17 @@ impl Attempt {
             End::Main(status) => status,
             _ => self.process.wait().await.ok(),
         };
+        if self.status.is_some() {
+            // A sandbox's outer helper that exited by itself did so once its init was reaped,
+            // and with it every process of the sandbox's pid namespace; one killed may have
+            // left them running a moment longer. Its network namespace, if the spawner lent
+            // it one, may come back only in the first case (see the `netns` module).
+            let by_itself = forked.is_some_and(|s| s.code().is_some());
+            self.cgroup
+                .inner
+                .spawner
+                .attempt_over(self.process.id(), by_itself);
+        }
         let records = self.status_records();
         let counters = self
             .cgroup

@@ -755,15 +755,6 @@ pub(crate) fn make_netns(home: std::os::fd::BorrowedFd<'_>) -> Result<std::os::f
     Ok(made)
 }
 
-/// A pidfd of process `pid` (Linux 5.3+): readable once it has exited. The caller must know
-/// `pid` has not been reaped (here: the worker's children, which it reaps only once the
-/// spawner has replied with their pids), or it might name a recycled pid.
-pub(crate) fn pidfd_open(pid: libc::pid_t) -> Result<std::os::fd::OwnedFd, Errno> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = Errno::result(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
-    Ok(owned_fd(fd as RawFd))
-}
-
 /// Starts helper `f(plan)` with [`vm_child`] on the plan's stack `stack`; its pid, or the
 /// attempt fails at `step`.
 fn start_helper(

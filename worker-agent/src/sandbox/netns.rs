@@ -12,21 +12,20 @@
 //! that took one (0.45–0.6 ms of its dispatch on two cores).
 //!
 //! Used again: a namespace no task has touched is what the sandbox would have made itself
-//! (only `lo`, down). A task can change little of one: without `CAP_NET_ADMIN` it cannot add
-//! a link, address, route, rule or filter, its /proc/sys is read-only (sysctls), and `lo`
-//! stays down with `network = none` (with `proxy` the sandbox brings it up, so those are never
-//! lent back). What it can change is its sockets and the namespace's statistics counters
-//! (a datagram with no route counts in `Ip: OutNoRoutes`: a number the task may choose, which
-//! a later task could read). So a namespace is lent ([`Pool::lend`]) with a pidfd of the
-//! attempt's outer helper and a `cgroup.procs` file of its cgroup. The helper exits after
-//! the sandbox's init, whose end takes every process of the attempt down first (its pid
-//! namespace), or is killed first by the worker (the init then dies of it a moment later):
-//! so once the helper has exited, no process of the cgroup may be in the namespace either
-//! (an attempt's processes cannot leave its namespace or its cgroup: no `CAP_SYS_ADMIN`, no
-//! cgroup file system in their view; the cgroup may meanwhile hold the next attempt's, in
-//! other namespaces). Then the namespace is ready again if
-//! its /proc/net files show nothing of the attempt's left ([`look`], [`left`]): `lo` down, the
-//! statistics counters (snmp, snmp6, netstat) as they were when it was made, no socket in
+//! (only `lo`, down). Without `CAP_NET_ADMIN` a task cannot add a link, address, route, rule
+//! or filter to its namespace, its /proc/sys is read-only (sysctls), and `lo` stays down with
+//! `network = none` (with `proxy` the sandbox brings it up, so those are never lent back).
+//! What it can change is its sockets and the namespace's statistics counters (a datagram
+//! with no route counts in `Ip: OutNoRoutes`: a number the task may choose, which a later
+//! task could read). So a namespace is lent ([`Pool::lend`]) until the worker says the
+//! attempt is over ([`Pool::over`]: it has reaped the attempt's outer helper). The outer
+//! helper exits by itself only once it has reaped the sandbox's init, whose end first killed
+//! and reaped every process of the sandbox's pid namespace — the attempt's every process,
+//! whatever it did (new user, network or pid namespaces of its own, cgroups of its own). A
+//! helper that was killed (a timeout, a cancel, the OOM killer) may have left them running a
+//! moment longer: its namespace is let go. One whose helper exited by itself is ready again
+//! if its /proc/net files show nothing of the attempt's left ([`look`], [`left`]): `lo` down,
+//! the statistics counters (snmp, snmp6, netstat) as they were when it was made, no socket in
 //! use, none in `TIME_WAIT`, no fragments queued, no IPv6 flow label lingering. Otherwise it
 //! is let go and the kernel tears it down as before. What carries over is the namespace's
 //! identity (the inode of /proc/self/ns/net, the netns cookie): a task can tell it joined
@@ -40,8 +39,7 @@
 //! namespace made outside it could not be joined. Nothing here logs (see the `spawner`
 //! module); a failure stops the pool, and sandboxes make their own as before.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -80,8 +78,8 @@ pub(super) struct Pool {
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the maker, which otherwise sleeps in poll(2) on it and on the lent pidfds (none
-    /// when it could not be made: then there is no maker either).
+    /// Wakes the maker, which otherwise sleeps in poll(2) on it (none when it could not be
+    /// made: then there is no maker either).
     wake: Option<EventFd>,
 }
 
@@ -90,6 +88,9 @@ struct State {
     ready: Vec<Taken>,
     /// Namespaces lent since the maker last looked (it keeps them from then on).
     lent: Vec<Lent>,
+    /// What the worker said of attempts since the maker last looked: their outer helpers'
+    /// pids, and whether each exited by itself (see [`Pool::over`]).
+    over: Vec<(i32, bool)>,
     /// How many are lent and not yet back or let go (tests).
     out: usize,
     /// When a namespace was last taken.
@@ -109,13 +110,12 @@ pub(super) struct Taken {
     counters: Option<u64>,
 }
 
-/// A namespace an attempt joined, a pidfd of the attempt's outer helper, a `cgroup.procs`
-/// file of the cgroup the attempt ran in, and when it was lent.
+/// A namespace an attempt joined, the pid of the attempt's outer helper, and when it was
+/// lent.
 #[derive(Debug)]
 struct Lent {
     taken: Taken,
-    holder: OwnedFd,
-    procs: PathBuf,
+    holder: i32,
     since: Instant,
 }
 
@@ -166,15 +166,9 @@ impl Pool {
         fd
     }
 
-    /// Lends `taken`, for an attempt whose outer helper `pid` has joined it (or failed
-    /// before), until that process has exited and no process of the cgroup the attempt ran
-    /// in (`procs`, one of its `cgroup.procs` files) is in the namespace; then it is ready
-    /// again if the attempt left nothing in it (see the module docs), otherwise let go. `pid` must not have been reaped yet (see
-    /// [`child::pidfd_open`]). Without a pidfd (a kernel before 5.3), `taken` is let go.
-    pub(super) fn lend(&self, taken: Taken, pid: i32, procs: PathBuf) {
-        let Ok(holder) = child::pidfd_open(pid) else {
-            return;
-        };
+    /// Lends `taken`, joined by the attempt whose outer helper is `pid` (or that failed
+    /// before it could), until the worker says that attempt is over ([`Pool::over`]).
+    pub(super) fn lend(&self, taken: Taken, pid: i32) {
         {
             let mut state = lock(&self.shared);
             if state.closed {
@@ -182,11 +176,25 @@ impl Pool {
             }
             state.lent.push(Lent {
                 taken,
-                holder,
-                procs,
+                holder: pid,
                 since: Instant::now(),
             });
             state.out += 1;
+        }
+        self.wake();
+    }
+
+    /// The attempt whose outer helper was `pid` is over and that process reaped; it exited
+    /// `by_itself`, or was killed. Its namespace, if it was lent one, is ready again when it
+    /// exited by itself and the attempt left nothing in the namespace; otherwise it is let
+    /// go (see the module docs).
+    pub(super) fn over(&self, pid: i32, by_itself: bool) {
+        {
+            let mut state = lock(&self.shared);
+            if state.closed {
+                return;
+            }
+            state.over.push((pid, by_itself));
         }
         self.wake();
     }
@@ -243,26 +251,21 @@ fn keep(shared: &Shared) -> Result<(), String> {
         .map_err(|e| format!("cannot open this thread's namespace: {e}"))?;
     // The key the counters are hashed with, this process's own.
     let key = std::hash::RandomState::new();
-    // Namespaces lent, oldest first: this thread's alone, so it can poll their pidfds
-    // without holding the lock.
+    // Namespaces lent, oldest first: this thread's alone, looked at without the lock.
     let mut lent: Vec<Lent> = Vec::new();
     loop {
-        {
+        let over = {
             let mut state = lock(shared);
             if state.closed {
                 return Ok(());
             }
             lent.append(&mut state.lent);
-        }
-        // Those whose attempts are over: ready again if nothing is left in them, otherwise
-        // let go.
-        for (taken, procs) in over(&mut lent) {
-            // Its helper gone, the attempt's processes are too, unless the helper was killed
-            // (its init then dies of that a moment later): while one is still seen in it,
-            // the namespace is let go.
-            if !none_inside(&procs, taken.ns.as_fd()) {
-                continue;
-            }
+            std::mem::take(&mut state.over)
+        };
+        // Those whose attempts are over: ready again if their outer helpers exited by
+        // themselves (after their inits were reaped, and with them every process of the
+        // attempt) and nothing is left in them; otherwise let go.
+        for taken in settle(&mut lent, &over) {
             let back = look(taken.ns.as_fd(), home.as_fd(), &key)?
                 .is_some_and(|now| left(&now, taken.counters).is_none());
             let mut state = lock(shared);
@@ -294,7 +297,7 @@ fn keep(shared: &Shared) -> Result<(), String> {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                wait(shared.wake.as_ref(), &lent, left);
+                wait(shared.wake.as_ref(), left);
             }
             Next::Make => {
                 let ns = child::make_netns(home.as_fd())
@@ -307,16 +310,12 @@ fn keep(shared: &Shared) -> Result<(), String> {
     }
 }
 
-/// Sleeps until woken, a holder of `lent` has exited, or `left` has passed.
-fn wait(wake: Option<&EventFd>, lent: &[Lent], left: Option<Duration>) {
+/// Sleeps until woken or `left` has passed.
+fn wait(wake: Option<&EventFd>, left: Option<Duration>) {
     let Some(wake) = wake else {
         return;
     };
-    let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-    fds.extend(
-        lent.iter()
-            .map(|l| PollFd::new(l.holder.as_fd(), PollFlags::POLLIN)),
-    );
+    let mut fds = [PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
     let timeout = left.map_or(PollTimeout::NONE, |d| {
         // Rounded up: a timeout rounded down to 0 ms would spin until it passed.
         PollTimeout::try_from(d.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX)
@@ -326,60 +325,24 @@ fn wait(wake: Option<&EventFd>, lent: &[Lent], left: Option<Duration>) {
     let _ = wake.read();
 }
 
-/// Takes out of `lent` the namespaces whose holders have exited (with their cgroups' procs
-/// files), and lets the oldest beyond [`LENT_MAX`] go.
-fn over(lent: &mut Vec<Lent>) -> Vec<(Taken, PathBuf)> {
+/// Takes out of `lent` the namespaces of attempts now `over` (outer helper's pid, whether it
+/// exited by itself) and returns those that may come back: their helpers exited by
+/// themselves. Those of killed helpers, and the oldest beyond [`LENT_MAX`], are let go.
+/// Word of a pid not lent (an attempt that got no namespace from the pool) is ignored.
+fn settle(lent: &mut Vec<Lent>, over: &[(i32, bool)]) -> Vec<Taken> {
+    let mut back = Vec::new();
+    for &(pid, by_itself) in over {
+        if let Some(i) = lent.iter().position(|l| l.holder == pid) {
+            let done = lent.remove(i);
+            if by_itself {
+                back.push(done.taken);
+            }
+        }
+    }
     while lent.len() > LENT_MAX {
         lent.remove(0);
     }
-    if lent.is_empty() {
-        return Vec::new();
-    }
-    let mut fds: Vec<PollFd<'_>> = lent
-        .iter()
-        .map(|l| PollFd::new(l.holder.as_fd(), PollFlags::POLLIN))
-        .collect();
-    if nix::poll::poll(&mut fds, PollTimeout::ZERO).unwrap_or(0) <= 0 {
-        return Vec::new();
-    }
-    let exited: Vec<bool> = fds
-        .iter()
-        .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-        .collect();
-    drop(fds);
-    let mut out = Vec::new();
-    let mut kept = Vec::with_capacity(lent.len());
-    for (l, gone) in lent.drain(..).zip(exited) {
-        if gone {
-            out.push((l.taken, l.procs));
-        } else {
-            kept.push(l);
-        }
-    }
-    *lent = kept;
-    out
-}
-
-/// Whether no process of the cgroup whose `cgroup.procs` file is `procs` is in namespace
-/// `ns`: none it lists is (a process gone meanwhile is not), or the cgroup is gone (a cgroup
-/// is removed only once empty). Processes of an attempt are all in the namespace its outer
-/// helper joined, and cannot leave it (`setns` needs `CAP_SYS_ADMIN`) nor the cgroup; those
-/// in other namespaces are a later attempt's that reuses the cgroup (or the spawner's thread
-/// that starts it, whose process is listed while that thread is in it).
-fn none_inside(procs: &Path, ns: BorrowedFd<'_>) -> bool {
-    let Ok(stat) = nix::sys::stat::fstat(ns.as_raw_fd()) else {
-        return false;
-    };
-    let ns = format!("net:[{}]", stat.st_ino);
-    let inside = |pid: &i32| match std::fs::read_link(format!("/proc/{pid}/ns/net")) {
-        Ok(link) => link.as_os_str() == ns.as_str(),
-        // Gone, or a zombie (it has left its namespaces): not inside.
-        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
-    };
-    match super::cgroup::read_pids(procs) {
-        Ok(pids) => !pids.iter().any(inside),
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-    }
+    back
 }
 
 /// What a namespace's /proc/net files say (see [`look`]), reduced to what [`left`] weighs.
@@ -415,8 +378,9 @@ fn look(
 }
 
 /// [`look`]'s reading, in this thread's namespace. Through buffers on its stack, not the
-/// heap: every page the spawner writes after one of its forks faults once, and with a child
-/// still sharing it is copied, with a TLB shootdown to the other CPUs.
+/// heap (a check reads eight files, some of 3-4 KiB): every page the spawner writes after one
+/// of its forks faults once, and with a child still sharing it is copied, with a TLB
+/// shootdown to the other CPUs.
 fn read_files(key: &std::hash::RandomState) -> std::io::Result<Look> {
     use std::hash::{BuildHasher, Hasher};
     const NET: &str = "/proc/thread-self/net/";
@@ -748,32 +712,35 @@ mod tests {
         }
     }
 
-    /// A process of the attempt's cgroup still in the namespace keeps it lent; others in
-    /// the cgroup (a later attempt's) and a cgroup gone do not (root).
-    #[test]
-    fn a_process_still_in_the_namespace_keeps_it_out() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("*** SKIPPED: needs root (network namespaces) ***");
-            return;
+    fn lent(pid: i32) -> Lent {
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        Lent {
+            taken: Taken {
+                ns: null,
+                counters: None,
+            },
+            holder: pid,
+            since: Instant::now(),
         }
-        let home = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap());
-        let ns = child::make_netns(home.as_fd()).expect("make a namespace");
-        let dir = tempfile::tempdir().unwrap();
-        let procs = dir.path().join("cgroup.procs");
-        assert!(none_inside(&procs, ns.as_fd()), "a cgroup removed");
-        // This process is in the host's namespace: a later attempt's, as it were.
-        std::fs::write(&procs, format!("{}\n", std::process::id())).unwrap();
-        assert!(none_inside(&procs, ns.as_fd()), "only processes elsewhere");
-        let mut inside = in_ns(&ns, || {
-            std::process::Command::new("sleep")
-                .arg("30")
-                .spawn()
-                .expect("sleep")
-        });
-        std::fs::write(&procs, format!("{}\n{}\n", std::process::id(), inside.id())).unwrap();
-        assert!(!none_inside(&procs, ns.as_fd()), "a process still in it");
-        inside.kill().unwrap();
-        inside.wait().unwrap();
-        assert!(none_inside(&procs, ns.as_fd()), "that process gone");
+    }
+
+    #[test]
+    fn only_namespaces_of_helpers_that_exited_by_themselves_come_back() {
+        let mut out: Vec<Lent> = (1..=4).map(lent).collect();
+        // 2 exited by itself, 3 was killed, 9 was never lent one.
+        let back = settle(&mut out, &[(2, true), (3, false), (9, true)]);
+        assert_eq!(back.len(), 1, "only 2's");
+        let left: Vec<i32> = out.iter().map(|l| l.holder).collect();
+        assert_eq!(left, [1, 4], "3's is let go, 1's and 4's stay lent");
+        assert!(settle(&mut out, &[]).is_empty());
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn the_oldest_loans_go_past_the_bound() {
+        let mut out: Vec<Lent> = (0..LENT_MAX as i32 + 3).map(lent).collect();
+        assert!(settle(&mut out, &[]).is_empty());
+        assert_eq!(out.len(), LENT_MAX);
+        assert_eq!(out[0].holder, 3, "the three oldest let go");
     }
 }

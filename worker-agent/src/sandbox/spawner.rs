@@ -83,6 +83,9 @@ pub(super) enum Request {
     /// the worker, see `v1::Group::reset_for_reuse`): top the warm cgroups up, with that one
     /// first. No reply.
     Refill { recycled: Option<String> },
+    /// The sandboxed attempt whose first process was `pid` is over, and that process has
+    /// been reaped; `by_itself`: it exited, not killed (see the `netns` module). No reply.
+    Over { pid: i32, by_itself: bool },
     /// How many warm cgroups are ready (tests).
     Status,
     /// The real request is in the memfd that comes with this message.
@@ -309,10 +312,25 @@ impl Spawner {
         self.send_refill(Some(name))
     }
 
+    /// Tells the spawner that the sandboxed attempt whose first process was `pid` (now
+    /// reaped) is over, `by_itself` (exited, not killed): a network namespace it lent the
+    /// attempt may go back to its pool. Never waits; one that did not go leaves the namespace
+    /// lent (the pool lets the oldest go past a bound).
+    pub(super) fn attempt_over(&self, pid: i32, by_itself: bool) {
+        if self.options.netns {
+            self.send_quietly(&Request::Over { pid, by_itself });
+        }
+    }
+
     fn send_refill(&self, recycled: Option<String>) -> bool {
         if !self.options.warm {
             return false;
         }
+        self.send_quietly(&Request::Refill { recycled })
+    }
+
+    /// Sends a request that has no reply, without waiting: false if it did not go.
+    fn send_quietly(&self, request: &Request) -> bool {
         let sock = self
             .refill_sock
             .lock()
@@ -321,7 +339,7 @@ impl Spawner {
         let Some(sock) = sock else {
             return false;
         };
-        let Ok(bytes) = postcard::to_allocvec(&Request::Refill { recycled }) else {
+        let Ok(bytes) = postcard::to_allocvec(request) else {
             return false;
         };
         let iov = [io::IoSlice::new(&bytes)];
@@ -632,6 +650,12 @@ fn handle(
             }
             None
         }
+        Request::Over { pid, by_itself } => {
+            if let Some(pool) = &pools.netns {
+                pool.over(pid, by_itself);
+            }
+            None
+        }
         Request::Status => Some(Reply::Status {
             ready: pool.map_or(0, warm::Pool::ready),
             netns: pools.netns.as_ref().map_or((0, 0, 0), netns::Pool::counts),
@@ -740,8 +764,7 @@ fn start(
                 };
                 let failed = match handed {
                     Ok(()) => {
-                        let procs = hierarchy.existing(&group.name()).procs_files();
-                        lend(pools, net_ns, lendable, standby.pid, procs);
+                        lend(pools, net_ns, lendable, standby.pid);
                         return Ok((standby.pid, group.name(), true));
                     }
                     Err(failed) => failed,
@@ -827,31 +850,18 @@ fn start(
     };
     // The child has its copies; the spawner's go now.
     drop(fds);
-    if let Ok((pid, cgroup, _)) = &result {
-        let procs = hierarchy.existing(cgroup).procs_files();
-        lend(pools, net_ns, lendable, *pid, procs);
+    if let Ok((pid, _, _)) = &result {
+        lend(pools, net_ns, lendable, *pid);
     }
     result
 }
 
 /// Lends the network namespace made ahead that the attempt whose outer helper is `pid`
-/// joins, if it had one and may give it back (`lendable`), to the pool; otherwise closes
-/// it. `pid` is not reaped before the worker has the reply that names it; `procs` are the
-/// `cgroup.procs` files of the attempt's cgroup.
-fn lend(
-    pools: &Pools,
-    net_ns: Option<netns::Taken>,
-    lendable: bool,
-    pid: i32,
-    procs: Vec<PathBuf>,
-) {
-    if let (Some(ns), Some(pool), true, Some(procs)) = (
-        net_ns,
-        pools.netns.as_ref(),
-        lendable,
-        procs.into_iter().next(),
-    ) {
-        pool.lend(ns, pid, procs);
+/// joins, if it had one and may give it back (`lendable`), to the pool until the worker says
+/// the attempt is over ([`Request::Over`]); otherwise closes it.
+fn lend(pools: &Pools, net_ns: Option<netns::Taken>, lendable: bool, pid: i32) {
+    if let (Some(ns), Some(pool), true) = (net_ns, pools.netns.as_ref(), lendable) {
+        pool.lend(ns, pid);
     }
 }
 

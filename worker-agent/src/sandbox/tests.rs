@@ -353,13 +353,7 @@ async fn sandbox_idle_network_namespaces_are_used_again() {
     }
     // Its own spawner, without warm cgroups: every attempt forks its helper and takes a
     // namespace from the pool.
-    let sandbox = sandbox().cold();
-    for _ in 0..500 {
-        if sandbox.netns_counts().await.0 >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let sandbox = netns_pool_sandbox().await;
     let host = std::fs::read_link("/proc/self/ns/net").expect("host netns");
     let probe = "readlink /proc/self/ns/net; cat /sys/class/net/lo/operstate; \
                  ls /sys/class/net; cat /proc/net/sockstat | head -1";
@@ -394,7 +388,7 @@ async fn sandbox_idle_network_namespaces_are_used_again() {
     // A task that tried the network moved its namespace's counters (a connect with no
     // route counts in Ip: OutNoRoutes, a number the task could choose): not used again.
     let tried = "readlink /proc/self/ns/net; bash -c 'echo > /dev/tcp/10.1.2.3/9' 2>/dev/null; \
-                 grep -c . /proc/net/snmp";
+                 echo tried";
     let out = run_with(
         &sandbox,
         &Job::sh(tried, Isolation::Sandbox),
@@ -408,6 +402,7 @@ async fn sandbox_idle_network_namespaces_are_used_again() {
         got[0], seen[0],
         "it took the namespace given back last: {out:?}"
     );
+    assert_eq!(got[1], "tried", "{out:?}");
     let (_, _, reused) = netns_settled(&sandbox).await;
     assert_eq!(reused, 4, "its namespace did not come back: {out:?}");
     let out = run_with(
@@ -423,35 +418,58 @@ async fn sandbox_idle_network_namespaces_are_used_again() {
     assert_eq!(got[1..], ["down", "lo", "sockets: used 0"], "{out:?}");
 }
 
+/// A sandbox with a spawner of its own, without warm cgroups (every attempt forks its helper
+/// and takes a network namespace from the pool), once its pool is full (bounded).
+async fn netns_pool_sandbox() -> Sandbox {
+    let sandbox = sandbox().cold();
+    for _ in 0..500 {
+        if sandbox.netns_counts().await.0 >= 4 {
+            return sandbox;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the spawner's network namespace pool not full within 5 s");
+}
+
+/// Waits (bounded) until `sandbox`'s spawner has lent a network namespace.
+async fn netns_lent(sandbox: &Sandbox) {
+    for _ in 0..500 {
+        if sandbox.netns_counts().await.1 >= 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no network namespace lent within 5 s");
+}
+
 /// A namespace is never given to another attempt while the one that joined it runs.
 #[tokio::test]
 async fn sandbox_network_namespace_in_use_is_not_lent_again() {
     if skip() {
         return;
     }
-    let sandbox = sandbox().cold();
-    let probe = "readlink /proc/self/ns/net";
+    let sandbox = netns_pool_sandbox().await;
     let ws = tempfile::tempdir().expect("workspace");
+    let held = tempfile::tempdir().expect("the long one's workspace");
+    let go = held.path().join("go");
     let long = {
         let sandbox = sandbox.clone();
-        let ws = ws.path().to_owned();
+        let dir = held.path().to_owned();
+        let script = format!(
+            "readlink /proc/self/ns/net; while [ ! -e {} ]; do sleep 0.02; done",
+            go.display()
+        );
         tokio::spawn(async move {
-            let job = Job::sh("readlink /proc/self/ns/net; sleep 2", Isolation::Sandbox);
-            run_with(&sandbox, &job, &ws, CancellationToken::new()).await
+            let job = Job::sh(&script, Isolation::Sandbox);
+            run_with(&sandbox, &job, &dir, CancellationToken::new()).await
         })
     };
-    // Until it has its namespace (bounded).
-    for _ in 0..500 {
-        if sandbox.netns_counts().await.1 == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    netns_lent(&sandbox).await;
     let mut shorts = Vec::new();
     for _ in 0..3 {
         let out = run_with(
             &sandbox,
-            &Job::sh(probe, Isolation::Sandbox),
+            &Job::sh("readlink /proc/self/ns/net", Isolation::Sandbox),
             ws.path(),
             CancellationToken::new(),
         )
@@ -460,16 +478,44 @@ async fn sandbox_network_namespace_in_use_is_not_lent_again() {
         shorts.push(out.stdout.trim().to_owned());
         netns_lent_at_most(&sandbox, 1).await;
     }
+    assert!(!long.is_finished(), "the long one still runs");
+    let (_, _, reused) = sandbox.netns_counts().await;
+    assert!(reused >= 1, "the short ones passed theirs on: {shorts:?}");
+    std::fs::write(&go, b"").expect("let it end");
     let long = bounded(long).await.expect("join");
+    assert_eq!(long.outcome.class, ExitClass::Exited(0), "{long:?}");
     let mine = lines(&long.stdout)[0].to_owned();
     assert!(
         !shorts.contains(&mine),
         "{mine} given out while in use: {shorts:?}"
     );
-    assert!(
-        shorts.windows(2).all(|w| w[0] == w[1]),
-        "the short ones pass theirs on: {shorts:?}"
-    );
+}
+
+/// A namespace whose attempt was killed (here cancelled) does not come back: its outer
+/// helper did not see every process of the attempt gone.
+#[tokio::test]
+async fn sandbox_network_namespace_of_a_killed_attempt_is_let_go() {
+    if skip() {
+        return;
+    }
+    let sandbox = netns_pool_sandbox().await;
+    let ws = tempfile::tempdir().expect("workspace");
+    let cancel = CancellationToken::new();
+    let run = {
+        let sandbox = sandbox.clone();
+        let dir = ws.path().to_owned();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let job = Job::sh("sleep 60", Isolation::Sandbox);
+            run_with(&sandbox, &job, &dir, cancel).await
+        })
+    };
+    netns_lent(&sandbox).await;
+    cancel.cancel();
+    let out = bounded(run).await.expect("join");
+    assert_eq!(out.outcome.class, ExitClass::Cancelled, "{out:?}");
+    let (_, _, reused) = netns_settled(&sandbox).await;
+    assert_eq!(reused, 0, "a killed attempt's namespace came back: {out:?}");
 }
 
 #[tokio::test]
