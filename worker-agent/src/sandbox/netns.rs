@@ -574,38 +574,16 @@ mod tests {
         // `alloc`, `orphan` and `mem` are the host's, not the namespace's: they do not count.
         let host_wide = FRESH.replace("orphan 0 tw 0 alloc 1 mem 0", "orphan 3 tw 0 alloc 9 mem 4");
         assert!(sockstat_idle(&host_wide, FRESH6));
-        for (left, v4, v6) in [
-            (
-                "a socket",
-                FRESH.replace("used 0", "used 1"),
-                FRESH6.to_owned(),
-            ),
-            (
-                "a TIME_WAIT",
-                FRESH.replace("tw 0", "tw 2"),
-                FRESH6.to_owned(),
-            ),
-            (
-                "a fragment",
-                FRESH.replace("FRAG: inuse 0", "FRAG: inuse 1"),
-                FRESH6.to_owned(),
-            ),
-            (
-                "an IPv6 fragment",
-                FRESH.to_owned(),
-                FRESH6.replace("FRAG6: inuse 0", "FRAG6: inuse 1"),
-            ),
-            ("nothing readable", String::new(), FRESH6.to_owned()),
-            (
-                "no socket count",
-                FRESH.replace("sockets: used 0\n", ""),
-                FRESH6.to_owned(),
-            ),
-            (
-                "a count that is not one",
-                FRESH.replace("tw 0", "tw x"),
-                FRESH6.to_owned(),
-            ),
+        let v4 = |from: &str, to: &str| (FRESH.replace(from, to), FRESH6.to_owned());
+        let v6 = |from: &str, to: &str| (FRESH.to_owned(), FRESH6.replace(from, to));
+        for (left, (v4, v6)) in [
+            ("a socket", v4("used 0", "used 1")),
+            ("a TIME_WAIT", v4("tw 0", "tw 2")),
+            ("a fragment", v4("FRAG: inuse 0", "FRAG: inuse 1")),
+            ("an IPv6 fragment", v6("FRAG6: inuse 0", "FRAG6: inuse 1")),
+            ("nothing readable", (String::new(), FRESH6.to_owned())),
+            ("no socket count", v4("sockets: used 0\n", "")),
+            ("a count that is not one", v4("tw 0", "tw x")),
         ] {
             assert!(!sockstat_idle(&v4, &v6), "{left}");
         }

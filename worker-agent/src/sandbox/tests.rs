@@ -325,21 +325,32 @@ async fn sandbox_network_namespaces_are_fresh_for_every_attempt() {
     }
 }
 
-/// Waits (bounded) until `sandbox`'s spawner has no network namespace lent; its counts then.
-async fn netns_settled(sandbox: &Sandbox) -> (usize, usize, u64) {
-    netns_lent_at_most(sandbox, 0).await
-}
-
-/// Waits (bounded) until `sandbox`'s spawner has at most `lent` network namespaces lent.
-async fn netns_lent_at_most(sandbox: &Sandbox, lent: usize) -> (usize, usize, u64) {
+/// Waits (bounded: 5 s) until `sandbox`'s spawner's network namespace counts (ready, lent,
+/// reused) satisfy `until`, which says `what`; the counts then.
+async fn netns_until(
+    sandbox: &Sandbox,
+    what: &str,
+    until: impl Fn((usize, usize, u64)) -> bool,
+) -> (usize, usize, u64) {
+    let mut counts = (0, 0, 0);
     for _ in 0..500 {
-        let counts = sandbox.netns_counts().await;
-        if counts.1 <= lent {
+        counts = sandbox.netns_counts().await;
+        if until(counts) {
             return counts;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("more than {lent} network namespaces still lent 5 s after their attempts ended");
+    panic!("not {what} within 5 s: (ready, lent, reused) = {counts:?}");
+}
+
+/// Waits until `sandbox`'s spawner has no network namespace lent; its counts then.
+async fn netns_settled(sandbox: &Sandbox) -> (usize, usize, u64) {
+    netns_lent_at_most(sandbox, 0).await
+}
+
+/// Waits until `sandbox`'s spawner has at most `lent` network namespaces lent.
+async fn netns_lent_at_most(sandbox: &Sandbox, lent: usize) -> (usize, usize, u64) {
+    netns_until(sandbox, "settled", |c| c.1 <= lent).await
 }
 
 /// A namespace an attempt with `network = none` joined comes back to the spawner's pool once
@@ -360,13 +371,7 @@ async fn sandbox_idle_network_namespaces_are_used_again() {
     let ws = tempfile::tempdir().expect("workspace");
     let mut seen = Vec::new();
     for i in 0..4u64 {
-        let out = run_with(
-            &sandbox,
-            &Job::sh(probe, Isolation::Sandbox),
-            ws.path(),
-            CancellationToken::new(),
-        )
-        .await;
+        let out = sandboxed(&sandbox, probe, ws.path()).await;
         assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
         let got = lines(&out.stdout);
         assert_eq!(got.len(), 4, "{out:?}");
@@ -389,13 +394,7 @@ async fn sandbox_idle_network_namespaces_are_used_again() {
     // route counts in Ip: OutNoRoutes, a number the task could choose): not used again.
     let tried = "readlink /proc/self/ns/net; bash -c 'echo > /dev/tcp/10.1.2.3/9' 2>/dev/null; \
                  echo tried";
-    let out = run_with(
-        &sandbox,
-        &Job::sh(tried, Isolation::Sandbox),
-        ws.path(),
-        CancellationToken::new(),
-    )
-    .await;
+    let out = sandboxed(&sandbox, tried, ws.path()).await;
     let got = lines(&out.stdout);
     assert_eq!(got.len(), 2, "{out:?}");
     assert_eq!(
@@ -405,41 +404,30 @@ async fn sandbox_idle_network_namespaces_are_used_again() {
     assert_eq!(got[1], "tried", "{out:?}");
     let (_, _, reused) = netns_settled(&sandbox).await;
     assert_eq!(reused, 4, "its namespace did not come back: {out:?}");
-    let out = run_with(
-        &sandbox,
-        &Job::sh(probe, Isolation::Sandbox),
-        ws.path(),
-        CancellationToken::new(),
-    )
-    .await;
+    let out = sandboxed(&sandbox, probe, ws.path()).await;
     let got = lines(&out.stdout);
     assert_eq!(got.len(), 4, "{out:?}");
     assert_ne!(got[0], seen[0], "a namespace whose counters moved: {out:?}");
     assert_eq!(got[1..], ["down", "lo", "sockets: used 0"], "{out:?}");
 }
 
-/// A sandbox with a spawner of its own, without warm cgroups (every attempt forks its helper
-/// and takes a network namespace from the pool), once its pool is full (bounded).
-async fn netns_pool_sandbox() -> Sandbox {
-    let sandbox = sandbox().cold();
-    for _ in 0..500 {
-        if sandbox.netns_counts().await.0 >= 4 {
-            return sandbox;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the spawner's network namespace pool not full within 5 s");
+/// Runs `script` in a sandbox of `sandbox` (network none), in `workspace`.
+async fn sandboxed(sandbox: &Sandbox, script: &str, workspace: &Path) -> Output {
+    let job = Job::sh(script, Isolation::Sandbox);
+    run_with(sandbox, &job, workspace, CancellationToken::new()).await
 }
 
-/// Waits (bounded) until `sandbox`'s spawner has lent a network namespace.
+/// A sandbox with a spawner of its own, without warm cgroups (every attempt forks its helper
+/// and takes a network namespace from the pool), once its pool is full.
+async fn netns_pool_sandbox() -> Sandbox {
+    let sandbox = sandbox().cold();
+    netns_until(&sandbox, "a full pool", |c| c.0 >= 4).await;
+    sandbox
+}
+
+/// Waits until `sandbox`'s spawner has lent a network namespace.
 async fn netns_lent(sandbox: &Sandbox) {
-    for _ in 0..500 {
-        if sandbox.netns_counts().await.1 >= 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no network namespace lent within 5 s");
+    netns_until(sandbox, "a namespace lent", |c| c.1 >= 1).await;
 }
 
 /// A namespace is never given to another attempt while the one that joined it runs.
@@ -467,13 +455,7 @@ async fn sandbox_network_namespace_in_use_is_not_lent_again() {
     netns_lent(&sandbox).await;
     let mut shorts = Vec::new();
     for _ in 0..3 {
-        let out = run_with(
-            &sandbox,
-            &Job::sh("readlink /proc/self/ns/net", Isolation::Sandbox),
-            ws.path(),
-            CancellationToken::new(),
-        )
-        .await;
+        let out = sandboxed(&sandbox, "readlink /proc/self/ns/net", ws.path()).await;
         assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
         shorts.push(out.stdout.trim().to_owned());
         netns_lent_at_most(&sandbox, 1).await;
@@ -1346,13 +1328,7 @@ async fn sandbox_call_given_up_before_its_reply_retires_the_spawner() {
     );
     // And attempts still run.
     let ws = tempfile::tempdir().expect("workspace");
-    let out = run_with(
-        &sandbox,
-        &Job::sh("echo fine", Isolation::Sandbox),
-        ws.path(),
-        CancellationToken::new(),
-    )
-    .await;
+    let out = sandboxed(&sandbox, "echo fine", ws.path()).await;
     assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
 }
 
