@@ -60,6 +60,8 @@ pub struct Attempt {
     deadline: Option<Instant>,
     memory_limit_bytes: Option<u64>,
     pids_limit_enforced: bool,
+    /// The spawner has been told this (sandboxed) attempt is over (see `Spawner::attempt_over`).
+    over_told: bool,
     outcome: Option<AttemptOutcome>,
 }
 
@@ -116,6 +118,7 @@ impl Attempt {
                 .map(|ms| started + Duration::from_millis(ms)),
             memory_limit_bytes: limits.memory_bytes,
             pids_limit_enforced,
+            over_told: false,
             outcome: None,
         }
     }
@@ -158,12 +161,14 @@ impl Attempt {
             End::Main(status) => status,
             _ => self.process.wait().await.ok(),
         };
-        if self.status.is_some() {
-            // A sandbox's outer helper that exited by itself did so once its init was reaped,
-            // and with it every process of the sandbox's pid namespace; one killed may have
-            // left them running a moment longer. Its network namespace, if the spawner lent
-            // it one, may come back only in the first case (see the `netns` module).
-            let by_itself = forked.is_some_and(|s| s.code().is_some());
+        if self.status.is_some() && !self.over_told {
+            // A sandbox's outer helper exits with 0 only once it has reaped its init, and with
+            // it every process of the sandbox's pid namespace; one killed may have left them
+            // running a moment longer. Its network namespace, if the spawner lent it one, may
+            // come back only in the first case (see the `netns` module). Told once: a `wait`
+            // cancelled and called again must not speak for a later attempt with this pid.
+            self.over_told = true;
+            let by_itself = forked.and_then(|s| s.code()) == Some(0);
             self.cgroup
                 .inner
                 .spawner

@@ -912,9 +912,11 @@ fn outer(plan: &ChildPlan, setup: &SandboxSetup) -> ! {
         }
     }
     let init = start_helper(plan, 0, true, init_start, Step::ForkInit);
-    // The init has exited (vfork); what is left is to learn how it ended.
-    report_init(init);
-    exit(0)
+    // The init has exited (vfork); what is left is to learn how it ended. 0 says it was
+    // reaped, and with it every process of its pid namespace (the worker may then give the
+    // attempt's network namespace back to the spawner's pool).
+    let status = report_init(init);
+    exit(if status < 0 { EXIT_SETUP } else { 0 })
 }
 
 /// S: waits for its init to exit, then keeps only the status pipe of the descriptor table

@@ -19,11 +19,13 @@
 //! with no route counts in `Ip: OutNoRoutes`: a number the task may choose, which a later
 //! task could read). So a namespace is lent ([`Pool::lend`]) until the worker says the
 //! attempt is over ([`Pool::over`]: it has reaped the attempt's outer helper). The outer
-//! helper exits by itself only once it has reaped the sandbox's init, whose end first killed
+//! helper exits with 0 only once it has reaped the sandbox's init, whose end first killed
 //! and reaped every process of the sandbox's pid namespace — the attempt's every process,
 //! whatever it did (new user, network or pid namespaces of its own, cgroups of its own). A
 //! helper that was killed (a timeout, a cancel, the OOM killer) may have left them running a
-//! moment longer: its namespace is let go. One whose helper exited by itself is ready again
+//! moment longer: its namespace is let go. So is one whose word never comes (a full socket,
+//! an attempt that failed or was dropped before its end), once its helper's pid is lent
+//! another or past [`LENT_MAX`] loans. One whose helper exited with 0 is ready again
 //! if its /proc/net files show nothing of the attempt's left ([`look`], [`left`]): `lo` down,
 //! the statistics counters (snmp, snmp6, netstat) as they were when it was made, no socket in
 //! use, none in `TIME_WAIT`, no fragments queued, no IPv6 flow label lingering. Otherwise it
@@ -86,11 +88,9 @@ struct Shared {
 #[derive(Debug, Default)]
 struct State {
     ready: Vec<Taken>,
-    /// Namespaces lent since the maker last looked (it keeps them from then on).
-    lent: Vec<Lent>,
-    /// What the worker said of attempts since the maker last looked: their outer helpers'
-    /// pids, and whether each exited by itself (see [`Pool::over`]).
-    over: Vec<(i32, bool)>,
+    /// Loans and the worker's word on attempts since the maker last looked, in the order
+    /// they came (the maker keeps the loans from then on).
+    events: Vec<Event>,
     /// How many are lent and not yet back or let go (tests).
     out: usize,
     /// When a namespace was last taken.
@@ -108,6 +108,15 @@ struct State {
 pub(super) struct Taken {
     pub(super) ns: OwnedFd,
     counters: Option<u64>,
+}
+
+/// What the spawner tells the maker.
+#[derive(Debug)]
+enum Event {
+    Lend(Lent),
+    /// The attempt whose outer helper had this pid is over; whether the helper exited by
+    /// itself (see [`Pool::over`]).
+    Over(i32, bool),
 }
 
 /// A namespace an attempt joined, the pid of the attempt's outer helper, and when it was
@@ -174,27 +183,27 @@ impl Pool {
             if state.closed {
                 return;
             }
-            state.lent.push(Lent {
+            state.events.push(Event::Lend(Lent {
                 taken,
                 holder: pid,
                 since: Instant::now(),
-            });
+            }));
             state.out += 1;
         }
         self.wake();
     }
 
     /// The attempt whose outer helper was `pid` is over and that process reaped; it exited
-    /// `by_itself`, or was killed. Its namespace, if it was lent one, is ready again when it
-    /// exited by itself and the attempt left nothing in the namespace; otherwise it is let
-    /// go (see the module docs).
+    /// with 0 (`by_itself`), or not (killed). Its namespace, if it was lent one, is ready
+    /// again when it exited with 0 and the attempt left nothing in the namespace; otherwise
+    /// it is let go (see the module docs).
     pub(super) fn over(&self, pid: i32, by_itself: bool) {
         {
             let mut state = lock(&self.shared);
             if state.closed {
                 return;
             }
-            state.over.push((pid, by_itself));
+            state.events.push(Event::Over(pid, by_itself));
         }
         self.wake();
     }
@@ -239,7 +248,7 @@ fn maker(shared: &Shared) {
         // Nothing takes or lends from now on: sandboxes make their own.
         state.closed = true;
         state.ready.clear();
-        state.lent.clear();
+        state.events.clear();
         state.out = 0;
     }
 }
@@ -254,18 +263,17 @@ fn keep(shared: &Shared) -> Result<(), String> {
     // Namespaces lent, oldest first: this thread's alone, looked at without the lock.
     let mut lent: Vec<Lent> = Vec::new();
     loop {
-        let over = {
+        let events = {
             let mut state = lock(shared);
             if state.closed {
                 return Ok(());
             }
-            lent.append(&mut state.lent);
-            std::mem::take(&mut state.over)
+            std::mem::take(&mut state.events)
         };
-        // Those whose attempts are over: ready again if their outer helpers exited by
-        // themselves (after their inits were reaped, and with them every process of the
-        // attempt) and nothing is left in them; otherwise let go.
-        for taken in settle(&mut lent, &over) {
+        // Those whose attempts are over: ready again if their outer helpers exited with 0
+        // (after their inits were reaped, and with them every process of the attempt) and
+        // nothing is left in them; otherwise let go.
+        for taken in settle(&mut lent, events) {
             let back = look(taken.ns.as_fd(), home.as_fd(), &key)?
                 .is_some_and(|now| left(&now, taken.counters).is_none());
             let mut state = lock(shared);
@@ -288,7 +296,12 @@ fn keep(shared: &Shared) -> Result<(), String> {
         let next = {
             let mut state = lock(shared);
             // Counted once the namespaces that came back are ready again (or let go).
-            state.out = lent.len() + state.lent.len();
+            let coming_loans = state
+                .events
+                .iter()
+                .filter(|e| matches!(e, Event::Lend(_)))
+                .count();
+            state.out = lent.len() + coming_loans;
             next(state.ready.len(), coming, state.taken.map(|t| t.elapsed()))
         };
         match next {
@@ -325,17 +338,28 @@ fn wait(wake: Option<&EventFd>, left: Option<Duration>) {
     let _ = wake.read();
 }
 
-/// Takes out of `lent` the namespaces of attempts now `over` (outer helper's pid, whether it
-/// exited by itself) and returns those that may come back: their helpers exited by
-/// themselves. Those of killed helpers, and the oldest beyond [`LENT_MAX`], are let go.
-/// Word of a pid not lent (an attempt that got no namespace from the pool) is ignored.
-fn settle(lent: &mut Vec<Lent>, over: &[(i32, bool)]) -> Vec<Taken> {
+/// Applies `events` to `lent`, in order, and returns the namespaces that may come back:
+/// those whose outer helpers exited with 0. Those of killed helpers, and the oldest
+/// beyond [`LENT_MAX`], are let go. A loan to a pid already lent lets the older loan go: that
+/// pid was reaped and used again, so the word on its attempt was lost (a full socket, an
+/// attempt that failed or was dropped before its end); this keeps word on one attempt from
+/// settling another's loan. Word of a pid not lent (an attempt that got no namespace from
+/// the pool) is ignored.
+fn settle(lent: &mut Vec<Lent>, events: Vec<Event>) -> Vec<Taken> {
     let mut back = Vec::new();
-    for &(pid, by_itself) in over {
-        if let Some(i) = lent.iter().position(|l| l.holder == pid) {
-            let done = lent.remove(i);
-            if by_itself {
-                back.push(done.taken);
+    for event in events {
+        match event {
+            Event::Lend(loan) => {
+                lent.retain(|l| l.holder != loan.holder);
+                lent.push(loan);
+            }
+            Event::Over(pid, by_itself) => {
+                if let Some(i) = lent.iter().position(|l| l.holder == pid) {
+                    let done = lent.remove(i);
+                    if by_itself {
+                        back.push(done.taken);
+                    }
+                }
             }
         }
     }
@@ -702,22 +726,50 @@ mod tests {
         }
     }
 
+    fn holders(lent: &[Lent]) -> Vec<i32> {
+        lent.iter().map(|l| l.holder).collect()
+    }
+
     #[test]
     fn only_namespaces_of_helpers_that_exited_by_themselves_come_back() {
-        let mut out: Vec<Lent> = (1..=4).map(lent).collect();
+        let mut out = Vec::new();
+        let loans = (1..=4).map(|pid| Event::Lend(lent(pid))).collect();
+        assert!(settle(&mut out, loans).is_empty());
         // 2 exited by itself, 3 was killed, 9 was never lent one.
-        let back = settle(&mut out, &[(2, true), (3, false), (9, true)]);
-        assert_eq!(back.len(), 1, "only 2's");
-        let left: Vec<i32> = out.iter().map(|l| l.holder).collect();
-        assert_eq!(left, [1, 4], "3's is let go, 1's and 4's stay lent");
-        assert!(settle(&mut out, &[]).is_empty());
+        let over = vec![
+            Event::Over(2, true),
+            Event::Over(3, false),
+            Event::Over(9, true),
+        ];
+        assert_eq!(settle(&mut out, over).len(), 1, "only 2's");
+        assert_eq!(
+            holders(&out),
+            [1, 4],
+            "3's is let go, 1's and 4's stay lent"
+        );
+        assert!(settle(&mut out, Vec::new()).is_empty());
         assert_eq!(out.len(), 2);
     }
 
     #[test]
+    fn word_on_one_attempt_never_settles_another_loan_to_the_same_pid() {
+        let mut out = Vec::new();
+        // 5's word was lost; 5 was reaped and is now a later attempt's helper.
+        assert!(settle(&mut out, vec![Event::Lend(lent(5)), Event::Lend(lent(5))]).is_empty());
+        assert_eq!(out.len(), 1, "the stale loan is let go");
+        // Word that came before the pid's next loan settles the earlier one only.
+        let events = vec![Event::Over(5, true), Event::Lend(lent(5))];
+        assert_eq!(settle(&mut out, events).len(), 1);
+        assert_eq!(holders(&out), [5], "the new loan stays lent");
+    }
+
+    #[test]
     fn the_oldest_loans_go_past_the_bound() {
-        let mut out: Vec<Lent> = (0..LENT_MAX as i32 + 3).map(lent).collect();
-        assert!(settle(&mut out, &[]).is_empty());
+        let mut out = Vec::new();
+        let loans = (0..LENT_MAX as i32 + 3)
+            .map(|pid| Event::Lend(lent(pid)))
+            .collect();
+        assert!(settle(&mut out, loans).is_empty());
         assert_eq!(out.len(), LENT_MAX);
         assert_eq!(out[0].holder, 3, "the three oldest let go");
     }

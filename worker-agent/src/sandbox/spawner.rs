@@ -84,7 +84,8 @@ pub(super) enum Request {
     /// first. No reply.
     Refill { recycled: Option<String> },
     /// The sandboxed attempt whose first process was `pid` is over, and that process has
-    /// been reaped; `by_itself`: it exited, not killed (see the `netns` module). No reply.
+    /// been reaped; `by_itself`: it exited with 0, not killed (see the `netns` module). No
+    /// reply.
     Over { pid: i32, by_itself: bool },
     /// How many warm cgroups are ready (tests).
     Status,
@@ -313,9 +314,10 @@ impl Spawner {
     }
 
     /// Tells the spawner that the sandboxed attempt whose first process was `pid` (now
-    /// reaped) is over, `by_itself` (exited, not killed): a network namespace it lent the
-    /// attempt may go back to its pool. Never waits; one that did not go leaves the namespace
-    /// lent (the pool lets the oldest go past a bound).
+    /// reaped) is over, `by_itself` (it exited with 0, after reaping its init): a network
+    /// namespace it lent the attempt may go back to its pool. Never waits. Word that does not
+    /// go (a full socket), like that of an attempt that failed or was dropped before its end,
+    /// leaves the namespace lent until `pid` is lent another or the pool's bound lets it go.
     pub(super) fn attempt_over(&self, pid: i32, by_itself: bool) {
         if self.options.netns {
             self.send_quietly(&Request::Over { pid, by_itself });
