@@ -144,6 +144,10 @@ impl Attempt {
             () = cancel.cancelled() => End::Cancelled,
             () = timeout => End::TimedOut,
         };
+        if let End::Main(status) = end {
+            // Reaped just now: told before anything awaits (see `tell_over`).
+            self.tell_over(status);
+        }
         // Whatever ended it, nothing of the tree outlives the attempt. Killing the forked
         // process too covers a cgroup that will not empty: its death takes the sandbox's pid
         // namespace with it.
@@ -161,19 +165,8 @@ impl Attempt {
             End::Main(status) => status,
             _ => self.process.wait().await.ok(),
         };
-        if self.status.is_some() && !self.over_told {
-            // A sandbox's outer helper exits with 0 only once it has reaped its init, and with
-            // it every process of the sandbox's pid namespace; one killed may have left them
-            // running a moment longer. Its network namespace, if the spawner lent it one, may
-            // come back only in the first case (see the `netns` module). Told once: a `wait`
-            // cancelled and called again must not speak for a later attempt with this pid.
-            self.over_told = true;
-            let by_itself = forked.and_then(|s| s.code()) == Some(0);
-            self.cgroup
-                .inner
-                .spawner
-                .attempt_over(self.process.id(), by_itself);
-        }
+        // Killed, it was reaped just now (nothing awaits between the reap and here).
+        self.tell_over(forked);
         let records = self.status_records();
         let counters = self
             .cgroup
@@ -197,6 +190,28 @@ impl Attempt {
         };
         self.outcome = Some(outcome);
         outcome
+    }
+
+    /// Tells the spawner, once, that this sandboxed attempt is over, its first process (the
+    /// sandbox's outer helper) reaped with `status`. The outer helper exits with 0 only once
+    /// it has reaped its init, and with it every process of the sandbox's pid namespace; one
+    /// killed may have left them running a moment longer. Its network namespace, if the
+    /// spawner lent it one, may come back only in the first case (see the `netns` module).
+    /// Called right after the reap, with nothing awaited in between: word that left later (a
+    /// `wait` cancelled between the reap and the word, and called again) could reach the
+    /// spawner after the pid's next loan and speak for that attempt. (Even now the pid must
+    /// not be reused before the word goes, which takes the kernel's pid counter wrapping
+    /// round in those microseconds.)
+    fn tell_over(&mut self, status: Option<ExitStatus>) {
+        if self.status.is_none() || self.over_told {
+            return;
+        }
+        self.over_told = true;
+        let by_itself = status.and_then(|s| s.code()) == Some(0);
+        self.cgroup
+            .inner
+            .spawner
+            .attempt_over(self.process.id(), by_itself);
     }
 
     /// Host pids of the attempt's processes (tests look for daemonized grandchildren).

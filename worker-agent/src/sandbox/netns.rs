@@ -114,8 +114,8 @@ pub(super) struct Taken {
 #[derive(Debug)]
 enum Event {
     Lend(Lent),
-    /// The attempt whose outer helper had this pid is over; whether the helper exited by
-    /// itself (see [`Pool::over`]).
+    /// The attempt whose outer helper had this pid is over; whether the helper exited with
+    /// 0 (see [`Pool::over`]).
     Over(i32, bool),
 }
 
@@ -341,10 +341,12 @@ fn wait(wake: Option<&EventFd>, left: Option<Duration>) {
 /// Applies `events` to `lent`, in order, and returns the namespaces that may come back:
 /// those whose outer helpers exited with 0. Those of killed helpers, and the oldest
 /// beyond [`LENT_MAX`], are let go. A loan to a pid already lent lets the older loan go: that
-/// pid was reaped and used again, so the word on its attempt was lost (a full socket, an
-/// attempt that failed or was dropped before its end); this keeps word on one attempt from
-/// settling another's loan. Word of a pid not lent (an attempt that got no namespace from
-/// the pool) is ignored.
+/// pid was reaped and used again, and the word on its attempt was lost (a full socket, an
+/// attempt that failed or was dropped before its end). The worker sends its word right
+/// after the reap, before anything else can run on that task (`Attempt::tell_over`), so it
+/// comes before the pid's next loan unless the kernel's pid counter wrapped round in
+/// between. Word of a pid not lent (an attempt that got no namespace from the pool) is
+/// ignored.
 fn settle(lent: &mut Vec<Lent>, events: Vec<Event>) -> Vec<Taken> {
     let mut back = Vec::new();
     for event in events {
