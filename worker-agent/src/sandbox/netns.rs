@@ -42,13 +42,11 @@
 //! module); a failure stops the pool, and sandboxes make their own as before.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sched::CloneFlags;
-use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::child;
 
@@ -77,12 +75,10 @@ pub(super) struct Pool {
     thread: Option<JoinHandle<()>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the maker, which otherwise sleeps in poll(2) on it (none when it could not be
-    /// made: then there is no maker either).
-    wake: Option<EventFd>,
+    wake: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -131,25 +127,7 @@ struct Lent {
 impl Pool {
     /// Starts the thread that keeps [`READY`] namespaces ready.
     pub(super) fn new() -> Pool {
-        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK);
-        let broken = wake
-            .as_ref()
-            .err()
-            .map(|e| format!("cannot make its eventfd: {e}"));
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                closed: broken.is_some(),
-                broken,
-                ..State::default()
-            }),
-            wake: wake.ok(),
-        });
-        if shared.wake.is_none() {
-            return Pool {
-                shared,
-                thread: None,
-            };
-        }
+        let shared = Arc::new(Shared::default());
         let theirs = shared.clone();
         let thread = std::thread::Builder::new()
             .name("drover-netns".into())
@@ -166,13 +144,13 @@ impl Pool {
 
     /// A ready namespace, if there is one; the thread makes another.
     pub(super) fn take(&self) -> Option<Taken> {
-        let fd = {
+        let taken = {
             let mut state = lock(&self.shared);
             state.taken = Some(Instant::now());
             state.ready.pop()
         };
-        self.wake();
-        fd
+        self.shared.wake.notify_one();
+        taken
     }
 
     /// Lends `taken`, joined by the attempt whose outer helper is `pid` (or that failed
@@ -190,7 +168,7 @@ impl Pool {
             }));
             state.out += 1;
         }
-        self.wake();
+        self.shared.wake.notify_one();
     }
 
     /// The attempt whose outer helper was `pid` is over and that process reaped; it exited
@@ -205,7 +183,7 @@ impl Pool {
             }
             state.events.push(Event::Over(pid, by_itself));
         }
-        self.wake();
+        self.shared.wake.notify_one();
     }
 
     /// How many namespaces are ready and lent now, and how many came back idle and were
@@ -222,19 +200,12 @@ impl Pool {
             .take()
             .map(|why| format!("network namespaces are no longer made ahead: {why}"))
     }
-
-    fn wake(&self) {
-        // Full only after 2^64 - 2 wakes not yet read: the maker is awake then anyway.
-        if let Some(wake) = &self.shared.wake {
-            let _ = wake.write(1);
-        }
-    }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
         lock(&self.shared).closed = true;
-        self.wake();
+        self.shared.wake.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -293,26 +264,25 @@ fn keep(shared: &Shared) -> Result<(), String> {
             .filter_map(|l| COMING_BACK.checked_sub(now.duration_since(l.since)))
             .filter(|d| !d.is_zero())
             .min();
-        let next = {
-            let mut state = lock(shared);
-            // Counted once the namespaces that came back are ready again (or let go).
-            let coming_loans = state
-                .events
-                .iter()
-                .filter(|e| matches!(e, Event::Lend(_)))
-                .count();
-            state.out = lent.len() + coming_loans;
-            next(state.ready.len(), coming, state.taken.map(|t| t.elapsed()))
-        };
-        match next {
-            Next::Wait(left) => {
-                let left = match (left, ages) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                wait(shared.wake.as_ref(), left);
-            }
+        let mut state = lock(shared);
+        if state.closed {
+            return Ok(());
+        }
+        if !state.events.is_empty() {
+            // Word or loans came meanwhile: settled first.
+            continue;
+        }
+        // Counted once the namespaces that came back are ready again (or let go).
+        state.out = lent.len();
+        match next(state.ready.len(), coming, state.taken.map(|t| t.elapsed())) {
+            // Asleep under the lock it decided with: a take or word that comes meanwhile
+            // wakes it.
+            Next::Wait(left) => match ages.into_iter().chain(left).min() {
+                None => drop(shared.wake.wait(state)),
+                Some(left) => drop(shared.wake.wait_timeout(state, left)),
+            },
             Next::Make => {
+                drop(state);
                 let ns = child::make_netns(home.as_fd())
                     .map_err(|errno| format!("cannot make one: {errno}"))?;
                 // Unreadable, it is used once, never again.
@@ -321,21 +291,6 @@ fn keep(shared: &Shared) -> Result<(), String> {
             }
         }
     }
-}
-
-/// Sleeps until woken or `left` has passed.
-fn wait(wake: Option<&EventFd>, left: Option<Duration>) {
-    let Some(wake) = wake else {
-        return;
-    };
-    let mut fds = [PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-    let timeout = left.map_or(PollTimeout::NONE, |d| {
-        // Rounded up: a timeout rounded down to 0 ms would spin until it passed.
-        PollTimeout::try_from(d.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX)
-    });
-    let _ = nix::poll::poll(&mut fds, timeout);
-    // Drained, so the next poll sleeps (EAGAIN when nothing was written).
-    let _ = wake.read();
 }
 
 /// Applies `events` to `lent`, in order, and returns the namespaces that may come back:

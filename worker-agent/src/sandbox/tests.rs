@@ -425,9 +425,21 @@ async fn netns_pool_sandbox() -> Sandbox {
     sandbox
 }
 
-/// Waits until `sandbox`'s spawner has lent a network namespace.
-async fn netns_lent(sandbox: &Sandbox) {
+/// Starts `script` in a sandbox of `sandbox` (network none), in `workspace`, in the
+/// background; returns once the spawner has lent it a network namespace.
+async fn sandboxed_in_background(
+    sandbox: &Sandbox,
+    script: String,
+    workspace: &Path,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<Output> {
+    let (theirs, dir) = (sandbox.clone(), workspace.to_owned());
+    let run = tokio::spawn(async move {
+        let job = Job::sh(&script, Isolation::Sandbox);
+        run_with(&theirs, &job, &dir, cancel).await
+    });
     netns_until(sandbox, "a namespace lent", |c| c.1 >= 1).await;
+    run
 }
 
 /// A namespace is never given to another attempt while the one that joined it runs.
@@ -440,19 +452,12 @@ async fn sandbox_network_namespace_in_use_is_not_lent_again() {
     let ws = tempfile::tempdir().expect("workspace");
     let held = tempfile::tempdir().expect("the long one's workspace");
     let go = held.path().join("go");
-    let long = {
-        let sandbox = sandbox.clone();
-        let dir = held.path().to_owned();
-        let script = format!(
-            "readlink /proc/self/ns/net; while [ ! -e {} ]; do sleep 0.02; done",
-            go.display()
-        );
-        tokio::spawn(async move {
-            let job = Job::sh(&script, Isolation::Sandbox);
-            run_with(&sandbox, &job, &dir, CancellationToken::new()).await
-        })
-    };
-    netns_lent(&sandbox).await;
+    let script = format!(
+        "readlink /proc/self/ns/net; while [ ! -e {} ]; do sleep 0.02; done",
+        go.display()
+    );
+    let long =
+        sandboxed_in_background(&sandbox, script, held.path(), CancellationToken::new()).await;
     let mut shorts = Vec::new();
     for _ in 0..3 {
         let out = sandboxed(&sandbox, "readlink /proc/self/ns/net", ws.path()).await;
@@ -483,16 +488,7 @@ async fn sandbox_network_namespace_of_a_killed_attempt_is_let_go() {
     let sandbox = netns_pool_sandbox().await;
     let ws = tempfile::tempdir().expect("workspace");
     let cancel = CancellationToken::new();
-    let run = {
-        let sandbox = sandbox.clone();
-        let dir = ws.path().to_owned();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let job = Job::sh("sleep 60", Isolation::Sandbox);
-            run_with(&sandbox, &job, &dir, cancel).await
-        })
-    };
-    netns_lent(&sandbox).await;
+    let run = sandboxed_in_background(&sandbox, "sleep 60".into(), ws.path(), cancel.clone()).await;
     cancel.cancel();
     let out = bounded(run).await.expect("join");
     assert_eq!(out.outcome.class, ExitClass::Cancelled, "{out:?}");
