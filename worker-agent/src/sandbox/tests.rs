@@ -864,6 +864,30 @@ async fn sandbox_cgroup_holding_shared_memory_is_not_reused() {
     );
 }
 
+/// A cgroup the task made a child cgroup in is not reused (the next attempt would find a
+/// cgroup no new one has), and goes with its child.
+#[tokio::test]
+async fn sandbox_cgroup_with_a_child_cgroup_is_not_reused() {
+    let Some(sandbox) = own_warm_sandbox().await else {
+        return;
+    };
+    let script = "p=$(grep ':memory:' /proc/self/cgroup | cut -d: -f3); echo $p; \
+                  mkdir /sys/fs/cgroup/memory$p/child";
+    let (left, out) = first_line_of(&sandbox, script, None).await;
+    assert_eq!(out.outcome.class, ExitClass::Exited(0), "{out:?}");
+    let left = left.expect("the cgroup path");
+    let (lines, next) = cgroup_view(&sandbox, None, 64).await;
+    assert_ne!(
+        left, lines[0],
+        "the next attempt got the cgroup with a child cgroup in it: {next:?}"
+    );
+    let dir = format!("/sys/fs/cgroup/memory{left}");
+    assert!(
+        !Path::new(&dir).exists(),
+        "{dir} was neither reused nor removed"
+    );
+}
+
 /// A cgroup whose attempt was OOM-killed is never reused: its `oom_kill` counter cannot be
 /// reset, and the next attempt would read it as its own.
 #[tokio::test]

@@ -304,9 +304,28 @@ pub(crate) fn write_control(
         })
 }
 
+/// What a control file (or any small file that reports its size as 0) holds: an open, one
+/// read into a buffer already large enough for every file read here (the largest, v1's
+/// `memory.stat`, is about 1.5 KiB), a read that finds the end, and a close. Unlike
+/// `fs::read_to_string`, no `statx` and `lseek` for a size hint these files never give, and no
+/// reads of 32, 64, 128... bytes while the buffer grows: an attempt's end reads some ten such
+/// files on the worker's thread. A longer file is still read whole.
+pub(crate) fn read_control(path: impl AsRef<Path>) -> io::Result<String> {
+    use std::io::Read;
+    let mut text = String::with_capacity(CONTROL_READ_HINT);
+    // `Take` reads through `read` alone, not `File`'s own `read_to_end` with its size hint.
+    fs::File::open(path)?
+        .take(u64::MAX)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The buffer [`read_control`] starts with.
+const CONTROL_READ_HINT: usize = 4096;
+
 /// The pids listed in a `cgroup.procs` file.
 pub(crate) fn read_pids(procs: &Path) -> io::Result<Vec<i32>> {
-    Ok(fs::read_to_string(procs)?
+    Ok(read_control(procs)?
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect())
@@ -337,7 +356,7 @@ pub(crate) fn keyed_value(text: &str, key: &str) -> Option<u64> {
 
 /// A single number file (`memory.peak`, `memory.max_usage_in_bytes`).
 pub(crate) fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path)
+    read_control(path)
         .map_err(|err| debug!(path = %path.display(), %err, "cgroup counter unreadable"))
         .ok()?
         .trim()
@@ -448,6 +467,32 @@ mod tests {
         assert_eq!(owner_pid("worker"), None);
         assert_eq!(owner_pid("drover-x-1"), None);
         assert!(attempt_name(1, &"x".repeat(500), 1).len() < 120);
+    }
+
+    /// Whole, past the buffer it starts with, and from files that give no size (procfs).
+    #[test]
+    fn control_files_are_read_whole() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let long = tmp.path().join("long");
+        let text: String = (0..3 * CONTROL_READ_HINT)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        fs::write(&long, &text).expect("write");
+        assert_eq!(read_control(&long).expect("read"), text);
+        let empty = tmp.path().join("empty");
+        fs::write(&empty, "").expect("write");
+        assert_eq!(read_control(&empty).expect("read"), "");
+        let status = read_control("/proc/self/status").expect("read");
+        assert!(
+            status.starts_with("Name:") && status.ends_with('\n'),
+            "{status}"
+        );
+        assert_eq!(
+            read_control(tmp.path().join("missing"))
+                .expect_err("missing")
+                .kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     #[test]

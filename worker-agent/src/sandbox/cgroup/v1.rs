@@ -15,8 +15,8 @@ use std::time::Duration;
 use tracing::warn;
 
 use super::{
-    keyed_value, kill_pids, kill_until_empty, make_dir, poll_until, read_pids, read_u64, undo,
-    write_control, CgroupLimits, Counters,
+    keyed_value, kill_pids, kill_until_empty, make_dir, poll_until, read_control, read_pids,
+    read_u64, undo, write_control, CgroupLimits, Counters,
 };
 use crate::resources::host::parse_mountinfo_line;
 use crate::sandbox::error::{CgroupError, SandboxError};
@@ -209,7 +209,7 @@ impl Group {
             match write_control(&state, "FROZEN", "freeze") {
                 Ok(()) => {
                     let frozen = poll_until(FREEZE_TIMEOUT, || {
-                        std::fs::read_to_string(&state).is_ok_and(|s| s.trim() == "FROZEN")
+                        read_control(&state).is_ok_and(|s| s.trim() == "FROZEN")
                     })
                     .await;
                     if !frozen {
@@ -267,7 +267,7 @@ impl Group {
     /// counter if the caller read it after that ([`Group::counters`]), else it is read here.
     pub(crate) fn reset_for_reuse(&self, oom_kills: Option<u64>) -> Result<(), String> {
         let oom = oom_kills.or_else(|| {
-            std::fs::read_to_string(self.memory.join("memory.oom_control"))
+            read_control(self.memory.join("memory.oom_control"))
                 .ok()
                 .and_then(|text| keyed_value(&text, "oom_kill"))
         });
@@ -281,7 +281,7 @@ impl Group {
             Some(bytes) => return Err(format!("{bytes} bytes still charged")),
             None => return Err("memory.usage_in_bytes unreadable".into()),
         }
-        let stat = std::fs::read_to_string(self.memory.join("memory.stat")).unwrap_or_default();
+        let stat = read_control(self.memory.join("memory.stat")).unwrap_or_default();
         match keyed_value(&stat, "shmem") {
             Some(0) => {}
             Some(bytes) => return Err(format!("{bytes} bytes of shared memory charged")),
@@ -295,17 +295,13 @@ impl Group {
             }
         }
         if let Some(freezer) = &self.freezer {
-            let state = std::fs::read_to_string(freezer.join("freezer.state")).unwrap_or_default();
+            let state = read_control(freezer.join("freezer.state")).unwrap_or_default();
             if state.trim() != "THAWED" {
                 return Err(format!("freezer state {:?}", state.trim()));
             }
         }
         for dir in self.dirs() {
-            let children = std::fs::read_dir(dir)
-                .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
-                .filter_map(Result::ok)
-                .any(|entry| entry.file_type().is_ok_and(|t| t.is_dir()));
-            if children {
+            if has_child_cgroups(dir)? {
                 return Err(format!("child cgroups in {}", dir.display()));
             }
         }
@@ -334,7 +330,7 @@ impl Group {
     }
 
     pub(crate) fn counters(&self) -> Counters {
-        let oom_kills = std::fs::read_to_string(self.memory.join("memory.oom_control"))
+        let oom_kills = read_control(self.memory.join("memory.oom_control"))
             .ok()
             .and_then(|text| keyed_value(&text, "oom_kill"))
             .unwrap_or(0);
@@ -343,6 +339,17 @@ impl Group {
             peak_memory_bytes: read_u64(&self.memory.join("memory.max_usage_in_bytes")),
         }
     }
+}
+
+/// Whether the cgroup directory `dir` has directories (child cgroups) in it. One `statx`: a
+/// cgroup file system (kernfs) counts a directory's links as 2 plus its subdirectories, as
+/// ext4 does, so no listing of its thirty-odd control files is needed.
+fn has_child_cgroups(dir: &Path) -> Result<bool, String> {
+    use std::os::unix::fs::MetadataExt;
+    let links = std::fs::metadata(dir)
+        .map_err(|e| format!("cannot stat {}: {e}", dir.display()))?
+        .nlink();
+    Ok(links != 2)
 }
 
 /// Where the v1 hierarchy holding `controller` is mounted.

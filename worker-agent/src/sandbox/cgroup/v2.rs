@@ -18,8 +18,8 @@ use nix::errno::Errno;
 use tracing::{info, warn};
 
 use super::{
-    keyed_value, kill_pids, kill_until_empty, make_dir, poll_until, read_pids, read_u64, undo,
-    write_control, CgroupLimits, Counters, CGROUP_MOUNT,
+    keyed_value, kill_pids, kill_until_empty, make_dir, poll_until, read_control, read_pids,
+    read_u64, undo, write_control, CgroupLimits, Counters, CGROUP_MOUNT,
 };
 use crate::sandbox::error::{CgroupError, SandboxError};
 
@@ -159,7 +159,7 @@ impl Group {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        match std::fs::read_to_string(self.dir.join("cgroup.events")) {
+        match read_control(self.dir.join("cgroup.events")) {
             Ok(events) => keyed_value(&events, "populated") == Some(0),
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(_) => self.pids().is_ok_and(|p| p.is_empty()),
@@ -180,7 +180,7 @@ impl Group {
         if write_control(&freeze, "1", "freeze").is_ok() {
             let events = self.dir.join("cgroup.events");
             poll_until(FREEZE_TIMEOUT, || {
-                std::fs::read_to_string(&events).is_ok_and(|e| keyed_value(&e, "frozen") == Some(1))
+                read_control(&events).is_ok_and(|e| keyed_value(&e, "frozen") == Some(1))
             })
             .await;
         }
@@ -200,7 +200,7 @@ impl Group {
     }
 
     pub(crate) fn counters(&self) -> Counters {
-        let oom_kills = std::fs::read_to_string(self.dir.join("memory.events"))
+        let oom_kills = read_control(self.dir.join("memory.events"))
             .ok()
             .and_then(|text| keyed_value(&text, "oom_kill"))
             .unwrap_or(0);
@@ -236,7 +236,7 @@ fn under(mount: &Path, rel: &Path) -> PathBuf {
 
 fn controllers(dir: &Path) -> Result<Vec<String>, SandboxError> {
     let path = dir.join("cgroup.controllers");
-    std::fs::read_to_string(&path)
+    read_control(&path)
         .map(|s| s.split_whitespace().map(str::to_owned).collect())
         .map_err(|source| SandboxError::Proc {
             action: "read",
