@@ -492,11 +492,7 @@ impl Sandbox {
             ours
         });
 
-        let mut setup =
-            pipe::Receiver::from_owned_fd(setup_r).map_err(|source| SpawnError::Pipe {
-                what: "setup",
-                source,
-            })?;
+        let mut setup = read_end(setup_r, "setup")?;
         let mut report = Vec::new();
         let read = setup.read_to_end(&mut report);
         tokio::pin!(read);
@@ -555,11 +551,7 @@ impl Sandbox {
                 return Err(SpawnError::Proxy(why));
             }
         }
-        let events =
-            pipe::Receiver::from_owned_fd(events_r).map_err(|source| SpawnError::Pipe {
-                what: "events",
-                source,
-            })?;
+        let events = read_end(events_r, "events")?;
         debug!(
             task = spec.task_id,
             attempt = spec.attempt,
@@ -568,13 +560,10 @@ impl Sandbox {
             sandboxed,
             "attempt started"
         );
-        let receiver = |fd: OwnedFd, what: &'static str| {
-            pipe::Receiver::from_owned_fd(fd).map_err(|source| SpawnError::Pipe { what, source })
-        };
         Ok(Attempt::new(
             process,
-            receiver(stdout_r, "stdout")?,
-            receiver(stderr_r, "stderr")?,
+            read_end(stdout_r, "stdout")?,
+            read_end(stderr_r, "stderr")?,
             events,
             status_r,
             guard,
@@ -655,23 +644,25 @@ impl Sandbox {
             .iter()
             .map(PathBuf::as_path)
             .chain(plan::WELL_KNOWN_PRIVATE.iter().map(Path::new))
-            .filter_map(|p| {
-                let path = p.canonicalize().ok()?;
-                let dir = path.is_dir();
-                Some(plan::Private { path, dir })
-            })
+            .filter_map(|p| plan::found(p).ok())
+            .map(|(path, dir)| plan::Private { path, dir })
             .collect();
         // The host's DNS settings, when /etc/resolv.conf points into a covered place (/run).
         let resolv = match spec.network {
-            NetworkPolicy::Host => Path::new("/etc/resolv.conf")
-                .canonicalize()
+            NetworkPolicy::Host => plan::found(Path::new("/etc/resolv.conf"))
                 .ok()
+                .map(|(path, _)| path)
                 .filter(|p| p != Path::new("/etc/resolv.conf")),
             NetworkPolicy::None | NetworkPolicy::Proxy => None,
         };
         let keep: Vec<PathBuf> = resolv
             .into_iter()
-            .chain(self.inner.keep.iter().filter_map(|p| p.canonicalize().ok()))
+            .chain(
+                self.inner
+                    .keep
+                    .iter()
+                    .filter_map(|p| plan::found(p).ok().map(|(path, _)| path)),
+            )
             .collect();
         let mounts = plan::mount_plan(&private, workspace, &keep);
         let bad_path = |p: &Path| SpawnError::Workspace {
@@ -951,13 +942,11 @@ fn log_notes(notes: Vec<String>) {
 }
 
 fn workspace(path: &Path) -> Result<PathBuf, SpawnError> {
-    let canonical = path
-        .canonicalize()
-        .map_err(|source| SpawnError::Workspace {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if !canonical.is_dir() {
+    let (canonical, dir) = plan::found(path).map_err(|source| SpawnError::Workspace {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !dir {
         return Err(SpawnError::Workspace {
             path: path.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
@@ -1023,6 +1012,20 @@ fn receive_listener(chan: &OwnedFd) -> Result<std::net::TcpListener, String> {
         }
     }
     Err("the sandbox's message carried no socket".into())
+}
+
+/// The read end of a pipe made by [`pipe_pair`], for the runtime to read. One `fcntl`: the
+/// pipe's ends are separate open files, so the write end the child gets stays blocking, and
+/// `pipe::Receiver::from_owned_fd`'s checks (an `fstat` that it is a pipe, an `fcntl` for its
+/// flags) would only say what this module already knows.
+fn read_end(fd: OwnedFd, what: &'static str) -> Result<pipe::Receiver, SpawnError> {
+    let err = |source: std::io::Error| SpawnError::Pipe { what, source };
+    nix::fcntl::fcntl(
+        fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| err(e.into()))?;
+    pipe::Receiver::from_owned_fd_unchecked(fd).map_err(err)
 }
 
 /// A close-on-exec pipe whose ends are clear of the stdio numbers (a daemon started with fd 0

@@ -1,6 +1,7 @@
 //! Turning an [`AttemptSpec`] into the C data the forked side needs (`child::ChildPlan`):
 //! the task's environment, the program search, the hostname and the mount plan (what is
-//! hidden, what is bound back). Pure functions, tested without root.
+//! hidden, what is bound back). Pure functions, tested without root, except [`found`], which
+//! looks a path up on the host.
 //!
 //! Mount policy (sandbox isolation; see the `child` module for how it is applied): the host's
 //! tree is read-only for the task; an empty tmpfs covers /run (sockets of systemd, D-Bus, a
@@ -210,6 +211,48 @@ pub const WELL_KNOWN_PRIVATE: [&str; 7] = [
     "/etc/ssh",
     "/etc/ssl/private",
 ];
+
+/// `path` as the host has it now: its canonical form and whether it is a directory, or why it
+/// has none (nothing there, say). Every sandboxed attempt looks up each private path again (one made
+/// since the last attempt must be hidden too), so the common case is cheap: an absolute,
+/// normal path with no symbolic link on the way is its own canonical form, which one
+/// `openat2` with `RESOLVE_NO_SYMLINKS` proves, with an `fstat` and a close — where
+/// `canonicalize` takes a `readlink` per component and a `stat` (some 70 system calls an
+/// attempt for the worker's private paths, measured). Any other path, one with a link on the
+/// way (`ELOOP`), or a kernel without `openat2` (before 5.6) takes `canonicalize`.
+pub(crate) fn found(path: &Path) -> std::io::Result<(PathBuf, bool)> {
+    use nix::errno::Errno;
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::path::Component;
+    // Normal: absolute, no `.` or `..`, no doubled or trailing `/` (compared as bytes: `Path`
+    // equality ignores them).
+    let normal = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && path.components().collect::<PathBuf>().as_os_str() == path.as_os_str();
+    if normal {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+        match openat2(nix::libc::AT_FDCWD, path, how) {
+            Ok(fd) => {
+                let stat = nix::sys::stat::fstat(fd);
+                let _ = nix::unistd::close(fd);
+                if let Ok(stat) = stat {
+                    let dir = stat.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR;
+                    return Ok((path.to_path_buf(), dir));
+                }
+            }
+            // As `canonicalize` would fail.
+            Err(e @ (Errno::ENOENT | Errno::ENOTDIR)) => return Err(e.into()),
+            Err(_) => {}
+        }
+    }
+    let canonical = path.canonicalize()?;
+    let dir = canonical.is_dir();
+    Ok((canonical, dir))
+}
 
 /// A private path as found on the host (canonical).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -553,6 +596,65 @@ mod tests {
                     ("/run/systemd/resolve/stub-resolv.conf", false)
                 ]
             )
+        );
+    }
+
+    /// `found` gives what `canonicalize` and `is_dir` give, for every kind of path: the
+    /// quick way only where the path is its own canonical form.
+    #[test]
+    fn found_paths_are_canonical() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().canonicalize().expect("canonical tempdir");
+        let real = root.join("real");
+        std::fs::create_dir(&real).expect("mkdir");
+        std::fs::write(real.join("file"), b"x").expect("file");
+        std::os::unix::fs::symlink(&real, root.join("link")).expect("symlink");
+        std::os::unix::fs::symlink(real.join("file"), root.join("file-link")).expect("symlink");
+        let expected = |p: &Path| {
+            let c = p.canonicalize().expect("canonicalize");
+            let dir = c.is_dir();
+            (c, dir)
+        };
+        for p in [
+            real.clone(),
+            real.join("file"),
+            // A link on the way, and as the last component.
+            root.join("link/file"),
+            root.join("link"),
+            root.join("file-link"),
+            // Not normal.
+            root.join("real/./file"),
+            root.join("real/../real/file"),
+            PathBuf::from(format!("{}//real/file", root.display())),
+            PathBuf::from(format!("{}/real/", root.display())),
+            PathBuf::from("/"),
+        ] {
+            let (path, dir) = found(&p).expect("found");
+            let (want, want_dir) = expected(&p);
+            // As bytes: `Path` equality ignores doubled and trailing separators.
+            assert_eq!(
+                (path.as_os_str(), dir),
+                (want.as_os_str(), want_dir),
+                "{}",
+                p.display()
+            );
+        }
+        assert_eq!(
+            found(&root.join("link/file")).expect("found").0,
+            real.join("file")
+        );
+        for p in [
+            root.join("missing"),
+            root.join("link/missing"),
+            root.join("real/file/below"),
+            PathBuf::from(format!("{}/real/file/", root.display())),
+        ] {
+            let err = found(&p).expect_err(&p.display().to_string());
+            assert!(p.canonicalize().is_err(), "{}: {err}", p.display());
+        }
+        assert_eq!(
+            found(&root.join("missing")).expect_err("missing").kind(),
+            std::io::ErrorKind::NotFound
         );
     }
 }
