@@ -23,6 +23,7 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::child::{CArray, MaskKind, EVENTS_FD, MAX_REBINDS};
 use super::error::SpawnError;
@@ -219,7 +220,8 @@ pub const WELL_KNOWN_PRIVATE: [&str; 7] = [
 /// `openat2` with `RESOLVE_NO_SYMLINKS` proves, with an `fstat` and a close — where
 /// `canonicalize` takes a `readlink` per component and a `stat` (some 70 system calls an
 /// attempt for the worker's private paths, measured). Any other path, one with a link on the
-/// way (`ELOOP`), or a kernel without `openat2` (before 5.6) takes `canonicalize`.
+/// way (`ELOOP`), or a kernel without `openat2` (before 5.6, or a seccomp filter that
+/// refuses it: then never tried again) takes `canonicalize`.
 pub(crate) fn found(path: &Path) -> std::io::Result<(PathBuf, bool)> {
     use nix::errno::Errno;
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
@@ -231,7 +233,7 @@ pub(crate) fn found(path: &Path) -> std::io::Result<(PathBuf, bool)> {
             .components()
             .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
         && path.components().collect::<PathBuf>().as_os_str() == path.as_os_str();
-    if normal {
+    if normal && !OPENAT2_REFUSED.load(Ordering::Relaxed) {
         let how = OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
@@ -246,6 +248,7 @@ pub(crate) fn found(path: &Path) -> std::io::Result<(PathBuf, bool)> {
             }
             // As `canonicalize` would fail.
             Err(e @ (Errno::ENOENT | Errno::ENOTDIR)) => return Err(e.into()),
+            Err(Errno::ENOSYS | Errno::EPERM) => OPENAT2_REFUSED.store(true, Ordering::Relaxed),
             Err(_) => {}
         }
     }
@@ -253,6 +256,10 @@ pub(crate) fn found(path: &Path) -> std::io::Result<(PathBuf, bool)> {
     let dir = canonical.is_dir();
     Ok((canonical, dir))
 }
+
+/// Set once `openat2` failed with `ENOSYS` or `EPERM`: this kernel lacks it or a seccomp
+/// filter refuses it, and [`found`] stops trying it first.
+static OPENAT2_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// A private path as found on the host (canonical).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -610,6 +617,17 @@ mod tests {
         std::fs::write(real.join("file"), b"x").expect("file");
         std::os::unix::fs::symlink(&real, root.join("link")).expect("symlink");
         std::os::unix::fs::symlink(real.join("file"), root.join("file-link")).expect("symlink");
+        // Where the kernel has `openat2` the quick way is what is tested here.
+        let quick = nix::fcntl::openat2(
+            nix::libc::AT_FDCWD,
+            &root,
+            nix::fcntl::OpenHow::new().flags(nix::fcntl::OFlag::O_PATH),
+        )
+        .map(nix::unistd::close)
+        .is_ok();
+        if !quick {
+            eprintln!("*** no openat2 here: only found's fallback (canonicalize) is tested ***");
+        }
         let expected = |p: &Path| {
             let c = p.canonicalize().expect("canonicalize");
             let dir = c.is_dir();

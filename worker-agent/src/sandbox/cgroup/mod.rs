@@ -305,15 +305,16 @@ pub(crate) fn write_control(
 }
 
 /// What a control file (or any small file that reports its size as 0) holds: an open, one
-/// read into a buffer already large enough for every file read here (the largest, v1's
-/// `memory.stat`, is about 1.5 KiB), a read that finds the end, and a close. Unlike
+/// read into a buffer already large enough for the files read at an attempt's end (the
+/// largest, v1's `memory.stat`, is about 1.5 KiB), a read that finds the end, and a close. Unlike
 /// `fs::read_to_string`, no `statx` and `lseek` for a size hint these files never give, and no
 /// reads of 32, 64, 128... bytes while the buffer grows: an attempt's end reads some ten such
 /// files on the worker's thread. A longer file is still read whole.
 pub(crate) fn read_control(path: impl AsRef<Path>) -> io::Result<String> {
     use std::io::Read;
     let mut text = String::with_capacity(CONTROL_READ_HINT);
-    // `Take` reads through `read` alone, not `File`'s own `read_to_end` with its size hint.
+    // Through `Take`'s `read`/`read_buf`: not `File`'s own `read_to_string`, which asks for
+    // a size hint first.
     fs::File::open(path)?
         .take(u64::MAX)
         .read_to_string(&mut text)?;

@@ -342,8 +342,9 @@ impl Group {
 }
 
 /// Whether the cgroup directory `dir` has directories (child cgroups) in it. One `statx`: a
-/// cgroup file system (kernfs) counts a directory's links as 2 plus its subdirectories, as
-/// ext4 does, so no listing of its thirty-odd control files is needed.
+/// cgroup file system (kernfs) sets a directory's link count to 2 plus its subdirectories
+/// (`kernfs_refresh_inode`, on every stat), so no listing of its thirty-odd control files is
+/// needed.
 fn has_child_cgroups(dir: &Path) -> Result<bool, String> {
     use std::os::unix::fs::MetadataExt;
     let links = std::fs::metadata(dir)
