@@ -1017,9 +1017,8 @@ fn receive_listener(chan: &OwnedFd) -> Result<std::net::TcpListener, String> {
 /// The read end of a pipe made by [`pipe_pair`], for the runtime to read. One `fcntl`
 /// (`F_SETFL` replaces the status flags: `pipe_pair` sets none but `O_CLOEXEC`, a descriptor
 /// flag); the pipe's ends are separate open files, so the write end the child gets stays
-/// blocking, and
-/// `pipe::Receiver::from_owned_fd`'s checks (an `fstat` that it is a pipe, an `fcntl` for its
-/// flags) would only say what this module already knows.
+/// blocking, and `pipe::Receiver::from_owned_fd`'s checks (an `fstat` that it is a pipe, an
+/// `fcntl` for its flags) would only say what this module already knows.
 fn read_end(fd: OwnedFd, what: &'static str) -> Result<pipe::Receiver, SpawnError> {
     let err = |source: std::io::Error| SpawnError::Pipe { what, source };
     nix::fcntl::fcntl(

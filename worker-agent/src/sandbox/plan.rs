@@ -214,14 +214,14 @@ pub const WELL_KNOWN_PRIVATE: [&str; 7] = [
 ];
 
 /// `path` as the host has it now: its canonical form and whether it is a directory, or why it
-/// has none (nothing there, say). Every sandboxed attempt looks up each private path again (one made
-/// since the last attempt must be hidden too), so the common case is cheap: an absolute,
-/// normal path with no symbolic link on the way is its own canonical form, which one
-/// `openat2` with `RESOLVE_NO_SYMLINKS` proves, with an `fstat` and a close — where
-/// `canonicalize` takes a `readlink` per component and a `stat` (some 70 system calls an
-/// attempt for the worker's private paths, measured). Any other path, one with a link on the
-/// way (`ELOOP`), or a kernel without `openat2` (before 5.6, or a seccomp filter that
-/// refuses it: then never tried again) takes `canonicalize`.
+/// has none (nothing there, say). Every sandboxed attempt looks up each private path again (one
+/// made since the last attempt must be hidden too), so the common case is cheap: an absolute,
+/// normal path with no symbolic link on the way is its own canonical form, which one `openat2`
+/// with `RESOLVE_NO_SYMLINKS` proves, with an `fstat` and a close — where `canonicalize` takes
+/// a `readlink` per component and a `stat` (some 70 system calls an attempt for the worker's
+/// private paths, measured). Any other path, one with a link on the way (`ELOOP`), or a kernel
+/// without `openat2` (before 5.6, or a seccomp filter that refuses it: then never tried again)
+/// takes `canonicalize`.
 pub(crate) fn found(path: &Path) -> std::io::Result<(PathBuf, bool)> {
     use nix::errno::Errno;
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
