@@ -307,7 +307,7 @@ pub(crate) fn write_control(
 /// What a control file (or any small file that reports its size as 0) holds: an open, one read
 /// into a buffer already large enough for the files read at an attempt's end (the largest, v1's
 /// `memory.stat`, is about 1.5 KiB), a read that finds the end, and a close. Unlike
-/// `fs::read_to_string`, no `statx` and `lseek` for a size hint these files never give, and no
+/// `fs::read_to_string`, no `statx` for a size hint these files never give, and no
 /// reads of 32, 64, 128... bytes while the buffer grows: an attempt's end reads some ten such
 /// files on the worker's thread. A longer file is still read whole.
 pub(crate) fn read_control(path: impl AsRef<Path>) -> io::Result<String> {
