@@ -818,18 +818,25 @@ impl Sandbox {
 /// work directory (other attempts' workspaces). Directories in [`plan::SHARED_DIRS`] are not
 /// hidden whole (a config in /etc hides the file only); see docs/architecture.md.
 pub fn private_paths(config: &crate::config::WorkerConfig) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
+    let mut paths: Vec<PathBuf> = Vec::new();
+    // Each once: every sandboxed attempt looks each up again, and the TLS files tend to share
+    // a directory.
+    let mut add = |path: &Path| {
+        if !paths.iter().any(|p| p == path) {
+            paths.push(path.to_path_buf());
+        }
+    };
     let files = config
         .file
         .iter()
         .chain([&config.tls.ca, &config.tls.cert, &config.tls.key]);
     for file in files {
-        paths.push(file.clone());
+        add(file);
         if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            paths.push(dir.to_path_buf());
+            add(dir);
         }
     }
-    paths.push(config.work_dir.clone());
+    add(&config.work_dir);
     paths
 }
 

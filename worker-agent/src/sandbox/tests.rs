@@ -1618,3 +1618,25 @@ async fn sandbox_spawn_too_large_to_send_inline_with_every_descriptor() {
         "no proxy: {stdout} {stderr}"
     );
 }
+
+/// The worker's private paths are each listed once (every sandboxed attempt looks each up):
+/// the TLS files' shared directory too, and a file named twice.
+#[test]
+fn private_paths_are_listed_once() {
+    let mut config = crate::config::WorkerConfig::default();
+    config.tls.ca = "/etc/drover/tls/ca.crt".into();
+    config.tls.cert = "/etc/drover/tls/w.crt".into();
+    config.tls.key = "/etc/drover/tls/w.crt".into();
+    config.work_dir = "/var/lib/drover-worker".into();
+    let paths = super::private_paths(&config);
+    let wanted: Vec<PathBuf> = [
+        "/etc/drover/tls/ca.crt",
+        "/etc/drover/tls",
+        "/etc/drover/tls/w.crt",
+        "/var/lib/drover-worker",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    assert_eq!(paths, wanted);
+}
